@@ -1,0 +1,524 @@
+//! The secret cache: bounded (entries and bytes) LRU of secrets by Vault path, with a TTL,
+//! single flight per path, version-checked refresh, atomic swap, stale-if-error and a bounded
+//! wait on Vault. Knows nothing of FUSE; talks to Vault only through `SecretSource`.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use lru::LruCache;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::source::{Fetched, SecretSource, SourceError};
+use crate::spec::SecretPath;
+
+/// Cache behaviour.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// How long a fetched secret is served without asking Vault again.
+    pub ttl: Duration,
+    /// How long past its last successful check a secret may be served while Vault is
+    /// unavailable (stale-if-error).
+    pub max_stale: Duration,
+    /// The longest an access waits for Vault before failing (or serving stale data).
+    pub vault_timeout: Duration,
+    /// After Vault was unavailable, how long to answer from the last outcome before trying
+    /// again, so that a Vault outage does not make every access wait `vault_timeout`.
+    pub retry_backoff: Duration,
+    /// Most secrets held at once.
+    pub max_entries: NonZeroUsize,
+    /// Most secret bytes held at once (least recently used entries are evicted first).
+    pub max_bytes: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(30),
+            max_stale: Duration::from_secs(300),
+            vault_timeout: Duration::from_secs(5),
+            retry_backoff: Duration::from_secs(1),
+            max_entries: NonZeroUsize::new(1024).expect("non-zero"),
+            max_bytes: 16 << 20,
+        }
+    }
+}
+
+/// One version of a secret as served to readers. Shared by open handles; the bytes are zeroized
+/// when the last holder drops it.
+#[derive(Debug)]
+pub struct Content {
+    pub fetched: Fetched,
+    /// Increases every time this cache swaps in changed content for any path.
+    pub generation: u64,
+    /// When this content was first seen (the files' mtime).
+    pub changed_at: SystemTime,
+}
+
+#[derive(Default)]
+struct SlotState {
+    current: Option<Arc<Content>>,
+    /// Last successful answer from Vault for this path.
+    checked_at: Option<Instant>,
+    /// Last failed attempt and its error.
+    failure: Option<(Instant, SourceError)>,
+    weight: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    /// Held while one task asks Vault about this path (single flight).
+    refresh: tokio::sync::Mutex<()>,
+}
+
+struct Slots {
+    lru: LruCache<SecretPath, Arc<Slot>>,
+    bytes: usize,
+}
+
+/// Called with the path of a secret whose content changed or disappeared.
+pub type SwapHook = Box<dyn Fn(&SecretPath) + Send + Sync>;
+
+enum Outcome {
+    Unchanged,
+    Changed(Fetched),
+}
+
+pub struct SecretCache<S> {
+    source: Arc<S>,
+    config: CacheConfig,
+    slots: Mutex<Slots>,
+    generation: AtomicU64,
+    on_swap: Mutex<Option<SwapHook>>,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: SecretSource> SecretCache<S> {
+    pub fn new(source: Arc<S>, config: CacheConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            source,
+            slots: Mutex::new(Slots {
+                lru: LruCache::new(config.max_entries),
+                bytes: 0,
+            }),
+            config,
+            generation: AtomicU64::new(0),
+            on_swap: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// Installs the function told about swapped or vanished secrets (kernel cache invalidation).
+    pub fn set_swap_hook(&self, hook: SwapHook) {
+        *self.on_swap.lock() = Some(hook);
+    }
+
+    /// The current content of `path`: from memory while fresh, otherwise after asking Vault
+    /// (one request per path at a time, bounded by `vault_timeout`).
+    pub async fn get(&self, path: &SecretPath) -> Result<Arc<Content>, SourceError> {
+        let slot = self.slot(path);
+        if let Some(content) = self.fresh(&slot) {
+            self.metrics.cache_hits.inc();
+            return Ok(content);
+        }
+        let started = Instant::now();
+        let _flight = slot.refresh.lock().await;
+        if let Some(content) = self.fresh(&slot) {
+            self.metrics.cache_hits.inc();
+            return Ok(content);
+        }
+        let current = {
+            let state = slot.state.lock();
+            if let Some((at, err)) = &state.failure {
+                let hold = if err.is_transient() {
+                    self.config.retry_backoff
+                } else {
+                    self.config.ttl
+                };
+                if *at >= started || at.elapsed() < hold {
+                    let err = err.clone();
+                    drop(state);
+                    return self.stale_or(&slot, err);
+                }
+            }
+            state.current.clone()
+        };
+        self.metrics.cache_misses.inc();
+        let outcome = match tokio::time::timeout(
+            self.config.vault_timeout,
+            self.ask_vault(path, current.as_deref()),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(SourceError::Unavailable(format!(
+                "no answer within {:?}",
+                self.config.vault_timeout
+            ))),
+        };
+        match outcome {
+            Ok(Outcome::Unchanged) => {
+                let mut state = slot.state.lock();
+                state.checked_at = Some(Instant::now());
+                state.failure = None;
+                Ok(state
+                    .current
+                    .clone()
+                    .expect("unchanged implies a current value"))
+            }
+            Ok(Outcome::Changed(fetched)) => Ok(self.store(path, &slot, fetched)),
+            Err(err) => {
+                tracing::debug!(path = %path, error = %err, "vault request failed");
+                let vanished = {
+                    let mut state = slot.state.lock();
+                    state.failure = Some((Instant::now(), err.clone()));
+                    !err.is_transient() && state.current.take().is_some()
+                };
+                if vanished {
+                    self.forget_weight(path, &slot);
+                    self.notify(path);
+                }
+                self.stale_or(&slot, err)
+            }
+        }
+    }
+
+    /// Drops every cached secret (unmount). Content still held by open handles is zeroized
+    /// when they close.
+    pub fn clear(&self) {
+        let mut slots = self.slots.lock();
+        for (_, slot) in slots.lru.iter() {
+            slot.state.lock().current = None;
+        }
+        slots.lru.clear();
+        slots.bytes = 0;
+    }
+
+    /// Number of secrets and bytes currently cached.
+    pub fn usage(&self) -> (usize, usize) {
+        let slots = self.slots.lock();
+        (slots.lru.len(), slots.bytes)
+    }
+
+    fn slot(&self, path: &SecretPath) -> Arc<Slot> {
+        let mut slots = self.slots.lock();
+        if let Some(slot) = slots.lru.get(path) {
+            return slot.clone();
+        }
+        let slot = Arc::new(Slot::default());
+        if let Some((_, evicted)) = slots.lru.push(path.clone(), slot.clone()) {
+            let mut state = evicted.state.lock();
+            slots.bytes -= state.weight;
+            state.current = None;
+        }
+        slot
+    }
+
+    fn fresh(&self, slot: &Slot) -> Option<Arc<Content>> {
+        let state = slot.state.lock();
+        let checked = state.checked_at?;
+        if checked.elapsed() < self.config.ttl {
+            state.current.clone()
+        } else {
+            None
+        }
+    }
+
+    fn stale_or(&self, slot: &Slot, err: SourceError) -> Result<Arc<Content>, SourceError> {
+        if err.is_transient() {
+            let state = slot.state.lock();
+            if let (Some(content), Some(checked)) = (&state.current, state.checked_at) {
+                if checked.elapsed() <= self.config.max_stale {
+                    self.metrics.cache_stale_serves.inc();
+                    return Ok(content.clone());
+                }
+            }
+        }
+        Err(err)
+    }
+
+    async fn ask_vault(
+        &self,
+        path: &SecretPath,
+        current: Option<&Content>,
+    ) -> Result<Outcome, SourceError> {
+        if let Some(known) = current.and_then(|c| c.fetched.version) {
+            match self.source.current_version(path).await {
+                Ok(Some(latest)) if latest == known => return Ok(Outcome::Unchanged),
+                // Changed, no cheap check, or the metadata is not readable: read it all.
+                Ok(_) | Err(SourceError::PermissionDenied) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let fetched = self.source.read(path).await?;
+        match current {
+            Some(c) if c.fetched.version == fetched.version && c.fetched.data == fetched.data => {
+                Ok(Outcome::Unchanged)
+            }
+            _ => Ok(Outcome::Changed(fetched)),
+        }
+    }
+
+    fn store(&self, path: &SecretPath, slot: &Arc<Slot>, fetched: Fetched) -> Arc<Content> {
+        let weight = fetched.data.weight();
+        let content = Arc::new(Content {
+            fetched,
+            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            changed_at: SystemTime::now(),
+        });
+        let (replaced, old_weight) = {
+            let mut state = slot.state.lock();
+            let replaced = state.current.replace(content.clone()).is_some();
+            state.checked_at = Some(Instant::now());
+            state.failure = None;
+            (replaced, std::mem::replace(&mut state.weight, weight))
+        };
+        {
+            let mut slots = self.slots.lock();
+            let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
+            if cached {
+                slots.bytes = slots.bytes + weight - old_weight;
+                while slots.bytes > self.config.max_bytes && slots.lru.len() > 1 {
+                    let Some((_, evicted)) = slots.lru.pop_lru() else {
+                        break;
+                    };
+                    let mut state = evicted.state.lock();
+                    slots.bytes -= state.weight;
+                    state.weight = 0;
+                    state.current = None;
+                    state.checked_at = None;
+                }
+            }
+        }
+        if replaced {
+            self.metrics.cache_swaps.inc();
+            tracing::info!(path = %path, generation = content.generation, "secret changed in Vault, new version swapped in");
+            self.notify(path);
+        }
+        content
+    }
+
+    fn forget_weight(&self, path: &SecretPath, slot: &Arc<Slot>) {
+        let weight = std::mem::take(&mut slot.state.lock().weight);
+        let mut slots = self.slots.lock();
+        if slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            slots.bytes -= weight;
+        }
+    }
+
+    fn notify(&self, path: &SecretPath) {
+        if let Some(hook) = self.on_swap.lock().as_ref() {
+            hook(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::mock::MockSource;
+
+    fn path(p: &str) -> SecretPath {
+        SecretPath::parse(p).unwrap()
+    }
+
+    fn cache(source: &Arc<MockSource>, config: CacheConfig) -> SecretCache<MockSource> {
+        SecretCache::new(source.clone(), config, Arc::new(Metrics::new()))
+    }
+
+    fn value(c: &Content, key: &str) -> String {
+        String::from_utf8(c.fetched.data.render(Some(key)).unwrap().expose().to_vec()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn second_read_within_ttl_does_not_call_vault() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("secret/a");
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "k"), "v1");
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "k"), "v1");
+        assert_eq!((source.reads(), source.version_checks()), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_first_readers_share_one_vault_read() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        source.set_latency(Duration::from_millis(50));
+        let cache = Arc::new(cache(&source, CacheConfig::default()));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(
+                    async move { cache.get(&path("secret/a")).await.map(|c| c.generation) },
+                )
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Ok(1));
+        }
+        assert_eq!(source.reads(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entry_with_same_version_costs_one_version_check_and_no_read() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("secret/a");
+        let first = cache.get(&p).await.unwrap();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let second = cache.get(&p).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!((source.reads(), source.version_checks()), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotation_after_ttl_swaps_content_and_calls_the_hook() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let cache = cache(&source, CacheConfig::default());
+        let swapped = Arc::new(Mutex::new(Vec::new()));
+        let seen = swapped.clone();
+        cache.set_swap_hook(Box::new(move |p| seen.lock().push(p.clone())));
+        let p = path("secret/a");
+        let old = cache.get(&p).await.unwrap();
+        source.put("secret/a", &[("k", "v2-longer")]);
+        assert_eq!(
+            value(&cache.get(&p).await.unwrap(), "k"),
+            "v1",
+            "within TTL"
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let new = cache.get(&p).await.unwrap();
+        assert_eq!(value(&new, "k"), "v2-longer");
+        assert_eq!(value(&old, "k"), "v1", "holders of the old version keep it");
+        assert!(new.generation > old.generation);
+        assert_eq!(*swapped.lock(), vec![p]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unversioned_secrets_are_compared_by_content() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("kv1/a", &[("k", "v1")]);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("kv1/a");
+        let first = cache.get(&p).await.unwrap();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(Arc::ptr_eq(&first, &cache.get(&p).await.unwrap()));
+        source.put_unversioned("kv1/a", &[("k", "v2")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "k"), "v2");
+        assert_eq!(source.reads(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn vault_down_serves_stale_until_max_stale_then_fails() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let config = CacheConfig {
+            ttl: Duration::from_secs(10),
+            max_stale: Duration::from_secs(60),
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        let p = path("secret/a");
+        cache.get(&p).await.unwrap();
+        source.fail(SourceError::Unavailable("down".into()));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "k"), "v1");
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(matches!(
+            cache.get(&p).await,
+            Err(SourceError::Unavailable(_))
+        ));
+        source.heal();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "k"), "v1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn uncached_read_fails_within_the_vault_timeout_and_backs_off() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        source.set_latency(Duration::from_secs(3600));
+        let config = CacheConfig {
+            vault_timeout: Duration::from_secs(2),
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        let p = path("secret/a");
+        let start = Instant::now();
+        assert!(matches!(
+            cache.get(&p).await,
+            Err(SourceError::Unavailable(_))
+        ));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        // Within the back-off the failure is answered at once, without asking Vault.
+        assert!(matches!(
+            cache.get(&p).await,
+            Err(SourceError::Unavailable(_))
+        ));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert_eq!(source.reads(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deleted_or_forbidden_secret_is_not_served_stale() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let cache = cache(&source, CacheConfig::default());
+        let hooked = Arc::new(AtomicU64::new(0));
+        let h = hooked.clone();
+        cache.set_swap_hook(Box::new(move |_| {
+            h.fetch_add(1, Ordering::SeqCst);
+        }));
+        let p = path("secret/a");
+        cache.get(&p).await.unwrap();
+        source.delete("secret/a");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(cache.get(&p).await.unwrap_err(), SourceError::NotFound);
+        assert_eq!(hooked.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.usage().1, 0);
+        source.put("secret/b", &[("k", "v")]);
+        source.fail(SourceError::PermissionDenied);
+        assert_eq!(
+            cache.get(&path("secret/b")).await.unwrap_err(),
+            SourceError::PermissionDenied
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn byte_bound_evicts_least_recently_used_secrets() {
+        let source = Arc::new(MockSource::new());
+        let big = "x".repeat(200);
+        for p in ["s/a", "s/b", "s/c"] {
+            source.put(p, &[("k", &big)]);
+        }
+        let config = CacheConfig {
+            max_bytes: 1000,
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        for p in ["s/a", "s/b", "s/c"] {
+            cache.get(&path(p)).await.unwrap();
+        }
+        let (entries, bytes) = cache.usage();
+        assert!(bytes <= 1000, "{bytes}");
+        assert_eq!(entries, 2);
+        cache.get(&path("s/a")).await.unwrap();
+        assert_eq!(source.reads(), 4, "s/a was evicted and read again");
+        cache.clear();
+        assert_eq!(cache.usage(), (0, 0));
+    }
+}

@@ -1,0 +1,505 @@
+//! Filesystem logic, independent of FUSE: lookup, getattr, open, read, readdir and release over
+//! a `VolumeSpec` and a `SecretCache`. Answers are small structs or an `FsError` that carries
+//! its errno; the `fuse` adapter only translates them into replies.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use thiserror::Error;
+
+use crate::audit::{self, Caller};
+use crate::cache::{Content, SecretCache};
+use crate::source::{SecretSource, SourceError};
+use crate::spec::{InodeNo, Node, NodeKind, VolumeSpec};
+
+/// Ownership, modes and kernel cache lifetimes of a volume's files.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// A name for the volume in audit events and logs.
+    pub volume: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits of files; directories get the same bits plus `x` wherever `r` is set.
+    pub file_mode: u16,
+    /// How long the kernel may cache names and attributes without asking again.
+    pub kernel_ttl: Duration,
+}
+
+/// An error with its errno: the single place where vaultfs errors become kernel errors.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum FsError {
+    #[error("no such file")]
+    NotFound,
+    #[error("the secret has no field {0:?}")]
+    MissingField(String),
+    #[error("permission denied by Vault")]
+    PermissionDenied,
+    #[error("Vault unavailable: {0}")]
+    Unavailable(String),
+    #[error("unexpected Vault response: {0}")]
+    Invalid(String),
+    #[error("read-only filesystem")]
+    ReadOnly,
+    #[error("not a directory")]
+    NotADirectory,
+    #[error("is a directory")]
+    IsADirectory,
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound | FsError::MissingField(_) => libc::ENOENT,
+            FsError::PermissionDenied => libc::EACCES,
+            FsError::Unavailable(_) | FsError::Invalid(_) => libc::EIO,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NotADirectory => libc::ENOTDIR,
+            FsError::IsADirectory => libc::EISDIR,
+        }
+    }
+
+    /// The errno's name, for metrics labels.
+    pub fn errno_name(&self) -> &'static str {
+        match self.errno() {
+            libc::ENOENT => "ENOENT",
+            libc::EACCES => "EACCES",
+            libc::EROFS => "EROFS",
+            libc::ENOTDIR => "ENOTDIR",
+            libc::EISDIR => "EISDIR",
+            _ => "EIO",
+        }
+    }
+}
+
+impl From<SourceError> for FsError {
+    fn from(err: SourceError) -> Self {
+        match err {
+            SourceError::NotFound => FsError::NotFound,
+            SourceError::PermissionDenied => FsError::PermissionDenied,
+            SourceError::Unavailable(m) => FsError::Unavailable(m),
+            SourceError::Invalid(m) => FsError::Invalid(m),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// Attributes of a node, as `stat` shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: InodeNo,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+}
+
+/// One directory entry of a `readdir` answer; `offset` is where the next call resumes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: InodeNo,
+    pub offset: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// The bytes a read returns, borrowed from the content version the handle pinned.
+pub struct ReadSlice {
+    content: Arc<Content>,
+    spec: Arc<VolumeSpec>,
+    entry: usize,
+    offset: u64,
+    size: u32,
+}
+
+impl ReadSlice {
+    pub fn bytes(&self) -> &[u8] {
+        let key = self.spec.entries()[self.entry].key.as_deref();
+        let all = self
+            .content
+            .fetched
+            .data
+            .render(key)
+            .map_or(&[][..], |b| b.expose());
+        let start = usize::try_from(self.offset)
+            .unwrap_or(usize::MAX)
+            .min(all.len());
+        let end = start.saturating_add(self.size as usize).min(all.len());
+        &all[start..end]
+    }
+}
+
+/// A file handle: which content version an open file reads.
+struct Handle {
+    ino: InodeNo,
+    content: Arc<Content>,
+}
+
+/// Called with the inodes whose content changed, to drop the kernel's cached attributes.
+pub type Invalidate = Box<dyn Fn(InodeNo) + Send + Sync>;
+
+pub struct VaultFs<S> {
+    spec: Arc<VolumeSpec>,
+    cache: Arc<SecretCache<S>>,
+    config: FsConfig,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    created: SystemTime,
+}
+
+impl<S: SecretSource> VaultFs<S> {
+    /// Wires the cache's swap notifications to `invalidate` for every file showing the path.
+    pub fn new(
+        spec: Arc<VolumeSpec>,
+        cache: Arc<SecretCache<S>>,
+        config: FsConfig,
+        invalidate: Invalidate,
+    ) -> Self {
+        let hook_spec = spec.clone();
+        cache.set_swap_hook(Box::new(move |path| {
+            hook_spec.files_of(path).for_each(&invalidate);
+        }));
+        // Handles of an earlier daemon on the same connection may be presented to this one;
+        // starting from the clock keeps new handle numbers clear of theirs.
+        let epoch = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Self {
+            spec,
+            cache,
+            config,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(epoch),
+            created: SystemTime::now(),
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    pub fn cache(&self) -> &Arc<SecretCache<S>> {
+        &self.cache
+    }
+
+    pub async fn lookup(&self, parent: InodeNo, name: &str) -> Result<Attr, FsError> {
+        match self.spec.node(parent).map(|n| &n.kind) {
+            Some(NodeKind::Dir(_)) => {}
+            Some(NodeKind::File(_)) => return Err(FsError::NotADirectory),
+            None => return Err(FsError::NotFound),
+        }
+        let node = self.spec.child(parent, name).ok_or(FsError::NotFound)?;
+        self.attr_of(node).await
+    }
+
+    pub async fn getattr(&self, ino: InodeNo) -> Result<Attr, FsError> {
+        let node = self.spec.node(ino).ok_or(FsError::NotFound)?;
+        self.attr_of(node).await
+    }
+
+    /// Opens a file for reading: pins the current content version to a new handle and records
+    /// an audit event.
+    pub async fn open(&self, ino: InodeNo, write: bool, caller: Caller) -> Result<u64, FsError> {
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let node = self.spec.node(ino).ok_or(FsError::NotFound)?;
+        let NodeKind::File(entry) = node.kind else {
+            return Err(FsError::IsADirectory);
+        };
+        let content = self.content(entry).await?;
+        let e = &self.spec.entries()[entry];
+        let version = match content.fetched.version {
+            Some(v) => v.0.to_string(),
+            None => format!("g{}", content.generation),
+        };
+        audit::open_event(&self.config.volume, &e.name, &e.path, &version, caller);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Handle { ino, content });
+        Ok(fh)
+    }
+
+    /// Reads from the version `fh` pinned. A handle this process never issued (one opened
+    /// before a daemon restart) reads the current version.
+    pub async fn read(
+        &self,
+        ino: InodeNo,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadSlice, FsError> {
+        let node = self.spec.node(ino).ok_or(FsError::NotFound)?;
+        let NodeKind::File(entry) = node.kind else {
+            return Err(FsError::IsADirectory);
+        };
+        let pinned = self
+            .handles
+            .lock()
+            .get(&fh)
+            .filter(|h| h.ino == ino)
+            .map(|h| h.content.clone());
+        let content = match pinned {
+            Some(c) => c,
+            None => self.content(entry).await?,
+        };
+        Ok(ReadSlice {
+            content,
+            spec: self.spec.clone(),
+            entry,
+            offset,
+            size,
+        })
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    /// Directory entries after `offset`, including `.` and `..`. Fetches nothing.
+    pub fn readdir(&self, ino: InodeNo, offset: u64) -> Result<Vec<DirEntry>, FsError> {
+        let node = self.spec.node(ino).ok_or(FsError::NotFound)?;
+        let NodeKind::Dir(children) = &node.kind else {
+            return Err(FsError::NotADirectory);
+        };
+        let dots = [(node.ino, Kind::Dir, "."), (node.parent, Kind::Dir, "..")];
+        let named = children.iter().filter_map(|c| self.spec.node(*c)).map(|n| {
+            let kind = match n.kind {
+                NodeKind::Dir(_) => Kind::Dir,
+                NodeKind::File(_) => Kind::File,
+            };
+            (n.ino, kind, n.name.as_str())
+        });
+        Ok(dots
+            .into_iter()
+            .chain(named)
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .map(|(i, (ino, kind, name))| DirEntry {
+                ino,
+                offset: i as u64 + 1,
+                kind,
+                name: name.to_string(),
+            })
+            .collect())
+    }
+
+    /// Number of open handles (for tests and metrics).
+    pub fn open_handles(&self) -> usize {
+        self.handles.lock().len()
+    }
+
+    async fn content(&self, entry: usize) -> Result<Arc<Content>, FsError> {
+        let e = &self.spec.entries()[entry];
+        let content = self.cache.get(&e.path).await?;
+        if content.fetched.data.render(e.key.as_deref()).is_none() {
+            let key = e.key.clone().unwrap_or_default();
+            tracing::warn!(file = %e.name, path = %e.path, key = %key, "the secret has no such field");
+            return Err(FsError::MissingField(key));
+        }
+        Ok(content)
+    }
+
+    async fn attr_of(&self, node: &Node) -> Result<Attr, FsError> {
+        let c = &self.config;
+        match node.kind {
+            NodeKind::Dir(ref children) => Ok(Attr {
+                ino: node.ino,
+                kind: Kind::Dir,
+                size: 0,
+                perm: c.file_mode | ((c.file_mode & 0o444) >> 2),
+                nlink: 2 + children
+                    .iter()
+                    .filter(|i| {
+                        matches!(self.spec.node(**i).map(|n| &n.kind), Some(NodeKind::Dir(_)))
+                    })
+                    .count() as u32,
+                uid: c.uid,
+                gid: c.gid,
+                mtime: self.created,
+            }),
+            NodeKind::File(entry) => {
+                let content = self.content(entry).await?;
+                let key = self.spec.entries()[entry].key.as_deref();
+                let size = content.fetched.data.render(key).map_or(0, |b| b.len());
+                Ok(Attr {
+                    ino: node.ino,
+                    kind: Kind::File,
+                    size: size as u64,
+                    perm: c.file_mode,
+                    nlink: 1,
+                    uid: c.uid,
+                    gid: c.gid,
+                    mtime: content.changed_at,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheConfig;
+    use crate::metrics::Metrics;
+    use crate::source::mock::MockSource;
+    use crate::spec::parse_secret_arg;
+
+    struct World {
+        source: Arc<MockSource>,
+        fs: VaultFs<MockSource>,
+        invalidated: Arc<Mutex<Vec<InodeNo>>>,
+    }
+
+    fn world(args: &[&str]) -> World {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/db", &[("user", "app"), ("password", "pw-1")]);
+        source.put("secret/api", &[("token", "t-1")]);
+        let entries = args.iter().map(|a| parse_secret_arg(a).unwrap()).collect();
+        let spec = Arc::new(VolumeSpec::new(entries).unwrap());
+        let cache = Arc::new(SecretCache::new(
+            source.clone(),
+            CacheConfig::default(),
+            Arc::new(Metrics::new()),
+        ));
+        let invalidated = Arc::new(Mutex::new(Vec::new()));
+        let sink = invalidated.clone();
+        let config = FsConfig {
+            volume: "test".into(),
+            uid: 1000,
+            gid: 2000,
+            file_mode: 0o440,
+            kernel_ttl: Duration::from_secs(1),
+        };
+        let fs = VaultFs::new(spec, cache, config, Box::new(move |i| sink.lock().push(i)));
+        World {
+            source,
+            fs,
+            invalidated,
+        }
+    }
+
+    const SPEC: [&str; 3] = [
+        "db/password=secret/db#password",
+        "db/all=secret/db",
+        "api=secret/api#token",
+    ];
+
+    async fn read_all(fs: &VaultFs<MockSource>, ino: InodeNo, fh: u64) -> Vec<u8> {
+        fs.read(ino, fh, 0, 4096).await.unwrap().bytes().to_vec()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn listing_directories_fetches_nothing() {
+        let w = world(&SPEC);
+        let root = w.fs.readdir(InodeNo::ROOT, 0).unwrap();
+        let names: Vec<_> = root.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, [".", "..", "api", "db"]);
+        let db = w.fs.lookup(InodeNo::ROOT, "db").await.unwrap();
+        assert_eq!(db.kind, Kind::Dir);
+        assert_eq!(db.perm, 0o550);
+        let sub: Vec<_> =
+            w.fs.readdir(db.ino, 2)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
+        assert_eq!(sub, ["all", "password"]);
+        assert_eq!(w.source.reads(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookup_fetches_only_the_touched_secret_and_reports_its_size() {
+        let w = world(&SPEC);
+        let attr = w.fs.lookup(InodeNo::ROOT, "api").await.unwrap();
+        assert_eq!((attr.kind, attr.size, attr.perm), (Kind::File, 3, 0o440));
+        assert_eq!((attr.uid, attr.gid), (1000, 2000));
+        assert_eq!(w.source.reads(), 1);
+        assert_eq!(
+            w.fs.lookup(InodeNo::ROOT, "nope").await,
+            Err(FsError::NotFound)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn key_gives_raw_field_and_no_key_gives_json() {
+        let w = world(&SPEC);
+        let db = w.fs.lookup(InodeNo::ROOT, "db").await.unwrap().ino;
+        let pw = w.fs.lookup(db, "password").await.unwrap().ino;
+        let all = w.fs.lookup(db, "all").await.unwrap().ino;
+        let caller = Caller::default();
+        let fh = w.fs.open(pw, false, caller).await.unwrap();
+        assert_eq!(read_all(&w.fs, pw, fh).await, b"pw-1");
+        let fh = w.fs.open(all, false, caller).await.unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&read_all(&w.fs, all, fh).await).unwrap();
+        assert_eq!(json, serde_json::json!({"user": "app", "password": "pw-1"}));
+        assert_eq!(w.source.reads(), 1, "both files share one secret");
+        let part = w.fs.read(pw, fh + 100, 1, 2).await.unwrap();
+        assert_eq!(part.bytes(), b"w-");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_handle_keeps_its_version_across_rotation() {
+        let w = world(&SPEC);
+        let api = w.fs.lookup(InodeNo::ROOT, "api").await.unwrap().ino;
+        let old = w.fs.open(api, false, Caller::default()).await.unwrap();
+        w.source.put("secret/api", &[("token", "t-2-longer")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let new = w.fs.open(api, false, Caller::default()).await.unwrap();
+        assert_eq!(read_all(&w.fs, api, new).await, b"t-2-longer");
+        assert_eq!(read_all(&w.fs, api, old).await, b"t-1");
+        assert_eq!(w.fs.getattr(api).await.unwrap().size, 10);
+        assert_eq!(*w.invalidated.lock(), vec![api]);
+        w.fs.release(old);
+        w.fs.release(new);
+        assert_eq!(w.fs.open_handles(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_map_to_errnos() {
+        let w = world(&[
+            "gone=secret/missing",
+            "nokey=secret/api#nokey",
+            "api=secret/api#token",
+        ]);
+        let gone = w.fs.spec.child(InodeNo::ROOT, "gone").unwrap().ino;
+        let err = w.fs.open(gone, false, Caller::default()).await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOENT);
+        let err = w.fs.lookup(InodeNo::ROOT, "nokey").await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOENT);
+        let api = w.fs.spec.child(InodeNo::ROOT, "api").unwrap().ino;
+        assert_eq!(
+            w.fs.open(api, true, Caller::default())
+                .await
+                .unwrap_err()
+                .errno(),
+            libc::EROFS
+        );
+        assert_eq!(
+            w.fs.open(InodeNo::ROOT, false, Caller::default())
+                .await
+                .unwrap_err()
+                .errno(),
+            libc::EISDIR
+        );
+        assert_eq!(w.fs.readdir(api, 0).unwrap_err().errno(), libc::ENOTDIR);
+        w.source.fail(SourceError::PermissionDenied);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(w.fs.getattr(api).await.unwrap_err().errno(), libc::EACCES);
+        w.source.fail(SourceError::Unavailable("down".into()));
+        let other = world(&["x=secret/api#token"]);
+        other.source.fail(SourceError::Unavailable("down".into()));
+        let x = other.fs.spec.child(InodeNo::ROOT, "x").unwrap().ino;
+        assert_eq!(other.fs.getattr(x).await.unwrap_err().errno(), libc::EIO);
+    }
+}

@@ -1,0 +1,20 @@
+//! vaultfs: a read-only FUSE filesystem whose files are Vault/OpenBao secrets, fetched lazily
+//! on first access, held in memory with a TTL and hot-swapped when they change in Vault.
+//!
+//! Dependencies point one way only:
+//! `main → app → mount → fuse → fs → cache → source → {secret, spec}`.
+//! `fuser` is imported only by `fuse` and `mount`; HTTP and Vault auth live only in
+//! `source::vault`. Everything below `fuse` is plain Rust, testable without a kernel.
+
+pub mod app;
+pub mod audit;
+pub mod cache;
+pub mod config;
+pub mod fs;
+pub mod fuse;
+pub mod metrics;
+pub mod mount;
+pub mod secret;
+pub mod source;
+pub mod spec;
+pub mod sys;

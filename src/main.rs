@@ -1,0 +1,285 @@
+//! The `vaultfs` command line: parses and validates arguments, sets up logging and the
+//! runtime, and hands over to `app`. Bad arguments exit with status 2 before anything is
+//! mounted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use vaultfs::app::{self, MountSettings};
+use vaultfs::config::{parse_duration, parse_file_mode};
+use vaultfs::secret::Token;
+use vaultfs::source::vault::{Auth, Credential, LoginMethod, VaultConfig};
+use vaultfs::spec::{self, VolumeSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "vaultfs",
+    version,
+    about = "Vault/OpenBao secrets as a lazy, hot-swapping FUSE filesystem"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount a volume of secrets in the foreground; SIGINT/SIGTERM unmounts and exits 0.
+    Mount(MountArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuthKind {
+    Token,
+    Kubernetes,
+    Jwt,
+    Approle,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// Existing directory to mount on (a dead mount left by a crash is cleared first).
+    mountpoint: PathBuf,
+    /// A file: NAME inside the mount, Vault PATH as for `vault read`, optional field KEY.
+    #[arg(long = "secret", value_name = "NAME=PATH[#KEY]")]
+    secrets: Vec<String>,
+    /// YAML (or JSON) file: `secrets: [{name, path, key?}, ...]`.
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// How long a fetched secret is served before Vault is asked again.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    cache_ttl: Duration,
+    /// How long past its TTL a secret is still served while Vault is unreachable.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    max_stale: Duration,
+    /// Longest wait for Vault before an uncached read fails with EIO.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    vault_timeout: Duration,
+    /// Most secrets held in memory.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    cache_max_entries: usize,
+    /// Most secret bytes held in memory.
+    #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
+    cache_max_bytes: usize,
+    /// Owner of the files (default: the mounting user).
+    #[arg(long, value_name = "N")]
+    uid: Option<u32>,
+    /// Group of the files (default: the mounting user's group).
+    #[arg(long, value_name = "N")]
+    gid: Option<u32>,
+    /// Permission bits of the files; directories add x where r is set.
+    #[arg(long, default_value = "0440", value_parser = parse_file_mode, value_name = "OCTAL")]
+    file_mode: u16,
+    /// Let other users (pods) use the mount; the kernel still checks owner, group and mode.
+    #[arg(long)]
+    allow_other: bool,
+    #[command(flatten)]
+    vault: VaultArgs,
+    /// Lock the daemon's memory so secrets are never swapped out.
+    #[arg(long)]
+    lock_memory: bool,
+    /// Serve Prometheus /metrics and /healthz on this address.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<SocketAddr>,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Args)]
+struct VaultArgs {
+    /// Vault address (default: $VAULT_ADDR).
+    #[arg(long, value_name = "URL")]
+    vault_addr: Option<String>,
+    /// Vault namespace (default: $VAULT_NAMESPACE).
+    #[arg(long, value_name = "NS")]
+    vault_namespace: Option<String>,
+    /// PEM file of CA certificates for Vault's TLS (default: $VAULT_CACERT).
+    #[arg(long, value_name = "FILE")]
+    vault_cacert: Option<PathBuf>,
+    /// How to log in: token ($VAULT_TOKEN or ~/.vault-token), kubernetes, jwt or approle.
+    #[arg(long, value_enum, default_value = "token")]
+    auth: AuthKind,
+    /// Auth mount path (default: the method's name: kubernetes, jwt, approle).
+    #[arg(long, value_name = "PATH")]
+    auth_mount: Option<String>,
+    /// Role to log in as (AppRole: the role id).
+    #[arg(long, value_name = "NAME")]
+    role: Option<String>,
+    /// JWT for kubernetes/jwt login, re-read at every login.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    jwt_file: PathBuf,
+    /// AppRole secret id file, re-read at every login (default: $VAULT_SECRET_ID_FILE).
+    #[arg(long, value_name = "PATH")]
+    secret_id_file: Option<PathBuf>,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn vault_config(args: VaultArgs, timeout: Duration) -> Result<VaultConfig, String> {
+    let addr = args
+        .vault_addr
+        .or_else(|| env("VAULT_ADDR"))
+        .ok_or("no Vault address: set VAULT_ADDR or --vault-addr (e.g. http://127.0.0.1:8200)")?;
+    let skip_verify = env("VAULT_SKIP_VERIFY")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    let login = |method: LoginMethod, default_mount: &str, credential: Credential| {
+        let role = args
+            .role
+            .clone()
+            .ok_or_else(|| format!("--auth {default_mount} needs --role NAME"))?;
+        Ok::<_, String>(Auth::Login {
+            method,
+            mount: args
+                .auth_mount
+                .clone()
+                .unwrap_or_else(|| default_mount.to_string()),
+            role,
+            credential,
+        })
+    };
+    let auth = match args.auth {
+        AuthKind::Token => {
+            let token = env("VAULT_TOKEN")
+                .or_else(|| {
+                    let home = env("HOME")?;
+                    std::fs::read_to_string(PathBuf::from(home).join(".vault-token")).ok()
+                })
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .ok_or("no Vault token: set VAULT_TOKEN, write ~/.vault-token, or use --auth kubernetes|jwt|approle")?;
+            Auth::Token(Token::new(token))
+        }
+        AuthKind::Kubernetes => login(
+            LoginMethod::Kubernetes,
+            "kubernetes",
+            Credential::File(args.jwt_file.clone()),
+        )?,
+        AuthKind::Jwt => login(
+            LoginMethod::Jwt,
+            "jwt",
+            Credential::File(args.jwt_file.clone()),
+        )?,
+        AuthKind::Approle => {
+            let file = args
+                .secret_id_file
+                .clone()
+                .or_else(|| env("VAULT_SECRET_ID_FILE").map(PathBuf::from))
+                .ok_or("--auth approle needs --secret-id-file PATH (or $VAULT_SECRET_ID_FILE)")?;
+            login(LoginMethod::AppRole, "approle", Credential::File(file))?
+        }
+    };
+    Ok(VaultConfig {
+        addr,
+        namespace: args.vault_namespace.or_else(|| env("VAULT_NAMESPACE")),
+        ca_cert: args
+            .vault_cacert
+            .or_else(|| env("VAULT_CACERT").map(PathBuf::from)),
+        skip_verify,
+        timeout,
+        auth,
+    })
+}
+
+fn volume_spec(secrets: &[String], spec_file: Option<&PathBuf>) -> Result<VolumeSpec, String> {
+    let mut entries = Vec::new();
+    if let Some(path) = spec_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --spec {}: {e}", path.display()))?;
+        entries.extend(
+            spec::parse_spec_document(&text)
+                .map_err(|e| format!("--spec {}: {e}", path.display()))?,
+        );
+    }
+    for arg in secrets {
+        entries.push(spec::parse_secret_arg(arg).map_err(|e| e.to_string())?);
+    }
+    VolumeSpec::new(entries).map_err(|e| e.to_string())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Mount(args) => mount(args),
+    }
+}
+
+fn mount(args: MountArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let prepared = volume_spec(&args.secrets, args.spec.as_ref()).and_then(|spec| {
+        Ok(MountSettings {
+            mountpoint: args.mountpoint.clone(),
+            spec,
+            vault: vault_config(args.vault, args.vault_timeout)?,
+            cache: app::cache_config(
+                args.cache_ttl,
+                args.max_stale,
+                args.vault_timeout,
+                args.cache_max_entries,
+                args.cache_max_bytes,
+            ),
+            // SAFETY: geteuid/getegid cannot fail and take no arguments.
+            uid: args.uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
+            // SAFETY: as above.
+            gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
+            file_mode: args.file_mode,
+            allow_other: args.allow_other,
+            lock_memory: args.lock_memory,
+            metrics_addr: args.metrics_addr,
+        })
+    });
+    let settings = match prepared {
+        Ok(s) => s,
+        Err(message) => {
+            eprintln!("vaultfs: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("vaultfs-rt")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vaultfs: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(app::run_mount(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("vaultfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

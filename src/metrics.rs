@@ -1,0 +1,255 @@
+//! Prometheus metrics (`vaultfs_<subsystem>_<name>`, every name defined here once) and the
+//! small HTTP endpoint serving `/metrics` and `/healthz`. Labels carry operation names and
+//! error kinds only, never paths' contents or secret values.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// FUSE operations that are counted and timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Lookup,
+    Getattr,
+    Open,
+    Read,
+    Release,
+    Readdir,
+    Write,
+}
+
+impl Op {
+    pub const ALL: [Op; 7] = [
+        Op::Lookup,
+        Op::Getattr,
+        Op::Open,
+        Op::Read,
+        Op::Release,
+        Op::Readdir,
+        Op::Write,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Lookup => "lookup",
+            Op::Getattr => "getattr",
+            Op::Open => "open",
+            Op::Read => "read",
+            Op::Release => "release",
+            Op::Readdir => "readdir",
+            Op::Write => "write",
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+fn latency_histogram() -> Histogram {
+    // 10 µs .. ~2.6 s
+    Histogram::new(exponential_buckets(0.000_01, 4.0, 10))
+}
+
+/// All metrics of one daemon. Cheap to share; handles are pre-created so hot paths only touch
+/// atomics.
+pub struct Metrics {
+    registry: Registry,
+    fuse_ops: Vec<(Counter, Histogram)>,
+    fuse_errors: Family<Labels, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_stale_serves: Counter,
+    pub cache_swaps: Counter,
+    vault_requests: Family<Labels, Histogram, fn() -> Histogram>,
+    vault_errors: Family<Labels, Counter>,
+    pub active_mounts: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vaultfs");
+        let ops_count = Family::<Labels, Counter>::default();
+        let ops_latency =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let fuse_ops = Op::ALL
+            .iter()
+            .map(|op| {
+                let labels = vec![("op", op.name())];
+                (
+                    ops_count.get_or_create_owned(&labels),
+                    ops_latency.get_or_create_owned(&labels),
+                )
+            })
+            .collect();
+        let fuse_errors = Family::<Labels, Counter>::default();
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
+        let cache_stale_serves = Counter::default();
+        let cache_swaps = Counter::default();
+        let vault_requests =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let vault_errors = Family::<Labels, Counter>::default();
+        let active_mounts = Gauge::default();
+        registry.register("fuse_requests", "FUSE requests by operation", ops_count);
+        registry.register(
+            "fuse_request_duration_seconds",
+            "Time to answer FUSE requests, by operation",
+            ops_latency,
+        );
+        registry.register(
+            "fuse_errors",
+            "FUSE requests answered with an error, by operation and errno",
+            fuse_errors.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Accesses served from a fresh cache entry",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Accesses that had to ask Vault (first read or expired TTL)",
+            cache_misses.clone(),
+        );
+        registry.register(
+            "cache_stale_serves",
+            "Accesses served from a stale entry because Vault was unavailable",
+            cache_stale_serves.clone(),
+        );
+        registry.register(
+            "cache_swaps",
+            "Secrets whose content changed in Vault and was swapped in",
+            cache_swaps.clone(),
+        );
+        registry.register(
+            "vault_request_duration_seconds",
+            "Vault HTTP requests by kind, with their latency",
+            vault_requests.clone(),
+        );
+        registry.register(
+            "vault_errors",
+            "Vault requests that failed, by kind and error class",
+            vault_errors.clone(),
+        );
+        registry.register(
+            "active_mounts",
+            "Mounted vaultfs volumes",
+            active_mounts.clone(),
+        );
+        Self {
+            registry,
+            fuse_ops,
+            fuse_errors,
+            cache_hits,
+            cache_misses,
+            cache_stale_serves,
+            cache_swaps,
+            vault_requests,
+            vault_errors,
+            active_mounts,
+        }
+    }
+
+    pub fn fuse_op(&self, op: Op, elapsed: Duration) {
+        let (count, latency) = &self.fuse_ops[op as usize];
+        count.inc();
+        latency.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn fuse_error(&self, op: Op, errno: &'static str) {
+        self.fuse_errors
+            .get_or_create(&vec![("op", op.name()), ("errno", errno)])
+            .inc();
+    }
+
+    pub fn vault_request(&self, kind: &'static str, elapsed: Duration) {
+        self.vault_requests
+            .get_or_create(&vec![("kind", kind)])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn vault_error(&self, kind: &'static str, class: &'static str) {
+        self.vault_errors
+            .get_or_create(&vec![("kind", kind), ("class", class)])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let target = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, content_type, body) = match target {
+                "/metrics" => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(),
+                ),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_every_subsystem_with_the_prefix() {
+        let m = Metrics::new();
+        m.fuse_op(Op::Read, Duration::from_micros(20));
+        m.fuse_error(Op::Open, "EIO");
+        m.vault_request("read", Duration::from_millis(3));
+        m.cache_hits.inc();
+        let text = m.render();
+        for name in [
+            "vaultfs_fuse_requests_total{op=\"read\"} 1",
+            "vaultfs_fuse_errors_total{op=\"open\",errno=\"EIO\"} 1",
+            "vaultfs_vault_request_duration_seconds_count{kind=\"read\"} 1",
+            "vaultfs_cache_hits_total 1",
+            "vaultfs_active_mounts 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Putting a `VaultFs` on a mount point and taking it off: stale-mount recovery, fuser session
+//! set-up, and the one thread that sends kernel cache invalidations for every volume (never
+//! from a FUSE handler or a tokio worker, holding no locks).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, OnceLock};
+
+use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, Session, SessionACL};
+use thiserror::Error;
+
+use crate::fs::{Invalidate, VaultFs};
+use crate::fuse::FuseAdapter;
+use crate::metrics::Metrics;
+use crate::source::SecretSource;
+use crate::spec::InodeNo;
+use crate::sys;
+
+#[derive(Debug, Error)]
+pub enum MountError {
+    #[error(
+        "mount point {0} does not exist or is not a directory; expected an existing directory"
+    )]
+    NotADirectory(PathBuf),
+    #[error("{0} is already a mount point (another vaultfs or filesystem is mounted there)")]
+    Busy(PathBuf),
+    #[error("cannot clear the dead mount at {path}: {source}")]
+    Stale {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot mount FUSE at {path}: {source} (is /dev/fuse present and are we root?)")]
+    Fuse {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Sends kernel cache invalidations from one dedicated thread for all volumes.
+#[derive(Clone)]
+pub struct Invalidator {
+    tx: Sender<(Notifier, InodeNo)>,
+}
+
+impl Default for Invalidator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Invalidator {
+    pub fn new() -> Self {
+        let (tx, rx) = mpsc::channel::<(Notifier, InodeNo)>();
+        std::thread::Builder::new()
+            .name("vaultfs-inval".into())
+            .spawn(move || {
+                for (notifier, ino) in rx {
+                    // ENOENT: the kernel never looked this inode up; nothing to drop.
+                    if let Err(e) = notifier.inval_inode(INodeNo(ino.0), 0, 0) {
+                        if e.raw_os_error() != Some(libc::ENOENT) {
+                            tracing::debug!(ino = ino.0, error = %e, "kernel cache invalidation failed");
+                        }
+                    }
+                }
+            })
+            .expect("spawning the invalidation thread");
+        Self { tx }
+    }
+
+    /// An `Invalidate` callback for one volume; it does nothing until the volume is mounted.
+    pub fn for_volume(&self) -> (Invalidate, Arc<OnceLock<Notifier>>) {
+        let slot: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
+        let tx = self.tx.clone();
+        let notifier = slot.clone();
+        let callback: Invalidate = Box::new(move |ino| {
+            if let Some(n) = notifier.get() {
+                let _ = tx.send((n.clone(), ino));
+            }
+        });
+        (callback, slot)
+    }
+}
+
+/// Mount options of one volume.
+#[derive(Clone, Debug, Default)]
+pub struct MountConfig {
+    /// Let users other than the mounting one use the mount (needed for pods). Access is still
+    /// checked by the kernel against the files' owner, group and mode.
+    pub allow_other: bool,
+}
+
+/// A mounted volume. Unmount it with `unmount`; dropping it also unmounts.
+pub struct FuseMount {
+    target: PathBuf,
+    session: Option<BackgroundSession>,
+    metrics: Arc<Metrics>,
+}
+
+/// Clears a dead FUSE mount left at `target` by a crashed daemon; refuses a live mount.
+pub fn prepare_target(target: &Path) -> Result<(), MountError> {
+    if sys::is_disconnected(target) {
+        tracing::warn!(target = %target.display(), "clearing a dead mount left by an earlier daemon");
+        sys::detach_unmount(target).map_err(|source| MountError::Stale {
+            path: target.to_path_buf(),
+            source,
+        })?;
+    }
+    if !target.is_dir() {
+        return Err(MountError::NotADirectory(target.to_path_buf()));
+    }
+    if sys::is_mount_point(target) {
+        return Err(MountError::Busy(target.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Mounts `fs` read-only at `target` and serves it on a background thread.
+pub fn mount<S: SecretSource>(
+    fs: Arc<VaultFs<S>>,
+    notifier: &OnceLock<Notifier>,
+    target: &Path,
+    config: &MountConfig,
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+) -> Result<FuseMount, MountError> {
+    prepare_target(target)?;
+    let mut options = Config::default();
+    options.mount_options = vec![
+        MountOption::FSName("vaultfs".into()),
+        MountOption::Subtype("vaultfs".into()),
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    options.acl = if config.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    let fuse_error = |source| MountError::Fuse {
+        path: target.to_path_buf(),
+        source,
+    };
+    let adapter = FuseAdapter::new(fs, runtime, metrics.clone());
+    let session = Session::new(adapter, target, &options).map_err(fuse_error)?;
+    let _ = notifier.set(session.notifier());
+    let session = session.spawn().map_err(fuse_error)?;
+    metrics.active_mounts.inc();
+    tracing::info!(target = %target.display(), "mounted");
+    Ok(FuseMount {
+        target: target.to_path_buf(),
+        session: Some(session),
+        metrics,
+    })
+}
+
+impl FuseMount {
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Unmounts lazily: files still open keep working until closed, new opens fail. Treats
+    /// an already-gone mount as success.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        self.detach()
+    }
+
+    fn detach(&mut self) -> std::io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let result = sys::detach_unmount(&self.target).map(|_| ());
+        // The session thread ends when the kernel closes the connection (at once, or when the
+        // last open file closes).
+        drop(session);
+        self.metrics.active_mounts.dec();
+        tracing::info!(target = %self.target.display(), "unmounted");
+        result
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            tracing::warn!(target = %self.target.display(), error = %e, "unmount failed");
+        }
+    }
+}

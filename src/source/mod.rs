@@ -1,0 +1,64 @@
+//! The one door to Vault: the `SecretSource` trait the cache fetches through, its error type
+//! and the fetched-secret value. `vault` is the real implementation (the only code that knows
+//! HTTP and auth); `mock` is an in-memory double for the fast test tiers.
+
+use std::future::Future;
+
+use thiserror::Error;
+
+use crate::secret::SecretData;
+use crate::spec::SecretPath;
+
+pub mod mock;
+pub mod vault;
+
+/// A version of a secret as Vault numbers it (KV v2 metadata version).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Version(pub u64);
+
+/// One read of a secret.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    /// The Vault version, when the engine has one (KV v2). `None` for KV v1 and other engines:
+    /// their change detection compares content.
+    pub version: Option<Version>,
+    pub data: SecretData,
+}
+
+/// Why a source could not answer. Messages never contain secret values.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum SourceError {
+    /// Vault answered 404: the secret (or the requested version) does not exist.
+    #[error("secret not found in Vault")]
+    NotFound,
+    /// Vault answered 403: the identity may not read this path.
+    #[error("permission denied by Vault")]
+    PermissionDenied,
+    /// Vault could not be reached or failed (connection, timeout, 5xx). Stale data may be served.
+    #[error("Vault unavailable: {0}")]
+    Unavailable(String),
+    /// Vault answered something vaultfs cannot use (bad response shape, 4xx other than 403/404).
+    #[error("unexpected Vault response: {0}")]
+    Invalid(String),
+}
+
+impl SourceError {
+    /// Whether a cached value may still be served (stale-if-error) after this error.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Unavailable(_))
+    }
+}
+
+/// Where secrets come from. Implementations must be cheap to share (`Arc`) and safe to call
+/// concurrently; single flight and caching are the caller's job.
+pub trait SecretSource: Send + Sync + 'static {
+    /// Reads the current version of a secret.
+    fn read(&self, path: &SecretPath) -> impl Future<Output = Result<Fetched, SourceError>> + Send;
+
+    /// A cheap check of the current version (KV v2 metadata). `Ok(None)` means the engine has
+    /// no such check and the caller must `read` to detect changes.
+    fn current_version(
+        &self,
+        path: &SecretPath,
+    ) -> impl Future<Output = Result<Option<Version>, SourceError>> + Send;
+}

@@ -1,0 +1,709 @@
+//! The real `SecretSource`: Vault's (and OpenBao's) HTTP API over reqwest. The only module that
+//! knows URLs, headers, auth methods, token renewal and KV engine detection.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use super::{Fetched, SecretSource, SourceError, Version};
+use crate::metrics::Metrics;
+use crate::secret::{wipe_json, SecretData, Token};
+use crate::spec::SecretPath;
+
+/// How vaultfs proves its identity to Vault.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// A token given up front (`VAULT_TOKEN`, `~/.vault-token`). Renewed, never re-obtained.
+    Token(Token),
+    /// A login (`auth/<mount>/login`) repeated whenever the token expires or is revoked.
+    Login {
+        method: LoginMethod,
+        /// The auth mount path, e.g. `kubernetes`.
+        mount: String,
+        /// The role (for AppRole: the role id).
+        role: String,
+        /// The JWT (kubernetes/jwt) or secret id (AppRole).
+        credential: Credential,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginMethod {
+    Kubernetes,
+    Jwt,
+    AppRole,
+}
+
+/// Where a login credential comes from.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// Read again at every login (kubelet rotates projected tokens in place).
+    File(PathBuf),
+    /// Held in memory and replaceable (`VaultSource::set_credential`).
+    Value(Token),
+}
+
+/// How to reach Vault.
+#[derive(Clone, Debug)]
+pub struct VaultConfig {
+    /// Base address, e.g. `https://vault.example:8200`.
+    pub addr: String,
+    pub namespace: Option<String>,
+    /// PEM file of CA certificates to trust.
+    pub ca_cert: Option<PathBuf>,
+    pub skip_verify: bool,
+    /// Bound on each HTTP request.
+    pub timeout: Duration,
+    pub auth: Auth,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    KvV1,
+    KvV2,
+    Logical,
+}
+
+struct TokenState {
+    token: Token,
+    /// When to renew (two thirds into the TTL); `None` for tokens that never expire.
+    renew_at: Option<Instant>,
+    expires_at: Option<Instant>,
+    renewable: bool,
+    /// Whether the TTL is known (tokens from a login always; given tokens after a lookup).
+    looked_up: bool,
+}
+
+pub struct VaultSource {
+    http: reqwest::Client,
+    config: VaultConfig,
+    credential: Mutex<Option<Credential>>,
+    token: Mutex<Option<TokenState>>,
+    login_lock: tokio::sync::Mutex<()>,
+    /// Known secret-engine mounts: prefix (with trailing `/`) → engine.
+    mounts: Mutex<Vec<(String, Engine)>>,
+    /// Paths whose mount could not be detected (treated as plain logical reads).
+    undetectable: Mutex<HashMap<SecretPath, Engine>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A `VaultConfig` that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultConfigError {
+    #[error("cannot read VAULT_CACERT file {path}: {source}")]
+    CaCert {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("VAULT_CACERT file {0} holds no usable PEM certificate")]
+    CaCertPem(String),
+    #[error("invalid VAULT_ADDR {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
+    Addr(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+fn classify(status: StatusCode, body: &Value) -> SourceError {
+    let errors = body
+        .get("errors")
+        .and_then(Value::as_array)
+        .map(|e| {
+            e.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default();
+    let mut detail = format!("HTTP {}", status.as_u16());
+    if !errors.is_empty() {
+        detail.push_str(": ");
+        detail.extend(errors.chars().take(300));
+    }
+    match status {
+        StatusCode::NOT_FOUND => SourceError::NotFound,
+        StatusCode::FORBIDDEN => SourceError::PermissionDenied,
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+            SourceError::Unavailable(detail)
+        }
+        _ => SourceError::Invalid(detail),
+    }
+}
+
+fn error_class(err: &SourceError) -> &'static str {
+    match err {
+        SourceError::NotFound => "not_found",
+        SourceError::PermissionDenied => "forbidden",
+        SourceError::Unavailable(_) => "unavailable",
+        SourceError::Invalid(_) => "invalid",
+    }
+}
+
+impl VaultSource {
+    pub fn new(config: VaultConfig, metrics: Arc<Metrics>) -> Result<Self, VaultConfigError> {
+        let addr = config.addr.trim_end_matches('/').to_string();
+        if !(addr.starts_with("http://") || addr.starts_with("https://")) || addr.len() < 10 {
+            return Err(VaultConfigError::Addr(config.addr.clone()));
+        }
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .pool_max_idle_per_host(8)
+            .danger_accept_invalid_certs(config.skip_verify);
+        if let Some(path) = &config.ca_cert {
+            let pem = std::fs::read(path).map_err(|source| VaultConfigError::CaCert {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| VaultConfigError::CaCertPem(path.display().to_string()))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| VaultConfigError::Client(e.to_string()))?;
+        let (token, credential) = match &config.auth {
+            Auth::Token(t) => (
+                Some(TokenState {
+                    token: t.clone(),
+                    renew_at: None,
+                    expires_at: None,
+                    renewable: false,
+                    looked_up: false,
+                }),
+                None,
+            ),
+            Auth::Login { credential, .. } => (None, Some(credential.clone())),
+        };
+        Ok(Self {
+            http,
+            config: VaultConfig { addr, ..config },
+            credential: Mutex::new(credential),
+            token: Mutex::new(token),
+            login_lock: tokio::sync::Mutex::new(()),
+            mounts: Mutex::new(Vec::new()),
+            undetectable: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// Replaces the login credential (a fresh service-account token from a CSI republish).
+    /// The current Vault token stays in use until it expires or is refused.
+    pub fn set_credential(&self, credential: Credential) {
+        *self.credential.lock() = Some(credential);
+    }
+
+    /// Logs in now (for callers that want a refused login to fail early). A no-op for tokens.
+    pub async fn login(&self) -> Result<(), SourceError> {
+        match self.config.auth {
+            Auth::Token(_) => Ok(()),
+            Auth::Login { .. } => {
+                self.token.lock().take();
+                self.relogin(None).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Learns which secret engine serves each path ahead of the first read, so that a cold
+    /// read costs one round trip. Reads no secret; errors are left for the first read.
+    pub async fn detect_engines(&self, paths: Vec<SecretPath>) {
+        for path in paths {
+            let _ = self.engine(&path).await;
+        }
+    }
+
+    /// Keeps the token alive: looks a given token up to learn its TTL, then renews it two
+    /// thirds into each TTL. A login token that cannot be renewed is dropped, so the next
+    /// request logs in again. Runs until the task is dropped.
+    pub async fn run_renewer(self: Arc<Self>) {
+        let mut backoff = Duration::from_secs(5);
+        loop {
+            let (lookup, renew_at) = match self.token.lock().as_ref() {
+                Some(t) if !t.looked_up => (true, None),
+                Some(t) if t.renewable => (false, t.renew_at),
+                _ => (false, None),
+            };
+            let result = if lookup {
+                self.lookup_self().await
+            } else if let Some(at) = renew_at {
+                tokio::time::sleep_until(at).await;
+                self.renew_self().await
+            } else {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                continue;
+            };
+            match result {
+                Ok(()) => backoff = Duration::from_secs(5),
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not renew the Vault token");
+                    if !self.is_static_token() {
+                        self.token.lock().take();
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(300));
+                }
+            }
+        }
+    }
+
+    /// Revokes a token this process obtained by logging in (never a token it was given).
+    pub async fn revoke(&self) {
+        if self.is_static_token() {
+            return;
+        }
+        let Some(token) = self.token.lock().take().map(|t| t.token) else {
+            return;
+        };
+        match self
+            .send(
+                "revoke",
+                Method::POST,
+                "auth/token/revoke-self",
+                None,
+                Some(&token),
+            )
+            .await
+        {
+            Ok(_) => tracing::info!("Vault token revoked"),
+            Err(err) => tracing::warn!(error = %err, "could not revoke the Vault token"),
+        }
+    }
+
+    fn is_static_token(&self) -> bool {
+        matches!(self.config.auth, Auth::Token(_))
+    }
+
+    async fn lookup_self(&self) -> Result<(), SourceError> {
+        let body = self
+            .authed("lookup", Method::GET, "auth/token/lookup-self", None)
+            .await?;
+        let data = &body["data"];
+        let ttl = data["ttl"].as_u64().unwrap_or(0);
+        let renewable = data["renewable"].as_bool().unwrap_or(false);
+        if let Some(t) = self.token.lock().as_mut() {
+            let now = Instant::now();
+            t.looked_up = true;
+            t.renewable = renewable && ttl > 0;
+            if ttl > 0 {
+                t.expires_at = Some(now + Duration::from_secs(ttl));
+                t.renew_at = Some(now + Duration::from_secs(ttl * 2 / 3));
+            }
+        }
+        Ok(())
+    }
+
+    async fn renew_self(&self) -> Result<(), SourceError> {
+        let body = self
+            .authed(
+                "renew",
+                Method::POST,
+                "auth/token/renew-self",
+                Some(json!({})),
+            )
+            .await?;
+        self.adopt_auth(&body, None);
+        tracing::debug!("Vault token renewed");
+        Ok(())
+    }
+
+    /// Records the `auth` block of a login or renew answer.
+    fn adopt_auth(&self, body: &Value, new_token: Option<Token>) {
+        let auth = &body["auth"];
+        let ttl = auth["lease_duration"].as_u64().unwrap_or(0);
+        let renewable = auth["renewable"].as_bool().unwrap_or(false);
+        let now = Instant::now();
+        let (renew_at, expires_at) = if ttl > 0 {
+            (
+                Some(now + Duration::from_secs(ttl * 2 / 3)),
+                Some(now + Duration::from_secs(ttl)),
+            )
+        } else {
+            (None, None)
+        };
+        let mut slot = self.token.lock();
+        let token = match (new_token, slot.take()) {
+            (Some(t), _) => t,
+            (None, Some(old)) => old.token,
+            (None, None) => return,
+        };
+        *slot = Some(TokenState {
+            token,
+            renew_at,
+            expires_at,
+            renewable: renewable && ttl > 0,
+            looked_up: true,
+        });
+    }
+
+    /// A token to use now: the current one while it is valid, else a fresh login.
+    async fn token(&self) -> Result<Token, SourceError> {
+        {
+            let slot = self.token.lock();
+            if let Some(t) = slot.as_ref() {
+                if t.expires_at.is_none_or(|e| e > Instant::now()) {
+                    return Ok(t.token.clone());
+                }
+            }
+        }
+        if self.is_static_token() {
+            return Err(SourceError::PermissionDenied);
+        }
+        self.relogin(None).await
+    }
+
+    /// Logs in with the current credential, one login at a time. `refused` is the token Vault
+    /// just refused, if any: a different valid token obtained meanwhile is used instead.
+    async fn relogin(&self, refused: Option<&Token>) -> Result<Token, SourceError> {
+        let _one = self.login_lock.lock().await;
+        if let Some(t) = self.token.lock().as_ref() {
+            let valid = t.expires_at.is_none_or(|e| e > Instant::now());
+            if valid && refused.is_none_or(|r| r != &t.token) {
+                return Ok(t.token.clone());
+            }
+        }
+        let Auth::Login {
+            method,
+            mount,
+            role,
+            ..
+        } = &self.config.auth
+        else {
+            return Err(SourceError::PermissionDenied);
+        };
+        let credential = self.credential.lock().clone();
+        let secret = match credential {
+            Some(Credential::Value(t)) => t,
+            Some(Credential::File(path)) => match std::fs::read_to_string(&path) {
+                Ok(s) => Token::new(s.trim().to_string()),
+                Err(e) => {
+                    return Err(SourceError::Invalid(format!(
+                        "cannot read the login credential file {}: {e}",
+                        path.display()
+                    )))
+                }
+            },
+            None => return Err(SourceError::Invalid("no login credential".into())),
+        };
+        let body = match method {
+            LoginMethod::AppRole => json!({"role_id": role, "secret_id": secret.expose()}),
+            LoginMethod::Kubernetes | LoginMethod::Jwt => {
+                json!({"role": role, "jwt": secret.expose()})
+            }
+        };
+        let mount = mount.trim_matches('/');
+        let answer = self
+            .send(
+                "login",
+                Method::POST,
+                &format!("auth/{mount}/login"),
+                Some(body),
+                None,
+            )
+            .await
+            .map_err(|err| match err {
+                SourceError::PermissionDenied | SourceError::Invalid(_) => SourceError::Invalid(
+                    format!("Vault refused the login to auth/{mount} as role {role:?}: {err}"),
+                ),
+                other => other,
+            })?;
+        let token = answer["auth"]["client_token"]
+            .as_str()
+            .map(|s| Token::new(s.to_string()))
+            .ok_or_else(|| SourceError::Invalid("login answer has no auth.client_token".into()))?;
+        self.adopt_auth(&answer, Some(token.clone()));
+        tracing::info!(mount = %mount, role = %role, "logged in to Vault");
+        Ok(token)
+    }
+
+    /// One authenticated request. With a login method, a 403 may mean the token was revoked
+    /// or expired: log in again once and retry.
+    async fn authed(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, SourceError> {
+        let token = self.token().await?;
+        let first = self
+            .send(kind, method.clone(), path, body.clone(), Some(&token))
+            .await;
+        match first {
+            Err(SourceError::PermissionDenied) if !self.is_static_token() => {
+                let fresh = self.relogin(Some(&token)).await?;
+                self.send(kind, method, path, body, Some(&fresh)).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&Token>,
+    ) -> Result<Value, SourceError> {
+        let started = std::time::Instant::now();
+        let result = self.send_inner(kind, method, path, body, token).await;
+        self.metrics.vault_request(kind, started.elapsed());
+        if let Err(err) = &result {
+            self.metrics.vault_error(kind, error_class(err));
+        }
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&Token>,
+    ) -> Result<Value, SourceError> {
+        let url = format!("{}/v1/{}", self.config.addr, path);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .header("X-Vault-Request", "true");
+        if let Some(t) = token {
+            request = request.header("X-Vault-Token", t.expose());
+        }
+        if let Some(ns) = &self.config.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        if let Some(mut b) = body {
+            request = request.json(&b);
+            wipe_json(&mut b);
+        }
+        let unavailable = |e: reqwest::Error| {
+            SourceError::Unavailable(format!("{kind} request failed: {}", e.without_url()))
+        };
+        let mut response = request.send().await.map_err(unavailable)?;
+        let status = response.status();
+        let mut raw = Zeroizing::new(Vec::new());
+        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
+            raw.extend_from_slice(&chunk);
+        }
+        let value: Value = if raw.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&raw).map_err(|_| {
+                SourceError::Invalid(format!(
+                    "{kind}: HTTP {} with a body that is not JSON",
+                    status.as_u16()
+                ))
+            })?
+        };
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let err = classify(status, &value);
+            let mut value = value;
+            wipe_json(&mut value);
+            Err(err)
+        }
+    }
+
+    /// The engine serving `path` and the path's mount prefix.
+    async fn engine(&self, path: &SecretPath) -> Result<(Engine, String), SourceError> {
+        let p = path.as_str();
+        if let Some(found) = self.known_engine(path) {
+            return Ok(found);
+        }
+        match self
+            .authed(
+                "mounts",
+                Method::GET,
+                &format!("sys/internal/ui/mounts/{p}"),
+                None,
+            )
+            .await
+        {
+            Ok(body) => {
+                let data = &body["data"];
+                let prefix = data["path"].as_str().unwrap_or_default().to_string();
+                let engine = match (data["type"].as_str(), data["options"]["version"].as_str()) {
+                    (Some("kv") | Some("generic"), Some("2")) => Engine::KvV2,
+                    (Some("kv") | Some("generic"), _) => Engine::KvV1,
+                    _ => Engine::Logical,
+                };
+                if prefix.is_empty() || !p.starts_with(prefix.as_str()) {
+                    self.undetectable
+                        .lock()
+                        .insert(path.clone(), Engine::Logical);
+                    return Ok((Engine::Logical, String::new()));
+                }
+                tracing::debug!(mount = %prefix, engine = ?engine, "detected secret engine");
+                self.mounts.lock().push((prefix.clone(), engine));
+                Ok((engine, prefix))
+            }
+            // Not allowed to look (or an old server): read the path as written.
+            Err(
+                SourceError::PermissionDenied | SourceError::NotFound | SourceError::Invalid(_),
+            ) => {
+                self.undetectable
+                    .lock()
+                    .insert(path.clone(), Engine::Logical);
+                Ok((Engine::Logical, String::new()))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    fn known_engine(&self, path: &SecretPath) -> Option<(Engine, String)> {
+        if let Some(e) = self.undetectable.lock().get(path) {
+            return Some((*e, String::new()));
+        }
+        self.mounts
+            .lock()
+            .iter()
+            .filter(|(prefix, _)| path.as_str().starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .cloned()
+            .map(|(prefix, engine)| (engine, prefix))
+    }
+}
+
+/// Takes `data` (the secret's fields) out of an answer as rendered secret data, wiping the
+/// rest of the parsed answer.
+fn take_data(mut body: Value, pointer: &str) -> Result<SecretData, SourceError> {
+    let taken = body.pointer_mut(pointer).map(Value::take);
+    wipe_json(&mut body);
+    match taken {
+        Some(Value::Object(map)) => Ok(SecretData::from_json(map)),
+        Some(Value::Null) | None => Err(SourceError::NotFound),
+        Some(mut other) => {
+            wipe_json(&mut other);
+            Err(SourceError::Invalid(format!(
+                "expected an object at {pointer} of the answer"
+            )))
+        }
+    }
+}
+
+impl SecretSource for VaultSource {
+    async fn read(&self, path: &SecretPath) -> Result<Fetched, SourceError> {
+        let (engine, prefix) = self.engine(path).await?;
+        let rest = &path.as_str()[prefix.len()..];
+        match engine {
+            Engine::KvV2 => {
+                let body = self
+                    .authed("read", Method::GET, &format!("{prefix}data/{rest}"), None)
+                    .await?;
+                let version = body
+                    .pointer("/data/metadata/version")
+                    .and_then(Value::as_u64)
+                    .map(Version);
+                let data = take_data(body, "/data/data")?;
+                Ok(Fetched { version, data })
+            }
+            Engine::KvV1 | Engine::Logical => {
+                let body = self
+                    .authed("read", Method::GET, path.as_str(), None)
+                    .await?;
+                Ok(Fetched {
+                    version: None,
+                    data: take_data(body, "/data")?,
+                })
+            }
+        }
+    }
+
+    async fn current_version(&self, path: &SecretPath) -> Result<Option<Version>, SourceError> {
+        let (engine, prefix) = self.engine(path).await?;
+        if engine != Engine::KvV2 {
+            return Ok(None);
+        }
+        let rest = &path.as_str()[prefix.len()..];
+        let body = self
+            .authed(
+                "metadata",
+                Method::GET,
+                &format!("{prefix}metadata/{rest}"),
+                None,
+            )
+            .await?;
+        let Some(current) = body
+            .pointer("/data/current_version")
+            .and_then(Value::as_u64)
+        else {
+            return Ok(None);
+        };
+        let version = &body["data"]["versions"][current.to_string()];
+        let deleted = version["deletion_time"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+            || version["destroyed"].as_bool() == Some(true);
+        if deleted {
+            return Err(SourceError::NotFound);
+        }
+        Ok(Some(Version(current)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_map_to_source_errors() {
+        let body = json!({"errors": ["permission denied"]});
+        assert_eq!(
+            classify(StatusCode::FORBIDDEN, &body),
+            SourceError::PermissionDenied
+        );
+        assert_eq!(
+            classify(StatusCode::NOT_FOUND, &json!({})),
+            SourceError::NotFound
+        );
+        assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &body).is_transient());
+        let bad = classify(
+            StatusCode::BAD_REQUEST,
+            &json!({"errors": ["invalid role"]}),
+        );
+        assert_eq!(bad, SourceError::Invalid("HTTP 400: invalid role".into()));
+    }
+
+    #[test]
+    fn kv2_answer_yields_fields_and_missing_data_is_not_found() {
+        let body = json!({"data": {"data": {"password": "pw"}, "metadata": {"version": 3}}});
+        let data = take_data(body, "/data/data").unwrap();
+        assert_eq!(data.render(Some("password")).unwrap().expose(), b"pw");
+        let deleted = json!({"data": {"data": null, "metadata": {"version": 4}}});
+        assert_eq!(
+            take_data(deleted, "/data/data").unwrap_err(),
+            SourceError::NotFound
+        );
+    }
+
+    #[test]
+    fn bad_addresses_are_refused_with_the_expected_form() {
+        let config = VaultConfig {
+            addr: "vault:8200".into(),
+            namespace: None,
+            ca_cert: None,
+            skip_verify: false,
+            timeout: Duration::from_secs(1),
+            auth: Auth::Token(Token::new("t".into())),
+        };
+        let err = VaultSource::new(config, Arc::new(Metrics::new()))
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("expected http://HOST:PORT"),
+            "{err}"
+        );
+    }
+}

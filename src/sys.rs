@@ -1,0 +1,111 @@
+//! Thin, safe wrappers over the few Linux calls vaultfs needs directly: process hardening
+//! (no core dumps, locked memory) and unmounting. No vaultfs types.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+fn cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Disables core dumps (and ptrace by non-root) so secret bytes in memory never reach disk
+/// through a crash dump.
+pub fn disable_core_dumps() -> io::Result<()> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct that lives for the call.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) })?;
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })
+}
+
+/// Locks all current and future memory so secret bytes are never swapped out.
+pub fn lock_memory() -> io::Result<()> {
+    // SAFETY: mlockall takes only flags.
+    check(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) })
+}
+
+/// Unmounts `path` lazily (`MNT_DETACH`: busy mounts go away once their last file closes).
+/// Returns `Ok(false)` when nothing was mounted there.
+pub fn detach_unmount(path: &Path) -> io::Result<bool> {
+    let c = cstring(path)?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    match check(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) }) {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `path` is a FUSE mount whose daemon is gone ("Transport endpoint is not
+/// connected").
+pub fn is_disconnected(path: &Path) -> bool {
+    matches!(
+        std::fs::metadata(path).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOTCONN))
+    )
+}
+
+/// Whether `path` is a mount point, per `/proc/self/mountinfo`.
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.as_os_str().as_bytes();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_mountinfo(m) == wanted)
+}
+
+/// Mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() && field.is_char_boundary(i + 4) {
+            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo("/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo("/x\\"), b"/x\\");
+    }
+
+    #[test]
+    fn root_is_a_mount_point_and_a_fresh_dir_is_not() {
+        assert!(is_mount_point(Path::new("/")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_mount_point(dir.path()));
+        assert!(!is_disconnected(dir.path()));
+        assert!(!detach_unmount(dir.path()).unwrap());
+    }
+}
