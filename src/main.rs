@@ -59,7 +59,7 @@ struct MountArgs {
     /// How long a fetched secret is served before Vault is asked again.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     cache_ttl: Duration,
-    /// How long past its TTL a secret is still served while Vault is unreachable.
+    /// While Vault is unreachable, serve a cached secret up to this long after its last successful check.
     #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
     max_stale: Duration,
     /// Longest wait for Vault before an uncached read fails with EIO.
@@ -91,6 +91,7 @@ struct MountArgs {
     /// Serve Prometheus /metrics and /healthz on this address.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
+    /// Log line format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 }

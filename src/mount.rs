@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, OnceLock};
 
-use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, Session, SessionACL};
+use fuser::{BackgroundSession, Config, INodeNo, Notifier, Session, SessionACL};
 use thiserror::Error;
 
 use crate::fs::{Invalidate, VaultFs};
@@ -124,30 +124,26 @@ pub fn mount<S: SecretSource>(
     metrics: Arc<Metrics>,
 ) -> Result<FuseMount, MountError> {
     prepare_target(target)?;
-    let mut options = Config::default();
-    options.mount_options = vec![
-        MountOption::FSName("vaultfs".into()),
-        MountOption::Subtype("vaultfs".into()),
-        MountOption::RO,
-        MountOption::NoSuid,
-        MountOption::NoDev,
-        MountOption::NoExec,
-        MountOption::NoAtime,
-        MountOption::DefaultPermissions,
-    ];
-    options.acl = if config.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
     let fuse_error = |source| MountError::Fuse {
         path: target.to_path_buf(),
         source,
     };
+    let device = sys::fuse_mount(target, config.allow_other).map_err(fuse_error)?;
+    let acl = if config.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     let adapter = FuseAdapter::new(fs, runtime, metrics.clone());
-    let session = Session::new(adapter, target, &options).map_err(fuse_error)?;
-    let _ = notifier.set(session.notifier());
-    let session = session.spawn().map_err(fuse_error)?;
+    let session = Session::from_fd(adapter, device, acl, Config::default())
+        .and_then(|session| {
+            let _ = notifier.set(session.notifier());
+            session.spawn()
+        })
+        .map_err(|e| {
+            let _ = sys::detach_unmount(target);
+            fuse_error(e)
+        })?;
     metrics.active_mounts.inc();
     tracing::info!(target = %target.display(), "mounted");
     Ok(FuseMount {

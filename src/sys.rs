@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -36,6 +37,39 @@ pub fn disable_core_dumps() -> io::Result<()> {
 pub fn lock_memory() -> io::Result<()> {
     // SAFETY: mlockall takes only flags.
     check(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) })
+}
+
+/// Mounts a read-only FUSE filesystem of type `fuse.vaultfs` at `target` and returns the
+/// `/dev/fuse` descriptor that serves it. `allow_other` lets users other than the mounting
+/// one in; the kernel checks permissions against the files' attributes either way.
+pub fn fuse_mount(target: &Path, allow_other: bool) -> io::Result<OwnedFd> {
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let fd = OwnedFd::from(device);
+    // SAFETY: getuid/getgid cannot fail and take no arguments.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let options = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions{}",
+        fd.as_raw_fd(),
+        if allow_other { ",allow_other" } else { "" }
+    );
+    let c_target = cstring(target)?;
+    let c_options = CString::new(options).expect("mount options hold no NUL byte");
+    let flags =
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_NOATIME;
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
+    check(unsafe {
+        libc::mount(
+            c"vaultfs".as_ptr(),
+            c_target.as_ptr(),
+            c"fuse.vaultfs".as_ptr(),
+            flags,
+            c_options.as_ptr().cast(),
+        )
+    })?;
+    Ok(fd)
 }
 
 /// Unmounts `path` lazily (`MNT_DETACH`: busy mounts go away once their last file closes).

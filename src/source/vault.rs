@@ -245,7 +245,7 @@ impl VaultSource {
             match result {
                 Ok(()) => backoff = Duration::from_secs(5),
                 Err(err) => {
-                    tracing::warn!(error = %err, "could not renew the Vault token");
+                    tracing::warn!(error = %err, "could not look up or renew the Vault token; retrying with back-off");
                     if !self.is_static_token() {
                         self.token.lock().take();
                     }

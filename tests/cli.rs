@@ -1,0 +1,91 @@
+//! The command-line contract, without root or Vault: the README quotes `vaultfs mount --help`
+//! verbatim, and bad arguments exit with status 2 and a message naming what is wrong, before
+//! anything is mounted.
+
+use std::process::{Command, Output};
+
+fn vaultfs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vaultfs"))
+        .args(args)
+        .env("VAULT_ADDR", "http://127.0.0.1:1")
+        .env("VAULT_TOKEN", "unused")
+        .output()
+        .expect("run vaultfs")
+}
+
+#[test]
+fn readme_quotes_the_current_mount_help() {
+    let help = String::from_utf8(vaultfs(&["mount", "--help"]).stdout).expect("utf-8 help");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    assert!(
+        readme.contains(help.trim_end()),
+        "README.md must quote `vaultfs mount --help` verbatim; current text:\n{help}"
+    );
+}
+
+#[test]
+fn bad_specs_exit_2_naming_the_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().to_str().expect("utf-8 path");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--secret", "../x=secret/a"], "\"../x\""),
+        (&["--secret", "/abs=secret/a"], "absolute"),
+        (
+            &["--secret", "a=secret/a", "--secret", "a=secret/b"],
+            "duplicate",
+        ),
+        (
+            &["--secret", "a=secret/a", "--secret", "a/b=secret/b"],
+            "\"a/b\"",
+        ),
+        (&["--secret", "nokey"], "expected NAME=PATH[#KEY]"),
+        (&[], "no secrets declared"),
+        (
+            &["--secret", "a=secret/a", "--cache-ttl", "5d"],
+            "expected a number followed by ms, s, m or h",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["mount", mnt];
+        all.extend_from_slice(args);
+        let out = vaultfs(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn spec_file_errors_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = dir.path().join("spec.yaml");
+    std::fs::write(
+        &spec,
+        "secrets:\n  - name: a\n    path: secret/a\n    nme: typo\n",
+    )
+    .unwrap();
+    let out = vaultfs(&["mount", "/nonexistent", "--spec", spec.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("spec.yaml") && stderr.contains("unknown field `nme`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_vault_address_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vaultfs"))
+        .args(["mount", "/nonexistent", "--secret", "a=secret/a"])
+        .env_remove("VAULT_ADDR")
+        .env("VAULT_TOKEN", "t")
+        .output()
+        .expect("run vaultfs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("VAULT_ADDR"), "{stderr}");
+}
