@@ -85,12 +85,16 @@ pub fn detach_unmount(path: &Path) -> io::Result<bool> {
 }
 
 /// Whether `path` is a FUSE mount whose daemon is gone ("Transport endpoint is not
-/// connected").
+/// connected"). Asks with `statfs`, which always reaches the filesystem: `stat` may be
+/// answered from the kernel's attribute cache for a while after the daemon died.
 pub fn is_disconnected(path: &Path) -> bool {
-    matches!(
-        std::fs::metadata(path).map_err(|e| e.raw_os_error()),
-        Err(Some(libc::ENOTCONN))
-    )
+    let Ok(c) = cstring(path) else {
+        return false;
+    };
+    let mut out = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a valid path and `out` is writable memory of the right size.
+    let rc = unsafe { libc::statfs(c.as_ptr(), out.as_mut_ptr()) };
+    rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 /// Whether `path` is a mount point, per `/proc/self/mountinfo`.

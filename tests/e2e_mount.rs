@@ -1,0 +1,901 @@
+//! End-to-end tests: the real `vaultfs` binary mounted as root against a real OpenBao dev
+//! server. Each test starts its own server and mount. They are ignored by default because they
+//! need root, `/dev/fuse` and the `bao` binary; `scripts/test.sh` runs them with
+//! `--include-ignored`.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn setup() -> Bao {
+    require_root();
+    Bao::start()
+}
+
+fn expect_errno(result: io::Result<impl std::fmt::Debug>, errno: i32, what: &str) {
+    match result {
+        Ok(v) => panic!(
+            "{what}: expected {} but the call succeeded with {v:?}",
+            io::Error::from_raw_os_error(errno)
+        ),
+        Err(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(errno),
+            "{what}: expected {}, got {e:?}",
+            io::Error::from_raw_os_error(errno)
+        ),
+    }
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn mounting_and_listing_fetch_nothing_and_concurrent_first_reads_and_rechecks_share_one_fetch() {
+    let bao = setup();
+    bao.kv_put("secret/app/one", &[("value", "first-value")]);
+    bao.kv_put("secret/app/two", &[("value", "second-value-shared")]);
+    bao.kv_put("secret/app/three", &[("value", "third-value")]);
+
+    let m = Mount::start(
+        &bao,
+        &[
+            "one=secret/app/one#value",
+            "two=secret/app/two#value",
+            "three=secret/app/three#value",
+        ],
+        &["--cache-ttl", "2s"],
+    );
+    let reads = |p: &str| bao.secret_reads(p);
+
+    assert_eq!(reads("secret/app/one"), 0, "mounting read secret/app/one");
+    assert_eq!(reads("secret/app/two"), 0, "mounting read secret/app/two");
+    assert_eq!(
+        reads("secret/app/three"),
+        0,
+        "mounting read secret/app/three"
+    );
+
+    assert_eq!(list_dir(m.path()), vec!["one", "three", "two"]);
+    assert_eq!(reads("secret/app/one"), 0, "listing read secret/app/one");
+    assert_eq!(reads("secret/app/two"), 0, "listing read secret/app/two");
+    assert_eq!(
+        reads("secret/app/three"),
+        0,
+        "listing read secret/app/three"
+    );
+
+    assert_eq!(read_string(m.file("one")), "first-value");
+    assert_eq!(reads("secret/app/one"), 1, "reading `one` once");
+    assert_eq!(reads("secret/app/two"), 0, "reading `one` touched `two`");
+    assert_eq!(
+        reads("secret/app/three"),
+        0,
+        "reading `one` touched `three`"
+    );
+
+    // A second read within the TTL is served from the cache.
+    assert_eq!(read_string(m.file("one")), "first-value");
+    assert_eq!(reads("secret/app/one"), 1, "a cached re-read went to Vault");
+
+    // 16 threads open `two` for the first time at the same moment. (The kernel merges
+    // concurrent lookups of one name, so this mostly checks that lookup and the 16 opens
+    // share the fetch; the re-check below reaches the daemon 16 times for real.)
+    for (i, r) in concurrent_reads(&m.file("two"), 16).into_iter().enumerate() {
+        let bytes = r.unwrap_or_else(|e| panic!("reader {i}: {e}"));
+        assert_eq!(
+            bytes, b"second-value-shared",
+            "reader {i} got a wrong value"
+        );
+    }
+    assert_eq!(
+        reads("secret/app/two"),
+        1,
+        "16 concurrent first readers must share one Vault read"
+    );
+    assert_eq!(reads("secret/app/three"), 0, "`three` was never opened");
+
+    // Past the TTL, 16 simultaneous opens (each an OPEN request to the daemon) must share a
+    // single re-check of Vault: one version check (metadata) or one read, not sixteen.
+    let meta = |p: &str| bao.audit_reads(p);
+    thread::sleep(Duration::from_millis(2500));
+    let data_before = reads("secret/app/two");
+    let meta_before = meta("secret/metadata/app/two");
+    for (i, r) in concurrent_reads(&m.file("two"), 16).into_iter().enumerate() {
+        let bytes = r.unwrap_or_else(|e| panic!("re-reader {i}: {e}"));
+        assert_eq!(
+            bytes, b"second-value-shared",
+            "re-reader {i} got a wrong value"
+        );
+    }
+    let data_delta = reads("secret/app/two") - data_before;
+    let meta_delta = meta("secret/metadata/app/two") - meta_before;
+    assert!(
+        data_delta <= 1 && meta_delta <= 1 && data_delta + meta_delta >= 1,
+        "16 concurrent opens after the TTL caused {data_delta} reads and {meta_delta} \
+         version checks; expected one shared re-check"
+    );
+}
+
+/// Opens and reads `path` from `n` threads released at the same moment.
+fn concurrent_reads(path: &Path, n: usize) -> Vec<io::Result<Vec<u8>>> {
+    let path = path.to_path_buf();
+    within(
+        &format!("{n} concurrent reads"),
+        Duration::from_secs(60),
+        move || {
+            let barrier = Arc::new(Barrier::new(n));
+            let handles: Vec<_> = (0..n)
+                .map(|_| {
+                    let barrier = Arc::clone(&barrier);
+                    let path = path.clone();
+                    thread::spawn(move || {
+                        barrier.wait();
+                        fs::read(&path)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("reader thread panicked"))
+                .collect()
+        },
+    )
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn keyed_files_hold_the_raw_field_and_keyless_files_hold_the_json_object_on_kv_v1_and_v2() {
+    let bao = setup();
+    bao.kv_put(
+        "secret/app/db",
+        &[("password", "pa55-w0rd\twith tab"), ("user", "app-user")],
+    );
+    bao.enable_kv1("kv1");
+    bao.kv_put(
+        "kv1/svc",
+        &[("token", "kv1-token-value"), ("region", "eu-1")],
+    );
+
+    let m = Mount::start(
+        &bao,
+        &[
+            "db/password=secret/app/db#password",
+            "db/all=secret/app/db",
+            "legacy/token=kv1/svc#token",
+            "legacy/all=kv1/svc",
+            "top=secret/app/db#user",
+        ],
+        &[],
+    );
+
+    assert_eq!(list_dir(m.path()), vec!["db", "legacy", "top"]);
+    assert!(metadata(m.file("db")).expect("stat db").is_dir());
+    assert!(metadata(m.file("legacy")).expect("stat legacy").is_dir());
+    assert_eq!(list_dir(m.file("db")), vec!["all", "password"]);
+    assert_eq!(list_dir(m.file("legacy")), vec!["all", "token"]);
+
+    // KV v2, with and without a key.
+    assert_eq!(
+        read(m.file("db/password")).expect("read db/password"),
+        b"pa55-w0rd\twith tab"
+    );
+    assert_eq!(read_string(m.file("top")), "app-user");
+    let all: Value = serde_json::from_slice(&read(m.file("db/all")).expect("read db/all"))
+        .expect("db/all is a JSON document");
+    assert_eq!(
+        all,
+        json!({ "password": "pa55-w0rd\twith tab", "user": "app-user" })
+    );
+
+    // KV v1, with and without a key.
+    assert_eq!(read_string(m.file("legacy/token")), "kv1-token-value");
+    let all: Value = serde_json::from_slice(&read(m.file("legacy/all")).expect("read legacy/all"))
+        .expect("legacy/all is a JSON document");
+    assert_eq!(all, json!({ "token": "kv1-token-value", "region": "eu-1" }));
+
+    // Files are regular files whose size is the content length.
+    let md = metadata(m.file("db/password")).expect("stat db/password");
+    assert!(md.is_file());
+    assert_eq!(md.len(), "pa55-w0rd\twith tab".len() as u64);
+
+    // The reads went to the right API paths (several files may share one fetch of a secret,
+    // but no file is fetched twice within the TTL).
+    let v1 = bao.audit_reads("kv1/svc");
+    assert!(
+        (1..=2).contains(&v1),
+        "{v1} KV v1 reads of kv1/svc for 2 files"
+    );
+    let v2 = bao.audit_reads("secret/data/app/db");
+    assert!(
+        (1..=3).contains(&v2),
+        "{v2} KV v2 reads of secret/data/app/db for 3 files"
+    );
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn a_rotated_secret_is_seen_by_new_opens_while_an_open_fd_keeps_the_old_value() {
+    let bao = setup();
+    let old = "old-value-0123456789";
+    let new = "new-value-after-rotation-abcdefghijklmnop";
+    assert_ne!(old.len(), new.len());
+    bao.kv_put("secret/app/rot", &[("value", old)]);
+
+    let m = Mount::start(&bao, &["rot=secret/app/rot#value"], &["--cache-ttl", "1s"]);
+    let path = m.file("rot");
+
+    // fd A: open and read the first 7 bytes.
+    let p = path.clone();
+    let (fd_a, head) = within("open and read fd A", FS_OP_TIMEOUT, move || {
+        let mut f = File::open(&p).expect("open fd A");
+        let mut head = [0u8; 7];
+        f.read_exact(&mut head).expect("read head of fd A");
+        (f, head)
+    });
+    assert_eq!(&head, &old.as_bytes()[..7]);
+    assert_eq!(metadata(&path).expect("stat").len(), old.len() as u64);
+
+    bao.kv_put("secret/app/rot", &[("value", new)]);
+    thread::sleep(Duration::from_millis(1600));
+
+    assert_eq!(
+        read_string(&path),
+        new,
+        "a new open after the TTL must see the rotated value"
+    );
+    assert_eq!(
+        metadata(&path).expect("stat after rotation").len(),
+        new.len() as u64,
+        "stat must report the new size"
+    );
+
+    let (rest, whole) = within("read fd A again", FS_OP_TIMEOUT, move || {
+        let mut f = fd_a;
+        let mut rest = Vec::new();
+        f.read_to_end(&mut rest).expect("read rest of fd A");
+        f.seek(SeekFrom::Start(0)).expect("seek fd A");
+        let mut whole = Vec::new();
+        f.read_to_end(&mut whole).expect("re-read fd A");
+        (rest, whole)
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        &old[7..],
+        "fd A must continue with the old value"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&whole),
+        old,
+        "fd A must still read the old value in full"
+    );
+
+    // And still the new value for new opens.
+    assert_eq!(read_string(&path), new);
+}
+
+fn versioned_value(version: usize) -> String {
+    // Distinct lengths and a marker at both ends, so a torn read cannot pass for a value.
+    format!(
+        "<v{version:02}>{}</v{version:02}>",
+        "abcdefghij"
+            .repeat(1 + version)
+            .chars()
+            .take(3 + version * 5)
+            .collect::<String>()
+    )
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn readers_hammering_a_file_during_twenty_rotations_only_ever_see_whole_values() {
+    let bao = setup();
+    let values: Vec<String> = (0..=20).map(versioned_value).collect();
+    let lengths: HashSet<usize> = values.iter().map(String::len).collect();
+    assert_eq!(
+        lengths.len(),
+        values.len(),
+        "values must have distinct lengths"
+    );
+    bao.kv_put("secret/app/hot", &[("value", &values[0])]);
+
+    let m = Mount::start(
+        &bao,
+        &["hot=secret/app/hot#value"],
+        &["--cache-ttl", "200ms"],
+    );
+    let path = m.file("hot");
+    assert_eq!(read_string(&path), values[0]);
+
+    let known: Arc<HashSet<Vec<u8>>> =
+        Arc::new(values.iter().map(|v| v.as_bytes().to_vec()).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let bad: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let seen: Arc<Mutex<BTreeSet<usize>>> = Arc::new(Mutex::new(BTreeSet::new()));
+
+    let readers: Vec<_> = (0..32)
+        .map(|t| {
+            let (path, known, stop, bad, seen) = (
+                path.clone(),
+                Arc::clone(&known),
+                Arc::clone(&stop),
+                Arc::clone(&bad),
+                Arc::clone(&seen),
+            );
+            thread::spawn(move || {
+                let mut count = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    count += 1;
+                    match fs::read(&path) {
+                        Ok(bytes) if known.contains(&bytes) => {
+                            let len = bytes.len();
+                            let version = (0..=20).find(|v| versioned_value(*v).len() == len);
+                            seen.lock().unwrap().extend(version);
+                        }
+                        Ok(bytes) => bad.lock().unwrap().push(format!(
+                            "reader {t}: unexpected content {:?}",
+                            String::from_utf8_lossy(&bytes)
+                        )),
+                        Err(e) => bad.lock().unwrap().push(format!("reader {t}: error {e}")),
+                    }
+                }
+                count
+            })
+        })
+        .collect();
+
+    for value in &values[1..] {
+        thread::sleep(Duration::from_millis(300));
+        bao.kv_put("secret/app/hot", &[("value", value)]);
+    }
+    thread::sleep(Duration::from_millis(600));
+    stop.store(true, Ordering::Relaxed);
+    let counts: Vec<usize> = within("join readers", Duration::from_secs(60), move || {
+        readers
+            .into_iter()
+            .map(|h| h.join().expect("reader panicked"))
+            .collect()
+    });
+
+    let bad = bad.lock().unwrap();
+    assert!(
+        bad.is_empty(),
+        "{} bad reads out of {}, first ones:\n{}",
+        bad.len(),
+        counts.iter().sum::<usize>(),
+        bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "every reader must have completed reads: {counts:?}"
+    );
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.len() >= 5,
+        "readers saw only versions {seen:?}: rotations were not picked up"
+    );
+    assert_eq!(
+        read_string(&path),
+        values[20],
+        "after the last rotation and the TTL a new open must see the last value"
+    );
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn with_vault_frozen_cached_files_are_served_and_uncached_files_fail_fast_with_eio() {
+    let bao = setup();
+    bao.kv_put("secret/app/cached", &[("value", "cached-value")]);
+    bao.kv_put("secret/app/cold", &[("value", "cold-value")]);
+    let m = Mount::start(
+        &bao,
+        &[
+            "cached=secret/app/cached#value",
+            "cold=secret/app/cold#value",
+        ],
+        &["--cache-ttl", "1s", "--vault-timeout", "2s"],
+    );
+    assert_eq!(read_string(m.file("cached")), "cached-value");
+
+    bao.pause();
+    thread::sleep(Duration::from_millis(1500)); // past the cache TTL
+
+    let started = Instant::now();
+    let cached = read(m.file("cached"));
+    let cached_elapsed = started.elapsed();
+    let cold_started = Instant::now();
+    let cold = read(m.file("cold"));
+    let cold_elapsed = cold_started.elapsed();
+    bao.resume();
+
+    assert_eq!(
+        cached
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .ok(),
+        Some("cached-value".to_string()),
+        "a cached file must be served while Vault does not answer (took {cached_elapsed:?}); \
+         vaultfs output:\n{}",
+        m.logs()
+    );
+    assert!(
+        cached_elapsed < Duration::from_secs(10),
+        "serving the cached file took {cached_elapsed:?}"
+    );
+    match cold {
+        Ok(v) => panic!(
+            "a never-read file must fail while Vault does not answer, got {:?}",
+            String::from_utf8_lossy(&v)
+        ),
+        Err(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EIO),
+            "a never-read file must fail with EIO, got {e:?}"
+        ),
+    }
+    assert!(
+        cold_elapsed < Duration::from_secs(10),
+        "the EIO took {cold_elapsed:?}, expected about the 2 s vault-timeout"
+    );
+
+    // Once Vault answers again the file becomes readable.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match read(m.file("cold")) {
+            Ok(v) if v == b"cold-value" => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the never-read file did not recover after Vault resumed: {other:?}"
+                );
+                thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn missing_secrets_give_enoent_denied_ones_eacces_and_every_write_erofs() {
+    let bao = setup();
+    bao.kv_put("secret/app/db", &[("password", "db-pass")]);
+    bao.kv_put("secret/other/ok", &[("value", "allowed-value")]);
+    bao.enable_kv1("kv1");
+    bao.kv_put("kv1/locked", &[("value", "locked-value")]);
+
+    // Missing secret, and every kind of write, with the root token.
+    let m = Mount::start(
+        &bao,
+        &[
+            "missing=secret/app/missing#value",
+            "db=secret/app/db#password",
+        ],
+        &[],
+    );
+    expect_errno(
+        read(m.file("missing")),
+        libc::ENOENT,
+        "read of a missing secret",
+    );
+    expect_errno(
+        metadata(m.file("missing")),
+        libc::ENOENT,
+        "stat of a missing secret",
+    );
+
+    let p = m.file("db");
+    expect_errno(
+        within("open for write", FS_OP_TIMEOUT, move || {
+            OpenOptions::new().write(true).open(p)
+        }),
+        libc::EROFS,
+        "opening an existing file for writing",
+    );
+    let p = m.file("db");
+    expect_errno(
+        within("append", FS_OP_TIMEOUT, move || {
+            OpenOptions::new().append(true).open(p)
+        }),
+        libc::EROFS,
+        "opening an existing file for appending",
+    );
+    let p = m.file("brand-new");
+    expect_errno(
+        within("create", FS_OP_TIMEOUT, move || File::create(p)),
+        libc::EROFS,
+        "creating a new file",
+    );
+    let p = m.file("db");
+    expect_errno(
+        within("unlink", FS_OP_TIMEOUT, move || fs::remove_file(p)),
+        libc::EROFS,
+        "unlinking a file",
+    );
+    let p = m.file("new-dir");
+    expect_errno(
+        within("mkdir", FS_OP_TIMEOUT, move || fs::create_dir(p)),
+        libc::EROFS,
+        "creating a directory",
+    );
+    assert_eq!(read_string(m.file("db")), "db-pass", "the file survived");
+    drop(m);
+
+    // A token whose policy covers `secret/other/*` only.
+    bao.put_policy(
+        "only-other",
+        r#"path "secret/data/other/*" { capabilities = ["read"] }"#,
+    );
+    let token = bao.create_token(&["only-other"]);
+    let m = Mount::builder(&bao)
+        .token(&token)
+        .secret("allowed=secret/other/ok#value")
+        .secret("denied=secret/app/db#password")
+        .secret("locked=kv1/locked#value")
+        .start();
+    assert_eq!(
+        read_string(m.file("allowed")),
+        "allowed-value",
+        "the restricted token can read what its policy allows"
+    );
+    expect_errno(
+        read(m.file("denied")),
+        libc::EACCES,
+        "a secret outside the token's policy (same mount)",
+    );
+    expect_errno(
+        read(m.file("locked")),
+        libc::EACCES,
+        "a secret on a mount the token has no access to",
+    );
+}
+
+/// One invalid configuration and the text its error message must contain.
+struct BadCase {
+    label: &'static str,
+    secrets: Vec<&'static str>,
+    spec: Option<&'static str>,
+    must_mention: &'static str,
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn invalid_secret_declarations_are_refused_before_mounting_with_the_entry_named() {
+    let bao = setup();
+    let cases = vec![
+        BadCase {
+            label: "`..` in a --secret name",
+            secrets: vec!["../escape=secret/app/db#password"],
+            spec: None,
+            must_mention: "../escape",
+        },
+        BadCase {
+            label: "`..` inside a --secret name",
+            secrets: vec!["inner/../../up=secret/app/db#password"],
+            spec: None,
+            must_mention: "inner/../../up",
+        },
+        BadCase {
+            label: "absolute --secret name",
+            secrets: vec!["/abs-name=secret/app/db#password"],
+            spec: None,
+            must_mention: "/abs-name",
+        },
+        BadCase {
+            label: "duplicate --secret name",
+            secrets: vec!["dup-name=secret/app/db#password", "dup-name=secret/app/x#y"],
+            spec: None,
+            must_mention: "dup-name",
+        },
+        BadCase {
+            label: "--secret name both file and directory",
+            secrets: vec![
+                "clash=secret/app/db#password",
+                "clash/inner=secret/app/db#user",
+            ],
+            spec: None,
+            must_mention: "clash",
+        },
+        BadCase {
+            label: "`..` in a spec name",
+            secrets: vec![],
+            spec: Some("secrets:\n  - name: ../spec-escape\n    path: secret/app/db\n"),
+            must_mention: "../spec-escape",
+        },
+        BadCase {
+            label: "absolute spec name",
+            secrets: vec![],
+            spec: Some("secrets:\n  - name: /spec-abs\n    path: secret/app/db\n"),
+            must_mention: "/spec-abs",
+        },
+        BadCase {
+            label: "duplicate spec name",
+            secrets: vec![],
+            spec: Some(
+                "secrets:\n  - name: spec-dup\n    path: secret/app/db\n    key: password\n  \
+                 - name: spec-dup\n    path: secret/app/other\n",
+            ),
+            must_mention: "spec-dup",
+        },
+        BadCase {
+            label: "spec name both file and directory",
+            secrets: vec![],
+            spec: Some(
+                "secrets:\n  - name: spec-clash/inner\n    path: secret/app/db\n  \
+                 - name: spec-clash\n    path: secret/app/other\n",
+            ),
+            must_mention: "spec-clash",
+        },
+        BadCase {
+            label: "duplicate between --secret and --spec",
+            secrets: vec!["mixed-dup=secret/app/db#password"],
+            spec: Some("secrets:\n  - name: mixed-dup\n    path: secret/app/other\n"),
+            must_mention: "mixed-dup",
+        },
+        BadCase {
+            label: "unknown field in the spec",
+            secrets: vec![],
+            spec: Some("secrets:\n  - name: coloured\n    path: secret/app/db\n    colour: red\n"),
+            must_mention: "colour",
+        },
+    ];
+
+    let specdir = tempfile::tempdir().expect("tempdir");
+    for (i, case) in cases.iter().enumerate() {
+        let mut b = Mount::builder(&bao);
+        for s in &case.secrets {
+            b = b.secret(s);
+        }
+        if let Some(yaml) = case.spec {
+            let file = specdir.path().join(format!("spec-{i}.yaml"));
+            fs::write(&file, yaml).expect("write spec");
+            b = b.args(["--spec", file.to_str().expect("utf-8 path")]);
+        }
+        let out = b.run_to_exit(Duration::from_secs(20));
+        assert!(
+            !out.timed_out,
+            "{}: vaultfs kept running instead of refusing the configuration; output:\n{}",
+            case.label, out.output
+        );
+        assert!(
+            !out.status.success(),
+            "{}: expected a non-zero exit, got {}; output:\n{}",
+            case.label,
+            describe_status(&out.status),
+            out.output
+        );
+        assert!(
+            out.status.code().is_some(),
+            "{}: vaultfs died from a signal ({}) instead of exiting; output:\n{}",
+            case.label,
+            describe_status(&out.status),
+            out.output
+        );
+        assert!(
+            out.output.contains(case.must_mention),
+            "{}: the error output does not mention {:?}:\n{}",
+            case.label,
+            case.must_mention,
+            out.output
+        );
+        assert!(
+            !out.mounted_after_exit,
+            "{}: something was left mounted",
+            case.label
+        );
+    }
+
+    // Unparsable YAML: refused, with the file or the YAML problem named.
+    let file = specdir.path().join("broken.yaml");
+    fs::write(
+        &file,
+        "secrets: [ {name: x, path: secret/app/db\n  - : : :\n",
+    )
+    .expect("write");
+    let out = Mount::builder(&bao)
+        .args(["--spec", file.to_str().expect("utf-8 path")])
+        .run_to_exit(Duration::from_secs(20));
+    assert!(
+        !out.timed_out,
+        "unparsable YAML was not refused:\n{}",
+        out.output
+    );
+    assert!(
+        !out.status.success() && out.status.code().is_some(),
+        "unparsable YAML: expected a non-zero exit, got {}",
+        describe_status(&out.status)
+    );
+    let lower = out.output.to_lowercase();
+    assert!(
+        out.output.contains("broken.yaml") || lower.contains("yaml"),
+        "unparsable YAML: the error names neither the file nor the YAML problem:\n{}",
+        out.output
+    );
+    assert!(!out.mounted_after_exit, "unparsable YAML: left a mount");
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn the_mount_is_listed_in_mountinfo_with_filesystem_type_fuse_vaultfs() {
+    let bao = setup();
+    let m = Mount::start(&bao, &["pw=secret/app/db#password"], &[]);
+    let entries = mounts_at(m.path());
+    assert_eq!(entries.len(), 1, "one mount at {}", m.path().display());
+    assert_eq!(
+        entries[0].fstype, "fuse.vaultfs",
+        "filesystem type of the mount in /proc/self/mountinfo"
+    );
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn sigterm_unmounts_cleanly_and_a_dead_mount_left_by_sigkill_is_cleared_on_restart() {
+    let bao = setup();
+    bao.kv_put("secret/app/db", &[("password", "restart-pass")]);
+
+    // SIGTERM: exit status 0 and the mount is gone.
+    let mut m = Mount::start(&bao, &["pw=secret/app/db#password"], &[]);
+    assert_eq!(read_string(m.file("pw")), "restart-pass");
+    let status = m.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM must exit 0, got {}; output:\n{}",
+        describe_status(&status),
+        m.logs()
+    );
+    assert!(
+        !is_mounted(m.path()),
+        "{} is still mounted after SIGTERM",
+        m.path().display()
+    );
+    drop(m);
+
+    // SIGKILL leaves a dead mount behind.
+    let dir = tempfile::Builder::new()
+        .prefix("vaultfs-restart-")
+        .tempdir()
+        .expect("tempdir");
+    let mountpoint = fs::canonicalize(dir.path()).expect("canonicalize");
+    let mut first = Mount::builder(&bao)
+        .at(&mountpoint)
+        .secret("pw=secret/app/db#password")
+        .start();
+    assert_eq!(read_string(first.file("pw")), "restart-pass");
+    first.kill();
+    assert!(
+        is_dead_mount(&mountpoint),
+        "after SIGKILL a dead mount should be left at the mount point"
+    );
+    expect_errno(
+        read(mountpoint.join("pw")),
+        libc::ENOTCONN,
+        "reading a dead mount",
+    );
+
+    // Starting again on the same mount point clears the dead mount and serves files.
+    let mut second = Mount::builder(&bao)
+        .at(&mountpoint)
+        .secret("pw=secret/app/db#password")
+        .start();
+    assert_eq!(read_string(second.file("pw")), "restart-pass");
+    let here: Vec<u64> = mounts_at(&mountpoint).iter().map(|e| e.id).collect();
+    assert_eq!(
+        here,
+        vec![second.mount_id()],
+        "exactly the new mount must be at the mount point"
+    );
+    let status = second.terminate();
+    assert_eq!(status.code(), Some(0), "output:\n{}", second.logs());
+    assert!(!is_mounted(&mountpoint), "still mounted after SIGTERM");
+}
+
+/// Forms in which a secret value could leak into a log line.
+fn leak_forms(value: &str) -> Vec<String> {
+    let bytes = value.as_bytes();
+    let decimal = bytes
+        .iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    vec![value.to_string(), decimal, hex]
+}
+
+fn audit_events_for(logs: &str, json_format: bool, name: &str, vault_path: &str) -> usize {
+    logs.lines()
+        .filter(|line| {
+            if json_format {
+                serde_json::from_str::<Value>(line)
+                    .map(|v| v["target"] == "vaultfs::audit")
+                    .unwrap_or(false)
+            } else {
+                line.contains("vaultfs::audit")
+            }
+        })
+        .filter(|line| line.contains(&format!("\"{name}\"")) || line.contains(&format!("={name}")))
+        .filter(|line| line.contains(vault_path))
+        .count()
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn secret_values_never_reach_the_logs_even_at_trace_level_but_audit_events_do() {
+    let bao = setup();
+    let password = "s3cr3t-Value-9f2c";
+    let user = "u5er-Value-7b1d";
+    let rotated = "r0t4ted-Value-3e8a";
+    let secrets = [password, user, rotated];
+
+    for (level, format) in [("trace", "text"), ("debug", "text"), ("trace", "json")] {
+        bao.kv_put("secret/app/db", &[("password", password), ("user", user)]);
+        let mut m = Mount::builder(&bao)
+            .rust_log(level)
+            .secret("app/password=secret/app/db#password")
+            .secret("app/all=secret/app/db")
+            .args(["--cache-ttl", "1s", "--log-format", format])
+            .start();
+        assert_eq!(read_string(m.file("app/password")), password);
+        let all: Value =
+            serde_json::from_slice(&read(m.file("app/all")).expect("read all")).expect("JSON");
+        assert_eq!(all, json!({ "password": password, "user": user }));
+
+        bao.kv_put("secret/app/db", &[("password", rotated), ("user", user)]);
+        thread::sleep(Duration::from_millis(1500));
+        assert_eq!(read_string(m.file("app/password")), rotated);
+        let all: Value =
+            serde_json::from_slice(&read(m.file("app/all")).expect("read all")).expect("JSON");
+        assert_eq!(all, json!({ "password": rotated, "user": user }));
+
+        m.terminate();
+        let logs = m.logs();
+        let ctx = format!("RUST_LOG={level} --log-format {format}");
+        assert!(
+            !logs.trim().is_empty(),
+            "{ctx}: vaultfs logged nothing at all"
+        );
+        for secret in secrets {
+            for form in leak_forms(secret) {
+                if let Some(pos) = logs.find(&form) {
+                    let line = logs[..pos].rfind('\n').map_or(0, |i| i + 1);
+                    let end = logs[pos..].find('\n').map_or(logs.len(), |i| pos + i);
+                    panic!(
+                        "{ctx}: secret value {secret:?} appears in the logs (as {form:?}):\n{}",
+                        &logs[line..end]
+                    );
+                }
+            }
+        }
+        let json_format = format == "json";
+        for name in ["app/password", "app/all"] {
+            assert_eq!(
+                audit_events_for(&logs, json_format, name, "secret/app/db"),
+                2,
+                "{ctx}: expected one audit event per open of {name} (2 opens); logs:\n{}",
+                tail(&logs, 60)
+            );
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Keeps the harness's path helpers honest without needing root.
+#[test]
+fn mountinfo_parsing_finds_the_root_filesystem() {
+    let root = mounts_at(Path::new("/"));
+    assert!(
+        !root.is_empty(),
+        "no mount listed at / in /proc/self/mountinfo"
+    );
+    assert!(root.iter().all(|m| !m.fstype.is_empty()));
+}
