@@ -14,14 +14,15 @@ use crate::cache::{CacheConfig, SecretCache};
 use crate::fs::{FsConfig, VaultFs};
 use crate::metrics::{self, Metrics};
 use crate::mount::{self, Invalidator, MountConfig};
-use crate::source::vault::{VaultConfig, VaultSource};
+use crate::source::vault::{Auth, ServerConfig, VaultServer, VaultSource};
 use crate::spec::VolumeSpec;
 
 /// Everything `vaultfs mount` needs, already parsed and validated.
 pub struct MountSettings {
     pub mountpoint: PathBuf,
     pub spec: VolumeSpec,
-    pub vault: VaultConfig,
+    pub vault: ServerConfig,
+    pub auth: Auth,
     pub cache: CacheConfig,
     pub uid: u32,
     pub gid: u32,
@@ -45,14 +46,13 @@ pub fn harden(lock_memory: bool) -> anyhow::Result<()> {
 pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     harden(settings.lock_memory)?;
     let metrics = Arc::new(Metrics::new());
-    let source = Arc::new(VaultSource::new(settings.vault, metrics.clone())?);
+    let server = Arc::new(VaultServer::new(&settings.vault)?);
+    let source = Arc::new(VaultSource::new(server, settings.auth, metrics.clone()));
     let cache = Arc::new(SecretCache::new(
         source.clone(),
         settings.cache.clone(),
         metrics.clone(),
     ));
-    let invalidator = Invalidator::new();
-    let (invalidate, notifier) = invalidator.for_volume();
     let fs_config = FsConfig {
         volume: settings.mountpoint.display().to_string(),
         uid: settings.uid,
@@ -61,12 +61,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
         kernel_ttl: kernel_ttl(settings.cache.ttl),
     };
     let spec = Arc::new(settings.spec);
-    let fs = Arc::new(VaultFs::new(
-        spec.clone(),
-        cache.clone(),
-        fs_config,
-        invalidate,
-    ));
+    let fs = Arc::new(VaultFs::new(spec.clone(), cache.clone(), fs_config));
 
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -74,13 +69,13 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
 
     let mounted = mount::mount(
         fs,
-        &notifier,
         &settings.mountpoint,
         &MountConfig {
             allow_other: settings.allow_other,
         },
         tokio::runtime::Handle::current(),
         metrics.clone(),
+        &Invalidator::new(),
     )?;
     tracing::info!(
         mountpoint = %settings.mountpoint.display(),
@@ -135,4 +130,86 @@ pub fn cache_config(
         max_entries: NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN),
         max_bytes,
     }
+}
+
+/// Everything `vaultfs csi` needs, already parsed and validated.
+pub struct CsiSettings {
+    pub endpoint: String,
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    /// Vault servers by name (`""`: the default).
+    pub servers: Vec<(String, ServerConfig)>,
+    pub vault_timeout: Duration,
+    pub cache_max_entries: usize,
+    pub cache_max_bytes: usize,
+    pub lock_memory: bool,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Serves the CSI node plugin until SIGINT or SIGTERM. Published volumes stay recorded in the
+/// state directory; the next daemon serves them again.
+pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
+    harden(settings.lock_memory)?;
+    let metrics = Arc::new(Metrics::new());
+    let mut servers = std::collections::HashMap::new();
+    for (name, config) in &settings.servers {
+        let server = VaultServer::new(config).with_context(|| {
+            format!(
+                "Vault server {:?}",
+                if name.is_empty() { "default" } else { name }
+            )
+        })?;
+        servers.insert(name.clone(), Arc::new(server));
+    }
+    let socket = crate::csi::socket_path(&settings.endpoint)
+        .map_err(anyhow::Error::msg)?
+        .to_path_buf();
+    let mounter = Arc::new(crate::mount::FuseMounter::new(
+        tokio::runtime::Handle::current(),
+        metrics.clone(),
+    ));
+    let manager = Arc::new(crate::csi::volumes::VolumeManager::new(
+        crate::csi::volumes::CsiConfig {
+            node_id: settings.node_id,
+            state_dir: settings.state_dir,
+            servers,
+            vault_timeout: settings.vault_timeout,
+            cache_max_entries: settings.cache_max_entries,
+            cache_max_bytes: settings.cache_max_bytes,
+        },
+        mounter,
+        metrics.clone(),
+    ));
+    let recovered = manager.recover().await;
+    if recovered > 0 {
+        tracing::info!(
+            recovered,
+            "serving volumes recorded by an earlier daemon again"
+        );
+    }
+    let mut background = tokio::task::JoinSet::new();
+    if let Some(addr) = settings.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        tracing::info!(%addr, "serving /metrics and /healthz");
+        background.spawn(metrics::serve(listener, metrics.clone()));
+    }
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    crate::csi::serve(manager.clone(), &socket, shutdown).await?;
+    background.abort_all();
+    let kept = manager.release_for_restart();
+    tracing::info!(
+        volumes = kept,
+        "stopped; published volumes are recorded for the next start"
+    );
+    Ok(())
 }

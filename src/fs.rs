@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
@@ -152,22 +152,23 @@ pub struct VaultFs<S> {
     spec: Arc<VolumeSpec>,
     cache: Arc<SecretCache<S>>,
     config: FsConfig,
+    invalidate: Arc<OnceLock<Invalidate>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     created: SystemTime,
 }
 
 impl<S: SecretSource> VaultFs<S> {
-    /// Wires the cache's swap notifications to `invalidate` for every file showing the path.
-    pub fn new(
-        spec: Arc<VolumeSpec>,
-        cache: Arc<SecretCache<S>>,
-        config: FsConfig,
-        invalidate: Invalidate,
-    ) -> Self {
+    /// Wires the cache's swap notifications to the invalidation callback (see
+    /// `set_invalidate`) for every file showing the changed path.
+    pub fn new(spec: Arc<VolumeSpec>, cache: Arc<SecretCache<S>>, config: FsConfig) -> Self {
+        let invalidate: Arc<OnceLock<Invalidate>> = Arc::new(OnceLock::new());
         let hook_spec = spec.clone();
+        let hook = invalidate.clone();
         cache.set_swap_hook(Box::new(move |path| {
-            hook_spec.files_of(path).for_each(&invalidate);
+            if let Some(inval) = hook.get() {
+                hook_spec.files_of(path).for_each(inval);
+            }
         }));
         // Handles of an earlier daemon on the same connection may be presented to this one;
         // starting from the clock keeps new handle numbers clear of theirs.
@@ -178,6 +179,7 @@ impl<S: SecretSource> VaultFs<S> {
             spec,
             cache,
             config,
+            invalidate,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(epoch),
             created: SystemTime::now(),
@@ -186,6 +188,15 @@ impl<S: SecretSource> VaultFs<S> {
 
     pub fn config(&self) -> &FsConfig {
         &self.config
+    }
+
+    /// Sets where changed inodes are reported (once, when the volume is mounted).
+    pub fn set_invalidate(&self, invalidate: Invalidate) {
+        let _ = self.invalidate.set(invalidate);
+    }
+
+    pub fn spec(&self) -> &Arc<VolumeSpec> {
+        &self.spec
     }
 
     pub fn cache(&self) -> &Arc<SecretCache<S>> {
@@ -380,7 +391,8 @@ mod tests {
             file_mode: 0o440,
             kernel_ttl: Duration::from_secs(1),
         };
-        let fs = VaultFs::new(spec, cache, config, Box::new(move |i| sink.lock().push(i)));
+        let fs = VaultFs::new(spec, cache, config);
+        fs.set_invalidate(Box::new(move |i| sink.lock().push(i)));
         World {
             source,
             fs,

@@ -10,6 +10,7 @@ pub mod app;
 pub mod audit;
 pub mod cache;
 pub mod config;
+pub mod csi;
 pub mod fs;
 pub mod fuse;
 pub mod metrics;

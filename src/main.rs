@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vaultfs::app::{self, MountSettings};
 use vaultfs::config::{parse_duration, parse_file_mode};
 use vaultfs::secret::Token;
-use vaultfs::source::vault::{Auth, Credential, LoginMethod, VaultConfig};
+use vaultfs::source::vault::{Auth, Credential, LoginMethod, ServerConfig};
 use vaultfs::spec::{self, VolumeSpec};
 
 #[derive(Parser)]
@@ -30,6 +30,51 @@ struct Cli {
 enum Command {
     /// Mount a volume of secrets in the foreground; SIGINT/SIGTERM unmounts and exits 0.
     Mount(MountArgs),
+    /// Serve the Kubernetes CSI node plugin (Identity + Node) on a unix socket.
+    Csi(CsiArgs),
+}
+
+#[derive(Args)]
+struct CsiArgs {
+    /// gRPC endpoint kubelet connects to.
+    #[arg(long, default_value = vaultfs::csi::DEFAULT_ENDPOINT, value_name = "unix:///PATH")]
+    endpoint: String,
+    /// This node's name, as kubelet knows it.
+    #[arg(long, value_name = "NAME")]
+    node_id: String,
+    /// Directory for per-volume state (must be tmpfs-backed, e.g. /run/vaultfs).
+    #[arg(long, default_value = vaultfs::csi::DEFAULT_STATE_DIR, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Default Vault server for volumes (default: $VAULT_ADDR).
+    #[arg(long, value_name = "URL")]
+    vault_addr: Option<String>,
+    /// An extra Vault server volumes may pick with the vaultServer attribute.
+    #[arg(long = "vault-server", value_name = "NAME=URL")]
+    vault_servers: Vec<String>,
+    /// Vault namespace (default: $VAULT_NAMESPACE).
+    #[arg(long, value_name = "NS")]
+    vault_namespace: Option<String>,
+    /// PEM file of CA certificates for Vault's TLS (default: $VAULT_CACERT).
+    #[arg(long, value_name = "FILE")]
+    vault_cacert: Option<PathBuf>,
+    /// Longest wait for Vault before an uncached read fails with EIO.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    vault_timeout: Duration,
+    /// Most secrets held in memory per volume.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    cache_max_entries: usize,
+    /// Most secret bytes held in memory per volume.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    cache_max_bytes: usize,
+    /// Lock the daemon's memory so secrets are never swapped out.
+    #[arg(long)]
+    lock_memory: bool,
+    /// Serve Prometheus /metrics and /healthz on this address.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<SocketAddr>,
+    /// Log line format on stderr (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -132,7 +177,7 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn vault_config(args: VaultArgs, timeout: Duration) -> Result<VaultConfig, String> {
+fn vault_config(args: VaultArgs, timeout: Duration) -> Result<(ServerConfig, Auth), String> {
     let addr = args
         .vault_addr
         .or_else(|| env("VAULT_ADDR"))
@@ -185,7 +230,7 @@ fn vault_config(args: VaultArgs, timeout: Duration) -> Result<VaultConfig, Strin
             login(LoginMethod::AppRole, "approle", Credential::File(file))?
         }
     };
-    Ok(VaultConfig {
+    let server = ServerConfig {
         addr,
         namespace: args.vault_namespace.or_else(|| env("VAULT_NAMESPACE")),
         ca_cert: args
@@ -193,8 +238,8 @@ fn vault_config(args: VaultArgs, timeout: Duration) -> Result<VaultConfig, Strin
             .or_else(|| env("VAULT_CACERT").map(PathBuf::from)),
         skip_verify,
         timeout,
-        auth,
-    })
+    };
+    Ok((server, auth))
 }
 
 fn volume_spec(secrets: &[String], spec_file: Option<&PathBuf>) -> Result<VolumeSpec, String> {
@@ -229,16 +274,105 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Mount(args) => mount(args),
+        Command::Csi(args) => csi(args),
+    }
+}
+
+fn csi(args: CsiArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let server = |addr: String| ServerConfig {
+        addr,
+        namespace: args
+            .vault_namespace
+            .clone()
+            .or_else(|| env("VAULT_NAMESPACE")),
+        ca_cert: args
+            .vault_cacert
+            .clone()
+            .or_else(|| env("VAULT_CACERT").map(PathBuf::from)),
+        skip_verify: env("VAULT_SKIP_VERIFY")
+            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes")),
+        timeout: args.vault_timeout,
+    };
+    let prepared = (|| {
+        vaultfs::csi::socket_path(&args.endpoint)?;
+        if args.node_id.trim().is_empty() {
+            return Err(
+                "--node-id is empty: pass the node name (e.g. from spec.nodeName)".to_string(),
+            );
+        }
+        let mut servers = Vec::new();
+        if let Some(addr) = args.vault_addr.clone().or_else(|| env("VAULT_ADDR")) {
+            servers.push((String::new(), server(addr)));
+        }
+        for named in &args.vault_servers {
+            let (name, addr) = named
+                .split_once('=')
+                .filter(|(n, a)| !n.is_empty() && !a.is_empty())
+                .ok_or_else(|| format!("invalid --vault-server {named:?}: expected NAME=URL"))?;
+            servers.push((name.to_string(), server(addr.to_string())));
+        }
+        if servers.is_empty() {
+            return Err(
+                "no Vault server: set VAULT_ADDR, --vault-addr or --vault-server NAME=URL"
+                    .to_string(),
+            );
+        }
+        Ok(servers)
+    })();
+    let servers = match prepared {
+        Ok(s) => s,
+        Err(message) => {
+            eprintln!("vaultfs: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = app::CsiSettings {
+        endpoint: args.endpoint,
+        node_id: args.node_id,
+        state_dir: args.state_dir,
+        servers,
+        vault_timeout: args.vault_timeout,
+        cache_max_entries: args.cache_max_entries,
+        cache_max_bytes: args.cache_max_bytes,
+        lock_memory: args.lock_memory,
+        metrics_addr: args.metrics_addr,
+    };
+    run(app::run_csi(settings))
+}
+
+fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("vaultfs-rt")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vaultfs: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("vaultfs: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn mount(args: MountArgs) -> ExitCode {
     init_logging(args.log_format);
     let prepared = volume_spec(&args.secrets, args.spec.as_ref()).and_then(|spec| {
+        let (vault, auth) = vault_config(args.vault, args.vault_timeout)?;
         Ok(MountSettings {
             mountpoint: args.mountpoint.clone(),
             spec,
-            vault: vault_config(args.vault, args.vault_timeout)?,
+            vault,
+            auth,
             cache: app::cache_config(
                 args.cache_ttl,
                 args.max_stale,
@@ -263,24 +397,5 @@ fn mount(args: MountArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("vaultfs-rt")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("vaultfs: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(app::run_mount(settings)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("vaultfs: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run(app::run_mount(settings))
 }

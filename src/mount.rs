@@ -12,6 +12,7 @@ use thiserror::Error;
 use crate::fs::{Invalidate, VaultFs};
 use crate::fuse::FuseAdapter;
 use crate::metrics::Metrics;
+use crate::source::vault::VaultSource;
 use crate::source::SecretSource;
 use crate::spec::InodeNo;
 use crate::sys;
@@ -117,13 +118,15 @@ pub fn prepare_target(target: &Path) -> Result<(), MountError> {
 /// Mounts `fs` read-only at `target` and serves it on a background thread.
 pub fn mount<S: SecretSource>(
     fs: Arc<VaultFs<S>>,
-    notifier: &OnceLock<Notifier>,
     target: &Path,
     config: &MountConfig,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
+    invalidator: &Invalidator,
 ) -> Result<FuseMount, MountError> {
     prepare_target(target)?;
+    let (invalidate, notifier) = invalidator.for_volume();
+    fs.set_invalidate(invalidate);
     let fuse_error = |source| MountError::Fuse {
         path: target.to_path_buf(),
         source,
@@ -183,5 +186,157 @@ impl Drop for FuseMount {
         if let Err(e) = self.detach() {
             tracing::warn!(target = %self.target.display(), error = %e, "unmount failed");
         }
+    }
+}
+
+/// How the CSI node plugin puts volumes on targets and takes them off: real FUSE mounts in
+/// production, `FakeMounter` in the contract tests.
+pub trait Mounter: Send + Sync + 'static {
+    /// Mounts `fs` at the existing directory `target` (a dead mount there is cleared first).
+    fn mount(
+        &self,
+        target: &Path,
+        fs: Arc<VaultFs<VaultSource>>,
+        config: &MountConfig,
+    ) -> Result<Box<dyn Mounted>, MountError>;
+
+    /// Detaches a vaultfs mount at `target` that no `Mounted` handle owns (left by an earlier
+    /// daemon). `Ok(false)` when nothing was mounted there.
+    fn unmount_target(&self, target: &Path) -> std::io::Result<bool>;
+}
+
+/// A volume mounted by a `Mounter`.
+pub trait Mounted: Send + Sync {
+    /// Unmounts lazily; an already-gone mount is success.
+    fn unmount(self: Box<Self>) -> std::io::Result<()>;
+}
+
+impl Mounted for FuseMount {
+    fn unmount(self: Box<Self>) -> std::io::Result<()> {
+        FuseMount::unmount(*self)
+    }
+}
+
+/// Real FUSE mounts, all sharing one runtime and one invalidation thread.
+pub struct FuseMounter {
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+    invalidator: Invalidator,
+}
+
+impl FuseMounter {
+    pub fn new(runtime: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+        Self {
+            runtime,
+            metrics,
+            invalidator: Invalidator::new(),
+        }
+    }
+}
+
+impl Mounter for FuseMounter {
+    fn mount(
+        &self,
+        target: &Path,
+        fs: Arc<VaultFs<VaultSource>>,
+        config: &MountConfig,
+    ) -> Result<Box<dyn Mounted>, MountError> {
+        let mounted = mount(
+            fs,
+            target,
+            config,
+            self.runtime.clone(),
+            self.metrics.clone(),
+            &self.invalidator,
+        )?;
+        Ok(Box::new(mounted))
+    }
+
+    fn unmount_target(&self, target: &Path) -> std::io::Result<bool> {
+        if sys::is_disconnected(target) || sys::is_mount_point(target) {
+            sys::detach_unmount(target)
+        } else {
+            Ok(false)
+        }
+    }
+}
+
+/// A `Mounter` that mounts nothing and records what it was asked, for tests without root.
+#[derive(Default)]
+pub struct FakeMounter {
+    state: Arc<parking_lot::Mutex<FakeState>>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    mounted: std::collections::HashMap<PathBuf, Arc<VaultFs<VaultSource>>>,
+    mounts: usize,
+    unmounts: usize,
+}
+
+impl FakeMounter {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Targets mounted now, sorted.
+    pub fn mounted(&self) -> Vec<PathBuf> {
+        let mut targets: Vec<_> = self.state.lock().mounted.keys().cloned().collect();
+        targets.sort();
+        targets
+    }
+
+    /// The filesystem mounted at `target`.
+    pub fn fs_at(&self, target: &Path) -> Option<Arc<VaultFs<VaultSource>>> {
+        self.state.lock().mounted.get(target).cloned()
+    }
+
+    /// Mount and unmount calls so far.
+    pub fn calls(&self) -> (usize, usize) {
+        let state = self.state.lock();
+        (state.mounts, state.unmounts)
+    }
+}
+
+struct FakeMounted {
+    state: Arc<parking_lot::Mutex<FakeState>>,
+    target: PathBuf,
+}
+
+impl Mounted for FakeMounted {
+    fn unmount(self: Box<Self>) -> std::io::Result<()> {
+        let mut state = self.state.lock();
+        state.unmounts += 1;
+        state.mounted.remove(&self.target);
+        Ok(())
+    }
+}
+
+impl Mounter for FakeMounter {
+    fn mount(
+        &self,
+        target: &Path,
+        fs: Arc<VaultFs<VaultSource>>,
+        _config: &MountConfig,
+    ) -> Result<Box<dyn Mounted>, MountError> {
+        if !target.is_dir() {
+            return Err(MountError::NotADirectory(target.to_path_buf()));
+        }
+        let mut state = self.state.lock();
+        state.mounts += 1;
+        state.mounted.insert(target.to_path_buf(), fs);
+        Ok(Box::new(FakeMounted {
+            state: self.state.clone(),
+            target: target.to_path_buf(),
+        }))
+    }
+
+    fn unmount_target(&self, target: &Path) -> std::io::Result<bool> {
+        let mut state = self.state.lock();
+        let found = state.mounted.remove(target).is_some();
+        if found {
+            state.unmounts += 1;
+        }
+        Ok(found)
     }
 }

@@ -102,11 +102,16 @@ pub fn parse_secret_arg(arg: &str) -> Result<SecretEntry, SpecError> {
 /// Parses a spec document (YAML, or JSON, which is YAML too): `secrets: [{name, path, key?}]`.
 /// A bare list of entries is accepted as well.
 pub fn parse_spec_document(text: &str) -> Result<Vec<SecretEntry>, SpecError> {
-    let docs = match serde_yaml::from_str::<SpecDocument>(text) {
-        Ok(doc) => doc.secrets,
-        Err(doc_err) => serde_yaml::from_str::<Vec<EntryDocument>>(text)
-            .map_err(|_| SpecError::Document(doc_err.to_string()))?,
-    };
+    let bare_list = matches!(
+        serde_yaml::from_str::<serde_yaml::Value>(text),
+        Ok(serde_yaml::Value::Sequence(_))
+    );
+    let docs = if bare_list {
+        serde_yaml::from_str::<Vec<EntryDocument>>(text)
+    } else {
+        serde_yaml::from_str::<SpecDocument>(text).map(|d| d.secrets)
+    }
+    .map_err(|e| SpecError::Document(e.to_string()))?;
     docs.into_iter()
         .map(|d| entry(&d.name, &d.path, d.key))
         .collect()

@@ -50,9 +50,9 @@ pub enum Credential {
     Value(Token),
 }
 
-/// How to reach Vault.
+/// How to reach a Vault server.
 #[derive(Clone, Debug)]
-pub struct VaultConfig {
+pub struct ServerConfig {
     /// Base address, e.g. `https://vault.example:8200`.
     pub addr: String,
     pub namespace: Option<String>,
@@ -61,7 +61,53 @@ pub struct VaultConfig {
     pub skip_verify: bool,
     /// Bound on each HTTP request.
     pub timeout: Duration,
-    pub auth: Auth,
+}
+
+/// One Vault server: its address and an HTTP client (connection pool, TLS settings) shared by
+/// every identity that talks to it.
+pub struct VaultServer {
+    http: reqwest::Client,
+    addr: String,
+    namespace: Option<String>,
+}
+
+impl VaultServer {
+    pub fn new(config: &ServerConfig) -> Result<Self, VaultConfigError> {
+        let addr = config.addr.trim_end_matches('/').to_string();
+        if !(addr.starts_with("http://") || addr.starts_with("https://")) || addr.len() < 10 {
+            return Err(VaultConfigError::Addr(config.addr.clone()));
+        }
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .pool_max_idle_per_host(8)
+            .danger_accept_invalid_certs(config.skip_verify);
+        if let Some(path) = &config.ca_cert {
+            let pem = std::fs::read(path).map_err(|source| VaultConfigError::CaCert {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| VaultConfigError::CaCertPem(path.display().to_string()))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| VaultConfigError::Client(e.to_string()))?;
+        Ok(Self {
+            http,
+            addr,
+            namespace: config.namespace.clone(),
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,8 +128,8 @@ struct TokenState {
 }
 
 pub struct VaultSource {
-    http: reqwest::Client,
-    config: VaultConfig,
+    server: Arc<VaultServer>,
+    auth: Auth,
     credential: Mutex<Option<Credential>>,
     token: Mutex<Option<TokenState>>,
     login_lock: tokio::sync::Mutex<()>,
@@ -94,7 +140,7 @@ pub struct VaultSource {
     metrics: Arc<Metrics>,
 }
 
-/// A `VaultConfig` that cannot be used, with what to fix.
+/// A `ServerConfig` that cannot be used, with what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultConfigError {
     #[error("cannot read VAULT_CACERT file {path}: {source}")]
@@ -146,33 +192,9 @@ fn error_class(err: &SourceError) -> &'static str {
 }
 
 impl VaultSource {
-    pub fn new(config: VaultConfig, metrics: Arc<Metrics>) -> Result<Self, VaultConfigError> {
-        let addr = config.addr.trim_end_matches('/').to_string();
-        if !(addr.starts_with("http://") || addr.starts_with("https://")) || addr.len() < 10 {
-            return Err(VaultConfigError::Addr(config.addr.clone()));
-        }
-        let mut builder = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .pool_max_idle_per_host(8)
-            .danger_accept_invalid_certs(config.skip_verify);
-        if let Some(path) = &config.ca_cert {
-            let pem = std::fs::read(path).map_err(|source| VaultConfigError::CaCert {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .ok()
-                .filter(|c| !c.is_empty())
-                .ok_or_else(|| VaultConfigError::CaCertPem(path.display().to_string()))?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder
-            .build()
-            .map_err(|e| VaultConfigError::Client(e.to_string()))?;
-        let (token, credential) = match &config.auth {
+    /// An identity on `server`. Nothing is sent until the first request.
+    pub fn new(server: Arc<VaultServer>, auth: Auth, metrics: Arc<Metrics>) -> Self {
+        let (token, credential) = match &auth {
             Auth::Token(t) => (
                 Some(TokenState {
                     token: t.clone(),
@@ -185,16 +207,16 @@ impl VaultSource {
             ),
             Auth::Login { credential, .. } => (None, Some(credential.clone())),
         };
-        Ok(Self {
-            http,
-            config: VaultConfig { addr, ..config },
+        Self {
+            server,
+            auth,
             credential: Mutex::new(credential),
             token: Mutex::new(token),
             login_lock: tokio::sync::Mutex::new(()),
             mounts: Mutex::new(Vec::new()),
             undetectable: Mutex::new(HashMap::new()),
             metrics,
-        })
+        }
     }
 
     /// Replaces the login credential (a fresh service-account token from a CSI republish).
@@ -205,7 +227,7 @@ impl VaultSource {
 
     /// Logs in now (for callers that want a refused login to fail early). A no-op for tokens.
     pub async fn login(&self) -> Result<(), SourceError> {
-        match self.config.auth {
+        match self.auth {
             Auth::Token(_) => Ok(()),
             Auth::Login { .. } => {
                 self.token.lock().take();
@@ -280,7 +302,7 @@ impl VaultSource {
     }
 
     fn is_static_token(&self) -> bool {
-        matches!(self.config.auth, Auth::Token(_))
+        matches!(self.auth, Auth::Token(_))
     }
 
     async fn lookup_self(&self) -> Result<(), SourceError> {
@@ -376,7 +398,7 @@ impl VaultSource {
             mount,
             role,
             ..
-        } = &self.config.auth
+        } = &self.auth
         else {
             return Err(SourceError::PermissionDenied);
         };
@@ -472,15 +494,16 @@ impl VaultSource {
         body: Option<Value>,
         token: Option<&Token>,
     ) -> Result<Value, SourceError> {
-        let url = format!("{}/v1/{}", self.config.addr, path);
+        let url = format!("{}/v1/{}", self.server.addr, path);
         let mut request = self
+            .server
             .http
             .request(method, &url)
             .header("X-Vault-Request", "true");
         if let Some(t) = token {
             request = request.header("X-Vault-Token", t.expose());
         }
-        if let Some(ns) = &self.config.namespace {
+        if let Some(ns) = &self.server.namespace {
             request = request.header("X-Vault-Namespace", ns);
         }
         if let Some(mut b) = body {
@@ -690,17 +713,14 @@ mod tests {
 
     #[test]
     fn bad_addresses_are_refused_with_the_expected_form() {
-        let config = VaultConfig {
+        let config = ServerConfig {
             addr: "vault:8200".into(),
             namespace: None,
             ca_cert: None,
             skip_verify: false,
             timeout: Duration::from_secs(1),
-            auth: Auth::Token(Token::new("t".into())),
         };
-        let err = VaultSource::new(config, Arc::new(Metrics::new()))
-            .err()
-            .expect("refused");
+        let err = VaultServer::new(&config).err().expect("refused");
         assert!(
             err.to_string().contains("expected http://HOST:PORT"),
             "{err}"

@@ -1,0 +1,73 @@
+//! The Kubernetes CSI node plugin: Identity and Node services over gRPC on a unix socket
+//! (`service`), and the per-pod volume lifecycle behind them (`volumes`). `tonic` is used
+//! only here; mounting goes through `mount::Mounter`.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+pub mod service;
+pub mod volumes;
+
+/// The generated CSI v1 protocol types (the subset in `proto/csi.proto`).
+pub mod pb {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("csi.v1");
+}
+
+/// The CSI driver name: the `CSIDriver` object, kubelet's plugin directory and
+/// `GetPluginInfo` all use it.
+pub const DRIVER_NAME: &str = "csi.vaultfs.io";
+/// Where kubelet's node-driver-registrar expects the socket inside the plugin container.
+pub const DEFAULT_ENDPOINT: &str = "unix:///csi/csi.sock";
+/// Per-volume state, on a tmpfs-backed host directory.
+pub const DEFAULT_STATE_DIR: &str = "/run/vaultfs";
+/// Port of `/metrics` and `/healthz` in the deploy manifests.
+pub const DEFAULT_METRICS_PORT: u16 = 9810;
+
+/// The socket path of a `unix://` endpoint.
+pub fn socket_path(endpoint: &str) -> Result<&Path, String> {
+    endpoint
+        .strip_prefix("unix://")
+        .filter(|p| p.starts_with('/'))
+        .map(Path::new)
+        .ok_or_else(|| {
+            format!("invalid --endpoint {endpoint:?}: expected unix:///ABSOLUTE/PATH/csi.sock")
+        })
+}
+
+/// Serves Identity and Node on `socket` until `shutdown` completes. A stale socket file left
+/// by an earlier daemon is replaced.
+pub async fn serve(
+    manager: Arc<volumes::VolumeManager>,
+    socket: &Path,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => tracing::info!(socket = %socket.display(), "replaced a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", socket.display())),
+    }
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), driver = DRIVER_NAME, "serving CSI");
+    tonic::transport::Server::builder()
+        .add_service(pb::identity_server::IdentityServer::new(
+            service::IdentityService,
+        ))
+        .add_service(pb::node_server::NodeServer::new(service::NodeService::new(
+            manager,
+        )))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("serving gRPC")?;
+    Ok(())
+}

@@ -1,0 +1,664 @@
+//! The per-pod volume lifecycle behind NodePublishVolume / NodeUnpublishVolume: validating
+//! what kubelet sends, logging in with the pod's own service-account token, mounting through a
+//! `Mounter`, swapping tokens on republish, tearing down, and the state that lets a restarted
+//! daemon serve its volumes again. Plain Rust: no gRPC types here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::app::{cache_config, kernel_ttl};
+use crate::cache::SecretCache;
+use crate::config::{parse_duration, parse_file_mode};
+use crate::fs::{FsConfig, VaultFs};
+use crate::metrics::Metrics;
+use crate::mount::{MountConfig, Mounted, Mounter};
+use crate::secret::Token;
+use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer, VaultSource};
+use crate::source::SourceError;
+use crate::spec::{parse_spec_document, VolumeSpec};
+
+/// Keys kubelet adds to the volume context (with `podInfoOnMount` and `tokenRequests`).
+pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+pub const SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
+pub const TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The volume attributes a pod may set, with their meaning (README's table).
+pub const ATTRIBUTES: [&str; 7] = [
+    "role",
+    "secrets",
+    "authMount",
+    "audience",
+    "cacheTTL",
+    "fileMode",
+    "vaultServer",
+];
+
+/// A CSI request refused or failed, with the gRPC code it maps to at the service boundary.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CsiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Node plugin settings.
+pub struct CsiConfig {
+    pub node_id: String,
+    /// Directory (tmpfs-backed) for per-volume state.
+    pub state_dir: PathBuf,
+    /// The Vault servers volumes may use: `""` is the default, other names are picked with
+    /// the `vaultServer` attribute.
+    pub servers: HashMap<String, Arc<VaultServer>>,
+    pub vault_timeout: Duration,
+    /// Per-volume cache bounds.
+    pub cache_max_entries: usize,
+    pub cache_max_bytes: usize,
+}
+
+/// NodePublishVolume, taken out of protobuf.
+#[derive(Clone, Debug, Default)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub target_path: String,
+    pub readonly: bool,
+    pub capability: Option<Capability>,
+    pub context: HashMap<String, String>,
+    pub secrets: HashMap<String, String>,
+}
+
+/// The parts of a `VolumeCapability` vaultfs looks at.
+#[derive(Clone, Debug, Default)]
+pub struct Capability {
+    /// Block access was requested (refused: vaultfs volumes are filesystems).
+    pub block: bool,
+    /// The pod's fsGroup, offered through VOLUME_MOUNT_GROUP (empty: none).
+    pub mount_group: String,
+}
+
+/// A validated publish request.
+struct Params {
+    volume_id: String,
+    target: PathBuf,
+    role: String,
+    spec: VolumeSpec,
+    auth_mount: String,
+    cache_ttl: Duration,
+    file_mode: u16,
+    mount_group: Option<u32>,
+    server: Arc<VaultServer>,
+    token: Token,
+    audience: String,
+    label: String,
+    /// The context without the tokens, as kept in the state file.
+    context: BTreeMap<String, String>,
+}
+
+/// What the state directory keeps per volume: enough to serve it again after a restart,
+/// never a secret value. The service-account token is short-lived and audience-bound.
+#[derive(Serialize, Deserialize)]
+struct StateRecord {
+    volume_id: String,
+    target_path: String,
+    context: BTreeMap<String, String>,
+    audience: String,
+    token: String,
+    mount_group: String,
+}
+
+impl StateRecord {
+    fn to_request(&self) -> PublishRequest {
+        let mut context: HashMap<String, String> = self.context.clone().into_iter().collect();
+        context.insert(
+            TOKENS.to_string(),
+            serde_json::json!({ &self.audience: { "token": &self.token } }).to_string(),
+        );
+        PublishRequest {
+            volume_id: self.volume_id.clone(),
+            target_path: self.target_path.clone(),
+            readonly: true,
+            capability: Some(Capability {
+                block: false,
+                mount_group: self.mount_group.clone(),
+            }),
+            context,
+            secrets: HashMap::new(),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> CsiError {
+    CsiError::InvalidArgument(message.into())
+}
+
+fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Params, CsiError> {
+    if req.volume_id.is_empty() {
+        return Err(invalid("volume_id is missing"));
+    }
+    if req.target_path.is_empty() {
+        return Err(invalid("target_path is missing"));
+    }
+    let target = PathBuf::from(&req.target_path);
+    if !target.is_absolute() {
+        return Err(invalid(format!(
+            "target_path {:?} is not an absolute path",
+            req.target_path
+        )));
+    }
+    let capability = req
+        .capability
+        .as_ref()
+        .ok_or_else(|| invalid("volume_capability is missing"))?;
+    if capability.block {
+        return Err(invalid(
+            "volume_capability: block access is not supported; vaultfs volumes are filesystems",
+        ));
+    }
+    if !req.readonly {
+        return Err(invalid(
+            "readonly must be true: vaultfs volumes are read-only; set `readOnly: true` on the pod's csi volume",
+        ));
+    }
+    let mount_group = match capability.mount_group.as_str() {
+        "" => None,
+        g => Some(g.parse::<u32>().map_err(|_| {
+            invalid(format!(
+                "volume_capability.mount.volume_mount_group {g:?} is not a numeric group id"
+            ))
+        })?),
+    };
+    let attr = |key: &str| {
+        req.context
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    for key in req.context.keys() {
+        if !key.starts_with(KUBELET_PREFIX) && !ATTRIBUTES.contains(&key.as_str()) {
+            return Err(invalid(format!(
+                "unknown volumeAttributes key {key:?}; expected one of {}",
+                ATTRIBUTES.join(", ")
+            )));
+        }
+    }
+    let role = attr("role")
+        .ok_or_else(|| {
+            invalid("volumeAttributes.role is missing: the Vault auth role to log in as")
+        })?
+        .to_string();
+    let secrets = attr("secrets").ok_or_else(|| {
+        invalid("volumeAttributes.secrets is missing: a YAML or JSON list of {name, path, key?}")
+    })?;
+    let spec = parse_spec_document(secrets)
+        .and_then(VolumeSpec::new)
+        .map_err(|e| invalid(format!("volumeAttributes.secrets: {e}")))?;
+    let auth_mount = attr("authMount")
+        .unwrap_or("kubernetes")
+        .trim_matches('/')
+        .to_string();
+    if auth_mount.is_empty()
+        || auth_mount.split('/').any(|s| s.is_empty() || s == "..")
+        || !auth_mount
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    {
+        return Err(invalid(format!(
+            "volumeAttributes.authMount {auth_mount:?} is not an auth mount path such as kubernetes or jwt"
+        )));
+    }
+    let audience = attr("audience").unwrap_or("vault").to_string();
+    let cache_ttl = match attr("cacheTTL") {
+        Some(t) => {
+            parse_duration(t).map_err(|e| invalid(format!("volumeAttributes.cacheTTL: {e}")))?
+        }
+        None => Duration::from_secs(30),
+    };
+    let file_mode = match attr("fileMode") {
+        Some(m) => {
+            parse_file_mode(m).map_err(|e| invalid(format!("volumeAttributes.fileMode: {e}")))?
+        }
+        // Without a group to grant access to, the pod's (arbitrary) user must still read.
+        None if mount_group.is_some() => 0o440,
+        None => 0o444,
+    };
+    let server_name = attr("vaultServer").unwrap_or("");
+    let server = config.servers.get(server_name).cloned().ok_or_else(|| {
+        let mut known: Vec<_> = config
+            .servers
+            .keys()
+            .filter(|k| !k.is_empty())
+            .map(String::as_str)
+            .collect();
+        known.sort();
+        if server_name.is_empty() {
+            invalid("this node has no default Vault server (--vault-addr); set volumeAttributes.vaultServer")
+        } else {
+            invalid(format!(
+                "volumeAttributes.vaultServer {server_name:?} is not configured on this node; known: {}",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        }
+    })?;
+    let token = service_account_token(req, &audience)?;
+    let label = format!(
+        "{}/{}/{}",
+        attr(POD_NAMESPACE).unwrap_or("-"),
+        attr(POD_NAME).unwrap_or("-"),
+        req.volume_id
+    );
+    let context = req
+        .context
+        .iter()
+        .filter(|(k, _)| k.as_str() != TOKENS)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(Params {
+        volume_id: req.volume_id.clone(),
+        target,
+        role,
+        spec,
+        auth_mount,
+        cache_ttl,
+        file_mode,
+        mount_group,
+        server,
+        token,
+        audience,
+        label,
+        context,
+    })
+}
+
+/// The pod's token for `audience` from `csi.storage.k8s.io/serviceAccount.tokens`, looked for
+/// in the request's secrets (newer kubelets) and then its volume context.
+fn service_account_token(req: &PublishRequest, audience: &str) -> Result<Token, CsiError> {
+    let raw = req
+        .secrets
+        .get(TOKENS)
+        .or_else(|| req.context.get(TOKENS))
+        .ok_or_else(|| {
+            invalid(format!(
+                "{TOKENS} is missing: the CSIDriver must request a token with `tokenRequests: [{{audience: {audience}}}]`"
+            ))
+        })?;
+    let mut tokens: serde_json::Value = serde_json::from_str(raw).map_err(|_| {
+        invalid(format!(
+            "{TOKENS} is not a JSON object of audience → {{token, expirationTimestamp}}"
+        ))
+    })?;
+    let token = tokens
+        .get_mut(audience)
+        .and_then(|t| t.get_mut("token"))
+        .and_then(|t| match t.take() {
+            serde_json::Value::String(s) if !s.is_empty() => Some(Token::new(s)),
+            _ => None,
+        });
+    let audiences: Vec<String> = tokens
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    crate::secret::wipe_json(&mut tokens);
+    token.ok_or_else(|| {
+        invalid(format!(
+            "{TOKENS} has no token for audience {audience:?} (it has: {}); set volumeAttributes.audience or the CSIDriver's tokenRequests",
+            if audiences.is_empty() { "none".to_string() } else { audiences.join(", ") }
+        ))
+    })
+}
+
+/// One published volume.
+struct Volume {
+    volume_id: String,
+    source: Arc<VaultSource>,
+    cache: Arc<SecretCache<VaultSource>>,
+    mounted: Box<dyn Mounted>,
+    /// The token renewer and engine detection; aborted when the volume goes.
+    tasks: tokio::task::JoinSet<()>,
+}
+
+/// All volumes of this node.
+pub struct VolumeManager {
+    config: CsiConfig,
+    mounter: Arc<dyn Mounter>,
+    metrics: Arc<Metrics>,
+    volumes: Mutex<HashMap<PathBuf, Volume>>,
+    /// One publish/unpublish at a time per target.
+    target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl VolumeManager {
+    pub fn new(config: CsiConfig, mounter: Arc<dyn Mounter>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config,
+            mounter,
+            metrics,
+            volumes: Mutex::new(HashMap::new()),
+            target_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    /// Number of volumes served now.
+    pub fn len(&self) -> usize {
+        self.volumes.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn target_lock(&self, target: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        self.target_locks
+            .lock()
+            .entry(target.to_path_buf())
+            .or_default()
+            .clone()
+    }
+
+    /// NodePublishVolume: validates, then mounts a new volume (logging in with the pod's
+    /// token first) or, for a volume already served at this target, swaps in the fresh token.
+    pub async fn publish(&self, req: &PublishRequest) -> Result<(), CsiError> {
+        let params = validate(req, &self.config)?;
+        let lock = self.target_lock(&params.target);
+        let _one = lock.lock().await;
+        let served = match self.volumes.lock().get(&params.target) {
+            Some(volume) if volume.volume_id != params.volume_id => {
+                return Err(CsiError::AlreadyExists(format!(
+                    "target_path {} already holds volume {}, not {}",
+                    params.target.display(),
+                    volume.volume_id,
+                    params.volume_id
+                )));
+            }
+            Some(volume) => {
+                volume
+                    .source
+                    .set_credential(Credential::Value(params.token.clone()));
+                true
+            }
+            None => false,
+        };
+        if served {
+            if let Err(e) = self.save_state(&params) {
+                // The volume is healthy; only a restart would miss the newer token.
+                tracing::warn!(volume = %params.label, error = %e, "could not record the refreshed token");
+            }
+            tracing::debug!(volume = %params.label, "republished: service-account token refreshed");
+            return Ok(());
+        }
+        self.start(params, true).await
+    }
+
+    /// Mounts a volume. With `strict`, a login Vault refuses fails the publish; otherwise
+    /// (restart recovery) the volume is mounted and logs in on first use.
+    async fn start(&self, params: Params, strict: bool) -> Result<(), CsiError> {
+        let source = Arc::new(VaultSource::new(
+            params.server.clone(),
+            Auth::Login {
+                method: LoginMethod::Kubernetes,
+                mount: params.auth_mount.clone(),
+                role: params.role.clone(),
+                credential: Credential::Value(params.token.clone()),
+            },
+            self.metrics.clone(),
+        ));
+        if strict {
+            match source.login().await {
+                Ok(()) => {}
+                Err(SourceError::Unavailable(reason)) => tracing::warn!(
+                    volume = %params.label, %reason,
+                    "Vault unreachable; mounting anyway, the login is retried on first read"
+                ),
+                Err(err) => {
+                    let reason = match err {
+                        SourceError::Invalid(m) => m,
+                        other => other.to_string(),
+                    };
+                    return Err(CsiError::PermissionDenied(reason));
+                }
+            }
+        }
+        let cache = Arc::new(SecretCache::new(
+            source.clone(),
+            cache_config(
+                params.cache_ttl,
+                Duration::from_secs(300),
+                self.config.vault_timeout,
+                self.config.cache_max_entries,
+                self.config.cache_max_bytes,
+            ),
+            self.metrics.clone(),
+        ));
+        let spec = Arc::new(params.spec.clone());
+        let fs = Arc::new(VaultFs::new(
+            spec.clone(),
+            cache.clone(),
+            FsConfig {
+                volume: params.label.clone(),
+                uid: 0,
+                gid: params.mount_group.unwrap_or(0),
+                file_mode: params.file_mode,
+                kernel_ttl: kernel_ttl(params.cache_ttl),
+            },
+        ));
+        let fail = |message: String| {
+            let source = source.clone();
+            async move {
+                source.revoke().await;
+                Err(CsiError::Internal(message))
+            }
+        };
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(&params.target)
+        {
+            return fail(format!(
+                "cannot create target_path {}: {e}",
+                params.target.display()
+            ))
+            .await;
+        }
+        let mounted =
+            match self
+                .mounter
+                .mount(&params.target, fs, &MountConfig { allow_other: true })
+            {
+                Ok(m) => m,
+                Err(e) => return fail(e.to_string()).await,
+            };
+        if let Err(e) = self.save_state(&params) {
+            let _ = mounted.unmount();
+            return fail(format!(
+                "cannot write the volume state under {}: {e}",
+                self.config.state_dir.display()
+            ))
+            .await;
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(source.clone().run_renewer());
+        let paths = spec.entries().iter().map(|e| e.path.clone()).collect();
+        let detect = source.clone();
+        tasks.spawn(async move { detect.detect_engines(paths).await });
+        tracing::info!(volume = %params.label, target = %params.target.display(), files = spec.entries().len(), "volume published");
+        self.volumes.lock().insert(
+            params.target.clone(),
+            Volume {
+                volume_id: params.volume_id,
+                source,
+                cache,
+                mounted,
+                tasks,
+            },
+        );
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume: unmounts (lazily if busy), revokes the volume's Vault token, drops
+    /// and zeroizes its cache, forgets its state. Unknown targets succeed.
+    pub async fn unpublish(&self, volume_id: &str, target_path: &str) -> Result<(), CsiError> {
+        if volume_id.is_empty() {
+            return Err(invalid("volume_id is missing"));
+        }
+        if target_path.is_empty() {
+            return Err(invalid("target_path is missing"));
+        }
+        let target = PathBuf::from(target_path);
+        let lock = self.target_lock(&target);
+        let _one = lock.lock().await;
+        let volume = self.volumes.lock().remove(&target);
+        let unmounted = match volume {
+            Some(mut volume) => {
+                volume.tasks.abort_all();
+                let result = volume.mounted.unmount();
+                volume.source.revoke().await;
+                volume.cache.clear();
+                result
+            }
+            None => self.mounter.unmount_target(&target).map(|_| ()),
+        };
+        unmounted.map_err(|e| CsiError::Internal(format!("cannot unmount {target_path}: {e}")))?;
+        self.forget_state(&target);
+        // The plugin created the target directory; kubelet removes its parent.
+        let _ = std::fs::remove_dir(&target);
+        self.target_locks.lock().remove(&target);
+        tracing::info!(volume_id, target = target_path, "volume unpublished");
+        Ok(())
+    }
+
+    /// Lets go of every volume without unmounting, for a daemon that is stopping: the mounts
+    /// stay in place (dead once this process exits) and the next daemon serves them again
+    /// from the state directory.
+    pub fn release_for_restart(&self) -> usize {
+        let volumes: Vec<_> = self.volumes.lock().drain().collect();
+        let count = volumes.len();
+        for (_, mut volume) in volumes {
+            volume.tasks.abort_all();
+            std::mem::forget(volume.mounted);
+        }
+        count
+    }
+
+    /// Serves again the volumes an earlier daemon recorded: clears their dead mounts and
+    /// mounts them; they log in on first use with the recorded token (a republish brings a
+    /// fresh one). Volumes whose pod directory is gone are forgotten.
+    pub async fn recover(&self) -> usize {
+        let dir = self.volumes_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        let mut recovered = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let record: StateRecord = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable volume state file");
+                    continue;
+                }
+            };
+            let target = PathBuf::from(&record.target_path);
+            let _ = self.mounter.unmount_target(&target);
+            if target.parent().is_none_or(|p| !p.exists()) {
+                tracing::info!(target = %target.display(), "pod is gone; forgetting its volume");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let lock = self.target_lock(&target);
+            let _one = lock.lock().await;
+            if self.volumes.lock().contains_key(&target) {
+                continue;
+            }
+            let result = match validate(&record.to_request(), &self.config) {
+                Ok(params) => self.start(params, false).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => recovered += 1,
+                Err(e) => {
+                    tracing::warn!(target = %target.display(), error = %e, "could not recover a volume; kubelet's next republish will retry")
+                }
+            }
+        }
+        recovered
+    }
+
+    fn volumes_dir(&self) -> PathBuf {
+        self.config.state_dir.join("volumes")
+    }
+
+    fn state_file(&self, target: &Path) -> PathBuf {
+        // FNV-1a of the target path: stable, filesystem-safe, one file per target.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in target.as_os_str().as_encoded_bytes() {
+            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.volumes_dir().join(format!("{hash:016x}.json"))
+    }
+
+    /// Writes the volume's state atomically, mode 0600.
+    fn save_state(&self, params: &Params) -> std::io::Result<()> {
+        let dir = self.volumes_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        let record = StateRecord {
+            volume_id: params.volume_id.clone(),
+            target_path: params.target.display().to_string(),
+            context: params.context.clone(),
+            audience: params.audience.clone(),
+            token: params.token.expose().to_string(),
+            mount_group: params
+                .mount_group
+                .map(|g| g.to_string())
+                .unwrap_or_default(),
+        };
+        let mut bytes =
+            zeroize::Zeroizing::new(serde_json::to_vec(&record).expect("state serializes"));
+        let final_path = self.state_file(&params.target);
+        let tmp = final_path.with_extension("tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&bytes)?;
+        bytes.iter_mut().for_each(|b| *b = 0);
+        drop(file);
+        std::fs::rename(&tmp, &final_path)
+    }
+
+    fn forget_state(&self, target: &Path) {
+        let path = self.state_file(target);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %path.display(), error = %e, "could not remove volume state");
+            }
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! CSI contract tier: the real gRPC server on a unix socket in a tempdir, with a
+//! `FakeMounter`, driven by a tonic client playing kubelet. No root, no Vault: the configured
+//! Vault address refuses connections, which vaultfs treats as "unreachable, mount anyway".
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+use vaultfs::csi::pb::identity_client::IdentityClient;
+use vaultfs::csi::pb::node_client::NodeClient;
+use vaultfs::csi::pb::{self, volume_capability};
+use vaultfs::csi::volumes::{CsiConfig, VolumeManager, TOKENS};
+use vaultfs::metrics::Metrics;
+use vaultfs::mount::FakeMounter;
+use vaultfs::source::vault::{ServerConfig, VaultServer};
+
+struct Plugin {
+    dir: tempfile::TempDir,
+    fake: Arc<FakeMounter>,
+    manager: Arc<VolumeManager>,
+    node: NodeClient<Channel>,
+    identity: IdentityClient<Channel>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn config(state_dir: &Path) -> CsiConfig {
+    let unreachable = ServerConfig {
+        addr: "http://127.0.0.1:1".into(),
+        namespace: None,
+        ca_cert: None,
+        skip_verify: false,
+        timeout: Duration::from_secs(2),
+    };
+    let mut servers = HashMap::new();
+    let server = Arc::new(VaultServer::new(&unreachable).expect("server config"));
+    servers.insert(String::new(), server.clone());
+    servers.insert("backup".to_string(), server);
+    CsiConfig {
+        node_id: "node-1".into(),
+        state_dir: state_dir.to_path_buf(),
+        servers,
+        vault_timeout: Duration::from_secs(2),
+        cache_max_entries: 16,
+        cache_max_bytes: 1 << 16,
+    }
+}
+
+async fn connect(socket: PathBuf) -> Channel {
+    for _ in 0..100 {
+        let path = socket.clone();
+        let channel = Endpoint::try_from("http://[::]:50051")
+            .expect("endpoint")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await;
+        if let Ok(channel) = channel {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "the CSI socket {} never accepted a connection",
+        socket.display()
+    );
+}
+
+impl Plugin {
+    async fn start() -> Plugin {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir) -> Plugin {
+        let fake = FakeMounter::new();
+        let manager = Arc::new(VolumeManager::new(
+            config(&dir.path().join("state")),
+            fake.clone(),
+            Arc::new(Metrics::new()),
+        ));
+        let socket = dir.path().join("plugin/csi.sock");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = manager.clone();
+        let path = socket.clone();
+        let server = tokio::spawn(async move {
+            vaultfs::csi::serve(served, &path, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let channel = connect(socket).await;
+        Plugin {
+            dir,
+            fake,
+            manager,
+            node: NodeClient::new(channel.clone()),
+            identity: IdentityClient::new(channel),
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    async fn stop(mut self) -> tempfile::TempDir {
+        self.stop
+            .take()
+            .expect("running")
+            .send(())
+            .expect("server alive");
+        self.server.await.expect("join").expect("served cleanly");
+        self.manager.release_for_restart();
+        self.dir
+    }
+
+    fn target(&self, pod: &str) -> PathBuf {
+        self.dir.path().join(format!(
+            "pods/{pod}/volumes/kubernetes.io~csi/secrets/mount"
+        ))
+    }
+
+    fn state_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.path().join("state/volumes"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn publish(&mut self, req: pb::NodePublishVolumeRequest) -> Result<(), tonic::Status> {
+        self.node.node_publish_volume(req).await.map(|_| ())
+    }
+
+    async fn unpublish(&mut self, volume_id: &str, target: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+fn tokens_json(token: &str) -> String {
+    serde_json::json!({"vault": {"token": token, "expirationTimestamp": "2026-11-27T01:00:00Z"}})
+        .to_string()
+}
+
+/// A publish request as kubelet sends it for an inline ephemeral volume.
+fn request(target: &Path, token: &str) -> pb::NodePublishVolumeRequest {
+    let context: HashMap<String, String> = [
+        ("role", "app"),
+        ("secrets", "- {name: db/password, path: secret/app/db, key: password}\n- {name: all, path: secret/app/db}\n"),
+        ("csi.storage.k8s.io/pod.name", "app-0"),
+        ("csi.storage.k8s.io/pod.namespace", "team-a"),
+        ("csi.storage.k8s.io/pod.uid", "0c6f6f2e-uid"),
+        ("csi.storage.k8s.io/serviceAccount.name", "app"),
+        ("csi.storage.k8s.io/ephemeral", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain([(TOKENS.to_string(), tokens_json(token))])
+    .collect();
+    std::fs::create_dir_all(target.parent().expect("target parent")).expect("kubelet's dir");
+    pb::NodePublishVolumeRequest {
+        volume_id: "csi-0123abcd".into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(pb::VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(
+                volume_capability::MountVolume::default(),
+            )),
+            access_mode: Some(volume_capability::AccessMode {
+                mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }),
+        readonly: true,
+        volume_context: context,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn identity_and_node_info_describe_a_node_only_plugin_with_mount_groups() {
+    let mut p = Plugin::start().await;
+    let info = p
+        .identity
+        .get_plugin_info(pb::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, vaultfs::csi::DRIVER_NAME);
+    assert!(!info.vendor_version.is_empty());
+    let caps = p
+        .identity
+        .get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        caps.capabilities.is_empty(),
+        "a node-only plugin offers no controller"
+    );
+    let probe = p
+        .identity
+        .probe(pb::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let node = p
+        .node
+        .node_get_info(pb::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.node_id, "node-1");
+    let caps = p
+        .node
+        .node_get_capabilities(pb::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let types: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|pb::node_service_capability::Type::Rpc(rpc)| rpc.r#type)
+        })
+        .collect();
+    assert_eq!(
+        types,
+        vec![pb::node_service_capability::rpc::Type::VolumeMountGroup as i32]
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn every_invalid_publish_is_refused_with_the_field_named_and_nothing_mounted() {
+    let mut p = Plugin::start().await;
+    let target = p.target("pod-a");
+    type Edit = Box<dyn Fn(&mut pb::NodePublishVolumeRequest)>;
+    let set = |key: &'static str, value: &'static str| -> Edit {
+        Box::new(move |r| {
+            r.volume_context.insert(key.into(), value.into());
+        })
+    };
+    let drop_key = |key: &'static str| -> Edit {
+        Box::new(move |r| {
+            r.volume_context.remove(key);
+        })
+    };
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|r| r.volume_id.clear()), "volume_id is missing"),
+        (
+            Box::new(|r| r.target_path.clear()),
+            "target_path is missing",
+        ),
+        (
+            Box::new(|r| r.target_path = "relative/mount".into()),
+            "not an absolute path",
+        ),
+        (
+            Box::new(|r| r.volume_capability = None),
+            "volume_capability is missing",
+        ),
+        (
+            Box::new(|r| {
+                r.volume_capability.as_mut().unwrap().access_type = Some(
+                    volume_capability::AccessType::Block(volume_capability::BlockVolume {}),
+                )
+            }),
+            "block access is not supported",
+        ),
+        (Box::new(|r| r.readonly = false), "readonly must be true"),
+        (
+            Box::new(|r| {
+                r.volume_capability.as_mut().unwrap().access_type = Some(
+                    volume_capability::AccessType::Mount(volume_capability::MountVolume {
+                        volume_mount_group: "staff".into(),
+                        ..Default::default()
+                    }),
+                )
+            }),
+            "volume_mount_group \"staff\"",
+        ),
+        (drop_key("role"), "volumeAttributes.role is missing"),
+        (drop_key("secrets"), "volumeAttributes.secrets is missing"),
+        (
+            set("secrets", "- {name: a, path: secret/a, nme: x}"),
+            "unknown field `nme`",
+        ),
+        (
+            set("secrets", "- {name: ../a, path: secret/a}"),
+            "secret entry \"../a\"",
+        ),
+        (set("secrets", "[unclosed"), "volumeAttributes.secrets"),
+        (
+            set("cacheTtl", "5s"),
+            "unknown volumeAttributes key \"cacheTtl\"",
+        ),
+        (set("cacheTTL", "5 seconds"), "volumeAttributes.cacheTTL"),
+        (set("fileMode", "0999"), "volumeAttributes.fileMode"),
+        (set("authMount", "../sys"), "volumeAttributes.authMount"),
+        (
+            set("vaultServer", "elsewhere"),
+            "vaultServer \"elsewhere\" is not configured on this node; known: backup",
+        ),
+        (drop_key(TOKENS), "serviceAccount.tokens is missing"),
+        (
+            set("audience", "other"),
+            "no token for audience \"other\" (it has: vault)",
+        ),
+        (set(TOKENS, "not json"), "is not a JSON object"),
+    ];
+    for (edit, expected) in cases {
+        let mut req = request(&target, "jwt-a");
+        edit(&mut req);
+        let status = p.publish(req).await.expect_err(expected);
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{expected}: {status:?}"
+        );
+        assert!(
+            status.message().contains(expected),
+            "expected {expected:?} in {:?}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains("jwt-a"),
+            "the token leaked into an error"
+        );
+    }
+    assert_eq!(
+        p.fake.calls(),
+        (0, 0),
+        "a refused publish mounted something"
+    );
+    assert!(p.state_files().is_empty());
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn publish_is_idempotent_and_a_republish_swaps_the_token_without_remounting() {
+    let mut p = Plugin::start().await;
+    let target = p.target("pod-a");
+    p.publish(request(&target, "jwt-first")).await.unwrap();
+    assert_eq!(p.fake.mounted(), vec![target.clone()]);
+    assert!(target.is_dir(), "the plugin creates the target directory");
+    let state = p.state_files();
+    assert_eq!(state.len(), 1);
+    let mode = std::fs::metadata(&state[0]).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(std::fs::read_to_string(&state[0])
+        .unwrap()
+        .contains("jwt-first"));
+
+    p.publish(request(&target, "jwt-first")).await.unwrap();
+    p.publish(request(&target, "jwt-second")).await.unwrap();
+    assert_eq!(p.fake.calls(), (1, 0), "republish must not remount");
+    let saved = std::fs::read_to_string(&state[0]).unwrap();
+    assert!(
+        saved.contains("jwt-second") && !saved.contains("jwt-first"),
+        "{saved}"
+    );
+
+    let mut other = request(&target, "jwt-second");
+    other.volume_id = "csi-other".into();
+    let status = p.publish(other).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert_eq!(p.fake.calls(), (1, 0));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_are_also_taken_from_the_secrets_field_and_files_follow_the_mount_group() {
+    let mut p = Plugin::start().await;
+    let target = p.target("pod-b");
+    let mut req = request(&target, "unused");
+    let tokens = req.volume_context.remove(TOKENS).unwrap();
+    req.secrets.insert(TOKENS.into(), tokens);
+    req.volume_capability.as_mut().unwrap().access_type = Some(
+        volume_capability::AccessType::Mount(volume_capability::MountVolume {
+            volume_mount_group: "2000".into(),
+            ..Default::default()
+        }),
+    );
+    p.publish(req).await.unwrap();
+    let fs = p.fake.fs_at(&target).expect("mounted");
+    assert_eq!((fs.config().gid, fs.config().file_mode), (2000, 0o440));
+
+    let plain = p.target("pod-c");
+    p.publish(request(&plain, "jwt-c")).await.unwrap();
+    let fs = p.fake.fs_at(&plain).expect("mounted");
+    assert_eq!((fs.config().gid, fs.config().file_mode), (0, 0o444));
+    let mut picked = request(&p.target("pod-d"), "jwt-d");
+    picked
+        .volume_context
+        .insert("fileMode".into(), "0400".into());
+    picked
+        .volume_context
+        .insert("vaultServer".into(), "backup".into());
+    let target_d = p.target("pod-d");
+    p.publish(picked).await.unwrap();
+    assert_eq!(p.fake.fs_at(&target_d).unwrap().config().file_mode, 0o400);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn unpublish_unmounts_forgets_state_and_is_idempotent() {
+    let mut p = Plugin::start().await;
+    let target = p.target("pod-a");
+    p.publish(request(&target, "jwt-a")).await.unwrap();
+    p.unpublish("csi-0123abcd", &target).await.unwrap();
+    assert_eq!(p.fake.calls(), (1, 1));
+    assert!(p.fake.mounted().is_empty());
+    assert!(p.state_files().is_empty());
+    assert!(
+        !target.exists(),
+        "the target directory the plugin made is removed"
+    );
+    p.unpublish("csi-0123abcd", &target).await.unwrap();
+    p.unpublish("csi-never", &p.target("never-published"))
+        .await
+        .unwrap();
+    assert_eq!(p.fake.calls(), (1, 1));
+    let status = p.unpublish("", &target).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("volume_id"));
+    let status = p
+        .unpublish("csi-0123abcd", Path::new(""))
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("target_path"));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_plugin_serves_recorded_volumes_again_and_forgets_gone_pods() {
+    let mut p = Plugin::start().await;
+    let kept = p.target("pod-a");
+    let gone = p.target("pod-gone");
+    p.publish(request(&kept, "jwt-a")).await.unwrap();
+    let mut second = request(&gone, "jwt-b");
+    second.volume_id = "csi-gone".into();
+    p.publish(second).await.unwrap();
+    let dir = p.stop().await;
+    std::fs::remove_dir_all(dir.path().join("pods/pod-gone")).unwrap();
+
+    let p = Plugin::start_in(dir).await;
+    assert_eq!(p.manager.recover().await, 1);
+    assert_eq!(p.fake.mounted(), vec![kept.clone()]);
+    assert_eq!(p.state_files().len(), 1, "the gone pod's state is removed");
+    p.stop().await;
+}
