@@ -14,14 +14,28 @@ fn vaultfs(args: &[&str]) -> Output {
 }
 
 #[test]
-fn readme_quotes_the_current_mount_help() {
-    let help = String::from_utf8(vaultfs(&["mount", "--help"]).stdout).expect("utf-8 help");
+fn readme_quotes_the_current_help_of_every_command() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
-    assert!(
-        readme.contains(help.trim_end()),
-        "README.md must quote `vaultfs mount --help` verbatim; current text:\n{help}"
-    );
+    for command in ["mount", "csi"] {
+        let help = String::from_utf8(vaultfs(&[command, "--help"]).stdout).expect("utf-8 help");
+        assert!(
+            readme.contains(help.trim_end()),
+            "README.md must quote `vaultfs {command} --help` verbatim; current text:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn csi_refuses_bad_endpoints_and_missing_servers() {
+    let out = vaultfs(&["csi", "--node-id", "n1", "--endpoint", "tcp://0.0.0.0:1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("expected unix:///"), "{stderr}");
+    let out = vaultfs(&["csi", "--node-id", "n1", "--vault-server", "nourl"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("expected NAME=URL"), "{stderr}");
 }
 
 #[test]
