@@ -102,7 +102,9 @@ impl<S: SecretSource> SecretCache<S> {
         Self {
             source,
             slots: Mutex::new(Slots {
-                lru: LruCache::new(config.max_entries),
+                // Unbounded map, bounded by hand in `slot`: a bounded LruCache reserves room for
+                // every entry up front, which an idle volume should not pay for.
+                lru: LruCache::unbounded(),
                 bytes: 0,
             }),
             config,
@@ -214,10 +216,16 @@ impl<S: SecretSource> SecretCache<S> {
             return slot.clone();
         }
         let slot = Arc::new(Slot::default());
-        if let Some((_, evicted)) = slots.lru.push(path.clone(), slot.clone()) {
+        slots.lru.push(path.clone(), slot.clone());
+        while slots.lru.len() > self.config.max_entries.get() {
+            let Some((_, evicted)) = slots.lru.pop_lru() else {
+                break;
+            };
             let mut state = evicted.state.lock();
             slots.bytes -= state.weight;
+            state.weight = 0;
             state.current = None;
+            state.checked_at = None;
         }
         slot
     }
@@ -496,6 +504,27 @@ mod tests {
             cache.get(&path("secret/b")).await.unwrap_err(),
             SourceError::PermissionDenied
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entry_bound_evicts_the_least_recently_used_secret() {
+        let source = Arc::new(MockSource::new());
+        for p in ["s/a", "s/b", "s/c"] {
+            source.put(p, &[("k", "v")]);
+        }
+        let config = CacheConfig {
+            max_entries: NonZeroUsize::new(2).unwrap(),
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        for p in ["s/a", "s/b", "s/a", "s/c"] {
+            cache.get(&path(p)).await.unwrap();
+        }
+        assert_eq!(cache.usage().0, 2);
+        cache.get(&path("s/a")).await.unwrap();
+        assert_eq!(source.reads(), 3, "s/a stayed cached");
+        cache.get(&path("s/b")).await.unwrap();
+        assert_eq!(source.reads(), 4, "s/b was evicted");
     }
 
     #[tokio::test(start_paused = true)]
