@@ -72,6 +72,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
         &settings.mountpoint,
         &MountConfig {
             allow_other: settings.allow_other,
+            create_target: false,
         },
         tokio::runtime::Handle::current(),
         metrics.clone(),

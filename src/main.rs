@@ -93,7 +93,7 @@ enum LogFormat {
 
 #[derive(Args)]
 struct MountArgs {
-    /// Existing directory to mount on (a dead mount left by a crash is cleared first).
+    /// Existing directory to mount on (a dead mount left by a crash is mounted over).
     mountpoint: PathBuf,
     /// A file: NAME inside the mount, Vault PATH as for `vault read`, optional field KEY.
     #[arg(long = "secret", value_name = "NAME=PATH[#KEY]")]

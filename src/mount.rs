@@ -88,6 +88,8 @@ pub struct MountConfig {
     /// Let users other than the mounting one use the mount (needed for pods). Access is still
     /// checked by the kernel against the files' owner, group and mode.
     pub allow_other: bool,
+    /// Create the mount point if it does not exist (CSI: kubelet creates only its parent).
+    pub create_target: bool,
 }
 
 /// A mounted volume. Unmount it with `unmount`; dropping it also unmounts.
@@ -97,14 +99,19 @@ pub struct FuseMount {
     metrics: Arc<Metrics>,
 }
 
-/// Clears a dead FUSE mount left at `target` by a crashed daemon; refuses a live mount.
-pub fn prepare_target(target: &Path) -> Result<(), MountError> {
+/// Makes `target` ready to mount on. A dead FUSE mount left there by a crashed daemon is kept
+/// and mounted over: containers that bind the target with `HostToContainer` propagation see a
+/// mount stacked on it, but not one made after detaching it. A live mount is refused.
+pub fn prepare_target(target: &Path, create_missing: bool) -> Result<(), MountError> {
     if sys::is_disconnected(target) {
-        tracing::warn!(target = %target.display(), "clearing a dead mount left by an earlier daemon");
-        sys::detach_unmount(target).map_err(|source| MountError::Stale {
-            path: target.to_path_buf(),
-            source,
-        })?;
+        tracing::warn!(target = %target.display(), "mounting over the dead mount an earlier daemon left");
+        return Ok(());
+    }
+    if create_missing && !target.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(target)
+            .map_err(|_| MountError::NotADirectory(target.to_path_buf()))?;
     }
     if !target.is_dir() {
         return Err(MountError::NotADirectory(target.to_path_buf()));
@@ -124,7 +131,7 @@ pub fn mount<S: SecretSource>(
     metrics: Arc<Metrics>,
     invalidator: &Invalidator,
 ) -> Result<FuseMount, MountError> {
-    prepare_target(target)?;
+    prepare_target(target, config.create_target)?;
     let (invalidate, notifier) = invalidator.for_volume();
     fs.set_invalidate(invalidate);
     let fuse_error = |source| MountError::Fuse {
@@ -171,7 +178,7 @@ impl FuseMount {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        let result = sys::detach_unmount(&self.target).map(|_| ());
+        let result = sys::detach_all(&self.target).map(|_| ());
         // The session thread ends when the kernel closes the connection (at once, or when the
         // last open file closes).
         drop(session);
@@ -192,7 +199,7 @@ impl Drop for FuseMount {
 /// How the CSI node plugin puts volumes on targets and takes them off: real FUSE mounts in
 /// production, `FakeMounter` in the contract tests.
 pub trait Mounter: Send + Sync + 'static {
-    /// Mounts `fs` at the existing directory `target` (a dead mount there is cleared first).
+    /// Mounts `fs` at `target` (over a dead mount there, see `prepare_target`).
     fn mount(
         &self,
         target: &Path,
@@ -200,7 +207,7 @@ pub trait Mounter: Send + Sync + 'static {
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError>;
 
-    /// Detaches a vaultfs mount at `target` that no `Mounted` handle owns (left by an earlier
+    /// Detaches every mount at `target` that no `Mounted` handle owns (left by an earlier
     /// daemon). `Ok(false)` when nothing was mounted there.
     fn unmount_target(&self, target: &Path) -> std::io::Result<bool>;
 }
@@ -254,7 +261,7 @@ impl Mounter for FuseMounter {
 
     fn unmount_target(&self, target: &Path) -> std::io::Result<bool> {
         if sys::is_disconnected(target) || sys::is_mount_point(target) {
-            sys::detach_unmount(target)
+            sys::detach_all(target).map(|n| n > 0)
         } else {
             Ok(false)
         }
@@ -317,8 +324,11 @@ impl Mounter for FakeMounter {
         &self,
         target: &Path,
         fs: Arc<VaultFs<VaultSource>>,
-        _config: &MountConfig,
+        config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError> {
+        if config.create_target {
+            let _ = std::fs::create_dir_all(target);
+        }
         if !target.is_dir() {
             return Err(MountError::NotADirectory(target.to_path_buf()));
         }

@@ -84,6 +84,17 @@ pub fn detach_unmount(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Unmounts every mount stacked at `path` (a live mount over a dead one, say), lazily.
+/// Returns how many were removed.
+pub fn detach_all(path: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    // Bounded: a path cannot hold more stacked mounts than this in practice.
+    while removed < 64 && detach_unmount(path)? {
+        removed += 1;
+    }
+    Ok(removed)
+}
+
 /// Whether `path` is a FUSE mount whose daemon is gone ("Transport endpoint is not
 /// connected"). Asks with `statfs`, which always reaches the filesystem: `stat` may be
 /// answered from the kernel's attribute cache for a while after the daemon died.

@@ -466,24 +466,14 @@ impl VolumeManager {
                 Err(CsiError::Internal(message))
             }
         };
-        if let Err(e) = std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(&params.target)
-        {
-            return fail(format!(
-                "cannot create target_path {}: {e}",
-                params.target.display()
-            ))
-            .await;
-        }
-        let mounted =
-            match self
-                .mounter
-                .mount(&params.target, fs, &MountConfig { allow_other: true })
-            {
-                Ok(m) => m,
-                Err(e) => return fail(e.to_string()).await,
-            };
+        let mount_config = MountConfig {
+            allow_other: true,
+            create_target: true,
+        };
+        let mounted = match self.mounter.mount(&params.target, fs, &mount_config) {
+            Ok(m) => m,
+            Err(e) => return fail(e.to_string()).await,
+        };
         if let Err(e) = self.save_state(&params) {
             let _ = mounted.unmount();
             return fail(format!(
@@ -556,8 +546,8 @@ impl VolumeManager {
         count
     }
 
-    /// Serves again the volumes an earlier daemon recorded: clears their dead mounts and
-    /// mounts them; they log in on first use with the recorded token (a republish brings a
+    /// Serves again the volumes an earlier daemon recorded: mounts them over the dead mounts
+    /// the earlier daemon left; they log in on first use with the recorded token (a republish brings a
     /// fresh one). Volumes whose pod directory is gone are forgotten.
     pub async fn recover(&self) -> usize {
         let dir = self.volumes_dir();
@@ -581,12 +571,14 @@ impl VolumeManager {
                 }
             };
             let target = PathBuf::from(&record.target_path);
-            let _ = self.mounter.unmount_target(&target);
             if target.parent().is_none_or(|p| !p.exists()) {
                 tracing::info!(target = %target.display(), "pod is gone; forgetting its volume");
+                let _ = self.mounter.unmount_target(&target);
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
+            // A dead mount at the target stays: the new one is stacked on it (see
+            // `mount::prepare_target`) so running containers see it.
             let lock = self.target_lock(&target);
             let _one = lock.lock().await;
             if self.volumes.lock().contains_key(&target) {
