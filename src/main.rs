@@ -271,6 +271,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    vaultfs::sys::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Mount(args) => mount(args),

@@ -33,6 +33,19 @@ pub fn disable_core_dumps() -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })
 }
 
+/// Keeps large allocations out of the malloc heaps. Every FUSE session allocates a 16 MiB
+/// request buffer of which it touches a few pages; served by `mmap` it costs only those pages,
+/// but glibc's adaptive threshold would soon move such blocks into heaps, where `calloc` zeroes
+/// (and so makes resident) all 16 MiB. A fixed threshold also turns off the adaptation; fewer
+/// arenas keep per-thread heaps from multiplying with the number of volumes.
+pub fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
 /// Locks all current and future memory so secret bytes are never swapped out.
 pub fn lock_memory() -> io::Result<()> {
     // SAFETY: mlockall takes only flags.
