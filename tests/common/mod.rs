@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
+pub mod csi;
+pub mod jwt;
+pub mod k8s;
+
 /// Root token of every dev server started by the harness.
 pub const ROOT_TOKEN: &str = "root";
 

@@ -1,0 +1,171 @@
+//! Scale benchmark of the CSI node plugin: the real `vaultfs csi` binary against a real
+//! OpenBao (JWT auth, one login per volume, as in a cluster), driven over its unix socket by
+//! a client playing kubelet. Publishes 1, 100 and 1,000 volumes (each a real FUSE mount) and
+//! reports, at each level, the daemon's resident memory, threads and open descriptors, the
+//! publish latency, and a warm read through one volume next to the same file on tmpfs.
+//!
+//! Run as root with `cargo bench --bench csi_scale`; `cargo test --all-targets` runs a small
+//! smoke version (1 and 10 volumes). Prints figures; asserts nothing about speed.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::csi::{publish_request, CsiNode, Pod};
+use common::jwt::SigningKey;
+use common::k8s::{enable_jwt_auth, jwt_role};
+use common::Bao;
+
+const SECRET: &str = "p4ssw0rd-for-scale";
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l[field.len()..].split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn warm_read(path: &Path, iterations: u32) -> Duration {
+    let mut buf = [0u8; 256];
+    let start = Instant::now();
+    for _ in 0..iterations {
+        let mut f = File::open(path).expect("open");
+        let n = f.read(&mut buf).expect("read");
+        assert_eq!(&buf[..n], SECRET.as_bytes());
+    }
+    start.elapsed() / iterations
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let levels: &[usize] = if args.iter().any(|a| a == "--bench") {
+        &[1, 100, 1000]
+    } else {
+        &[1, 10]
+    };
+    let custom: Vec<usize> = std::env::var("VAULTFS_SCALE_LEVELS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let levels = if custom.is_empty() {
+        levels
+    } else {
+        &custom[..]
+    };
+    common::require_root();
+    let bao = Bao::start();
+    let key = SigningKey::generate();
+    enable_jwt_auth(&bao, "jwt", &key);
+    bao.put_policy(
+        "scale",
+        r#"path "secret/data/scale/*" { capabilities = ["read"] }"#,
+    );
+    jwt_role(&bao, "jwt", "scale", "bench", "app", &["scale"], "1h");
+    bao.kv_put("secret/scale/db", &[("password", SECRET)]);
+
+    let node = CsiNode::new("scale-node");
+    let daemon = node.daemon(&bao).rust_log("warn").start();
+    let client = daemon.client();
+    let pid = daemon.pid();
+    let attributes = [
+        ("role", "scale"),
+        ("authMount", "jwt"),
+        (
+            "secrets",
+            "- {name: db/password, path: secret/scale/db, key: password}",
+        ),
+    ];
+    let shm = tempfile::Builder::new()
+        .prefix("vaultfs-scale-")
+        .tempdir_in("/dev/shm")
+        .expect("tmpfs dir");
+    let tmpfs_file = shm.path().join("password");
+    std::fs::write(&tmpfs_file, SECRET).expect("tmpfs file");
+
+    let base_rss = proc_status(pid, "VmRSS:");
+    println!("vaultfs csi scale benchmark (real OpenBao JWT logins and FUSE mounts)");
+    println!(
+        "daemon at rest: RSS {base_rss} KiB, {} threads, {} fds",
+        proc_status(pid, "Threads:"),
+        open_fds(pid)
+    );
+    println!(
+        "{:>7} {:>10} {:>13} {:>8} {:>6} {:>14} {:>14} {:>12} {:>10}",
+        "volumes",
+        "RSS KiB",
+        "KiB/volume",
+        "threads",
+        "fds",
+        "publish p50",
+        "publish p99",
+        "warm read",
+        "tmpfs"
+    );
+    let mut targets: Vec<(Pod, PathBuf)> = Vec::new();
+    let mut latencies = Vec::new();
+    for &level in levels {
+        while targets.len() < level {
+            let pod = Pod::new("bench", &format!("app-{}", targets.len()), "app");
+            let (jwt, exp) = pod.signed_token(&key);
+            let target = node.target_path(&pod, "secrets");
+            let request = publish_request(&pod, "secrets", &target, &attributes, &jwt, exp);
+            let start = Instant::now();
+            client.publish(request).expect("publish");
+            latencies.push(start.elapsed());
+            targets.push((pod, target));
+        }
+        let probe = targets.last().expect("a volume").1.join("db/password");
+        warm_read(&probe, 5); // first read fetches; the rest are warm
+        let warm = warm_read(&probe, 500);
+        let tmpfs = warm_read(&tmpfs_file, 500);
+        let rss = proc_status(pid, "VmRSS:");
+        let mut sorted = latencies.clone();
+        sorted.sort();
+        println!(
+            "{:>7} {:>10} {:>13.1} {:>8} {:>6} {:>11.2} ms {:>11.2} ms {:>9.1} µs {:>7.1} µs",
+            level,
+            rss,
+            rss.saturating_sub(base_rss) as f64 / level as f64,
+            proc_status(pid, "Threads:"),
+            open_fds(pid),
+            percentile(&sorted, 0.5).as_secs_f64() * 1e3,
+            percentile(&sorted, 0.99).as_secs_f64() * 1e3,
+            warm.as_secs_f64() * 1e6,
+            tmpfs.as_secs_f64() * 1e6,
+        );
+    }
+    if let Ok(wait) = std::env::var("VAULTFS_SCALE_PAUSE") {
+        println!("daemon pid {pid}; pausing {wait} s");
+        std::thread::sleep(Duration::from_secs(wait.parse().unwrap_or(30)));
+    }
+    let start = Instant::now();
+    for (pod, target) in &targets {
+        client
+            .unpublish(&pod.volume_id("secrets"), target)
+            .expect("unpublish");
+    }
+    println!(
+        "unpublished {} volumes in {:.2} s; daemon RSS after: {} KiB",
+        targets.len(),
+        start.elapsed().as_secs_f64(),
+        proc_status(pid, "VmRSS:")
+    );
+}

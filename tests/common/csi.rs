@@ -1,0 +1,662 @@
+//! Harness for `vaultfs csi`: a [`CsiNode`] is one node's worth of directories (the plugin
+//! socket, the daemon's state dir, kubelet's pod directories, the daemon logs); a
+//! [`CsiDaemon`] runs the real binary on it; a [`CsiClient`] plays kubelet over the unix
+//! socket with the generated CSI v1 client.
+//!
+//! Drop order matters: declare the [`CsiNode`] before the daemons, so the daemons stop first
+//! and the node then detaches every mount left under its directories (SIGTERM leaves
+//! published volumes mounted, by design).
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::hash::{Hash, Hasher};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint};
+use vaultfs::csi::pb;
+use vaultfs::csi::pb::identity_client::IdentityClient;
+use vaultfs::csi::pb::node_client::NodeClient;
+
+use super::jwt::{rfc3339, ServiceAccountToken, SigningKey};
+use super::{
+    die_with_parent, lazy_unmount, mountinfo, read_lossy, send_signal, vaultfs_bin, wait_timeout,
+    Bao, VAULT_ENV,
+};
+
+/// The driver name kubelet knows the plugin by.
+pub const DRIVER_NAME: &str = "csi.vaultfs.io";
+
+/// How long the daemon may take to start serving gRPC.
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Longest wait for one gRPC call.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kubelet's volume-context keys (the pod information it adds with `podInfoOnMount`).
+pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+pub const SERVICE_ACCOUNT_NAME: &str = "csi.storage.k8s.io/serviceAccount.name";
+pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+pub const SERVICE_ACCOUNT_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+
+// ---------------------------------------------------------------------------------------------
+// Node directories
+// ---------------------------------------------------------------------------------------------
+
+/// One node's directories: `csi/csi.sock`, `state/`, `pods/`, `logs/`, `containers/`. On
+/// drop, every mount under them is detached (latest first).
+pub struct CsiNode {
+    dir: TempDir,
+    node_id: String,
+    daemons: AtomicUsize,
+}
+
+impl CsiNode {
+    pub fn new(node_id: &str) -> CsiNode {
+        let dir = tempfile::Builder::new()
+            .prefix("vaultfs-csi-")
+            .tempdir()
+            .expect("create node dir");
+        for sub in ["csi", "state", "pods", "logs", "containers"] {
+            fs::create_dir(dir.path().join(sub)).expect("create node sub-directory");
+        }
+        CsiNode {
+            dir,
+            node_id: node_id.to_string(),
+            daemons: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("csi").join("csi.sock")
+    }
+
+    /// `unix:///.../csi.sock`
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket_path().display())
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn pods_dir(&self) -> PathBuf {
+        self.dir.path().join("pods")
+    }
+
+    /// Kubelet's target path for an inline CSI volume of `pod`:
+    /// `pods/<uid>/volumes/kubernetes.io~csi/<volume>/mount`. Like kubelet, this creates the
+    /// parent directory and leaves `mount` itself to the plugin.
+    pub fn target_path(&self, pod: &Pod, volume: &str) -> PathBuf {
+        let parent = self
+            .pods_dir()
+            .join(&pod.uid)
+            .join("volumes")
+            .join("kubernetes.io~csi")
+            .join(volume);
+        fs::create_dir_all(&parent).expect("create the target's parent");
+        parent.join("mount")
+    }
+
+    /// A `vaultfs csi` invocation on this node against `bao` (add options, then `start()`).
+    pub fn daemon<'a>(&'a self, bao: &'a Bao) -> CsiDaemonBuilder<'a> {
+        CsiDaemonBuilder {
+            node: self,
+            vault_addr: bao.addr(),
+            rust_log: "info".to_string(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Everything every daemon started on this node wrote, in start order.
+    pub fn all_logs(&self) -> String {
+        let n = self.daemons.load(Ordering::SeqCst);
+        (0..n)
+            .map(|i| read_lossy(&self.log_path(i)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn log_path(&self, index: usize) -> PathBuf {
+        self.dir
+            .path()
+            .join("logs")
+            .join(format!("daemon-{index}.log"))
+    }
+
+    /// Mount points under `pods/`, deepest (latest) first.
+    pub fn mounts_under_pods(&self) -> Vec<PathBuf> {
+        mounts_under(&self.pods_dir())
+    }
+
+    /// Makes `pods/` a shared mount (a bind of itself, `rshared`), as kubelet's root
+    /// directory is on a node, so that mounts made under it propagate to their binds.
+    pub fn share_pods_dir(&self) {
+        let pods = self.pods_dir();
+        sys_mount(Some(&pods), &pods, libc::MS_BIND | libc::MS_REC)
+            .unwrap_or_else(|e| panic!("bind {} on itself: {e}", pods.display()));
+        sys_mount(None, &pods, libc::MS_SHARED | libc::MS_REC)
+            .unwrap_or_else(|e| panic!("make {} rshared: {e}", pods.display()));
+    }
+
+    /// A container's view of a volume: `target` bound at `containers/<name>` with `rslave`
+    /// propagation, as a container runtime binds a volumeMount that has
+    /// `mountPropagation: HostToContainer`.
+    pub fn container_view(&self, target: &Path, name: &str) -> PathBuf {
+        let view = self.dir.path().join("containers").join(name);
+        fs::create_dir_all(&view).expect("create the container's mount point");
+        sys_mount(Some(target), &view, libc::MS_BIND | libc::MS_REC)
+            .unwrap_or_else(|e| panic!("bind {} at {}: {e}", target.display(), view.display()));
+        sys_mount(None, &view, libc::MS_SLAVE | libc::MS_REC)
+            .unwrap_or_else(|e| panic!("make {} rslave: {e}", view.display()));
+        view
+    }
+}
+
+/// Mount points at or under `dir`, latest first (so stacked and nested mounts come before
+/// what they sit on).
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mountinfo()
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(dir))
+        .map(|m| m.mount_point)
+        .collect();
+    found.reverse();
+    found
+}
+
+/// `mount(2)` without a filesystem type or data: binds and propagation changes.
+fn sys_mount(source: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
+    let source = source.map(c);
+    let target = c(target);
+    // SAFETY: the strings are valid and NUL-terminated for the duration of the call; null
+    // filesystem type and data are allowed for binds and propagation changes.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl Drop for CsiNode {
+    fn drop(&mut self) {
+        // A few rounds: mounts may be stacked on one target, and propagate between binds.
+        for _ in 0..5 {
+            let left = mounts_under(self.dir.path());
+            if left.is_empty() {
+                break;
+            }
+            for m in left {
+                let _ = lazy_unmount(&m);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon
+// ---------------------------------------------------------------------------------------------
+
+/// Builds a `vaultfs csi` invocation.
+pub struct CsiDaemonBuilder<'a> {
+    node: &'a CsiNode,
+    vault_addr: String,
+    rust_log: String,
+    args: Vec<String>,
+}
+
+impl CsiDaemonBuilder<'_> {
+    /// `RUST_LOG` for the daemon (default `info`).
+    pub fn rust_log(mut self, filter: &str) -> Self {
+        self.rust_log = filter.to_string();
+        self
+    }
+
+    /// Extra command-line arguments after the standard ones.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.args
+            .extend(args.into_iter().map(|s| s.as_ref().to_string()));
+        self
+    }
+
+    /// Starts the daemon and waits until it answers `Probe` on the socket; panics with its
+    /// output if it exits first or does not answer within [`START_TIMEOUT`].
+    pub fn start(self) -> CsiDaemon {
+        let node = self.node;
+        let index = node.daemons.fetch_add(1, Ordering::SeqCst);
+        let log_path = node.log_path(index);
+        let log = File::create(&log_path).expect("create daemon log");
+        let log2 = log.try_clone().expect("dup daemon log");
+        let mut cmd = Command::new(vaultfs_bin());
+        cmd.arg("csi")
+            .arg("--endpoint")
+            .arg(node.endpoint())
+            .arg("--node-id")
+            .arg(node.node_id())
+            .arg("--state-dir")
+            .arg(node.state_dir())
+            .arg("--vault-addr")
+            .arg(&self.vault_addr)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        for var in VAULT_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.env("RUST_LOG", &self.rust_log).env("NO_COLOR", "1");
+        die_with_parent(&mut cmd, libc::SIGTERM);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", vaultfs_bin()));
+        let mut daemon = CsiDaemon {
+            child,
+            log_path,
+            socket: node.socket_path(),
+            exit_status: None,
+        };
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last_error = String::from("socket not created");
+        loop {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!(
+                    "vaultfs csi exited with {status} before serving; its output:\n{}",
+                    daemon.logs()
+                );
+            }
+            if daemon.socket.exists() {
+                match CsiClient::connect(&daemon.socket).and_then(|c| {
+                    c.probe()
+                        .map_err(|s| format!("Probe: {} {}", s.code(), s.message()))
+                }) {
+                    Ok(_) => return daemon,
+                    Err(e) => last_error = e,
+                }
+            }
+            if Instant::now() >= deadline {
+                let _ = daemon.child.kill();
+                let status = daemon.child.wait().expect("wait vaultfs csi");
+                daemon.exit_status = Some(status);
+                panic!(
+                    "vaultfs csi did not answer Probe on {} within {START_TIMEOUT:?} \
+                     ({last_error}); its output:\n{}",
+                    daemon.socket.display(),
+                    daemon.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A running `vaultfs csi`. On drop it gets SIGTERM (then SIGKILL after 10 s).
+pub struct CsiDaemon {
+    child: Child,
+    log_path: PathBuf,
+    socket: PathBuf,
+    exit_status: Option<ExitStatus>,
+}
+
+impl CsiDaemon {
+    /// A new gRPC connection to this daemon.
+    pub fn client(&self) -> CsiClient {
+        CsiClient::connect(&self.socket).unwrap_or_else(|e| {
+            panic!(
+                "connect to {}: {e}; daemon output:\n{}",
+                self.socket.display(),
+                self.logs()
+            )
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything this daemon has written to stderr (and stdout) so far.
+    pub fn logs(&self) -> String {
+        read_lossy(&self.log_path)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.exit_status.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits up to 15 s for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up; its mounts stay behind, dead.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGKILL)
+    }
+
+    fn stop_with(&mut self, sig: i32) -> ExitStatus {
+        if let Some(s) = self.exit_status {
+            return s;
+        }
+        if let Ok(Some(s)) = self.child.try_wait() {
+            self.exit_status = Some(s);
+            return s;
+        }
+        let _ = send_signal(self.child.id() as i32, sig);
+        let limit = Duration::from_secs(15);
+        match wait_timeout(&mut self.child, limit) {
+            Some(s) => {
+                self.exit_status = Some(s);
+                s
+            }
+            None => {
+                let _ = self.child.kill();
+                let s = self.child.wait().expect("wait vaultfs csi");
+                self.exit_status = Some(s);
+                panic!(
+                    "vaultfs csi did not exit within {limit:?} after signal {sig}; its output:\n{}",
+                    self.logs()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for CsiDaemon {
+    fn drop(&mut self) {
+        if self.exit_status.is_none() {
+            if let Ok(None) = self.child.try_wait() {
+                let _ = send_signal(self.child.id() as i32, libc::SIGTERM);
+                if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gRPC client (kubelet's side)
+// ---------------------------------------------------------------------------------------------
+
+/// A blocking CSI client over a unix socket; every call is bounded by [`RPC_TIMEOUT`].
+pub struct CsiClient {
+    rt: tokio::runtime::Runtime,
+    channel: Channel,
+}
+
+impl CsiClient {
+    pub fn connect(socket: &Path) -> Result<CsiClient, String> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        let path = socket.to_path_buf();
+        let channel = rt.block_on(async move {
+            // The URI is a placeholder: the connector always dials the unix socket.
+            Endpoint::try_from("http://[::]:50051")
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let p = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(p).await?,
+                        ))
+                    }
+                }))
+                .await
+                .map_err(|e| format!("{e:?}"))
+        })?;
+        Ok(CsiClient { rt, channel })
+    }
+
+    fn call<T, F>(&self, what: &str, fut: F) -> Result<T, tonic::Status>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        // The timer must be created inside the runtime.
+        match self
+            .rt
+            .block_on(async move { tokio::time::timeout(RPC_TIMEOUT, fut).await })
+        {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => panic!("{what}: no answer within {RPC_TIMEOUT:?}"),
+        }
+    }
+
+    fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel.clone())
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone())
+    }
+
+    pub fn plugin_info(&self) -> Result<pb::GetPluginInfoResponse, tonic::Status> {
+        let mut c = self.identity();
+        self.call("GetPluginInfo", async move {
+            c.get_plugin_info(pb::GetPluginInfoRequest {}).await
+        })
+    }
+
+    pub fn plugin_capabilities(&self) -> Result<pb::GetPluginCapabilitiesResponse, tonic::Status> {
+        let mut c = self.identity();
+        self.call("GetPluginCapabilities", async move {
+            c.get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {})
+                .await
+        })
+    }
+
+    pub fn probe(&self) -> Result<pb::ProbeResponse, tonic::Status> {
+        let mut c = self.identity();
+        self.call("Probe", async move { c.probe(pb::ProbeRequest {}).await })
+    }
+
+    pub fn node_info(&self) -> Result<pb::NodeGetInfoResponse, tonic::Status> {
+        let mut c = self.node();
+        self.call("NodeGetInfo", async move {
+            c.node_get_info(pb::NodeGetInfoRequest {}).await
+        })
+    }
+
+    pub fn node_capabilities(&self) -> Result<pb::NodeGetCapabilitiesResponse, tonic::Status> {
+        let mut c = self.node();
+        self.call("NodeGetCapabilities", async move {
+            c.node_get_capabilities(pb::NodeGetCapabilitiesRequest {})
+                .await
+        })
+    }
+
+    pub fn publish(&self, request: pb::NodePublishVolumeRequest) -> Result<(), tonic::Status> {
+        let mut c = self.node();
+        self.call("NodePublishVolume", async move {
+            c.node_publish_volume(request).await
+        })
+        .map(|_| ())
+    }
+
+    pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), tonic::Status> {
+        let mut c = self.node();
+        let request = pb::NodeUnpublishVolumeRequest {
+            volume_id: volume_id.to_string(),
+            target_path: target.display().to_string(),
+        };
+        self.call("NodeUnpublishVolume", async move {
+            c.node_unpublish_volume(request).await
+        })
+        .map(|_| ())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pods and their volumes
+// ---------------------------------------------------------------------------------------------
+
+/// A pod as kubelet describes it to the plugin.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
+}
+
+impl Pod {
+    /// A pod with a fresh uid.
+    pub fn new(namespace: &str, name: &str, service_account: &str) -> Pod {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let uid = format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            std::process::id(),
+            n & 0xffff,
+            (super::jwt::now_secs() & 0xfff),
+            n & 0xfff,
+            fnv(name) & 0xffff_ffff_ffff
+        );
+        Pod {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid,
+            service_account: service_account.to_string(),
+        }
+    }
+
+    /// A service-account token for this pod, audience `vault`, issued now for an hour.
+    pub fn token(&self) -> ServiceAccountToken {
+        ServiceAccountToken::new(
+            &self.namespace,
+            &self.service_account,
+            &self.name,
+            &self.uid,
+        )
+    }
+
+    /// The signed token plus its expiry (what kubelet hands the plugin).
+    pub fn signed_token(&self, key: &SigningKey) -> (String, u64) {
+        let t = self.token();
+        (t.sign(key), t.expires_at())
+    }
+
+    /// Kubelet's id for the inline volume `volume` of this pod: `csi-<hash>`.
+    pub fn volume_id(&self, volume: &str) -> String {
+        let mut h = DefaultHasher::new();
+        (self.uid.as_str(), volume, DRIVER_NAME).hash(&mut h);
+        format!(
+            "csi-{:016x}{:016x}",
+            h.finish(),
+            fnv(&self.uid) ^ fnv(volume)
+        )
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// `{"vault": {"token": JWT, "expirationTimestamp": ...}}`, the value of
+/// [`SERVICE_ACCOUNT_TOKENS`] for the audience `vault`.
+pub fn tokens_json(jwt: &str, expires_at: u64) -> String {
+    json!({ "vault": { "token": jwt, "expirationTimestamp": rfc3339(expires_at) } }).to_string()
+}
+
+/// The NodePublishVolume request kubelet sends for an inline ephemeral volume: readonly,
+/// `SINGLE_NODE_WRITER` mount access, the pod's `volumeAttributes` plus kubelet's pod-info keys
+/// in `volume_context`, and the service-account token under [`SERVICE_ACCOUNT_TOKENS`] in the
+/// volume context (older kubelets; see [`tokens_in_secrets`] for newer ones).
+pub fn publish_request(
+    pod: &Pod,
+    volume: &str,
+    target: &Path,
+    attributes: &[(&str, &str)],
+    jwt: &str,
+    expires_at: u64,
+) -> pb::NodePublishVolumeRequest {
+    let mut context: HashMap<String, String> = attributes
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
+    context.insert(POD_NAME.into(), pod.name.clone());
+    context.insert(POD_NAMESPACE.into(), pod.namespace.clone());
+    context.insert(POD_UID.into(), pod.uid.clone());
+    context.insert(SERVICE_ACCOUNT_NAME.into(), pod.service_account.clone());
+    context.insert(EPHEMERAL.into(), "true".into());
+    context.insert(SERVICE_ACCOUNT_TOKENS.into(), tokens_json(jwt, expires_at));
+    pb::NodePublishVolumeRequest {
+        volume_id: pod.volume_id(volume),
+        publish_context: HashMap::new(),
+        staging_target_path: String::new(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_capability("")),
+        readonly: true,
+        secrets: HashMap::new(),
+        volume_context: context,
+    }
+}
+
+/// Moves the service-account tokens from the volume context to `secrets`, as newer kubelets
+/// send them.
+pub fn tokens_in_secrets(
+    mut request: pb::NodePublishVolumeRequest,
+) -> pb::NodePublishVolumeRequest {
+    if let Some(tokens) = request.volume_context.remove(SERVICE_ACCOUNT_TOKENS) {
+        request
+            .secrets
+            .insert(SERVICE_ACCOUNT_TOKENS.to_string(), tokens);
+    }
+    request
+}
+
+/// A mount volume capability, `SINGLE_NODE_WRITER`, with the pod's fsGroup as
+/// `volume_mount_group` (empty: none).
+pub fn mount_capability(volume_mount_group: &str) -> pb::VolumeCapability {
+    use pb::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: String::new(),
+            mount_flags: Vec::new(),
+            volume_mount_group: volume_mount_group.to_string(),
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+/// Describes a gRPC failure for assertion messages.
+pub fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
