@@ -128,6 +128,7 @@ pub fn cache_config(
         max_stale,
         vault_timeout,
         retry_backoff: ttl.min(Duration::from_secs(1)),
+        max_retry_backoff: Duration::from_secs(10),
         max_entries: NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN),
         max_bytes,
     }
@@ -161,6 +162,14 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
             )
         })?;
         servers.insert(name.clone(), Arc::new(server));
+    }
+    std::fs::create_dir_all(&settings.state_dir)
+        .with_context(|| format!("creating --state-dir {}", settings.state_dir.display()))?;
+    if !crate::sys::is_tmpfs(&settings.state_dir) {
+        tracing::warn!(
+            state_dir = %settings.state_dir.display(),
+            "the state directory is not on tmpfs: service-account tokens recorded there may reach disk; use a tmpfs host directory such as /run/vaultfs"
+        );
     }
     let socket = crate::csi::socket_path(&settings.endpoint)
         .map_err(anyhow::Error::msg)?

@@ -26,8 +26,10 @@ pub struct CacheConfig {
     /// The longest an access waits for Vault before failing (or serving stale data).
     pub vault_timeout: Duration,
     /// After Vault was unavailable, how long to answer from the last outcome before trying
-    /// again, so that a Vault outage does not make every access wait `vault_timeout`.
+    /// again, so that a Vault outage does not make every access wait `vault_timeout`. Doubles
+    /// with each consecutive failure, up to `max_retry_backoff`.
     pub retry_backoff: Duration,
+    pub max_retry_backoff: Duration,
     /// Most secrets held at once.
     pub max_entries: NonZeroUsize,
     /// Most secret bytes held at once (least recently used entries are evicted first).
@@ -41,6 +43,7 @@ impl Default for CacheConfig {
             max_stale: Duration::from_secs(300),
             vault_timeout: Duration::from_secs(5),
             retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(10),
             max_entries: NonZeroUsize::new(1024).expect("non-zero"),
             max_bytes: 16 << 20,
         }
@@ -65,6 +68,8 @@ struct SlotState {
     checked_at: Option<Instant>,
     /// Last failed attempt and its error.
     failure: Option<(Instant, SourceError)>,
+    /// Consecutive transient failures (for the back-off).
+    failures: u32,
     weight: usize,
 }
 
@@ -141,7 +146,9 @@ impl<S: SecretSource> SecretCache<S> {
             let state = slot.state.lock();
             if let Some((at, err)) = &state.failure {
                 let hold = if err.is_transient() {
-                    self.config.retry_backoff
+                    let doublings = state.failures.saturating_sub(1).min(16);
+                    (self.config.retry_backoff * 2u32.pow(doublings))
+                        .min(self.config.max_retry_backoff)
                 } else {
                     self.config.ttl
                 };
@@ -182,6 +189,11 @@ impl<S: SecretSource> SecretCache<S> {
                 let vanished = {
                     let mut state = slot.state.lock();
                     state.failure = Some((Instant::now(), err.clone()));
+                    state.failures = if err.is_transient() {
+                        state.failures.saturating_add(1)
+                    } else {
+                        0
+                    };
                     !err.is_transient() && state.current.take().is_some()
                 };
                 if vanished {
@@ -222,7 +234,7 @@ impl<S: SecretSource> SecretCache<S> {
                 break;
             };
             let mut state = evicted.state.lock();
-            slots.bytes -= state.weight;
+            slots.bytes = slots.bytes.saturating_sub(state.weight);
             state.weight = 0;
             state.current = None;
             state.checked_at = None;
@@ -282,30 +294,35 @@ impl<S: SecretSource> SecretCache<S> {
             generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
             changed_at: SystemTime::now(),
         });
-        let (replaced, old_weight) = {
-            let mut state = slot.state.lock();
-            let replaced = state.current.replace(content.clone()).is_some();
-            state.checked_at = Some(Instant::now());
-            state.failure = None;
-            (replaced, std::mem::replace(&mut state.weight, weight))
-        };
-        {
+        let replaced = {
+            // Lock order everywhere: `slots`, then a slot's `state`.
             let mut slots = self.slots.lock();
+            let (replaced, old_weight) = {
+                let mut state = slot.state.lock();
+                let replaced = state.current.replace(content.clone()).is_some();
+                state.checked_at = Some(Instant::now());
+                state.failure = None;
+                state.failures = 0;
+                (replaced, std::mem::replace(&mut state.weight, weight))
+            };
             let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
             if cached {
-                slots.bytes = slots.bytes + weight - old_weight;
+                slots.bytes = (slots.bytes + weight).saturating_sub(old_weight);
                 while slots.bytes > self.config.max_bytes && slots.lru.len() > 1 {
                     let Some((_, evicted)) = slots.lru.pop_lru() else {
                         break;
                     };
                     let mut state = evicted.state.lock();
-                    slots.bytes -= state.weight;
+                    slots.bytes = slots.bytes.saturating_sub(state.weight);
                     state.weight = 0;
                     state.current = None;
                     state.checked_at = None;
                 }
+            } else {
+                slot.state.lock().weight = 0;
             }
-        }
+            replaced
+        };
         if replaced {
             self.metrics.cache_swaps.inc();
             tracing::info!(path = %path, generation = content.generation, "secret changed in Vault, new version swapped in");
@@ -315,10 +332,10 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     fn forget_weight(&self, path: &SecretPath, slot: &Arc<Slot>) {
-        let weight = std::mem::take(&mut slot.state.lock().weight);
         let mut slots = self.slots.lock();
+        let weight = std::mem::take(&mut slot.state.lock().weight);
         if slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            slots.bytes -= weight;
+            slots.bytes = slots.bytes.saturating_sub(weight);
         }
     }
 
@@ -479,6 +496,33 @@ mod tests {
         ));
         assert_eq!(start.elapsed(), Duration::from_secs(2));
         assert_eq!(source.reads(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn back_off_doubles_with_consecutive_outages_and_resets_on_success() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        source.fail(SourceError::Unavailable("down".into()));
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("secret/a");
+        let mut attempts = Vec::new();
+        for _ in 0..40 {
+            let before = source.reads();
+            let _ = cache.get(&p).await;
+            if source.reads() > before {
+                attempts.push(Instant::now());
+            }
+            tokio::time::advance(Duration::from_millis(500)).await;
+        }
+        let gaps: Vec<u64> = attempts
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs())
+            .collect();
+        assert_eq!(gaps[..4], [1, 2, 4, 8], "{gaps:?}");
+        assert!(gaps.iter().all(|g| *g <= 10), "capped at 10 s: {gaps:?}");
+        source.heal();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(cache.get(&p).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -78,7 +78,9 @@ impl From<SourceError> for FsError {
     fn from(err: SourceError) -> Self {
         match err {
             SourceError::NotFound => FsError::NotFound,
-            SourceError::PermissionDenied => FsError::PermissionDenied,
+            SourceError::PermissionDenied | SourceError::LoginRefused(_) => {
+                FsError::PermissionDenied
+            }
             SourceError::Unavailable(m) => FsError::Unavailable(m),
             SourceError::Invalid(m) => FsError::Invalid(m),
         }
@@ -508,6 +510,8 @@ mod tests {
         w.source.fail(SourceError::PermissionDenied);
         tokio::time::advance(Duration::from_secs(31)).await;
         assert_eq!(w.fs.getattr(api).await.unwrap_err().errno(), libc::EACCES);
+        let refused = FsError::from(SourceError::LoginRefused("role gone".into()));
+        assert_eq!(refused.errno(), libc::EACCES);
         w.source.fail(SourceError::Unavailable("down".into()));
         let other = world(&["x=secret/api#token"]);
         other.source.fail(SourceError::Unavailable("down".into()));

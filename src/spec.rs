@@ -133,9 +133,22 @@ fn entry(name: &str, path: &str, key: Option<String>) -> Result<SecretEntry, Spe
     })
 }
 
+/// Limits that keep a hostile spec from costing the daemon more than a sane one would.
+const MAX_NAME_BYTES: usize = 4096;
+const MAX_DEPTH: usize = 32;
+const MAX_ENTRIES: usize = 10_000;
+
 fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the file name is empty".into());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!("the file name is over {MAX_NAME_BYTES} bytes"));
+    }
+    if name.split('/').count() > MAX_DEPTH {
+        return Err(format!(
+            "the file name is nested deeper than {MAX_DEPTH} directories"
+        ));
     }
     if name.starts_with('/') {
         return Err("the file name is absolute; expected a path relative to the mount".into());
@@ -197,6 +210,12 @@ impl VolumeSpec {
     pub fn new(entries: Vec<SecretEntry>) -> Result<Self, SpecError> {
         if entries.is_empty() {
             return Err(SpecError::Empty);
+        }
+        if entries.len() > MAX_ENTRIES {
+            return Err(SpecError::Document(format!(
+                "{} entries; at most {MAX_ENTRIES} are allowed",
+                entries.len()
+            )));
         }
         let mut root = DraftDir::default();
         for (index, e) in entries.iter().enumerate() {
@@ -368,6 +387,11 @@ mod tests {
             assert!(err.contains(why), "{args:?}: {err}");
         }
         assert_eq!(VolumeSpec::new(vec![]).unwrap_err(), SpecError::Empty);
+        let deep = format!("{}f=secret/a", "d/".repeat(40));
+        let err = spec(&[deep.as_str()]).unwrap_err().to_string();
+        assert!(err.contains("nested deeper than 32"), "{err}");
+        let deep = format!("{}f=secret/a", "d/".repeat(10_000));
+        assert!(spec(&[deep.as_str()]).is_err());
     }
 
     #[test]

@@ -121,6 +121,21 @@ pub fn is_disconnected(path: &Path) -> bool {
     rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
+/// Whether `path` lives on a tmpfs (memory-backed, never written to disk).
+pub fn is_tmpfs(path: &Path) -> bool {
+    let Ok(c) = cstring(path) else {
+        return false;
+    };
+    let mut out = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a valid path and `out` is writable memory of the right size.
+    if unsafe { libc::statfs(c.as_ptr(), out.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statfs succeeded, so it filled `out`.
+    let stat = unsafe { out.assume_init() };
+    stat.f_type == libc::TMPFS_MAGIC
+}
+
 /// Whether `path` is a mount point, per `/proc/self/mountinfo`.
 pub fn is_mount_point(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {

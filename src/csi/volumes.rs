@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,8 +71,9 @@ pub struct CsiConfig {
     pub cache_max_bytes: usize,
 }
 
-/// NodePublishVolume, taken out of protobuf.
-#[derive(Clone, Debug, Default)]
+/// NodePublishVolume, taken out of protobuf. `Debug` leaves out the context and secrets: they
+/// carry service-account tokens.
+#[derive(Clone, Default)]
 pub struct PublishRequest {
     pub volume_id: String,
     pub target_path: String,
@@ -80,6 +81,22 @@ pub struct PublishRequest {
     pub capability: Option<Capability>,
     pub context: HashMap<String, String>,
     pub secrets: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for PublishRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishRequest")
+            .field("volume_id", &self.volume_id)
+            .field("target_path", &self.target_path)
+            .field("readonly", &self.readonly)
+            .field("capability", &self.capability)
+            .field("context", &format_args!("<{} keys>", self.context.len()))
+            .field(
+                "secrets",
+                &format_args!("<{} keys redacted>", self.secrets.len()),
+            )
+            .finish()
+    }
 }
 
 /// The parts of a `VolumeCapability` vaultfs looks at.
@@ -373,12 +390,30 @@ impl VolumeManager {
             .clone()
     }
 
+    /// Drops a target's lock entry once no request holds or waits for it (the map's reference
+    /// and the caller's are the only ones left), so entries do not pile up.
+    fn release_target_lock(&self, target: &Path, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self.target_locks.lock();
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(target);
+        }
+    }
+
     /// NodePublishVolume: validates, then mounts a new volume (logging in with the pod's
     /// token first) or, for a volume already served at this target, swaps in the fresh token.
     pub async fn publish(&self, req: &PublishRequest) -> Result<(), CsiError> {
         let params = validate(req, &self.config)?;
-        let lock = self.target_lock(&params.target);
-        let _one = lock.lock().await;
+        let target = params.target.clone();
+        let lock = self.target_lock(&target);
+        let result = {
+            let _one = lock.lock().await;
+            self.publish_locked(params).await
+        };
+        self.release_target_lock(&target, lock);
+        result
+    }
+
+    async fn publish_locked(&self, params: Params) -> Result<(), CsiError> {
         let served = match self.volumes.lock().get(&params.target) {
             Some(volume) if volume.volume_id != params.volume_id => {
                 return Err(CsiError::AlreadyExists(format!(
@@ -429,8 +464,8 @@ impl VolumeManager {
                 ),
                 Err(err) => {
                     let reason = match err {
-                        SourceError::Invalid(m) => m,
-                        other => other.to_string(),
+                        SourceError::LoginRefused(m) | SourceError::Invalid(m) => m,
+                        other => format!("login to auth/{} failed: {other}", params.auth_mount),
                     };
                     return Err(CsiError::PermissionDenied(reason));
                 }
@@ -512,8 +547,17 @@ impl VolumeManager {
         }
         let target = PathBuf::from(target_path);
         let lock = self.target_lock(&target);
-        let _one = lock.lock().await;
-        let volume = self.volumes.lock().remove(&target);
+        let result = {
+            let _one = lock.lock().await;
+            self.unpublish_locked(volume_id, &target).await
+        };
+        self.release_target_lock(&target, lock);
+        result
+    }
+
+    async fn unpublish_locked(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {
+        let target_path = target.display().to_string();
+        let volume = self.volumes.lock().remove(target);
         let unmounted = match volume {
             Some(mut volume) => {
                 volume.tasks.abort_all();
@@ -522,13 +566,12 @@ impl VolumeManager {
                 volume.cache.clear();
                 result
             }
-            None => self.mounter.unmount_target(&target).map(|_| ()),
+            None => self.mounter.unmount_target(target).map(|_| ()),
         };
         unmounted.map_err(|e| CsiError::Internal(format!("cannot unmount {target_path}: {e}")))?;
-        self.forget_state(&target);
+        self.forget_state(target);
         // The plugin created the target directory; kubelet removes its parent.
-        let _ = std::fs::remove_dir(&target);
-        self.target_locks.lock().remove(&target);
+        let _ = std::fs::remove_dir(target);
         tracing::info!(volume_id, target = target_path, "volume unpublished");
         Ok(())
     }
@@ -580,14 +623,18 @@ impl VolumeManager {
             // A dead mount at the target stays: the new one is stacked on it (see
             // `mount::prepare_target`) so running containers see it.
             let lock = self.target_lock(&target);
-            let _one = lock.lock().await;
-            if self.volumes.lock().contains_key(&target) {
-                continue;
-            }
-            let result = match validate(&record.to_request(), &self.config) {
-                Ok(params) => self.start(params, false).await,
-                Err(e) => Err(e),
+            let result = {
+                let _one = lock.lock().await;
+                if self.volumes.lock().contains_key(&target) {
+                    Ok(())
+                } else {
+                    match validate(&record.to_request(), &self.config) {
+                        Ok(params) => self.start(params, false).await,
+                        Err(e) => Err(e),
+                    }
+                }
             };
+            self.release_target_lock(&target, lock);
             match result {
                 Ok(()) => recovered += 1,
                 Err(e) => {
@@ -618,6 +665,7 @@ impl VolumeManager {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let record = StateRecord {
             volume_id: params.volume_id.clone(),
             target_path: params.target.display().to_string(),
@@ -652,5 +700,27 @@ impl VolumeManager {
                 tracing::warn!(file = %path.display(), error = %e, "could not remove volume state");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_request_debug_never_shows_tokens() {
+        let mut req = PublishRequest {
+            volume_id: "csi-1".into(),
+            ..Default::default()
+        };
+        req.context.insert(
+            TOKENS.into(),
+            r#"{"vault":{"token":"eyJhbGciOi.secret"}}"#.into(),
+        );
+        req.secrets
+            .insert(TOKENS.into(), "eyJhbGciOi.secret".into());
+        let printed = format!("{req:?}");
+        assert!(!printed.contains("eyJhbGciOi"), "{printed}");
+        assert!(printed.contains("csi-1"));
     }
 }

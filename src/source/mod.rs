@@ -40,6 +40,10 @@ pub enum SourceError {
     /// Vault answered something vaultfs cannot use (bad response shape, 4xx other than 403/404).
     #[error("unexpected Vault response: {0}")]
     Invalid(String),
+    /// Vault refused to log in with this identity's credential (bad role, wrong service
+    /// account, expired JWT), or the identity was shut down. The message says which.
+    #[error("{0}")]
+    LoginRefused(String),
 }
 
 impl SourceError {

@@ -1,8 +1,9 @@
 //! The real `SecretSource`: Vault's (and OpenBao's) HTTP API over reqwest. The only module that
 //! knows URLs, headers, auth methods, token renewal and KV engine detection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,6 +138,10 @@ pub struct VaultSource {
     mounts: Mutex<Vec<(String, Engine)>>,
     /// Paths whose mount could not be detected (treated as plain logical reads).
     undetectable: Mutex<HashMap<SecretPath, Engine>>,
+    /// KV v2 paths whose metadata this identity may not read: no cheap version check.
+    no_metadata: Mutex<HashSet<SecretPath>>,
+    /// Set by `revoke`: no further logins (an unpublished volume stays dead).
+    closed: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -182,12 +187,18 @@ fn classify(status: StatusCode, body: &Value) -> SourceError {
     }
 }
 
+/// Vault's TTL in seconds, bounded so that adding it to a clock reading cannot overflow.
+fn ttl_from(value: &Value) -> u64 {
+    value.as_u64().unwrap_or(0).min(10 * 365 * 24 * 3600)
+}
+
 fn error_class(err: &SourceError) -> &'static str {
     match err {
         SourceError::NotFound => "not_found",
         SourceError::PermissionDenied => "forbidden",
         SourceError::Unavailable(_) => "unavailable",
         SourceError::Invalid(_) => "invalid",
+        SourceError::LoginRefused(_) => "login_refused",
     }
 }
 
@@ -215,6 +226,8 @@ impl VaultSource {
             login_lock: tokio::sync::Mutex::new(()),
             mounts: Mutex::new(Vec::new()),
             undetectable: Mutex::new(HashMap::new()),
+            no_metadata: Mutex::new(HashSet::new()),
+            closed: AtomicBool::new(false),
             metrics,
         }
     }
@@ -250,10 +263,10 @@ impl VaultSource {
     pub async fn run_renewer(self: Arc<Self>) {
         let mut backoff = Duration::from_secs(5);
         loop {
-            let (lookup, renew_at) = match self.token.lock().as_ref() {
-                Some(t) if !t.looked_up => (true, None),
-                Some(t) if t.renewable => (false, t.renew_at),
-                _ => (false, None),
+            let (lookup, renew_at, renewing) = match self.token.lock().as_ref() {
+                Some(t) if !t.looked_up => (true, None, Some(t.token.clone())),
+                Some(t) if t.renewable => (false, t.renew_at, Some(t.token.clone())),
+                _ => (false, None, None),
             };
             let result = if lookup {
                 self.lookup_self().await
@@ -268,8 +281,13 @@ impl VaultSource {
                 Ok(()) => backoff = Duration::from_secs(5),
                 Err(err) => {
                     tracing::warn!(error = %err, "could not look up or renew the Vault token; retrying with back-off");
-                    if !self.is_static_token() {
-                        self.token.lock().take();
+                    if !self.is_static_token() && !err.is_transient() {
+                        // Renewal refused (max TTL reached, token revoked): the next request
+                        // logs in again. A token obtained meanwhile is kept.
+                        let mut slot = self.token.lock();
+                        if slot.as_ref().map(|t| &t.token) == renewing.as_ref() {
+                            slot.take();
+                        }
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(300));
@@ -280,6 +298,7 @@ impl VaultSource {
 
     /// Revokes a token this process obtained by logging in (never a token it was given).
     pub async fn revoke(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         if self.is_static_token() {
             return;
         }
@@ -310,7 +329,7 @@ impl VaultSource {
             .authed("lookup", Method::GET, "auth/token/lookup-self", None)
             .await?;
         let data = &body["data"];
-        let ttl = data["ttl"].as_u64().unwrap_or(0);
+        let ttl = ttl_from(&data["ttl"]);
         let renewable = data["renewable"].as_bool().unwrap_or(false);
         if let Some(t) = self.token.lock().as_mut() {
             let now = Instant::now();
@@ -341,7 +360,7 @@ impl VaultSource {
     /// Records the `auth` block of a login or renew answer.
     fn adopt_auth(&self, body: &Value, new_token: Option<Token>) {
         let auth = &body["auth"];
-        let ttl = auth["lease_duration"].as_u64().unwrap_or(0);
+        let ttl = ttl_from(&auth["lease_duration"]);
         let renewable = auth["renewable"].as_bool().unwrap_or(false);
         let now = Instant::now();
         let (renew_at, expires_at) = if ttl > 0 {
@@ -369,6 +388,11 @@ impl VaultSource {
 
     /// A token to use now: the current one while it is valid, else a fresh login.
     async fn token(&self) -> Result<Token, SourceError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(SourceError::LoginRefused(
+                "this volume was unpublished; its Vault identity is closed".into(),
+            ));
+        }
         {
             let slot = self.token.lock();
             if let Some(t) = slot.as_ref() {
@@ -376,6 +400,11 @@ impl VaultSource {
                     return Ok(t.token.clone());
                 }
             }
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(SourceError::LoginRefused(
+                "this volume was unpublished; its Vault identity is closed".into(),
+            ));
         }
         if self.is_static_token() {
             return Err(SourceError::PermissionDenied);
@@ -433,9 +462,12 @@ impl VaultSource {
             )
             .await
             .map_err(|err| match err {
-                SourceError::PermissionDenied | SourceError::Invalid(_) => SourceError::Invalid(
+                SourceError::PermissionDenied | SourceError::NotFound => SourceError::LoginRefused(
                     format!("Vault refused the login to auth/{mount} as role {role:?}: {err}"),
                 ),
+                SourceError::Invalid(detail) => SourceError::LoginRefused(format!(
+                    "Vault refused the login to auth/{mount} as role {role:?}: {detail}"
+                )),
                 other => other,
             })?;
         let token = answer["auth"]["client_token"]
@@ -462,8 +494,24 @@ impl VaultSource {
             .await;
         match first {
             Err(SourceError::PermissionDenied) if !self.is_static_token() => {
-                let fresh = self.relogin(Some(&token)).await?;
-                self.send(kind, method, path, body, Some(&fresh)).await
+                // A 403 is either a policy denial or a token that expired or was revoked.
+                // Only the latter is worth a new login.
+                let valid = self
+                    .send(
+                        "lookup",
+                        Method::GET,
+                        "auth/token/lookup-self",
+                        None,
+                        Some(&token),
+                    )
+                    .await;
+                match valid {
+                    Err(SourceError::PermissionDenied) => {
+                        let fresh = self.relogin(Some(&token)).await?;
+                        self.send(kind, method, path, body, Some(&fresh)).await
+                    }
+                    _ => Err(SourceError::PermissionDenied),
+                }
             }
             other => other,
         }
@@ -649,15 +697,26 @@ impl SecretSource for VaultSource {
         if engine != Engine::KvV2 {
             return Ok(None);
         }
+        if self.no_metadata.lock().contains(path) {
+            return Ok(None);
+        }
         let rest = &path.as_str()[prefix.len()..];
-        let body = self
+        let answer = self
             .authed(
                 "metadata",
                 Method::GET,
                 &format!("{prefix}metadata/{rest}"),
                 None,
             )
-            .await?;
+            .await;
+        let body = match answer {
+            Err(SourceError::PermissionDenied) => {
+                // Policies often grant data but not metadata: compare by reading instead.
+                self.no_metadata.lock().insert(path.clone());
+                return Ok(None);
+            }
+            other => other?,
+        };
         let Some(current) = body
             .pointer("/data/current_version")
             .and_then(Value::as_u64)
@@ -697,6 +756,15 @@ mod tests {
             &json!({"errors": ["invalid role"]}),
         );
         assert_eq!(bad, SourceError::Invalid("HTTP 400: invalid role".into()));
+    }
+
+    #[test]
+    fn huge_ttls_from_vault_are_clamped_instead_of_overflowing_the_clock() {
+        let now = Instant::now();
+        let ttl = ttl_from(&json!(u64::MAX));
+        assert!(now.checked_add(Duration::from_secs(ttl)).is_some());
+        assert_eq!(ttl_from(&json!(3600)), 3600);
+        assert_eq!(ttl_from(&json!("junk")), 0);
     }
 
     #[test]
