@@ -3,7 +3,7 @@
 //! wait on Vault. Knows nothing of FUSE; talks to Vault only through `SecretSource`.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -78,6 +78,8 @@ struct Slot {
     state: Mutex<SlotState>,
     /// Held while one task asks Vault about this path (single flight).
     refresh: tokio::sync::Mutex<()>,
+    /// A background refresh (during an outage) is running.
+    refreshing: AtomicBool,
 }
 
 struct Slots {
@@ -129,33 +131,49 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     /// The current content of `path`: from memory while fresh, otherwise after asking Vault
-    /// (one request per path at a time, bounded by `vault_timeout`).
-    pub async fn get(&self, path: &SecretPath) -> Result<Arc<Content>, SourceError> {
+    /// (one request per path at a time, bounded by `vault_timeout`). While Vault is known to
+    /// be failing, a cached value within `max_stale` is answered at once and Vault is asked
+    /// again in the background, at most once per back-off.
+    pub async fn get(self: &Arc<Self>, path: &SecretPath) -> Result<Arc<Content>, SourceError> {
         let slot = self.slot(path);
         if let Some(content) = self.fresh(&slot) {
             self.metrics.cache_hits.inc();
             return Ok(content);
         }
+        if let Some(stale) = self.stale_during_outage(&slot) {
+            self.metrics.cache_stale_serves.inc();
+            if !slot.refreshing.swap(true, Ordering::AcqRel) {
+                let (this, path, slot) = (self.clone(), path.clone(), slot.clone());
+                tokio::spawn(async move {
+                    let _ = this.refresh(&path, &slot).await;
+                    slot.refreshing.store(false, Ordering::Release);
+                });
+            }
+            return Ok(stale);
+        }
+        self.refresh(path, &slot).await
+    }
+
+    /// Asks Vault about `path` unless another task just did (single flight) or a recent
+    /// failure says to wait (back-off), and records the outcome.
+    async fn refresh(
+        &self,
+        path: &SecretPath,
+        slot: &Arc<Slot>,
+    ) -> Result<Arc<Content>, SourceError> {
         let started = Instant::now();
         let _flight = slot.refresh.lock().await;
-        if let Some(content) = self.fresh(&slot) {
+        if let Some(content) = self.fresh(slot) {
             self.metrics.cache_hits.inc();
             return Ok(content);
         }
         let current = {
             let state = slot.state.lock();
             if let Some((at, err)) = &state.failure {
-                let hold = if err.is_transient() {
-                    let doublings = state.failures.saturating_sub(1).min(16);
-                    (self.config.retry_backoff * 2u32.pow(doublings))
-                        .min(self.config.max_retry_backoff)
-                } else {
-                    self.config.ttl
-                };
-                if *at >= started || at.elapsed() < hold {
+                if *at >= started || at.elapsed() < self.hold(err, state.failures) {
                     let err = err.clone();
                     drop(state);
-                    return self.stale_or(&slot, err);
+                    return self.stale_or(slot, err);
                 }
             }
             state.current.clone()
@@ -178,12 +196,16 @@ impl<S: SecretSource> SecretCache<S> {
                 let mut state = slot.state.lock();
                 state.checked_at = Some(Instant::now());
                 state.failure = None;
+                state.failures = 0;
+                // The slot may have been evicted or cleared meanwhile: answer with the value
+                // that was checked.
                 Ok(state
                     .current
                     .clone()
-                    .expect("unchanged implies a current value"))
+                    .or(current)
+                    .expect("an unchanged outcome is only reached with a current value"))
             }
-            Ok(Outcome::Changed(fetched)) => Ok(self.store(path, &slot, fetched)),
+            Ok(Outcome::Changed(fetched)) => Ok(self.store(path, slot, fetched)),
             Err(err) => {
                 tracing::debug!(path = %path, error = %err, "vault request failed");
                 let vanished = {
@@ -197,11 +219,35 @@ impl<S: SecretSource> SecretCache<S> {
                     !err.is_transient() && state.current.take().is_some()
                 };
                 if vanished {
-                    self.forget_weight(path, &slot);
+                    self.forget_weight(path, slot);
                     self.notify(path);
                 }
-                self.stale_or(&slot, err)
+                self.stale_or(slot, err)
             }
+        }
+    }
+
+    /// How long a failure is answered from memory before Vault is asked again: the TTL for
+    /// definite answers (not found, denied), a doubling back-off for outages.
+    fn hold(&self, err: &SourceError, failures: u32) -> Duration {
+        if err.is_transient() {
+            let doublings = failures.saturating_sub(1).min(16);
+            (self.config.retry_backoff * 2u32.pow(doublings)).min(self.config.max_retry_backoff)
+        } else {
+            self.config.ttl
+        }
+    }
+
+    /// A cached value to answer with at once because Vault's last answer for this path was an
+    /// outage and the value is within `max_stale`.
+    fn stale_during_outage(&self, slot: &Slot) -> Option<Arc<Content>> {
+        let state = slot.state.lock();
+        let (_, err) = state.failure.as_ref()?;
+        let checked = state.checked_at?;
+        if err.is_transient() && checked.elapsed() <= self.config.max_stale {
+            state.current.clone()
+        } else {
+            None
         }
     }
 
@@ -355,8 +401,12 @@ mod tests {
         SecretPath::parse(p).unwrap()
     }
 
-    fn cache(source: &Arc<MockSource>, config: CacheConfig) -> SecretCache<MockSource> {
-        SecretCache::new(source.clone(), config, Arc::new(Metrics::new()))
+    fn cache(source: &Arc<MockSource>, config: CacheConfig) -> Arc<SecretCache<MockSource>> {
+        Arc::new(SecretCache::new(
+            source.clone(),
+            config,
+            Arc::new(Metrics::new()),
+        ))
     }
 
     fn value(c: &Content, key: &str) -> String {
@@ -380,7 +430,7 @@ mod tests {
         let source = Arc::new(MockSource::new());
         source.put("secret/a", &[("k", "v1")]);
         source.set_latency(Duration::from_millis(50));
-        let cache = Arc::new(cache(&source, CacheConfig::default()));
+        let cache = cache(&source, CacheConfig::default());
         let tasks: Vec<_> = (0..16)
             .map(|_| {
                 let cache = cache.clone();
@@ -470,6 +520,52 @@ mod tests {
         source.heal();
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(value(&cache.get(&p).await.unwrap(), "k"), "v1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn during_an_outage_stale_values_come_at_once_and_vault_is_asked_in_the_background() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let config = CacheConfig {
+            ttl: Duration::from_secs(10),
+            vault_timeout: Duration::from_secs(5),
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        let p = path("secret/a");
+        cache.get(&p).await.unwrap();
+        source.set_latency(Duration::from_secs(3600)); // Vault hangs
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let start = Instant::now();
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "k"), "v1");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(5),
+            "the first access finds out"
+        );
+        let checks = source.version_checks();
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_millis(700)).await;
+            let start = Instant::now();
+            assert_eq!(value(&cache.get(&p).await.unwrap(), "k"), "v1");
+            assert_eq!(start.elapsed(), Duration::ZERO, "later accesses never wait");
+        }
+        let asked = source.version_checks() - checks;
+        assert!(
+            (1..=4).contains(&asked),
+            "{asked} background checks in 14 s of outage"
+        );
+        // Vault recovers: the new version arrives within the back-off cap.
+        source.set_latency(Duration::ZERO);
+        source.put("secret/a", &[("k", "v2")]);
+        let healed = Instant::now();
+        while value(&cache.get(&p).await.unwrap(), "k") != "v2" {
+            assert!(
+                healed.elapsed() < Duration::from_secs(16),
+                "never recovered"
+            );
+            tokio::time::advance(Duration::from_millis(500)).await;
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -563,7 +563,9 @@ impl VaultSource {
         };
         let mut response = request.send().await.map_err(unavailable)?;
         let status = response.status();
-        let mut raw = Zeroizing::new(Vec::new());
+        // Sized up front where the length is known, so growing leaves no stray copies behind.
+        let expected = response.content_length().unwrap_or(0).min(1 << 20) as usize;
+        let mut raw = Zeroizing::new(Vec::with_capacity(expected.max(4096)));
         while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
             raw.extend_from_slice(&chunk);
         }
