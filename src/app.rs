@@ -63,10 +63,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     let spec = Arc::new(settings.spec);
     let fs = Arc::new(VaultFs::new(spec.clone(), cache.clone(), fs_config));
 
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-
+    let shutdown = shutdown_signal()?;
     let mounted = mount::mount(
         fs,
         &settings.mountpoint,
@@ -89,24 +86,44 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     let paths = spec.entries().iter().map(|e| e.path.clone()).collect();
     let detect = source.clone();
     background.spawn(async move { detect.detect_engines(paths).await });
-    if let Some(addr) = settings.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding --metrics-addr {addr}"))?;
-        tracing::info!(%addr, "serving /metrics and /healthz");
-        background.spawn(metrics::serve(listener, metrics.clone()));
-    }
-
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
-    }
+    spawn_metrics(&mut background, settings.metrics_addr, &metrics).await?;
+    shutdown.await;
     background.abort_all();
     let unmounted = mounted.unmount();
     source.revoke().await;
     cache.clear();
     unmounted.context("unmounting")?;
     Ok(())
+}
+
+/// Serves `/metrics` and `/healthz` on `addr`, if given, as a task of `background`.
+async fn spawn_metrics(
+    background: &mut tokio::task::JoinSet<()>,
+    addr: Option<SocketAddr>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        tracing::info!(%addr, "serving /metrics and /healthz");
+        background.spawn(metrics::serve(listener, metrics.clone()));
+    }
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT. Installs the handlers at once, so a signal that
+/// arrives before the future is polled is not lost.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 /// How long the kernel may cache names and attributes: never longer than the cache TTL, so
@@ -198,22 +215,8 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         );
     }
     let mut background = tokio::task::JoinSet::new();
-    if let Some(addr) = settings.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding --metrics-addr {addr}"))?;
-        tracing::info!(%addr, "serving /metrics and /healthz");
-        background.spawn(metrics::serve(listener, metrics.clone()));
-    }
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM received"),
-            _ = interrupt.recv() => tracing::info!("SIGINT received"),
-        }
-    };
+    spawn_metrics(&mut background, settings.metrics_addr, &metrics).await?;
+    let shutdown = shutdown_signal()?;
     crate::csi::serve(manager.clone(), &socket, shutdown).await?;
     background.abort_all();
     let kept = manager.release_for_restart();

@@ -66,15 +66,8 @@ struct CsiArgs {
     /// Most secret bytes held in memory per volume.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     cache_max_bytes: usize,
-    /// Lock the daemon's memory so secrets are never swapped out.
-    #[arg(long)]
-    lock_memory: bool,
-    /// Serve Prometheus /metrics and /healthz on this address.
-    #[arg(long, value_name = "HOST:PORT")]
-    metrics_addr: Option<SocketAddr>,
-    /// Log line format on stderr (level from RUST_LOG, default info).
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    daemon: DaemonArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -130,6 +123,13 @@ struct MountArgs {
     allow_other: bool,
     #[command(flatten)]
     vault: VaultArgs,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// Settings every long-running command shares.
+#[derive(Args)]
+struct DaemonArgs {
     /// Lock the daemon's memory so secrets are never swapped out.
     #[arg(long)]
     lock_memory: bool,
@@ -280,7 +280,7 @@ fn main() -> ExitCode {
 }
 
 fn csi(args: CsiArgs) -> ExitCode {
-    init_logging(args.log_format);
+    init_logging(args.daemon.log_format);
     let server = |addr: String| ServerConfig {
         addr,
         namespace: args
@@ -336,8 +336,8 @@ fn csi(args: CsiArgs) -> ExitCode {
         vault_timeout: args.vault_timeout,
         cache_max_entries: args.cache_max_entries,
         cache_max_bytes: args.cache_max_bytes,
-        lock_memory: args.lock_memory,
-        metrics_addr: args.metrics_addr,
+        lock_memory: args.daemon.lock_memory,
+        metrics_addr: args.daemon.metrics_addr,
     };
     run(app::run_csi(settings))
 }
@@ -366,7 +366,7 @@ fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode 
 }
 
 fn mount(args: MountArgs) -> ExitCode {
-    init_logging(args.log_format);
+    init_logging(args.daemon.log_format);
     let prepared = volume_spec(&args.secrets, args.spec.as_ref()).and_then(|spec| {
         let (vault, auth) = vault_config(args.vault, args.vault_timeout)?;
         Ok(MountSettings {
@@ -387,8 +387,8 @@ fn mount(args: MountArgs) -> ExitCode {
             gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
             file_mode: args.file_mode,
             allow_other: args.allow_other,
-            lock_memory: args.lock_memory,
-            metrics_addr: args.metrics_addr,
+            lock_memory: args.daemon.lock_memory,
+            metrics_addr: args.daemon.metrics_addr,
         })
     });
     let settings = match prepared {

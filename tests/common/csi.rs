@@ -28,8 +28,8 @@ use vaultfs::csi::pb::node_client::NodeClient;
 
 use super::jwt::{rfc3339, ServiceAccountToken, SigningKey};
 use super::{
-    die_with_parent, lazy_unmount, mountinfo, read_lossy, send_signal, vaultfs_bin, wait_timeout,
-    Bao, VAULT_ENV,
+    die_with_parent, lazy_unmount, mountinfo, read_lossy, stop_child, stop_child_on_drop,
+    vaultfs_bin, Bao, VAULT_ENV,
 };
 
 /// The driver name kubelet knows the plugin by.
@@ -363,44 +363,21 @@ impl CsiDaemon {
     }
 
     fn stop_with(&mut self, sig: i32) -> ExitStatus {
-        if let Some(s) = self.exit_status {
-            return s;
-        }
-        if let Ok(Some(s)) = self.child.try_wait() {
-            self.exit_status = Some(s);
-            return s;
-        }
-        let _ = send_signal(self.child.id() as i32, sig);
-        let limit = Duration::from_secs(15);
-        match wait_timeout(&mut self.child, limit) {
-            Some(s) => {
-                self.exit_status = Some(s);
-                s
-            }
-            None => {
-                let _ = self.child.kill();
-                let s = self.child.wait().expect("wait vaultfs csi");
-                self.exit_status = Some(s);
-                panic!(
-                    "vaultfs csi did not exit within {limit:?} after signal {sig}; its output:\n{}",
-                    self.logs()
-                );
-            }
-        }
+        let log_path = self.log_path.clone();
+        stop_child(
+            &mut self.child,
+            &mut self.exit_status,
+            sig,
+            Duration::from_secs(15),
+            "vaultfs csi",
+            || read_lossy(&log_path),
+        )
     }
 }
 
 impl Drop for CsiDaemon {
     fn drop(&mut self) {
-        if self.exit_status.is_none() {
-            if let Ok(None) = self.child.try_wait() {
-                let _ = send_signal(self.child.id() as i32, libc::SIGTERM);
-                if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                }
-            }
-        }
+        stop_child_on_drop(&mut self.child, self.exit_status);
     }
 }
 

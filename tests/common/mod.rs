@@ -1116,47 +1116,73 @@ impl Mount {
     }
 
     fn stop_with(&mut self, sig: i32, limit: Duration) -> ExitStatus {
-        if let Some(s) = self.exit_status {
-            return s;
-        }
-        if let Ok(Some(s)) = self.child.try_wait() {
-            self.exit_status = Some(s);
-            return s;
-        }
-        let _ = send_signal(self.child.id() as i32, sig);
-        match wait_timeout(&mut self.child, limit) {
-            Some(s) => {
-                self.exit_status = Some(s);
-                s
-            }
-            None => {
-                let _ = self.child.kill();
-                let s = self.child.wait().expect("wait vaultfs");
-                self.exit_status = Some(s);
-                panic!(
-                    "vaultfs did not exit within {limit:?} after signal {sig}; its output:\n{}",
-                    self.logs()
-                );
-            }
-        }
+        let log_path = self.log_path.clone();
+        stop_child(
+            &mut self.child,
+            &mut self.exit_status,
+            sig,
+            limit,
+            "vaultfs",
+            || read_lossy(&log_path),
+        )
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if self.exit_status.is_none() {
-            if let Ok(None) = self.child.try_wait() {
-                let _ = send_signal(self.child.id() as i32, libc::SIGTERM);
-                if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                }
-            }
-        }
+        stop_child_on_drop(&mut self.child, self.exit_status);
         // Detach a mount left behind by this daemon (it is dead once the daemon is gone). A
         // live mount at the same place belongs to a later daemon and is left to its guard.
         if is_dead_mount(&self.mountpoint) {
             let _ = lazy_unmount(&self.mountpoint);
+        }
+    }
+}
+
+/// Sends `sig` to a daemon that has not exited yet, waits up to `limit` and records its exit
+/// status; panics with the daemon's output if it does not exit in time.
+pub fn stop_child(
+    child: &mut Child,
+    exit_status: &mut Option<ExitStatus>,
+    sig: i32,
+    limit: Duration,
+    what: &str,
+    logs: impl FnOnce() -> String,
+) -> ExitStatus {
+    if let Some(s) = *exit_status {
+        return s;
+    }
+    if let Ok(Some(s)) = child.try_wait() {
+        *exit_status = Some(s);
+        return s;
+    }
+    let _ = send_signal(child.id() as i32, sig);
+    match wait_timeout(child, limit) {
+        Some(s) => {
+            *exit_status = Some(s);
+            s
+        }
+        None => {
+            let _ = child.kill();
+            let s = child.wait().expect("wait for the daemon");
+            *exit_status = Some(s);
+            panic!(
+                "{what} did not exit within {limit:?} after signal {sig}; its output:\n{}",
+                logs()
+            );
+        }
+    }
+}
+
+/// Stops a daemon from a guard's `Drop`: SIGTERM, then SIGKILL after 10 s. Never panics.
+pub fn stop_child_on_drop(child: &mut Child, exit_status: Option<ExitStatus>) {
+    if exit_status.is_none() {
+        if let Ok(None) = child.try_wait() {
+            let _ = send_signal(child.id() as i32, libc::SIGTERM);
+            if wait_timeout(child, Duration::from_secs(10)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }
