@@ -33,6 +33,9 @@ pub const SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
 pub const TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
 const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// Longest a publish waits for the pod's Vault login before mounting anyway.
+const PUBLISH_LOGIN_WAIT: Duration = Duration::from_secs(2);
+
 /// The volume attributes a pod may set, with their meaning (README's table).
 pub const ATTRIBUTES: [&str; 7] = [
     "role",
@@ -456,7 +459,17 @@ impl VolumeManager {
             self.metrics.clone(),
         ));
         if strict {
-            match source.login().await {
+            // A pod must not wait long on an unreachable Vault: give the login a short bound
+            // and mount anyway when it runs out (the first read logs in).
+            let wait = self.config.vault_timeout.min(PUBLISH_LOGIN_WAIT);
+            let login = tokio::time::timeout(wait, source.login())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SourceError::Unavailable(format!(
+                        "no answer within {wait:?}"
+                    )))
+                });
+            match login {
                 Ok(()) => {}
                 Err(SourceError::Unavailable(reason)) => tracing::warn!(
                     volume = %params.label, %reason,
