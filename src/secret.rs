@@ -73,7 +73,7 @@ impl SecretData {
             .map(|(k, v)| {
                 let raw = match v {
                     serde_json::Value::String(s) => s.as_bytes().to_vec(),
-                    other => serde_json::to_vec(other).expect("a JSON value always serializes"),
+                    other => to_vec_exact(other),
                 };
                 (k.clone(), SecretBytes::new(raw))
             })
@@ -111,6 +111,26 @@ impl SecretData {
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
     }
+}
+
+/// Serializes `value` into a buffer of exactly the right size, so that no grown-and-freed
+/// intermediate buffer is left holding secret bytes.
+fn to_vec_exact(value: &impl serde::Serialize) -> Vec<u8> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("JSON values always serialize");
+    let mut out = Vec::with_capacity(count.0);
+    serde_json::to_writer(&mut out, value).expect("JSON values always serialize");
+    out
 }
 
 /// Overwrites every string inside a parsed JSON value before it is freed.

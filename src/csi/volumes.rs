@@ -141,6 +141,12 @@ struct StateRecord {
     mount_group: String,
 }
 
+impl Drop for StateRecord {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.token);
+    }
+}
+
 impl StateRecord {
     fn to_request(&self) -> PublishRequest {
         let mut context: HashMap<String, String> = self.context.clone().into_iter().collect();
@@ -617,6 +623,7 @@ impl VolumeManager {
                 continue;
             }
             let record: StateRecord = match std::fs::read(&path)
+                .map(zeroize::Zeroizing::new)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
             {
