@@ -70,6 +70,8 @@ struct SlotState {
     failure: Option<(Instant, SourceError)>,
     /// Consecutive transient failures (for the back-off).
     failures: u32,
+    /// When the current value was read and how long its lease lasts (dynamic secrets).
+    lease: Option<(Instant, Duration)>,
     weight: usize,
 }
 
@@ -243,8 +245,7 @@ impl<S: SecretSource> SecretCache<S> {
     fn stale_during_outage(&self, slot: &Slot) -> Option<Arc<Content>> {
         let state = slot.state.lock();
         let (_, err) = state.failure.as_ref()?;
-        let checked = state.checked_at?;
-        if err.is_transient() && checked.elapsed() <= self.config.max_stale {
+        if err.is_transient() && self.servable_stale(&state) {
             state.current.clone()
         } else {
             None
@@ -291,21 +292,40 @@ impl<S: SecretSource> SecretCache<S> {
     fn fresh(&self, slot: &Slot) -> Option<Arc<Content>> {
         let state = slot.state.lock();
         let checked = state.checked_at?;
-        if checked.elapsed() < self.config.ttl {
+        // A leased value is re-read two thirds into its lease if that comes before the TTL.
+        let ttl = match state.lease {
+            Some((_, lease)) => self.config.ttl.min(lease * 2 / 3),
+            None => self.config.ttl,
+        };
+        if checked.elapsed() < ttl {
             state.current.clone()
         } else {
             None
         }
     }
 
+    /// Whether the current value may still be served stale: within `max_stale` of its last
+    /// check and, for a leased value, before its lease ends.
+    fn servable_stale(&self, state: &SlotState) -> bool {
+        let within_stale = state
+            .checked_at
+            .is_some_and(|c| c.elapsed() <= self.config.max_stale);
+        let lease_alive = state
+            .lease
+            .is_none_or(|(read, lease)| read.elapsed() < lease);
+        within_stale && lease_alive
+    }
+
     fn stale_or(&self, slot: &Slot, err: SourceError) -> Result<Arc<Content>, SourceError> {
         if err.is_transient() {
             let state = slot.state.lock();
-            if let (Some(content), Some(checked)) = (&state.current, state.checked_at) {
-                if checked.elapsed() <= self.config.max_stale {
-                    self.metrics.cache_stale_serves.inc();
-                    return Ok(content.clone());
-                }
+            if let Some(content) = state
+                .current
+                .as_ref()
+                .filter(|_| self.servable_stale(&state))
+            {
+                self.metrics.cache_stale_serves.inc();
+                return Ok(content.clone());
             }
         }
         Err(err)
@@ -335,6 +355,7 @@ impl<S: SecretSource> SecretCache<S> {
 
     fn store(&self, path: &SecretPath, slot: &Arc<Slot>, fetched: Fetched) -> Arc<Content> {
         let weight = fetched.data.weight();
+        let lease = fetched.lease.map(|d| (Instant::now(), d));
         let content = Arc::new(Content {
             fetched,
             generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
@@ -349,6 +370,7 @@ impl<S: SecretSource> SecretCache<S> {
                 state.checked_at = Some(Instant::now());
                 state.failure = None;
                 state.failures = 0;
+                state.lease = lease;
                 (replaced, std::mem::replace(&mut state.weight, weight))
             };
             let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
@@ -619,6 +641,35 @@ mod tests {
         source.heal();
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(cache.get(&p).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leased_values_are_reread_before_the_lease_ends_and_never_served_past_it() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)));
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        cache.get(&p).await.unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        cache.get(&p).await.unwrap();
+        assert_eq!(source.reads(), 1, "fresh for two thirds of the 9 s lease");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        source.put_unversioned("database/creds/app", &[("password", "gen-2")]);
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-2");
+        assert_eq!(source.reads(), 2, "re-read at 6 s, before the 30 s TTL");
+        source.fail(SourceError::Unavailable("down".into()));
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert_eq!(
+            value(&cache.get(&p).await.unwrap(), "password"),
+            "gen-2",
+            "stale within the lease"
+        );
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(
+            cache.get(&p).await.is_err(),
+            "never served once the lease is over"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,6 +16,7 @@ struct State {
     secrets: HashMap<String, (u64, SecretData, bool)>,
     fail_with: Option<SourceError>,
     latency: Duration,
+    lease: Option<Duration>,
 }
 
 /// A mock secret store. Each path holds a version number, the data, and whether it supports
@@ -64,6 +65,11 @@ impl MockSource {
         self.state.lock().fail_with = None;
     }
 
+    /// Every read reports a lease of this length (dynamic-secret-like).
+    pub fn set_lease(&self, lease: Option<Duration>) {
+        self.state.lock().lease = lease;
+    }
+
     /// Every call waits this long (in tokio time) before answering.
     pub fn set_latency(&self, latency: Duration) {
         self.state.lock().latency = latency;
@@ -103,9 +109,11 @@ impl MockSource {
 impl SecretSource for MockSource {
     async fn read(&self, path: &SecretPath) -> Result<Fetched, SourceError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        let lease = self.state.lock().lease;
         self.answer(path, |(v, data, versioned)| Fetched {
             version: versioned.then_some(Version(*v)),
             data: data.clone(),
+            lease,
         })
         .await
     }

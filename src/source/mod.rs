@@ -3,6 +3,7 @@
 //! HTTP and auth); `mock` is an in-memory double for the fast test tiers.
 
 use std::future::Future;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -23,6 +24,8 @@ pub struct Fetched {
     /// their change detection compares content.
     pub version: Option<Version>,
     pub data: SecretData,
+    /// The lease Vault attached (dynamic secrets): the data is valid this long from the read.
+    pub lease: Option<Duration>,
 }
 
 /// Why a source could not answer. Messages never contain secret values.

@@ -192,6 +192,16 @@ fn ttl_from(value: &Value) -> u64 {
     value.as_u64().unwrap_or(0).min(10 * 365 * 24 * 3600)
 }
 
+/// The lease of a logical read's answer. Only a real lease counts: KV v1 reports a refresh
+/// interval in `lease_duration` without a `lease_id`.
+fn lease_of(body: &Value) -> Option<Duration> {
+    let leased = body["lease_id"].as_str().is_some_and(|id| !id.is_empty());
+    leased
+        .then(|| ttl_from(&body["lease_duration"]))
+        .filter(|secs| *secs > 0)
+        .map(Duration::from_secs)
+}
+
 fn error_class(err: &SourceError) -> &'static str {
     match err {
         SourceError::NotFound => "not_found",
@@ -680,15 +690,21 @@ impl SecretSource for VaultSource {
                     .and_then(Value::as_u64)
                     .map(Version);
                 let data = take_data(body, "/data/data")?;
-                Ok(Fetched { version, data })
+                Ok(Fetched {
+                    version,
+                    data,
+                    lease: None,
+                })
             }
             Engine::KvV1 | Engine::Logical => {
                 let body = self
                     .authed("read", Method::GET, path.as_str(), None)
                     .await?;
+                let lease = lease_of(&body);
                 Ok(Fetched {
                     version: None,
                     data: take_data(body, "/data")?,
+                    lease,
                 })
             }
         }
@@ -758,6 +774,15 @@ mod tests {
             &json!({"errors": ["invalid role"]}),
         );
         assert_eq!(bad, SourceError::Invalid("HTTP 400: invalid role".into()));
+    }
+
+    #[test]
+    fn only_answers_with_a_lease_id_carry_a_lease() {
+        let dynamic =
+            json!({"lease_id": "database/creds/app/abc", "lease_duration": 3600, "data": {}});
+        assert_eq!(lease_of(&dynamic), Some(Duration::from_secs(3600)));
+        let kv1 = json!({"lease_id": "", "lease_duration": 2764800, "data": {}});
+        assert_eq!(lease_of(&kv1), None);
     }
 
     #[test]
