@@ -66,8 +66,7 @@ pub struct SecretData {
 impl SecretData {
     /// Renders a Vault `data` object, then wipes the strings of the parsed JSON it consumed.
     pub fn from_json(mut data: serde_json::Map<String, serde_json::Value>) -> Self {
-        let json =
-            SecretBytes::new(serde_json::to_vec(&data).expect("a JSON map always serializes"));
+        let json = SecretBytes::new(to_vec_exact(&data));
         let fields = data
             .iter()
             .map(|(k, v)| {
@@ -115,7 +114,7 @@ impl SecretData {
 
 /// Serializes `value` into a buffer of exactly the right size, so that no grown-and-freed
 /// intermediate buffer is left holding secret bytes.
-fn to_vec_exact(value: &impl serde::Serialize) -> Vec<u8> {
+pub(crate) fn to_vec_exact(value: &impl serde::Serialize) -> Vec<u8> {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -697,8 +697,7 @@ impl VolumeManager {
                 .map(|g| g.to_string())
                 .unwrap_or_default(),
         };
-        let mut bytes =
-            zeroize::Zeroizing::new(serde_json::to_vec(&record).expect("state serializes"));
+        let bytes = zeroize::Zeroizing::new(crate::secret::to_vec_exact(&record));
         let final_path = self.state_file(&params.target);
         let tmp = final_path.with_extension("tmp");
         let mut file = std::fs::OpenOptions::new()
@@ -708,7 +707,6 @@ impl VolumeManager {
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(&bytes)?;
-        bytes.iter_mut().for_each(|b| *b = 0);
         drop(file);
         std::fs::rename(&tmp, &final_path)
     }
