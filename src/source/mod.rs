@@ -24,8 +24,27 @@ pub struct Fetched {
     /// their change detection compares content.
     pub version: Option<Version>,
     pub data: SecretData,
-    /// The lease Vault attached (dynamic secrets): the data is valid this long from the read.
-    pub lease: Option<Duration>,
+    /// The lease Vault attached (dynamic secrets).
+    pub lease: Option<Lease>,
+}
+
+/// A Vault lease on a dynamic secret: the data is valid for `duration` from when it was
+/// granted, and may be extended with `renew_lease` while `renewable`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Vault's lease id (not a secret value, but never logged: it names a credential).
+    pub id: String,
+    pub duration: Duration,
+    pub renewable: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("duration", &self.duration)
+            .field("renewable", &self.renewable)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a source could not answer. Messages never contain secret values.
@@ -68,4 +87,15 @@ pub trait SecretSource: Send + Sync + 'static {
         &self,
         path: &SecretPath,
     ) -> impl Future<Output = Result<Option<Version>, SourceError>> + Send;
+
+    /// Extends a lease by up to `increment`; returns how long it now lasts from now (Vault
+    /// caps it at the lease's max TTL).
+    fn renew_lease(
+        &self,
+        lease: &Lease,
+        increment: Duration,
+    ) -> impl Future<Output = Result<Duration, SourceError>> + Send;
+
+    /// Revokes a lease (its credentials stop working).
+    fn revoke_lease(&self, lease: &Lease) -> impl Future<Output = Result<(), SourceError>> + Send;
 }

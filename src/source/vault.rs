@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::{Fetched, SecretSource, SourceError, Version};
+use super::{Fetched, Lease, SecretSource, SourceError, Version};
 use crate::metrics::Metrics;
 use crate::secret::{wipe_json, SecretData, Token};
 use crate::spec::SecretPath;
@@ -194,12 +194,14 @@ fn ttl_from(value: &Value) -> u64 {
 
 /// The lease of a logical read's answer. Only a real lease counts: KV v1 reports a refresh
 /// interval in `lease_duration` without a `lease_id`.
-fn lease_of(body: &Value) -> Option<Duration> {
-    let leased = body["lease_id"].as_str().is_some_and(|id| !id.is_empty());
-    leased
-        .then(|| ttl_from(&body["lease_duration"]))
-        .filter(|secs| *secs > 0)
-        .map(Duration::from_secs)
+fn lease_of(body: &Value) -> Option<Lease> {
+    let id = body["lease_id"].as_str().filter(|id| !id.is_empty())?;
+    let secs = ttl_from(&body["lease_duration"]);
+    (secs > 0).then(|| Lease {
+        id: id.to_string(),
+        duration: Duration::from_secs(secs),
+        renewable: body["renewable"].as_bool().unwrap_or(false),
+    })
 }
 
 fn error_class(err: &SourceError) -> &'static str {
@@ -751,6 +753,25 @@ impl SecretSource for VaultSource {
         }
         Ok(Some(Version(current)))
     }
+
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        increment: Duration,
+    ) -> Result<Duration, SourceError> {
+        let body = json!({"lease_id": lease.id, "increment": increment.as_secs()});
+        let answer = self
+            .authed("renew_lease", Method::PUT, "sys/leases/renew", Some(body))
+            .await?;
+        Ok(Duration::from_secs(ttl_from(&answer["lease_duration"])))
+    }
+
+    async fn revoke_lease(&self, lease: &Lease) -> Result<(), SourceError> {
+        let body = json!({"lease_id": lease.id});
+        self.authed("revoke_lease", Method::PUT, "sys/leases/revoke", Some(body))
+            .await
+            .map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -778,9 +799,21 @@ mod tests {
 
     #[test]
     fn only_answers_with_a_lease_id_carry_a_lease() {
-        let dynamic =
-            json!({"lease_id": "database/creds/app/abc", "lease_duration": 3600, "data": {}});
-        assert_eq!(lease_of(&dynamic), Some(Duration::from_secs(3600)));
+        let dynamic = json!({
+            "lease_id": "database/creds/app/abc",
+            "lease_duration": 3600,
+            "renewable": true,
+            "data": {}
+        });
+        let lease = lease_of(&dynamic).expect("a lease");
+        assert_eq!(
+            (lease.duration, lease.renewable),
+            (Duration::from_secs(3600), true)
+        );
+        assert!(
+            !format!("{lease:?}").contains("abc"),
+            "lease ids stay out of Debug"
+        );
         let kv1 = json!({"lease_id": "", "lease_duration": 2764800, "data": {}});
         assert_eq!(lease_of(&kv1), None);
     }

@@ -32,6 +32,7 @@ use tempfile::TempDir;
 pub mod csi;
 pub mod jwt;
 pub mod k8s;
+pub mod pg;
 
 /// Root token of every dev server started by the harness.
 pub const ROOT_TOKEN: &str = "root";

@@ -1,0 +1,374 @@
+//! End-to-end tests of leased (dynamic) secrets: the real `vaultfs` binary mounted as root
+//! against a real OpenBao dev server whose `database` secrets engine issues PostgreSQL logins
+//! on a real, throw-away PostgreSQL server ([`common::pg::Postgres`]).
+//!
+//! The volume declares two files from the same dynamic secret:
+//! `db/username=database/creds/app#username` and `db/password=database/creds/app#password`.
+//! Every read of `database/creds/app` creates a new PostgreSQL role with its own lease, so the
+//! audit log's count of those reads is the number of credentials vaultfs was issued. A lease is
+//! renewed with `PUT sys/leases/renew` and revoked with `PUT sys/leases/revoke` (both audited
+//! as `update` requests on those paths).
+//!
+//! Ignored by default (they need root, `/dev/fuse`, `bao` and PostgreSQL); `scripts/test.sh`
+//! runs them with `--include-ignored`.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::pg::{enable_database_engine, Postgres, CREDS_PATH};
+use common::*;
+use serde_json::Value;
+
+const USERNAME: &str = "db/username";
+const PASSWORD: &str = "db/password";
+
+/// Starts PostgreSQL and OpenBao and points OpenBao's `database` engine at PostgreSQL with the
+/// role's lease lengths.
+fn setup(default_ttl: Duration, max_ttl: Duration) -> (Postgres, Bao) {
+    require_root();
+    let pg = Postgres::start();
+    let bao = Bao::start();
+    enable_database_engine(&bao, &pg, default_ttl, max_ttl);
+    (pg, bao)
+}
+
+/// Mounts the username and password of `database/creds/app` as two files, with a cache TTL far
+/// longer than any lease here, so only lease handling makes vaultfs talk to Vault again.
+fn mount_credentials(bao: &Bao) -> Mount {
+    Mount::builder(bao)
+        .secret(&format!("{USERNAME}={CREDS_PATH}#username"))
+        .secret(&format!("{PASSWORD}={CREDS_PATH}#password"))
+        .args(["--cache-ttl", "1h"])
+        .rust_log("info,vaultfs=debug")
+        .start()
+}
+
+/// A username and password served together: the username is read again after the password
+/// and the pair is only taken when it did not change in between (a rotation may swap the
+/// credentials between two opens).
+fn credentials(m: &Mount) -> (String, String) {
+    for _ in 0..10 {
+        let user = read_string(m.file(USERNAME));
+        let password = read_string(m.file(PASSWORD));
+        if read_string(m.file(USERNAME)) == user {
+            assert!(!user.is_empty(), "empty username served");
+            assert!(!password.is_empty(), "empty password served");
+            return (user, password);
+        }
+    }
+    panic!(
+        "the username changed between every pair of reads; vaultfs log:\n{}",
+        m.logs()
+    );
+}
+
+/// Audited requests (the `request` half of each audit pair).
+fn audited_requests(bao: &Bao) -> Vec<Value> {
+    bao.audit_entries()
+        .into_iter()
+        .filter(|e| e["type"] == "request")
+        .collect()
+}
+
+/// Whether an audited request is an `update` of `sys/leases/<action>` (the lease id in the
+/// body, as vaultfs sends it, or in the path, which the API accepts too).
+fn is_lease_call(entry: &Value, action: &str) -> bool {
+    let path = entry["request"]["path"].as_str().unwrap_or_default();
+    let base = format!("sys/leases/{action}");
+    entry["request"]["operation"] == "update"
+        && (path == base || path.starts_with(&format!("{base}/")))
+}
+
+fn renewals(bao: &Bao) -> usize {
+    audited_requests(bao)
+        .iter()
+        .filter(|e| is_lease_call(e, "renew"))
+        .count()
+}
+
+fn revocations(bao: &Bao) -> usize {
+    audited_requests(bao)
+        .iter()
+        .filter(|e| is_lease_call(e, "revoke"))
+        .count()
+}
+
+fn creds_reads(bao: &Bao) -> usize {
+    bao.audit_reads(CREDS_PATH)
+}
+
+/// Seconds since the Unix epoch of an audit entry's `time` (RFC 3339 in UTC, as OpenBao writes
+/// it: `2026-11-27T01:26:39.495307688Z`).
+fn audit_time(entry: &Value) -> f64 {
+    let t = entry["time"]
+        .as_str()
+        .unwrap_or_else(|| panic!("audit entry without a time: {entry}"));
+    let parse = || -> Option<f64> {
+        let (date, rest) = t.split_once('T')?;
+        let mut d = date.split('-').map(|p| p.parse::<i64>());
+        let (y, mo, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+        let clock = rest.strip_suffix('Z')?;
+        let mut c = clock.split(':');
+        let (h, mi) = (
+            c.next()?.parse::<f64>().ok()?,
+            c.next()?.parse::<f64>().ok()?,
+        );
+        let s = c.next()?.parse::<f64>().ok()?;
+        // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+        let y = if mo <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (mo + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + s)
+    };
+    parse().unwrap_or_else(|| panic!("unexpected audit time format {t:?}"))
+}
+
+/// The lease ids OpenBao holds for `database/creds/app` (issued, not yet revoked or expired).
+fn live_leases(bao: &Bao) -> Vec<String> {
+    let resp = bao.api("LIST", &format!("sys/leases/lookup/{CREDS_PATH}/"), None);
+    match resp.status {
+        404 => Vec::new(),
+        200 => resp.json()["data"]["keys"]
+            .as_array()
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| k.as_str())
+                    .map(|k| format!("{CREDS_PATH}/{k}"))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        s => panic!(
+            "listing the leases of {CREDS_PATH} failed with {s}: {}",
+            resp.body
+        ),
+    }
+}
+
+/// Waits until `cond` holds, checking every 200 ms, at most `limit`; returns whether it held.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse, bao and postgresql (run by scripts/test.sh)"]
+fn dynamic_credentials_are_read_once_and_renewed_not_reissued_while_mounted() {
+    let default_ttl = Duration::from_secs(6);
+    let (pg, bao) = setup(default_ttl, Duration::from_secs(60));
+    let m = mount_credentials(&bao);
+    assert_eq!(creds_reads(&bao), 0, "mounting read {CREDS_PATH}");
+
+    let before_read = Instant::now();
+    let (user, password) = credentials(&m);
+    assert_eq!(
+        creds_reads(&bao),
+        1,
+        "the username and password files must come from one read of {CREDS_PATH}"
+    );
+    pg.try_login(&user, &password)
+        .unwrap_or_else(|e| panic!("the served credentials do not log in: {e}"));
+    let leases = live_leases(&bao);
+    assert_eq!(leases.len(), 1, "leases held in OpenBao: {leases:?}");
+
+    // Leave the mount alone until well past the credentials' original TTL (they were issued
+    // after `before_read`), watching that the daemon stays up meanwhile.
+    let quiet = Duration::from_secs(10);
+    assert!(quiet > default_ttl + Duration::from_secs(3));
+    while before_read.elapsed() < quiet {
+        if let Some(dead) = statfs_result(m.path(), Duration::from_secs(2)).and_then(Result::err) {
+            panic!(
+                "the mount failed statfs with errno {dead} while idle; vaultfs log:\n{}",
+                m.logs()
+            );
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+
+    let renewed = renewals(&bao);
+    assert!(
+        renewed >= 1,
+        "no sys/leases/renew request in the audit log {:?} after the lease's {default_ttl:?} \
+         TTL; vaultfs log:\n{}",
+        before_read.elapsed(),
+        m.logs()
+    );
+    assert_eq!(
+        creds_reads(&bao),
+        1,
+        "vaultfs read {CREDS_PATH} again (issuing new credentials) instead of renewing; \
+         vaultfs log:\n{}",
+        m.logs()
+    );
+    // The lease is still the only one and still live in OpenBao...
+    assert_eq!(live_leases(&bao), leases, "leases held in OpenBao changed");
+    // ...and PostgreSQL still accepts the credentials, whose password would have expired
+    // (VALID UNTIL the original expiration) without the renewals.
+    assert!(
+        before_read.elapsed() > default_ttl,
+        "checked too early to prove anything"
+    );
+    if let Err(e) = pg.try_login(&user, &password) {
+        panic!(
+            "after {:?} and {renewed} renewal(s) the credentials no longer log in: {e} \
+             (role VALID UNTIL {:?}); vaultfs log:\n{}",
+            before_read.elapsed(),
+            pg.role_valid_until(&user),
+            m.logs()
+        );
+    }
+
+    // New opens still see the same credentials, served without another read.
+    assert_eq!(
+        credentials(&m),
+        (user.clone(), password.clone()),
+        "the credentials served changed although the lease was renewable"
+    );
+    assert_eq!(
+        creds_reads(&bao),
+        1,
+        "re-reading the files read {CREDS_PATH}"
+    );
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse, bao and postgresql (run by scripts/test.sh)"]
+fn credentials_are_rotated_when_the_lease_reaches_its_max_ttl() {
+    let max_ttl = Duration::from_secs(8);
+    let (pg, bao) = setup(Duration::from_secs(4), max_ttl);
+    let m = mount_credentials(&bao);
+
+    let (user1, password1) = credentials(&m);
+    assert_eq!(creds_reads(&bao), 1, "first access read {CREDS_PATH} once");
+    pg.try_login(&user1, &password1)
+        .unwrap_or_else(|e| panic!("the first credentials do not log in: {e}"));
+
+    // The first lease can be renewed at most up to 8 s after issue; vaultfs must have swapped
+    // in new credentials by then. Allow 20 s before calling it missing.
+    let started = Instant::now();
+    let rotated = wait_until(Duration::from_secs(20), || {
+        read_string(m.file(USERNAME)) != user1
+    });
+    assert!(
+        rotated,
+        "the username was still {user1:?} {:?} after the first read (max_ttl {max_ttl:?}); \
+         {} read(s) of {CREDS_PATH}, {} renewal(s); vaultfs log:\n{}",
+        started.elapsed(),
+        creds_reads(&bao),
+        renewals(&bao),
+        m.logs()
+    );
+    let rotated_after = started.elapsed();
+    let (user2, password2) = credentials(&m);
+    // Counted right after the change was seen (within one 200 ms poll): the second lease is
+    // renewable for 8 s from its issue, so a third read cannot be due for several seconds.
+    // Anything but 2 here means vaultfs read the credentials more often than one rotation
+    // needs (every read issues new credentials).
+    let reads = creds_reads(&bao);
+    assert_ne!(
+        user2, user1,
+        "the rotated username went back to the first one"
+    );
+    assert_eq!(
+        reads,
+        2,
+        "expected exactly the first read and one rotation of {CREDS_PATH} when the new \
+         username appeared ({rotated_after:?} after the first read); vaultfs log:\n{}",
+        m.logs()
+    );
+    pg.try_login(&user2, &password2)
+        .unwrap_or_else(|e| panic!("the rotated credentials do not log in: {e}"));
+    assert_ne!(password2, password1, "the rotated password is the old one");
+
+    // From the audit log (server clock): the new credentials were read before the first lease
+    // reached its max_ttl, and only after vaultfs had renewed the first lease (it rotates
+    // because the lease cannot be extended, not instead of renewing it).
+    let requests = audited_requests(&bao);
+    let reads_at: Vec<f64> = requests
+        .iter()
+        .filter(|e| e["request"]["operation"] == "read" && e["request"]["path"] == CREDS_PATH)
+        .map(audit_time)
+        .collect();
+    assert_eq!(reads_at.len(), 2, "audited reads of {CREDS_PATH}");
+    let gap = reads_at[1] - reads_at[0];
+    assert!(
+        gap < max_ttl.as_secs_f64(),
+        "the new credentials were read {gap:.2} s after the first ones, after the first lease \
+         had expired at its max_ttl {max_ttl:?}"
+    );
+    let renewed_first = requests
+        .iter()
+        .filter(|e| is_lease_call(e, "renew"))
+        .map(audit_time)
+        .filter(|t| *t > reads_at[0] && *t < reads_at[1])
+        .count();
+    assert!(
+        renewed_first >= 1,
+        "the first lease was never renewed before the rotation {gap:.2} s later; \
+         vaultfs log:\n{}",
+        m.logs()
+    );
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse, bao and postgresql (run by scripts/test.sh)"]
+fn unmounting_revokes_the_lease_and_drops_the_database_role() {
+    // Leases long enough that neither a renewal nor a rotation happens during the test.
+    let (pg, bao) = setup(Duration::from_secs(60), Duration::from_secs(120));
+    let mut m = mount_credentials(&bao);
+
+    let (user, password) = credentials(&m);
+    assert_eq!(creds_reads(&bao), 1, "first access read {CREDS_PATH} once");
+    assert!(pg.role_exists(&user), "role {user:?} was not created");
+    pg.try_login(&user, &password)
+        .unwrap_or_else(|e| panic!("the served credentials do not log in: {e}"));
+    assert_eq!(revocations(&bao), 0, "a lease was revoked while mounted");
+
+    let status = m.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "vaultfs ended with {} on SIGTERM; its log:\n{}",
+        describe_status(&status),
+        m.logs()
+    );
+    assert!(!is_mounted(m.path()), "the mount is still there after exit");
+
+    let dropped = wait_until(Duration::from_secs(10), || !pg.role_exists(&user));
+    assert!(
+        dropped,
+        "role {user:?} still exists 10 s after vaultfs exited ({} revocation(s) audited, \
+         leases {:?}); vaultfs log:\n{}",
+        revocations(&bao),
+        live_leases(&bao),
+        m.logs()
+    );
+    assert!(
+        revocations(&bao) >= 1,
+        "the role is gone but no sys/leases/revoke request was audited; vaultfs log:\n{}",
+        m.logs()
+    );
+    assert!(
+        !pg.can_login(&user, &password),
+        "the revoked credentials still log in"
+    );
+    assert_eq!(
+        live_leases(&bao),
+        Vec::<String>::new(),
+        "leases left in OpenBao"
+    );
+    assert_eq!(creds_reads(&bao), 1, "vaultfs read {CREDS_PATH} again");
+}
