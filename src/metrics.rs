@@ -70,6 +70,7 @@ pub struct Metrics {
     vault_requests: Family<Labels, Histogram, fn() -> Histogram>,
     vault_errors: Family<Labels, Counter>,
     pub active_mounts: Gauge,
+    csi_requests: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -103,6 +104,8 @@ impl Metrics {
             Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let vault_errors = Family::<Labels, Counter>::default();
         let active_mounts = Gauge::default();
+        let csi_requests =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         registry.register("fuse_requests", "FUSE requests by operation", ops_count);
         registry.register(
             "fuse_request_duration_seconds",
@@ -149,6 +152,11 @@ impl Metrics {
             "Mounted vaultfs volumes",
             active_mounts.clone(),
         );
+        registry.register(
+            "csi_request_duration_seconds",
+            "CSI requests by RPC and gRPC status code, with their latency",
+            csi_requests.clone(),
+        );
         Self {
             registry,
             fuse_ops,
@@ -160,7 +168,14 @@ impl Metrics {
             vault_requests,
             vault_errors,
             active_mounts,
+            csi_requests,
         }
+    }
+
+    pub fn csi_request(&self, rpc: &'static str, code: &'static str, elapsed: Duration) {
+        self.csi_requests
+            .get_or_create(&vec![("rpc", rpc), ("code", code)])
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn fuse_op(&self, op: Op, elapsed: Duration) {
@@ -243,6 +258,7 @@ mod tests {
         m.fuse_error(Op::Open, "EIO");
         m.vault_request("read", Duration::from_millis(3));
         m.cache_hits.inc();
+        m.csi_request("NodePublishVolume", "OK", Duration::from_millis(5));
         let text = m.render();
         for name in [
             "vaultfs_fuse_requests_total{op=\"read\"} 1",
@@ -250,6 +266,7 @@ mod tests {
             "vaultfs_vault_request_duration_seconds_count{kind=\"read\"} 1",
             "vaultfs_cache_hits_total 1",
             "vaultfs_active_mounts 0",
+            "vaultfs_csi_request_duration_seconds_count{rpc=\"NodePublishVolume\",code=\"OK\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

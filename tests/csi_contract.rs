@@ -378,6 +378,13 @@ async fn publish_is_idempotent_and_a_republish_swaps_the_token_without_remountin
     let status = p.publish(other).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
     assert_eq!(p.fake.calls(), (1, 0));
+    let metrics = p.manager.metrics().render();
+    for line in [
+        "vaultfs_csi_request_duration_seconds_count{rpc=\"NodePublishVolume\",code=\"OK\"} 3",
+        "vaultfs_csi_request_duration_seconds_count{rpc=\"NodePublishVolume\",code=\"AlreadyExists\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
     p.stop().await;
 }
 

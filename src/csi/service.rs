@@ -11,6 +11,16 @@ use super::pb;
 use super::volumes::{Capability, CsiError, PublishRequest, VolumeManager};
 use super::DRIVER_NAME;
 
+fn code_name(result: &Result<(), CsiError>) -> &'static str {
+    match result {
+        Ok(()) => "OK",
+        Err(CsiError::InvalidArgument(_)) => "InvalidArgument",
+        Err(CsiError::PermissionDenied(_)) => "PermissionDenied",
+        Err(CsiError::AlreadyExists(_)) => "AlreadyExists",
+        Err(CsiError::Internal(_)) => "Internal",
+    }
+}
+
 fn status(err: CsiError) -> Status {
     match err {
         CsiError::InvalidArgument(m) => Status::invalid_argument(m),
@@ -98,6 +108,9 @@ impl pb::node_server::Node for NodeService {
         let (volume_id, target) = (req.volume_id.clone(), req.target_path.clone());
         let result = self.manager.publish(&req).await;
         let elapsed = started.elapsed();
+        self.manager
+            .metrics()
+            .csi_request("NodePublishVolume", code_name(&result), elapsed);
         match &result {
             Ok(()) => tracing::debug!(volume_id, target, ?elapsed, "NodePublishVolume ok"),
             Err(e) => tracing::warn!(volume_id, target, error = %e, "NodePublishVolume refused"),

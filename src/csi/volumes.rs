@@ -382,6 +382,10 @@ impl VolumeManager {
         &self.config.node_id
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Number of volumes served now.
     pub fn len(&self) -> usize {
         self.volumes.lock().len()
