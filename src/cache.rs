@@ -131,6 +131,8 @@ pub struct SecretCache<S> {
     on_swap: Mutex<Option<SwapHook>>,
     metrics: Arc<Metrics>,
     keeper_running: AtomicBool,
+    /// Wakes the lease keeper when a new lease is stored.
+    lease_added: Arc<tokio::sync::Notify>,
 }
 
 impl<S: SecretSource> SecretCache<S> {
@@ -148,6 +150,7 @@ impl<S: SecretSource> SecretCache<S> {
             on_swap: Mutex::new(None),
             metrics,
             keeper_running: AtomicBool::new(false),
+            lease_added: Arc::default(),
         }
     }
 
@@ -184,6 +187,8 @@ impl<S: SecretSource> SecretCache<S> {
         let result = self.refresh(path, &slot).await;
         if slot.state.lock().lease.is_some() {
             self.ensure_lease_keeper();
+            // A new lease may be due before the keeper's next wake-up.
+            self.lease_added.notify_one();
         }
         result
     }
@@ -217,8 +222,12 @@ impl<S: SecretSource> SecretCache<S> {
                 .map(|(_, _, at)| *at)
                 .min()
                 .unwrap_or_else(Instant::now);
+            let added = this.lease_added.clone();
             drop(this);
-            tokio::time::sleep_until(next).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = added.notified() => continue,
+            }
             let Some(this) = cache.upgrade() else {
                 return;
             };
@@ -859,6 +868,28 @@ mod tests {
         assert_eq!(source.reads(), 2);
         assert_eq!(swapped.load(Ordering::SeqCst), 1);
         assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_lease_added_later_is_renewed_on_time() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/slow", &[("password", "a")]);
+        source.put_unversioned("database/creds/fast", &[("password", "b")]);
+        source.set_lease(Some(Duration::from_secs(300)), None);
+        let cache = cache(&source, CacheConfig::default());
+        cache.get(&path("database/creds/slow")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        source.set_lease(Some(Duration::from_secs(6)), None);
+        cache.get(&path("database/creds/fast")).await.unwrap();
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(
+            source.renewals() >= 2,
+            "{} renewals of the 6 s lease",
+            source.renewals()
+        );
+        assert_eq!(source.reads(), 2, "renewed, never re-read");
     }
 
     #[tokio::test(start_paused = true)]
