@@ -83,6 +83,8 @@ struct HeldLease {
     period: Duration,
     /// When the keeper next renews it (or rotates the value, or retries).
     next: Instant,
+    /// Consecutive failed attempts (for the back-off).
+    failures: u32,
 }
 
 impl HeldLease {
@@ -93,6 +95,7 @@ impl HeldLease {
             next: granted + lease.duration * 2 / 3,
             granted,
             lease,
+            failures: 0,
         }
     }
 
@@ -131,8 +134,12 @@ pub struct SecretCache<S> {
     on_swap: Mutex<Option<SwapHook>>,
     metrics: Arc<Metrics>,
     keeper_running: AtomicBool,
-    /// Wakes the lease keeper when a new lease is stored.
+    /// Wakes the lease keeper when a new lease is stored or one must be revoked.
     lease_added: Arc<tokio::sync::Notify>,
+    /// Leases of values the cache no longer holds, waiting to be revoked.
+    orphaned_leases: Mutex<Vec<Lease>>,
+    /// Set once leases are being revoked (unmount): nothing new is stored.
+    closing: AtomicBool,
 }
 
 impl<S: SecretSource> SecretCache<S> {
@@ -151,6 +158,8 @@ impl<S: SecretSource> SecretCache<S> {
             metrics,
             keeper_running: AtomicBool::new(false),
             lease_added: Arc::default(),
+            orphaned_leases: Mutex::new(Vec::new()),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -201,12 +210,20 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     /// Renews every held lease two thirds into its period, for as long as the cache lives and
-    /// holds leases; rotates a value whose lease can no longer be extended.
+    /// holds leases; rotates a value whose lease can no longer be extended. Ends when the
+    /// cache is dropped or its leases are revoked.
     async fn keep_leases(cache: Weak<Self>) {
         loop {
             let Some(this) = cache.upgrade() else {
                 return;
             };
+            if this.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let orphans = std::mem::take(&mut *this.orphaned_leases.lock());
+            if !orphans.is_empty() {
+                this.revoke_all(orphans).await;
+            }
             let mut due = this.held_leases();
             if due.is_empty() {
                 this.keeper_running.store(false, Ordering::Release);
@@ -222,45 +239,52 @@ impl<S: SecretSource> SecretCache<S> {
                 .map(|(_, _, at)| *at)
                 .min()
                 .unwrap_or_else(Instant::now);
-            let added = this.lease_added.clone();
+            let wake = this.lease_added.clone();
             drop(this);
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
-                _ = added.notified() => continue,
+                _ = wake.notified() => continue,
             }
             let Some(this) = cache.upgrade() else {
                 return;
             };
             for (path, slot, at) in due {
                 if at <= Instant::now() {
-                    this.renew_or_rotate(&path, &slot).await;
+                    if let Some(slot) = slot.upgrade() {
+                        this.renew_or_rotate(&path, &slot).await;
+                    }
                 }
             }
         }
     }
 
     /// The cached values holding a lease, with when each is next due.
-    fn held_leases(&self) -> Vec<(SecretPath, Arc<Slot>, Instant)> {
+    fn held_leases(&self) -> Vec<(SecretPath, Weak<Slot>, Instant)> {
         let slots = self.slots.lock();
         slots
             .lru
             .iter()
             .filter_map(|(path, slot)| {
                 let next = slot.state.lock().lease.as_ref()?.next;
-                Some((path.clone(), slot.clone(), next))
+                Some((path.clone(), Arc::downgrade(slot), next))
             })
             .collect()
     }
 
-    /// Extends a value's lease; when Vault will not extend it enough (max TTL), reads new
-    /// credentials and swaps them in before the old ones expire.
+    /// Extends a value's lease; when Vault will not extend it by the full period (max TTL) or
+    /// no longer knows it, reads new credentials and swaps them in before the old ones expire.
     async fn renew_or_rotate(&self, path: &SecretPath, slot: &Arc<Slot>) {
-        let Some((lease, original)) = slot
+        // One conversation with Vault per path at a time, shared with `refresh`.
+        let _flight = slot.refresh.lock().await;
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let Some((lease, original, ends)) = slot
             .state
             .lock()
             .lease
             .as_ref()
-            .map(|h| (h.lease.clone(), h.lease.duration))
+            .map(|h| (h.lease.clone(), h.lease.duration, h.granted + h.period))
         else {
             return;
         };
@@ -280,13 +304,20 @@ impl<S: SecretSource> SecretCache<S> {
                         held.granted = Instant::now();
                         held.period = period;
                         held.next = held.granted + period * 2 / 3;
+                        held.failures = 0;
                     }
                     tracing::debug!(path = %path, ?period, "lease renewed");
                     return;
                 }
-                Ok(Ok(_)) | Ok(Err(SourceError::NotFound | SourceError::Invalid(_))) => {}
-                Ok(Err(err)) => return self.retry_lease_later(slot, &lease, &err.to_string()),
-                Err(_) => return self.retry_lease_later(slot, &lease, "no answer"),
+                // Capped, unknown to Vault, or not ours to renew: take new credentials.
+                Ok(Ok(_))
+                | Ok(Err(
+                    SourceError::NotFound | SourceError::Invalid(_) | SourceError::PermissionDenied,
+                )) => {}
+                Ok(Err(err)) => {
+                    return self.retry_lease_later(slot, &lease, ends, &err.to_string())
+                }
+                Err(_) => return self.retry_lease_later(slot, &lease, ends, "no answer"),
             }
         }
         match tokio::time::timeout(timeout, self.source.read(path)).await {
@@ -294,12 +325,14 @@ impl<S: SecretSource> SecretCache<S> {
                 tracing::info!(path = %path, "lease cannot be extended further; new credentials read");
                 self.store(path, slot, fetched);
             }
-            Ok(Err(err)) => self.retry_lease_later(slot, &lease, &err.to_string()),
-            Err(_) => self.retry_lease_later(slot, &lease, "no answer"),
+            Ok(Err(err)) => self.retry_lease_later(slot, &lease, ends, &err.to_string()),
+            Err(_) => self.retry_lease_later(slot, &lease, ends, "no answer"),
         }
     }
 
-    fn retry_lease_later(&self, slot: &Slot, lease: &Lease, reason: &str) {
+    /// Schedules another attempt with a doubling back-off, never later than the lease's end
+    /// (the last attempt then reads new credentials).
+    fn retry_lease_later(&self, slot: &Slot, lease: &Lease, ends: Instant, reason: &str) {
         tracing::warn!(reason, "could not renew a lease; retrying");
         if let Some(held) = slot
             .state
@@ -308,28 +341,66 @@ impl<S: SecretSource> SecretCache<S> {
             .as_mut()
             .filter(|h| &h.lease == lease)
         {
-            held.next = Instant::now() + self.config.retry_backoff.max(Duration::from_secs(1));
+            held.failures = held.failures.saturating_add(1);
+            let backoff = (self.config.retry_backoff.max(Duration::from_secs(1))
+                * 2u32.pow(held.failures.min(16) - 1))
+            .min(self.config.max_retry_backoff);
+            held.next = (Instant::now() + backoff).min(ends);
+            // At the end of the lease a renewal is pointless: rotate instead.
+            held.lease.renewable &= held.next < ends;
         }
     }
 
-    /// Revokes every lease this cache holds (unmount), so their credentials stop working.
+    /// Revokes every lease this cache holds (unmount), so their credentials stop working, and
+    /// stops the lease keeper. Waits for reads and rotations in flight, then revokes all leases
+    /// at once within one `vault_timeout`.
     pub async fn revoke_leases(&self) {
-        let leases: Vec<Lease> = {
-            let slots = self.slots.lock();
-            slots
-                .lru
-                .iter()
-                .filter_map(|(_, slot)| slot.state.lock().lease.take().map(|h| h.lease))
-                .collect()
-        };
+        self.closing.store(true, Ordering::Release);
+        self.lease_added.notify_one();
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .lock()
+            .lru
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
+        let mut leases: Vec<Lease> = std::mem::take(&mut *self.orphaned_leases.lock());
+        for slot in slots {
+            let _flight = slot.refresh.lock().await;
+            leases.extend(slot.state.lock().lease.take().map(|h| h.lease));
+        }
+        self.revoke_all(leases).await;
+    }
+
+    async fn revoke_all(&self, leases: Vec<Lease>) {
+        let mut revokes = tokio::task::JoinSet::new();
         for lease in leases {
-            match tokio::time::timeout(self.config.vault_timeout, self.source.revoke_lease(&lease))
-                .await
-            {
-                Ok(Ok(())) => tracing::info!("lease revoked"),
-                Ok(Err(err)) => tracing::warn!(error = %err, "could not revoke a lease"),
-                Err(_) => tracing::warn!("could not revoke a lease: no answer"),
+            let source = self.source.clone();
+            revokes.spawn(async move { source.revoke_lease(&lease).await });
+        }
+        let all = async {
+            while let Some(done) = revokes.join_next().await {
+                match done {
+                    Ok(Ok(())) => tracing::info!("lease revoked"),
+                    Ok(Err(err)) => tracing::warn!(error = %err, "could not revoke a lease"),
+                    Err(_) => tracing::warn!("could not revoke a lease: task failed"),
+                }
             }
+        };
+        if tokio::time::timeout(self.config.vault_timeout, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("could not revoke every lease: no answer in time");
+        }
+    }
+
+    /// Leases of values the cache let go (evicted, deleted or forbidden in Vault) are revoked
+    /// in the background, so no credential is left alive unmanaged.
+    fn orphan(&self, lease: Option<HeldLease>) {
+        if let Some(held) = lease {
+            self.orphaned_leases.lock().push(held.lease);
+            self.lease_added.notify_one();
         }
     }
 
@@ -342,6 +413,11 @@ impl<S: SecretSource> SecretCache<S> {
     ) -> Result<Arc<Content>, SourceError> {
         let started = Instant::now();
         let _flight = slot.refresh.lock().await;
+        if self.closing.load(Ordering::Acquire) {
+            return Err(SourceError::LoginRefused(
+                "the volume is being unmounted".into(),
+            ));
+        }
         if let Some(content) = self.fresh(slot) {
             self.metrics.cache_hits.inc();
             return Ok(content);
@@ -395,7 +471,11 @@ impl<S: SecretSource> SecretCache<S> {
                     } else {
                         0
                     };
-                    !err.is_transient() && state.current.take().is_some()
+                    let vanished = !err.is_transient() && state.current.take().is_some();
+                    if vanished {
+                        self.orphan(state.lease.take());
+                    }
+                    vanished
                 };
                 if vanished {
                     self.forget_weight(path, slot);
@@ -434,7 +514,9 @@ impl<S: SecretSource> SecretCache<S> {
     pub fn clear(&self) {
         let mut slots = self.slots.lock();
         for (_, slot) in slots.lru.iter() {
-            slot.state.lock().current = None;
+            let mut state = slot.state.lock();
+            state.current = None;
+            self.orphan(state.lease.take());
         }
         slots.lru.clear();
         slots.bytes = 0;
@@ -462,6 +544,7 @@ impl<S: SecretSource> SecretCache<S> {
             state.weight = 0;
             state.current = None;
             state.checked_at = None;
+            self.orphan(state.lease.take());
         }
         slot
     }
@@ -522,7 +605,13 @@ impl<S: SecretSource> SecretCache<S> {
         }
         let fetched = self.source.read(path).await?;
         match current {
-            Some(c) if c.fetched.version == fetched.version && c.fetched.data == fetched.data => {
+            // A read that brought a lease is always new: keeping the old lease would leave the
+            // new credential unmanaged.
+            Some(c)
+                if fetched.lease.is_none()
+                    && c.fetched.version == fetched.version
+                    && c.fetched.data == fetched.data =>
+            {
                 Ok(Outcome::Unchanged)
             }
             _ => Ok(Outcome::Changed(fetched)),
@@ -561,6 +650,7 @@ impl<S: SecretSource> SecretCache<S> {
                     state.weight = 0;
                     state.current = None;
                     state.checked_at = None;
+                    self.orphan(state.lease.take());
                 }
             } else {
                 slot.state.lock().weight = 0;
@@ -890,6 +980,45 @@ mod tests {
             source.renewals()
         );
         assert_eq!(source.reads(), 2, "renewed, never re-read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evicted_leased_values_have_their_leases_revoked() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/a", &[("password", "a")]);
+        source.put_unversioned("database/creds/b", &[("password", "b")]);
+        source.set_lease(Some(Duration::from_secs(60)), None);
+        let config = CacheConfig {
+            max_entries: NonZeroUsize::new(1).unwrap(),
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        cache.get(&path("database/creds/a")).await.unwrap();
+        cache.get(&path("database/creds/b")).await.unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(
+            source.revoked(),
+            vec!["database/creds/a/lease-1".to_string()]
+        );
+        cache.revoke_leases().await;
+        assert_eq!(source.revoked().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_vault_will_not_renew_for_us_is_replaced_by_new_credentials() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)), None);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        cache.get(&p).await.unwrap();
+        source.put_unversioned("database/creds/app", &[("password", "gen-2")]);
+        source.fail(SourceError::PermissionDenied);
+        for _ in 0..7 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(source.renewals(), 1);
+        assert_eq!(source.reads(), 2, "rotated instead of retrying the renewal");
     }
 
     #[tokio::test(start_paused = true)]

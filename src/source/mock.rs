@@ -178,7 +178,9 @@ impl SecretSource for MockSource {
     }
 
     async fn revoke_lease(&self, lease: &Lease) -> Result<(), SourceError> {
-        self.state.lock().revoked.push(lease.id.clone());
+        let mut state = self.state.lock();
+        state.granted.remove(&lease.id);
+        state.revoked.push(lease.id.clone());
         Ok(())
     }
 }
