@@ -163,10 +163,6 @@ impl<S: SecretSource> SecretCache<S> {
         }
     }
 
-    pub fn config(&self) -> &CacheConfig {
-        &self.config
-    }
-
     /// Installs the function told about swapped or vanished secrets (kernel cache invalidation).
     pub fn set_swap_hook(&self, hook: SwapHook) {
         *self.on_swap.lock() = Some(hook);
@@ -342,10 +338,7 @@ impl<S: SecretSource> SecretCache<S> {
             .filter(|h| &h.lease == lease)
         {
             held.failures = held.failures.saturating_add(1);
-            let backoff = (self.config.retry_backoff.max(Duration::from_secs(1))
-                * 2u32.pow(held.failures.min(16) - 1))
-            .min(self.config.max_retry_backoff);
-            held.next = (Instant::now() + backoff).min(ends);
+            held.next = (Instant::now() + self.backoff(held.failures)).min(ends);
             // At the end of the lease a renewal is pointless: rotate instead.
             held.lease.renewable &= held.next < ends;
         }
@@ -490,11 +483,17 @@ impl<S: SecretSource> SecretCache<S> {
     /// definite answers (not found, denied), a doubling back-off for outages.
     fn hold(&self, err: &SourceError, failures: u32) -> Duration {
         if err.is_transient() {
-            let doublings = failures.saturating_sub(1).min(16);
-            (self.config.retry_backoff * 2u32.pow(doublings)).min(self.config.max_retry_backoff)
+            self.backoff(failures)
         } else {
             self.config.ttl
         }
+    }
+
+    /// The wait after `failures` consecutive failures: `retry_backoff`, doubling each time, up
+    /// to `max_retry_backoff`.
+    fn backoff(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        (self.config.retry_backoff * 2u32.pow(doublings)).min(self.config.max_retry_backoff)
     }
 
     /// A cached value to answer with at once because Vault's last answer for this path was an
@@ -536,17 +535,26 @@ impl<S: SecretSource> SecretCache<S> {
         let slot = Arc::new(Slot::default());
         slots.lru.push(path.clone(), slot.clone());
         while slots.lru.len() > self.config.max_entries.get() {
-            let Some((_, evicted)) = slots.lru.pop_lru() else {
+            if !self.evict_lru(&mut slots) {
                 break;
-            };
-            let mut state = evicted.state.lock();
-            slots.bytes = slots.bytes.saturating_sub(state.weight);
-            state.weight = 0;
-            state.current = None;
-            state.checked_at = None;
-            self.orphan(state.lease.take());
+            }
         }
         slot
+    }
+
+    /// Drops the least recently used secret (called with `slots` locked): its bytes leave the
+    /// count, its value goes (zeroized once no handle holds it), its lease is revoked.
+    fn evict_lru(&self, slots: &mut Slots) -> bool {
+        let Some((_, evicted)) = slots.lru.pop_lru() else {
+            return false;
+        };
+        let mut state = evicted.state.lock();
+        slots.bytes = slots.bytes.saturating_sub(state.weight);
+        state.weight = 0;
+        state.current = None;
+        state.checked_at = None;
+        self.orphan(state.lease.take());
+        true
     }
 
     fn fresh(&self, slot: &Slot) -> Option<Arc<Content>> {
@@ -642,15 +650,9 @@ impl<S: SecretSource> SecretCache<S> {
             if cached {
                 slots.bytes = (slots.bytes + weight).saturating_sub(old_weight);
                 while slots.bytes > self.config.max_bytes && slots.lru.len() > 1 {
-                    let Some((_, evicted)) = slots.lru.pop_lru() else {
+                    if !self.evict_lru(&mut slots) {
                         break;
-                    };
-                    let mut state = evicted.state.lock();
-                    slots.bytes = slots.bytes.saturating_sub(state.weight);
-                    state.weight = 0;
-                    state.current = None;
-                    state.checked_at = None;
-                    self.orphan(state.lease.take());
+                    }
                 }
             } else {
                 slot.state.lock().weight = 0;

@@ -197,14 +197,6 @@ impl<S: SecretSource> VaultFs<S> {
         let _ = self.invalidate.set(invalidate);
     }
 
-    pub fn spec(&self) -> &Arc<VolumeSpec> {
-        &self.spec
-    }
-
-    pub fn cache(&self) -> &Arc<SecretCache<S>> {
-        &self.cache
-    }
-
     pub async fn lookup(&self, parent: InodeNo, name: &str) -> Result<Attr, FsError> {
         match self.spec.node(parent).map(|n| &n.kind) {
             Some(NodeKind::Dir(_)) => {}

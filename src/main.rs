@@ -177,13 +177,30 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// A Vault server's settings: flags first, then the standard `VAULT_*` variables.
+fn server_config(
+    addr: String,
+    namespace: Option<&String>,
+    ca_cert: Option<&PathBuf>,
+    timeout: Duration,
+) -> ServerConfig {
+    ServerConfig {
+        addr,
+        namespace: namespace.cloned().or_else(|| env("VAULT_NAMESPACE")),
+        ca_cert: ca_cert
+            .cloned()
+            .or_else(|| env("VAULT_CACERT").map(PathBuf::from)),
+        skip_verify: env("VAULT_SKIP_VERIFY")
+            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes")),
+        timeout,
+    }
+}
+
 fn vault_config(args: VaultArgs, timeout: Duration) -> Result<(ServerConfig, Auth), String> {
     let addr = args
         .vault_addr
         .or_else(|| env("VAULT_ADDR"))
         .ok_or("no Vault address: set VAULT_ADDR or --vault-addr (e.g. http://127.0.0.1:8200)")?;
-    let skip_verify = env("VAULT_SKIP_VERIFY")
-        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
     let login = |method: LoginMethod, default_mount: &str, credential: Credential| {
         let role = args
             .role
@@ -230,15 +247,12 @@ fn vault_config(args: VaultArgs, timeout: Duration) -> Result<(ServerConfig, Aut
             login(LoginMethod::AppRole, "approle", Credential::File(file))?
         }
     };
-    let server = ServerConfig {
+    let server = server_config(
         addr,
-        namespace: args.vault_namespace.or_else(|| env("VAULT_NAMESPACE")),
-        ca_cert: args
-            .vault_cacert
-            .or_else(|| env("VAULT_CACERT").map(PathBuf::from)),
-        skip_verify,
+        args.vault_namespace.as_ref(),
+        args.vault_cacert.as_ref(),
         timeout,
-    };
+    );
     Ok((server, auth))
 }
 
@@ -281,19 +295,13 @@ fn main() -> ExitCode {
 
 fn csi(args: CsiArgs) -> ExitCode {
     init_logging(args.daemon.log_format);
-    let server = |addr: String| ServerConfig {
-        addr,
-        namespace: args
-            .vault_namespace
-            .clone()
-            .or_else(|| env("VAULT_NAMESPACE")),
-        ca_cert: args
-            .vault_cacert
-            .clone()
-            .or_else(|| env("VAULT_CACERT").map(PathBuf::from)),
-        skip_verify: env("VAULT_SKIP_VERIFY")
-            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes")),
-        timeout: args.vault_timeout,
+    let server = |addr: String| {
+        server_config(
+            addr,
+            args.vault_namespace.as_ref(),
+            args.vault_cacert.as_ref(),
+            args.vault_timeout,
+        )
     };
     let prepared = (|| {
         vaultfs::csi::socket_path(&args.endpoint)?;

@@ -164,10 +164,6 @@ pub fn mount<S: SecretSource>(
 }
 
 impl FuseMount {
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
     /// Unmounts lazily: files still open keep working until closed, new opens fail. Treats
     /// an already-gone mount as success.
     pub fn unmount(mut self) -> std::io::Result<()> {

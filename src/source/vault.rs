@@ -105,10 +105,6 @@ impl VaultServer {
             namespace: config.namespace.clone(),
         })
     }
-
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

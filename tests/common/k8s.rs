@@ -15,34 +15,21 @@ use serde_json::{json, Value};
 use super::jwt::{unverified_claims, SigningKey, ISSUER};
 use super::Bao;
 
-fn expect_success(bao: &Bao, method: &str, path: &str, body: Value) -> Value {
-    let resp = bao.api(method, path, Some(body));
-    assert!(
-        (200..300).contains(&resp.status),
-        "{method} /v1/{path} failed with {}: {}",
-        resp.status,
-        resp.body
-    );
-    resp.json()
-}
-
 /// Enables the `jwt` auth method at `mount`, trusting tokens signed by `key` and issued by
 /// [`ISSUER`] (how a cluster's service-account tokens are verified offline).
 pub fn enable_jwt_auth(bao: &Bao, mount: &str, key: &SigningKey) {
-    expect_success(
-        bao,
+    bao.api_ok(
         "POST",
         &format!("sys/auth/{mount}"),
-        json!({ "type": "jwt" }),
+        Some(json!({ "type": "jwt" })),
     );
-    expect_success(
-        bao,
+    bao.api_ok(
         "POST",
         &format!("auth/{mount}/config"),
-        json!({
+        Some(json!({
             "jwt_validation_pubkeys": [key.public_pem()],
             "bound_issuer": ISSUER,
-        }),
+        })),
     );
 }
 
@@ -57,11 +44,10 @@ pub fn jwt_role(
     policies: &[&str],
     token_ttl: &str,
 ) {
-    expect_success(
-        bao,
+    bao.api_ok(
         "POST",
         &format!("auth/{mount}/role/{role}"),
-        json!({
+        Some(json!({
             "role_type": "jwt",
             "bound_audiences": ["vault"],
             "user_claim": "sub",
@@ -69,28 +55,26 @@ pub fn jwt_role(
             "token_policies": policies,
             "token_ttl": token_ttl,
             "token_max_ttl": "24h",
-        }),
+        })),
     );
 }
 
 /// Enables the `kubernetes` auth method at `mount`, pointed at `api` (its TokenReview
 /// endpoint). `ca_cert` is any PEM certificate: the endpoint is plain HTTP.
 pub fn enable_kubernetes_auth(bao: &Bao, mount: &str, api: &TokenReviewServer, ca_cert: &str) {
-    expect_success(
-        bao,
+    bao.api_ok(
         "POST",
         &format!("sys/auth/{mount}"),
-        json!({ "type": "kubernetes" }),
+        Some(json!({ "type": "kubernetes" })),
     );
-    expect_success(
-        bao,
+    bao.api_ok(
         "POST",
         &format!("auth/{mount}/config"),
-        json!({
+        Some(json!({
             "kubernetes_host": api.url(),
             "kubernetes_ca_cert": ca_cert,
             "disable_local_ca_jwt": true,
-        }),
+        })),
     );
 }
 
@@ -104,18 +88,17 @@ pub fn kubernetes_role(
     policies: &[&str],
     token_ttl: &str,
 ) {
-    expect_success(
-        bao,
+    bao.api_ok(
         "POST",
         &format!("auth/{mount}/role/{role}"),
-        json!({
+        Some(json!({
             "bound_service_account_names": [service_account],
             "bound_service_account_namespaces": [namespace],
             "audience": "vault",
             "token_policies": policies,
             "token_ttl": token_ttl,
             "token_max_ttl": "24h",
-        }),
+        })),
     );
 }
 

@@ -702,7 +702,8 @@ impl Bao {
         .unwrap_or_else(|e| panic!("{method} /v1/{path}: {e}"))
     }
 
-    fn api_ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    /// Sends one API request with the root token and panics unless it succeeds.
+    pub fn api_ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let resp = self.api(method, path, body);
         assert!(
             (200..300).contains(&resp.status),
