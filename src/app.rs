@@ -47,7 +47,12 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     harden(settings.lock_memory)?;
     let metrics = Arc::new(Metrics::new());
     let server = Arc::new(VaultServer::new(&settings.vault)?);
-    let source = Arc::new(VaultSource::new(server, settings.auth, metrics.clone()));
+    let source = Arc::new(VaultSource::new(
+        server,
+        settings.auth,
+        settings.mountpoint.display().to_string(),
+        metrics.clone(),
+    ));
     let cache = Arc::new(SecretCache::new(
         source.clone(),
         settings.cache.clone(),

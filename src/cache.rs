@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::source::{Fetched, Lease, SecretSource, SourceError};
+use crate::source::{pacing, Fetched, Lease, SecretSource, SourceError};
 use crate::spec::SecretPath;
 
 /// Cache behaviour.
@@ -81,8 +81,10 @@ struct HeldLease {
     /// Start and length of the current lease period (renewals move both).
     granted: Instant,
     period: Duration,
-    /// When the keeper next renews it (or rotates the value, or retries).
-    next: Instant,
+    /// When the keeper next renews it (or rotates the value, or retries); `None` for a lease too
+    /// short to renew at a sane pace (`pacing::Plan::Lapse`): the value is served until the
+    /// lease ends and the next access after that reads new credentials.
+    next: Option<Instant>,
     /// Consecutive failed attempts (for the back-off).
     failures: u32,
 }
@@ -90,9 +92,15 @@ struct HeldLease {
 impl HeldLease {
     fn new(lease: Lease) -> Self {
         let granted = Instant::now();
+        let next = match pacing::plan(lease.duration, lease.duration, lease.renewable) {
+            pacing::Plan::RenewIn(after) => Some(granted + after),
+            // Not renewable: new credentials two thirds in, while the old ones still work.
+            pacing::Plan::ReplaceIn(_) => Some(granted + lease.duration * 2 / 3),
+            pacing::Plan::Keep | pacing::Plan::Lapse => None,
+        };
         Self {
             period: lease.duration,
-            next: granted + lease.duration * 2 / 3,
+            next,
             granted,
             lease,
             failures: 0,
@@ -261,7 +269,7 @@ impl<S: SecretSource> SecretCache<S> {
             .lru
             .iter()
             .filter_map(|(path, slot)| {
-                let next = slot.state.lock().lease.as_ref()?.next;
+                let next = slot.state.lock().lease.as_ref()?.next?;
                 Some((path.clone(), Arc::downgrade(slot), next))
             })
             .collect()
@@ -286,28 +294,31 @@ impl<S: SecretSource> SecretCache<S> {
         };
         let timeout = self.config.vault_timeout;
         if lease.renewable {
-            match tokio::time::timeout(timeout, self.source.renew_lease(&lease, original)).await {
-                // Extended by the full period asked for. A shorter answer means the lease is
-                // capped by its max TTL: rotate now, while the old credentials still work.
-                Ok(Ok(period)) if period >= original => {
-                    if let Some(held) = slot
-                        .state
-                        .lock()
-                        .lease
-                        .as_mut()
-                        .filter(|h| h.lease == lease)
-                    {
-                        held.granted = Instant::now();
-                        held.period = period;
-                        held.next = held.granted + period * 2 / 3;
-                        held.failures = 0;
+            let renewed = tokio::time::timeout(timeout, self.source.renew_lease(&lease, original));
+            match renewed.await {
+                // Extended by the full period asked for (paced like tokens: two thirds in, never
+                // sooner than the floor). A shorter answer means the lease is capped by its max
+                // TTL: stop renewing and rotate now, while the old credentials still work.
+                Ok(Ok(period)) => {
+                    if let pacing::Plan::RenewIn(after) = pacing::plan(period, original, true) {
+                        if let Some(held) = slot
+                            .state
+                            .lock()
+                            .lease
+                            .as_mut()
+                            .filter(|h| h.lease == lease)
+                        {
+                            held.granted = Instant::now();
+                            held.period = period;
+                            held.next = Some(held.granted + after);
+                            held.failures = 0;
+                        }
+                        tracing::debug!(path = %path, ?period, "lease renewed");
+                        return;
                     }
-                    tracing::debug!(path = %path, ?period, "lease renewed");
-                    return;
                 }
-                // Capped, unknown to Vault, or not ours to renew: take new credentials.
-                Ok(Ok(_))
-                | Ok(Err(
+                // Unknown to Vault, or not ours to renew: take new credentials.
+                Ok(Err(
                     SourceError::NotFound | SourceError::Invalid(_) | SourceError::PermissionDenied,
                 )) => {}
                 Ok(Err(err)) => {
@@ -338,9 +349,15 @@ impl<S: SecretSource> SecretCache<S> {
             .filter(|h| &h.lease == lease)
         {
             held.failures = held.failures.saturating_add(1);
-            held.next = (Instant::now() + self.backoff(held.failures)).min(ends);
+            let wait = pacing::retry_in(
+                self.config.retry_backoff,
+                held.failures,
+                self.config.max_retry_backoff,
+            );
+            let next = (Instant::now() + wait).min(ends);
+            held.next = Some(next);
             // At the end of the lease a renewal is pointless: rotate instead.
-            held.lease.renewable &= held.next < ends;
+            held.lease.renewable &= next < ends;
         }
     }
 
@@ -960,6 +977,49 @@ mod tests {
         assert_eq!(source.reads(), 2);
         assert_eq!(swapped.load(Ordering::SeqCst), 1);
         assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_too_short_to_renew_at_a_sane_pace_is_never_renewed() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen")]);
+        source.set_lease(Some(Duration::from_secs(1)), None);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        // A reader every 100 ms for 10 s.
+        for _ in 0..100 {
+            cache.get(&p).await.unwrap();
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        assert_eq!(source.renewals(), 0, "a 1 s lease is never renewed");
+        assert!(
+            source.reads() <= 11,
+            "{} reads: at most one per lease period, as readers need",
+            source.reads()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_capped_by_its_max_ttl_is_renewed_calmly_then_rotated_once_per_period() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen")]);
+        source.set_lease(Some(Duration::from_secs(6)), Some(Duration::from_secs(20)));
+        let cache = cache(&source, CacheConfig::default());
+        cache.get(&path("database/creds/app")).await.unwrap();
+        for _ in 0..450 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        // Per 20 s max TTL: renewals at 4, 8, 12 s; the one at 16 s gets only 4 s and rotates.
+        assert!(
+            source.renewals() <= 45 / 3,
+            "{} renewals in 45 s",
+            source.renewals()
+        );
+        assert!(
+            (3..=4).contains(&source.reads()),
+            "{} reads of new credentials in 45 s",
+            source.reads()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,6 @@
 //! Prometheus metrics (`vaultfs_<subsystem>_<name>`, every name defined here once) and the
-//! small HTTP endpoint serving `/metrics` and `/healthz`. Labels carry operation names and
-//! error kinds only, never paths' contents or secret values.
+//! small HTTP endpoint serving `/metrics` and `/healthz`. Labels carry operation names, error
+//! kinds and volume names only, never paths' contents or secret values.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +51,12 @@ impl Op {
 }
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// Labels of per-volume series: the volume's name as vaultfs logs it.
+type VolumeLabels = Vec<(&'static str, String)>;
+
+fn volume_labels(volume: &str) -> VolumeLabels {
+    vec![("volume", volume.to_string())]
+}
 
 fn latency_histogram() -> Histogram {
     // 10 µs .. ~2.6 s
@@ -71,6 +77,9 @@ pub struct Metrics {
     vault_errors: Family<Labels, Counter>,
     pub active_mounts: Gauge,
     csi_requests: Family<Labels, Histogram, fn() -> Histogram>,
+    vault_logins: Family<VolumeLabels, Counter>,
+    vault_token_renewals: Family<VolumeLabels, Counter>,
+    vault_lease_renewals: Family<VolumeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -157,6 +166,24 @@ impl Metrics {
             "CSI requests by RPC and gRPC status code, with their latency",
             csi_requests.clone(),
         );
+        let vault_logins = Family::<VolumeLabels, Counter>::default();
+        let vault_token_renewals = Family::<VolumeLabels, Counter>::default();
+        let vault_lease_renewals = Family::<VolumeLabels, Counter>::default();
+        registry.register(
+            "vault_logins",
+            "Vault logins sent, by volume",
+            vault_logins.clone(),
+        );
+        registry.register(
+            "vault_token_renewals",
+            "Vault token renewals (auth/token/renew-self) sent, by volume",
+            vault_token_renewals.clone(),
+        );
+        registry.register(
+            "vault_lease_renewals",
+            "Vault lease renewals (sys/leases/renew) sent, by volume",
+            vault_lease_renewals.clone(),
+        );
         Self {
             registry,
             fuse_ops,
@@ -169,6 +196,39 @@ impl Metrics {
             vault_errors,
             active_mounts,
             csi_requests,
+            vault_logins,
+            vault_token_renewals,
+            vault_lease_renewals,
+        }
+    }
+
+    pub fn vault_login(&self, volume: &str) {
+        self.vault_logins
+            .get_or_create(&volume_labels(volume))
+            .inc();
+    }
+
+    pub fn vault_token_renewal(&self, volume: &str) {
+        self.vault_token_renewals
+            .get_or_create(&volume_labels(volume))
+            .inc();
+    }
+
+    pub fn vault_lease_renewal(&self, volume: &str) {
+        self.vault_lease_renewals
+            .get_or_create(&volume_labels(volume))
+            .inc();
+    }
+
+    /// Drops a volume's series once the volume is gone, so labels do not pile up.
+    pub fn forget_volume(&self, volume: &str) {
+        let labels = volume_labels(volume);
+        for family in [
+            &self.vault_logins,
+            &self.vault_token_renewals,
+            &self.vault_lease_renewals,
+        ] {
+            family.remove(&labels);
         }
     }
 
@@ -259,6 +319,9 @@ mod tests {
         m.vault_request("read", Duration::from_millis(3));
         m.cache_hits.inc();
         m.csi_request("NodePublishVolume", "OK", Duration::from_millis(5));
+        m.vault_login("ns/pod/vol-1");
+        m.vault_token_renewal("ns/pod/vol-1");
+        m.vault_lease_renewal("ns/pod/vol-1");
         let text = m.render();
         for name in [
             "vaultfs_fuse_requests_total{op=\"read\"} 1",
@@ -267,8 +330,16 @@ mod tests {
             "vaultfs_cache_hits_total 1",
             "vaultfs_active_mounts 0",
             "vaultfs_csi_request_duration_seconds_count{rpc=\"NodePublishVolume\",code=\"OK\"} 1",
+            "vaultfs_vault_logins_total{volume=\"ns/pod/vol-1\"} 1",
+            "vaultfs_vault_token_renewals_total{volume=\"ns/pod/vol-1\"} 1",
+            "vaultfs_vault_lease_renewals_total{volume=\"ns/pod/vol-1\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        m.forget_volume("ns/pod/vol-1");
+        assert!(
+            !m.render().contains("ns/pod/vol-1"),
+            "a gone volume's series are dropped"
+        );
     }
 }

@@ -466,6 +466,7 @@ impl VolumeManager {
                 role: params.role.clone(),
                 credential: Credential::Value(params.token.clone()),
             },
+            params.label.clone(),
             self.metrics.clone(),
         ));
         if strict {

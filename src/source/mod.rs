@@ -11,6 +11,7 @@ use crate::secret::SecretData;
 use crate::spec::SecretPath;
 
 pub mod mock;
+pub mod pacing;
 pub mod vault;
 
 /// A version of a secret as Vault numbers it (KV v2 metadata version).

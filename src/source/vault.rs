@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::{Fetched, Lease, SecretSource, SourceError, Version};
+use super::{pacing, Fetched, Lease, SecretSource, SourceError, Version};
 use crate::metrics::Metrics;
 use crate::secret::{wipe_json, SecretData, Token};
 use crate::spec::SecretPath;
@@ -107,6 +107,10 @@ impl VaultServer {
     }
 }
 
+/// First wait after a failed renewal or re-login; doubles per failure up to the max.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
+const MAX_RENEW_RETRY: Duration = Duration::from_secs(300);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Engine {
     KvV1,
@@ -116,12 +120,44 @@ enum Engine {
 
 struct TokenState {
     token: Token,
-    /// When to renew (two thirds into the TTL); `None` for tokens that never expire.
-    renew_at: Option<Instant>,
+    /// `None` for tokens that never expire.
     expires_at: Option<Instant>,
-    renewable: bool,
-    /// Whether the TTL is known (tokens from a login always; given tokens after a lookup).
-    looked_up: bool,
+    /// The TTL a fresh token gets (a login's TTL; for a given token, its creation TTL): a
+    /// renewal granting less has reached the max TTL.
+    full_ttl: Duration,
+    /// What the renewer does next with this token.
+    next: TokenStep,
+    /// Consecutive failed renewer steps (for the back-off).
+    failures: u32,
+}
+
+/// The renewer's next step for the current token (see `pacing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TokenStep {
+    /// A given token whose TTL is not known yet: look it up at this instant.
+    LookUp(Instant),
+    Renew(Instant),
+    /// Log in again at this instant (shortly before the token expires).
+    Replace(Instant),
+    /// Nothing to do: the token never expires, cannot be renewed at a sane pace, or is a given
+    /// token that cannot be replaced. The first use after it expires logs in (login methods).
+    Idle,
+}
+
+impl TokenState {
+    fn given(token: Token) -> Self {
+        Self {
+            token,
+            expires_at: None,
+            full_ttl: Duration::ZERO,
+            next: TokenStep::LookUp(Instant::now()),
+            failures: 0,
+        }
+    }
+
+    fn valid(&self) -> bool {
+        self.expires_at.is_none_or(|e| e > Instant::now())
+    }
 }
 
 pub struct VaultSource {
@@ -138,6 +174,10 @@ pub struct VaultSource {
     no_metadata: Mutex<HashSet<SecretPath>>,
     /// Set by `revoke`: no further logins (an unpublished volume stays dead).
     closed: AtomicBool,
+    /// Wakes the renewer when the token is replaced or its schedule changes.
+    token_changed: tokio::sync::Notify,
+    /// The volume this identity serves, as named in logs and metric labels.
+    volume: String,
     metrics: Arc<Metrics>,
 }
 
@@ -211,19 +251,16 @@ fn error_class(err: &SourceError) -> &'static str {
 }
 
 impl VaultSource {
-    /// An identity on `server`. Nothing is sent until the first request.
-    pub fn new(server: Arc<VaultServer>, auth: Auth, metrics: Arc<Metrics>) -> Self {
+    /// An identity on `server` serving `volume` (a label for logs and metrics). Nothing is
+    /// sent until the first request.
+    pub fn new(
+        server: Arc<VaultServer>,
+        auth: Auth,
+        volume: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (token, credential) = match &auth {
-            Auth::Token(t) => (
-                Some(TokenState {
-                    token: t.clone(),
-                    renew_at: None,
-                    expires_at: None,
-                    renewable: false,
-                    looked_up: false,
-                }),
-                None,
-            ),
+            Auth::Token(t) => (Some(TokenState::given(t.clone())), None),
             Auth::Login { credential, .. } => (None, Some(credential.clone())),
         };
         Self {
@@ -236,6 +273,8 @@ impl VaultSource {
             undetectable: Mutex::new(HashMap::new()),
             no_metadata: Mutex::new(HashSet::new()),
             closed: AtomicBool::new(false),
+            token_changed: tokio::sync::Notify::new(),
+            volume,
             metrics,
         }
     }
@@ -265,41 +304,80 @@ impl VaultSource {
         }
     }
 
-    /// Keeps the token alive: looks a given token up to learn its TTL, then renews it two
-    /// thirds into each TTL. A login token that cannot be renewed is dropped, so the next
-    /// request logs in again. Runs until the task is dropped.
+    /// Keeps the token alive, paced by `pacing::plan`: looks a given token up to learn its TTL,
+    /// renews it two thirds into each TTL (never more often than `MIN_RENEW_INTERVAL`), and
+    /// once Vault stops extending it (max TTL) logs in again shortly before it expires instead
+    /// of renewing. Runs until the task is dropped.
     pub async fn run_renewer(self: Arc<Self>) {
-        let mut backoff = Duration::from_secs(5);
         loop {
-            let (lookup, renew_at, renewing) = match self.token.lock().as_ref() {
-                Some(t) if !t.looked_up => (true, None, Some(t.token.clone())),
-                Some(t) if t.renewable => (false, t.renew_at, Some(t.token.clone())),
-                _ => (false, None, None),
+            let step = self
+                .token
+                .lock()
+                .as_ref()
+                .map(|t| (t.token.clone(), t.next));
+            let (token, at) = match step {
+                Some((
+                    token,
+                    TokenStep::LookUp(at) | TokenStep::Renew(at) | TokenStep::Replace(at),
+                )) => (token, at),
+                Some((_, TokenStep::Idle)) | None => {
+                    self.token_changed.notified().await;
+                    continue;
+                }
             };
-            let result = if lookup {
-                self.lookup_self().await
-            } else if let Some(at) = renew_at {
-                tokio::time::sleep_until(at).await;
-                self.renew_self().await
-            } else {
-                tokio::time::sleep(Duration::from_secs(30)).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = self.token_changed.notified() => continue,
+            }
+            let Some(step) = self.step_of(&token) else {
                 continue;
             };
-            match result {
-                Ok(()) => backoff = Duration::from_secs(5),
-                Err(err) => {
-                    tracing::warn!(error = %err, "could not look up or renew the Vault token; retrying with back-off");
-                    if !self.is_static_token() && !err.is_transient() {
-                        // Renewal refused (max TTL reached, token revoked): the next request
-                        // logs in again. A token obtained meanwhile is kept.
-                        let mut slot = self.token.lock();
-                        if slot.as_ref().map(|t| &t.token) == renewing.as_ref() {
-                            slot.take();
-                        }
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(300));
-                }
+            let result = match step {
+                TokenStep::LookUp(_) => self.lookup_self(&token).await,
+                TokenStep::Renew(_) => self.renew_self(&token).await,
+                TokenStep::Replace(_) => self.relogin(Some(&token)).await.map(drop),
+                TokenStep::Idle => continue,
+            };
+            if let Err(err) = result {
+                self.renewal_failed(&token, step, &err);
+            }
+        }
+    }
+
+    /// The scheduled step of `token` if it is still the current token.
+    fn step_of(&self, token: &Token) -> Option<TokenStep> {
+        let slot = self.token.lock();
+        slot.as_ref().filter(|t| &t.token == token).map(|t| t.next)
+    }
+
+    /// After a failed renewer step: a login token whose renewal Vault refused is dropped (the
+    /// next request logs in); a given token Vault will not renew or describe is left alone until
+    /// it expires; anything else is tried again with a back-off.
+    fn renewal_failed(&self, token: &Token, step: TokenStep, err: &SourceError) {
+        let mut slot = self.token.lock();
+        let Some(state) = slot.as_mut().filter(|t| &t.token == token) else {
+            return;
+        };
+        let refused = !err.is_transient();
+        match step {
+            TokenStep::Renew(_) if refused && !self.is_static_token() => {
+                tracing::warn!(volume = %self.volume, error = %err, "Vault refused to renew the token; the next request logs in again");
+                slot.take();
+            }
+            TokenStep::LookUp(_) | TokenStep::Renew(_) if refused => {
+                tracing::warn!(volume = %self.volume, error = %err, "Vault will not renew or describe the given token; it is used as it is until it expires");
+                state.next = TokenStep::Idle;
+            }
+            _ => {
+                state.failures = state.failures.saturating_add(1);
+                let wait = pacing::retry_in(RENEW_RETRY, state.failures, MAX_RENEW_RETRY);
+                let at = Instant::now() + wait;
+                tracing::warn!(volume = %self.volume, error = %err, retry_in = ?wait, "could not renew the Vault token or log in again; retrying");
+                state.next = match step {
+                    TokenStep::LookUp(_) => TokenStep::LookUp(at),
+                    TokenStep::Replace(_) => TokenStep::Replace(at),
+                    TokenStep::Renew(_) | TokenStep::Idle => TokenStep::Renew(at),
+                };
             }
         }
     }
@@ -307,6 +385,7 @@ impl VaultSource {
     /// Revokes a token this process obtained by logging in (never a token it was given).
     pub async fn revoke(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.metrics.forget_volume(&self.volume);
         if self.is_static_token() {
             return;
         }
@@ -332,66 +411,82 @@ impl VaultSource {
         matches!(self.auth, Auth::Token(_))
     }
 
-    async fn lookup_self(&self) -> Result<(), SourceError> {
+    async fn lookup_self(&self, token: &Token) -> Result<(), SourceError> {
         let body = self
-            .authed("lookup", Method::GET, "auth/token/lookup-self", None)
+            .send(
+                "lookup",
+                Method::GET,
+                "auth/token/lookup-self",
+                None,
+                Some(token),
+            )
             .await?;
         let data = &body["data"];
-        let ttl = ttl_from(&data["ttl"]);
+        let ttl = Duration::from_secs(ttl_from(&data["ttl"]));
+        let creation_ttl = Duration::from_secs(ttl_from(&data["creation_ttl"]));
         let renewable = data["renewable"].as_bool().unwrap_or(false);
-        if let Some(t) = self.token.lock().as_mut() {
-            let now = Instant::now();
-            t.looked_up = true;
-            t.renewable = renewable && ttl > 0;
-            if ttl > 0 {
-                t.expires_at = Some(now + Duration::from_secs(ttl));
-                t.renew_at = Some(now + Duration::from_secs(ttl * 2 / 3));
-            }
-        }
+        self.schedule(token, false, ttl, creation_ttl.max(ttl), renewable);
         Ok(())
     }
 
-    async fn renew_self(&self) -> Result<(), SourceError> {
+    async fn renew_self(&self, token: &Token) -> Result<(), SourceError> {
+        self.metrics.vault_token_renewal(&self.volume);
         let body = self
-            .authed(
+            .send(
                 "renew",
                 Method::POST,
                 "auth/token/renew-self",
                 Some(json!({})),
+                Some(token),
             )
             .await?;
-        self.adopt_auth(&body, None);
-        tracing::debug!("Vault token renewed");
+        let auth = &body["auth"];
+        let granted = Duration::from_secs(ttl_from(&auth["lease_duration"]));
+        let renewable = auth["renewable"].as_bool().unwrap_or(false);
+        let full = self.token.lock().as_ref().map_or(granted, |t| t.full_ttl);
+        self.schedule(token, false, granted, full, renewable);
+        tracing::debug!(volume = %self.volume, ttl = ?granted, "Vault token renewed");
         Ok(())
     }
 
-    /// Records the `auth` block of a login or renew answer.
-    fn adopt_auth(&self, body: &Value, new_token: Option<Token>) {
-        let auth = &body["auth"];
-        let ttl = ttl_from(&auth["lease_duration"]);
-        let renewable = auth["renewable"].as_bool().unwrap_or(false);
+    /// Records what Vault granted for `token` and plans the renewer's next step. A `fresh`
+    /// token (from a login) replaces the current one; otherwise the answer is recorded only if
+    /// `token` is still the current token.
+    fn schedule(
+        &self,
+        token: &Token,
+        fresh: bool,
+        granted: Duration,
+        full: Duration,
+        renewable: bool,
+    ) {
         let now = Instant::now();
-        let (renew_at, expires_at) = if ttl > 0 {
-            (
-                Some(now + Duration::from_secs(ttl * 2 / 3)),
-                Some(now + Duration::from_secs(ttl)),
-            )
-        } else {
-            (None, None)
+        let plan = pacing::plan(granted, full, renewable);
+        let next = match plan {
+            pacing::Plan::RenewIn(after) => TokenStep::Renew(now + after),
+            pacing::Plan::ReplaceIn(after) if !self.is_static_token() => {
+                TokenStep::Replace(now + after)
+            }
+            pacing::Plan::ReplaceIn(_) => {
+                tracing::warn!(volume = %self.volume, expires_in = ?granted, "the given Vault token cannot be renewed any further; vaultfs stops renewing it");
+                TokenStep::Idle
+            }
+            pacing::Plan::Keep | pacing::Plan::Lapse => TokenStep::Idle,
         };
+        let expires_at = (!granted.is_zero()).then(|| now + granted);
         let mut slot = self.token.lock();
-        let token = match (new_token, slot.take()) {
-            (Some(t), _) => t,
-            (None, Some(old)) => old.token,
-            (None, None) => return,
-        };
+        if !fresh && slot.as_ref().is_none_or(|t| &t.token != token) {
+            return;
+        }
         *slot = Some(TokenState {
-            token,
-            renew_at,
+            token: token.clone(),
             expires_at,
-            renewable: renewable && ttl > 0,
-            looked_up: true,
+            full_ttl: full,
+            next,
+            failures: 0,
         });
+        drop(slot);
+        self.token_changed.notify_one();
     }
 
     /// A token to use now: the current one while it is valid, else a fresh login.
@@ -401,13 +496,8 @@ impl VaultSource {
                 "this volume was unpublished; its Vault identity is closed".into(),
             ));
         }
-        {
-            let slot = self.token.lock();
-            if let Some(t) = slot.as_ref() {
-                if t.expires_at.is_none_or(|e| e > Instant::now()) {
-                    return Ok(t.token.clone());
-                }
-            }
+        if let Some(t) = self.token.lock().as_ref().filter(|t| t.valid()) {
+            return Ok(t.token.clone());
         }
         if self.closed.load(Ordering::SeqCst) {
             return Err(SourceError::LoginRefused(
@@ -425,8 +515,7 @@ impl VaultSource {
     async fn relogin(&self, refused: Option<&Token>) -> Result<Token, SourceError> {
         let _one = self.login_lock.lock().await;
         if let Some(t) = self.token.lock().as_ref() {
-            let valid = t.expires_at.is_none_or(|e| e > Instant::now());
-            if valid && refused.is_none_or(|r| r != &t.token) {
+            if t.valid() && refused.is_none_or(|r| r != &t.token) {
                 return Ok(t.token.clone());
             }
         }
@@ -460,6 +549,7 @@ impl VaultSource {
             }
         };
         let mount = mount.trim_matches('/');
+        self.metrics.vault_login(&self.volume);
         let answer = self
             .send(
                 "login",
@@ -482,8 +572,11 @@ impl VaultSource {
             .as_str()
             .map(|s| Token::new(s.to_string()))
             .ok_or_else(|| SourceError::Invalid("login answer has no auth.client_token".into()))?;
-        self.adopt_auth(&answer, Some(token.clone()));
-        tracing::info!(mount = %mount, role = %role, "logged in to Vault");
+        let auth = &answer["auth"];
+        let ttl = Duration::from_secs(ttl_from(&auth["lease_duration"]));
+        let renewable = auth["renewable"].as_bool().unwrap_or(false);
+        self.schedule(&token, true, ttl, ttl, renewable);
+        tracing::info!(volume = %self.volume, mount = %mount, role = %role, ttl = ?ttl, "logged in to Vault");
         Ok(token)
     }
 
@@ -755,6 +848,7 @@ impl SecretSource for VaultSource {
         lease: &Lease,
         increment: Duration,
     ) -> Result<Duration, SourceError> {
+        self.metrics.vault_lease_renewal(&self.volume);
         let body = json!({"lease_id": lease.id, "increment": increment.as_secs()});
         let answer = self
             .authed("renew_lease", Method::PUT, "sys/leases/renew", Some(body))

@@ -201,6 +201,46 @@ fn read_lossy(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The body of `GET path` from a plain HTTP server on `addr` (a daemon's `/metrics`).
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set a read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .unwrap_or_else(|e| panic!("read GET {path} from {addr}: {e}"));
+    match answer.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_string(),
+        _ => panic!("GET {path} from {addr} failed:\n{answer}"),
+    }
+}
+
+/// The value of the Prometheus sample `series` (name and labels, exactly as rendered) in
+/// `text`, or 0 when the series is absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A free loopback port (for a daemon's `--metrics-addr`).
+pub fn free_port() -> u16 {
+    free_port_pair()
+}
+
 /// Two consecutive free loopback ports (`p` for the API, `p + 1` for the cluster listener the
 /// dev server opens next to it). Ports handed out by this process never repeat.
 fn free_port_pair() -> u16 {
@@ -807,6 +847,36 @@ impl Bao {
     pub fn secret_reads(&self, path: &str) -> usize {
         self.audit_reads(&self.data_path(path))
     }
+}
+
+/// Seconds since the Unix epoch of an audit entry's `time` (RFC 3339 in UTC, as OpenBao writes
+/// it: `2026-11-27T01:26:39.495307688Z`).
+pub fn audit_time(entry: &Value) -> f64 {
+    let t = entry["time"]
+        .as_str()
+        .unwrap_or_else(|| panic!("audit entry without a time: {entry}"));
+    let parse = || -> Option<f64> {
+        let (date, rest) = t.split_once('T')?;
+        let mut d = date.split('-').map(|p| p.parse::<i64>());
+        let (y, mo, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+        let clock = rest.strip_suffix('Z')?;
+        let mut c = clock.split(':');
+        let (h, mi) = (
+            c.next()?.parse::<f64>().ok()?,
+            c.next()?.parse::<f64>().ok()?,
+        );
+        let s = c.next()?.parse::<f64>().ok()?;
+        // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+        let y = if mo <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (mo + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + s)
+    };
+    parse().unwrap_or_else(|| panic!("unexpected audit time format {t:?}"))
 }
 
 impl Drop for Bao {
