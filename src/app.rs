@@ -60,6 +60,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     ));
     let fs_config = FsConfig {
         volume: settings.mountpoint.display().to_string(),
+        pod: None,
         uid: settings.uid,
         gid: settings.gid,
         file_mode: settings.file_mode,
@@ -167,6 +168,8 @@ pub struct CsiSettings {
     pub vault_timeout: Duration,
     pub cache_max_entries: usize,
     pub cache_max_bytes: usize,
+    pub min_cache_ttl: Duration,
+    pub max_volumes: usize,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -209,6 +212,8 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
             vault_timeout: settings.vault_timeout,
             cache_max_entries: settings.cache_max_entries,
             cache_max_bytes: settings.cache_max_bytes,
+            min_cache_ttl: settings.min_cache_ttl,
+            max_volumes: settings.max_volumes,
         },
         mounter,
         metrics.clone(),

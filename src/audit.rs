@@ -1,5 +1,6 @@
-//! The audit trail: one structured event per open, on the `vaultfs::audit` tracing target.
-//! Events name the volume, file, Vault path, version and caller; never the value.
+//! The audit trail: one structured event per open (and per refused open), on the
+//! `vaultfs::audit` tracing target. Events name the volume, the pod (under CSI), file, Vault
+//! path, version or errno and caller; never the value. Never rate-limited.
 
 use crate::spec::SecretPath;
 
@@ -11,18 +12,47 @@ pub struct Caller {
     pub gid: u32,
 }
 
-/// Records that `caller` opened `file` (Vault `path`, content `version`) in `volume`.
-pub fn open_event(volume: &str, file: &str, path: &SecretPath, version: &str, caller: Caller) {
+/// Where an open happened: the volume and, under CSI, its pod (`namespace/name/uid`).
+#[derive(Clone, Copy, Debug)]
+pub struct Place<'a> {
+    pub volume: &'a str,
+    pub pod: Option<&'a str>,
+    pub file: &'a str,
+    pub path: &'a SecretPath,
+}
+
+/// Records that `caller` opened `place` and was served content `version`.
+pub fn open_event(place: Place<'_>, version: &str, caller: Caller) {
     tracing::info!(
         target: "vaultfs::audit",
         event = "open",
-        volume,
-        file,
-        vault_path = %path,
+        volume = place.volume,
+        pod = place.pod.unwrap_or("-"),
+        file = place.file,
+        vault_path = %place.path,
         version,
         pid = caller.pid,
         uid = caller.uid,
         gid = caller.gid,
         "secret file opened"
+    );
+}
+
+/// Records that Vault refused or failed to give `caller` the secret of `place` during `op`
+/// (`lookup`, `getattr` or `open`), answered with `errno`.
+pub fn refused(place: Place<'_>, op: &str, errno: &str, caller: Caller) {
+    tracing::info!(
+        target: "vaultfs::audit",
+        event = "refused",
+        op,
+        volume = place.volume,
+        pod = place.pod.unwrap_or("-"),
+        file = place.file,
+        vault_path = %place.path,
+        errno,
+        pid = caller.pid,
+        uid = caller.uid,
+        gid = caller.gid,
+        "secret file access refused"
     );
 }

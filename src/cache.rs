@@ -3,7 +3,7 @@
 //! wait on Vault. Knows nothing of FUSE; talks to Vault only through `SecretSource`.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -59,6 +59,32 @@ pub struct Content {
     pub generation: u64,
     /// When this content was first seen (the files' mtime).
     pub changed_at: SystemTime,
+    /// Counts this version's bytes against the cache's bound for as long as anyone (the cache
+    /// or an open file) holds it.
+    _charge: Charge,
+}
+
+/// Bytes charged to a cache's `held` count until dropped.
+#[derive(Debug)]
+struct Charge {
+    held: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Charge {
+    fn new(held: &Arc<AtomicUsize>, bytes: usize) -> Self {
+        held.fetch_add(bytes, Ordering::AcqRel);
+        Self {
+            held: held.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
@@ -138,6 +164,8 @@ pub struct SecretCache<S> {
     source: Arc<S>,
     config: CacheConfig,
     slots: Mutex<Slots>,
+    /// Bytes of every version alive: cached ones and older ones pinned by open files.
+    held: Arc<AtomicUsize>,
     generation: AtomicU64,
     on_swap: Mutex<Option<SwapHook>>,
     metrics: Arc<Metrics>,
@@ -161,6 +189,7 @@ impl<S: SecretSource> SecretCache<S> {
                 bytes: 0,
             }),
             config,
+            held: Arc::default(),
             generation: AtomicU64::new(0),
             on_swap: Mutex::new(None),
             metrics,
@@ -538,6 +567,11 @@ impl<S: SecretSource> SecretCache<S> {
         slots.bytes = 0;
     }
 
+    /// Bytes of every version alive: cached, and older versions still open.
+    pub fn held_bytes(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
     /// Number of secrets and bytes currently cached.
     pub fn usage(&self) -> (usize, usize) {
         let slots = self.slots.lock();
@@ -647,6 +681,7 @@ impl<S: SecretSource> SecretCache<S> {
         let weight = fetched.data.weight();
         let lease = fetched.lease.clone().map(HeldLease::new);
         let content = Arc::new(Content {
+            _charge: Charge::new(&self.held, weight),
             fetched,
             generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
             changed_at: SystemTime::now(),
@@ -666,7 +701,11 @@ impl<S: SecretSource> SecretCache<S> {
             let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
             if cached {
                 slots.bytes = (slots.bytes + weight).saturating_sub(old_weight);
-                while slots.bytes > self.config.max_bytes && slots.lru.len() > 1 {
+                // Versions pinned by open files count too: past the bound, cached values go
+                // first (pinned ones cannot), least recently used first.
+                while self.held_bytes().max(slots.bytes) > self.config.max_bytes
+                    && slots.lru.len() > 1
+                {
                     if !self.evict_lru(&mut slots) {
                         break;
                     }
@@ -1147,6 +1186,40 @@ mod tests {
         assert_eq!(source.reads(), 3, "s/a stayed cached");
         cache.get(&path("s/b")).await.unwrap();
         assert_eq!(source.reads(), 4, "s/b was evicted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn versions_pinned_by_open_files_count_against_the_byte_bound() {
+        let source = Arc::new(MockSource::new());
+        let forty = "x".repeat(40);
+        source.put("secret/a", &[("v", &forty)]);
+        source.put("secret/b", &[("v", &forty)]);
+        let config = CacheConfig {
+            ttl: Duration::from_secs(1),
+            max_bytes: 100,
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        let pinned = cache.get(&path("secret/a")).await.unwrap();
+        let one = cache.held_bytes();
+        assert!(one >= 40, "{one} bytes held");
+        source.put("secret/a", &[("v", &"y".repeat(40))]);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        cache.get(&path("secret/a")).await.unwrap();
+        assert_eq!(
+            cache.held_bytes(),
+            2 * one,
+            "the open old version still counts"
+        );
+        cache.get(&path("secret/b")).await.unwrap();
+        assert_eq!(
+            cache.usage().0,
+            1,
+            "a third version past the bound evicts the least recently used cached value"
+        );
+        assert_eq!(cache.held_bytes(), 2 * one);
+        drop(pinned);
+        assert_eq!(cache.held_bytes(), one, "closing frees the old version");
     }
 
     #[tokio::test(start_paused = true)]

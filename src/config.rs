@@ -35,6 +35,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
         .ok_or_else(bad)
 }
 
+/// Writes a duration the way `parse_duration` reads it (`500ms`, `30s`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 /// Parses an octal permission mode such as `0440` or `440`.
 pub fn parse_file_mode(text: &str) -> Result<u16, ConfigError> {
     let bad = || ConfigError::FileMode(text.to_string());
@@ -65,6 +75,15 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn formatted_durations_parse_back() {
+        for d in [0, 500, 5_000, 90_000] {
+            let d = Duration::from_millis(d);
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
     }
 
     #[test]

@@ -13,13 +13,15 @@ use thiserror::Error;
 use crate::audit::{self, Caller};
 use crate::cache::{Content, SecretCache};
 use crate::source::{SecretSource, SourceError};
-use crate::spec::{InodeNo, Node, NodeKind, VolumeSpec};
+use crate::spec::{InodeNo, Node, NodeKind, SecretPath, VolumeSpec};
 
 /// Ownership, modes and kernel cache lifetimes of a volume's files.
 #[derive(Clone, Debug)]
 pub struct FsConfig {
     /// A name for the volume in audit events and logs.
     pub volume: String,
+    /// The pod the volume belongs to (`namespace/name/uid`, under CSI), for audit events.
+    pub pod: Option<String>,
     pub uid: u32,
     pub gid: u32,
     /// Permission bits of files; directories get the same bits plus `x` wherever `r` is set.
@@ -59,6 +61,15 @@ impl FsError {
             FsError::NotADirectory => libc::ENOTDIR,
             FsError::IsADirectory => libc::EISDIR,
         }
+    }
+
+    /// Whether Vault refused or failed to give the secret (denied, unavailable, bad answer):
+    /// the failures an audit trail records. Not-found and local errors are not refusals.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            FsError::PermissionDenied | FsError::Unavailable(_) | FsError::Invalid(_)
+        )
     }
 
     /// The errno's name, for metrics labels.
@@ -192,24 +203,69 @@ impl<S: SecretSource> VaultFs<S> {
         &self.config
     }
 
+    /// The inode `name` in `parent` would be, for log lines about a lookup.
+    pub fn child_ino(&self, parent: InodeNo, name: &str) -> Option<InodeNo> {
+        self.spec.child(parent, name).map(|n| n.ino)
+    }
+
+    /// The file's name and Vault path, for log lines (`None` for directories and unknown
+    /// inodes).
+    pub fn describe(&self, ino: InodeNo) -> Option<(&str, &SecretPath)> {
+        match self.spec.node(ino)?.kind {
+            NodeKind::File(entry) => {
+                let e = &self.spec.entries()[entry];
+                Some((e.name.as_str(), &e.path))
+            }
+            NodeKind::Dir(_) => None,
+        }
+    }
+
     /// Sets where changed inodes are reported (once, when the volume is mounted).
     pub fn set_invalidate(&self, invalidate: Invalidate) {
         let _ = self.invalidate.set(invalidate);
     }
 
-    pub async fn lookup(&self, parent: InodeNo, name: &str) -> Result<Attr, FsError> {
+    /// Looks `name` up in `parent`. A file whose secret Vault refuses is an audited refusal
+    /// (the kernel asks here first, so a refused open never reaches `open`).
+    pub async fn lookup(
+        &self,
+        parent: InodeNo,
+        name: &str,
+        caller: Caller,
+    ) -> Result<Attr, FsError> {
         match self.spec.node(parent).map(|n| &n.kind) {
             Some(NodeKind::Dir(_)) => {}
             Some(NodeKind::File(_)) => return Err(FsError::NotADirectory),
             None => return Err(FsError::NotFound),
         }
         let node = self.spec.child(parent, name).ok_or(FsError::NotFound)?;
-        self.attr_of(node).await
+        self.audited_attr(node, "lookup", caller).await
     }
 
-    pub async fn getattr(&self, ino: InodeNo) -> Result<Attr, FsError> {
+    pub async fn getattr(&self, ino: InodeNo, caller: Caller) -> Result<Attr, FsError> {
         let node = self.spec.node(ino).ok_or(FsError::NotFound)?;
-        self.attr_of(node).await
+        self.audited_attr(node, "getattr", caller).await
+    }
+
+    async fn audited_attr(&self, node: &Node, op: &str, caller: Caller) -> Result<Attr, FsError> {
+        let result = self.attr_of(node).await;
+        if let (Err(err), NodeKind::File(entry)) = (&result, &node.kind) {
+            if err.is_refusal() {
+                audit::refused(self.place(*entry), op, err.errno_name(), caller);
+            }
+        }
+        result
+    }
+
+    /// Where entry `entry` is, for audit events.
+    fn place(&self, entry: usize) -> audit::Place<'_> {
+        let e = &self.spec.entries()[entry];
+        audit::Place {
+            volume: &self.config.volume,
+            pod: self.config.pod.as_deref(),
+            file: &e.name,
+            path: &e.path,
+        }
     }
 
     /// Opens a file for reading: pins the current content version to a new handle and records
@@ -222,13 +278,21 @@ impl<S: SecretSource> VaultFs<S> {
         let NodeKind::File(entry) = node.kind else {
             return Err(FsError::IsADirectory);
         };
-        let content = self.content(entry).await?;
-        let e = &self.spec.entries()[entry];
+        let place = self.place(entry);
+        let content = match self.content(entry).await {
+            Ok(c) => c,
+            Err(err) => {
+                if err.is_refusal() {
+                    audit::refused(place, "open", err.errno_name(), caller);
+                }
+                return Err(err);
+            }
+        };
         let version = match content.fetched.version {
             Some(v) => v.0.to_string(),
             None => format!("g{}", content.generation),
         };
-        audit::open_event(&self.config.volume, &e.name, &e.path, &version, caller);
+        audit::open_event(place, &version, caller);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Handle { ino, content });
         Ok(fh)
@@ -380,6 +444,7 @@ mod tests {
         let sink = invalidated.clone();
         let config = FsConfig {
             volume: "test".into(),
+            pod: None,
             uid: 1000,
             gid: 2000,
             file_mode: 0o440,
@@ -410,7 +475,10 @@ mod tests {
         let root = w.fs.readdir(InodeNo::ROOT, 0).unwrap();
         let names: Vec<_> = root.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, [".", "..", "api", "db"]);
-        let db = w.fs.lookup(InodeNo::ROOT, "db").await.unwrap();
+        let db =
+            w.fs.lookup(InodeNo::ROOT, "db", Caller::default())
+                .await
+                .unwrap();
         assert_eq!(db.kind, Kind::Dir);
         assert_eq!(db.perm, 0o550);
         let sub: Vec<_> =
@@ -426,12 +494,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lookup_fetches_only_the_touched_secret_and_reports_its_size() {
         let w = world(&SPEC);
-        let attr = w.fs.lookup(InodeNo::ROOT, "api").await.unwrap();
+        let attr =
+            w.fs.lookup(InodeNo::ROOT, "api", Caller::default())
+                .await
+                .unwrap();
         assert_eq!((attr.kind, attr.size, attr.perm), (Kind::File, 3, 0o440));
         assert_eq!((attr.uid, attr.gid), (1000, 2000));
         assert_eq!(w.source.reads(), 1);
         assert_eq!(
-            w.fs.lookup(InodeNo::ROOT, "nope").await,
+            w.fs.lookup(InodeNo::ROOT, "nope", Caller::default()).await,
             Err(FsError::NotFound)
         );
     }
@@ -439,9 +510,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn key_gives_raw_field_and_no_key_gives_json() {
         let w = world(&SPEC);
-        let db = w.fs.lookup(InodeNo::ROOT, "db").await.unwrap().ino;
-        let pw = w.fs.lookup(db, "password").await.unwrap().ino;
-        let all = w.fs.lookup(db, "all").await.unwrap().ino;
+        let db =
+            w.fs.lookup(InodeNo::ROOT, "db", Caller::default())
+                .await
+                .unwrap()
+                .ino;
+        let pw =
+            w.fs.lookup(db, "password", Caller::default())
+                .await
+                .unwrap()
+                .ino;
+        let all = w.fs.lookup(db, "all", Caller::default()).await.unwrap().ino;
         let caller = Caller::default();
         let fh = w.fs.open(pw, false, caller).await.unwrap();
         assert_eq!(read_all(&w.fs, pw, fh).await, b"pw-1");
@@ -457,14 +536,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn open_handle_keeps_its_version_across_rotation() {
         let w = world(&SPEC);
-        let api = w.fs.lookup(InodeNo::ROOT, "api").await.unwrap().ino;
+        let api =
+            w.fs.lookup(InodeNo::ROOT, "api", Caller::default())
+                .await
+                .unwrap()
+                .ino;
         let old = w.fs.open(api, false, Caller::default()).await.unwrap();
         w.source.put("secret/api", &[("token", "t-2-longer")]);
         tokio::time::advance(Duration::from_secs(31)).await;
         let new = w.fs.open(api, false, Caller::default()).await.unwrap();
         assert_eq!(read_all(&w.fs, api, new).await, b"t-2-longer");
         assert_eq!(read_all(&w.fs, api, old).await, b"t-1");
-        assert_eq!(w.fs.getattr(api).await.unwrap().size, 10);
+        assert_eq!(w.fs.getattr(api, Caller::default()).await.unwrap().size, 10);
         assert_eq!(*w.invalidated.lock(), vec![api]);
         w.fs.release(old);
         w.fs.release(new);
@@ -481,7 +564,10 @@ mod tests {
         let gone = w.fs.spec.child(InodeNo::ROOT, "gone").unwrap().ino;
         let err = w.fs.open(gone, false, Caller::default()).await.unwrap_err();
         assert_eq!(err.errno(), libc::ENOENT);
-        let err = w.fs.lookup(InodeNo::ROOT, "nokey").await.unwrap_err();
+        let err =
+            w.fs.lookup(InodeNo::ROOT, "nokey", Caller::default())
+                .await
+                .unwrap_err();
         assert_eq!(err.errno(), libc::ENOENT);
         let api = w.fs.spec.child(InodeNo::ROOT, "api").unwrap().ino;
         assert_eq!(
@@ -501,13 +587,27 @@ mod tests {
         assert_eq!(w.fs.readdir(api, 0).unwrap_err().errno(), libc::ENOTDIR);
         w.source.fail(SourceError::PermissionDenied);
         tokio::time::advance(Duration::from_secs(31)).await;
-        assert_eq!(w.fs.getattr(api).await.unwrap_err().errno(), libc::EACCES);
+        assert_eq!(
+            w.fs.getattr(api, Caller::default())
+                .await
+                .unwrap_err()
+                .errno(),
+            libc::EACCES
+        );
         let refused = FsError::from(SourceError::LoginRefused("role gone".into()));
         assert_eq!(refused.errno(), libc::EACCES);
         w.source.fail(SourceError::Unavailable("down".into()));
         let other = world(&["x=secret/api#token"]);
         other.source.fail(SourceError::Unavailable("down".into()));
         let x = other.fs.spec.child(InodeNo::ROOT, "x").unwrap().ino;
-        assert_eq!(other.fs.getattr(x).await.unwrap_err().errno(), libc::EIO);
+        assert_eq!(
+            other
+                .fs
+                .getattr(x, Caller::default())
+                .await
+                .unwrap_err()
+                .errno(),
+            libc::EIO
+        );
     }
 }

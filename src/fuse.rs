@@ -18,6 +18,7 @@ use fuser::{
 
 use crate::audit::Caller;
 use crate::fs::{Attr, FsError, Kind, VaultFs};
+use crate::logging::FailureLimiter;
 use crate::metrics::{Metrics, Op};
 use crate::source::SecretSource;
 use crate::spec::InodeNo;
@@ -27,6 +28,8 @@ pub struct FuseAdapter<S> {
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     ttl: Duration,
+    /// Warnings of failed requests, at most one per (inode, errno) per window.
+    failures: Arc<FailureLimiter<(u64, &'static str)>>,
 }
 
 impl<S: SecretSource> FuseAdapter<S> {
@@ -41,28 +44,45 @@ impl<S: SecretSource> FuseAdapter<S> {
             runtime,
             metrics,
             ttl,
+            failures: Arc::default(),
         }
     }
 
-    /// Runs `work` and hands its result to `done`: at once when it completes without waiting
-    /// (cache hits), otherwise as a task on the runtime, so the FUSE thread never blocks on
-    /// Vault.
-    fn drive<T, F>(&self, op: Op, work: F, done: impl FnOnce(Result<T, Errno>) + Send + 'static)
-    where
+    /// Runs `work` (a request about inode `ino`) and hands its result to `done`: at once when
+    /// it completes without waiting (cache hits), otherwise as a task on the runtime, so the
+    /// FUSE thread never blocks on Vault. Failures are counted, and logged at most once per
+    /// inode and errno per window with the number left out.
+    fn drive<T, F>(
+        &self,
+        op: Op,
+        ino: INodeNo,
+        work: F,
+        done: impl FnOnce(Result<T, Errno>) + Send + 'static,
+    ) where
         T: Send + 'static,
         F: Future<Output = Result<T, FsError>> + Send + 'static,
     {
         let started = Instant::now();
         let metrics = self.metrics.clone();
+        let (fs, failures) = (self.fs.clone(), self.failures.clone());
         let finish = move |result: Result<T, FsError>| {
             metrics.fuse_op(op, started.elapsed());
             done(result.map_err(|err| {
-                metrics.fuse_error(op, err.errno_name());
+                let errno = err.errno_name();
+                metrics.fuse_error(op, errno);
                 match err {
                     FsError::NotFound | FsError::ReadOnly => {
                         tracing::debug!(op = op.name(), error = %err, "request refused")
                     }
-                    _ => tracing::warn!(op = op.name(), error = %err, "request failed"),
+                    _ => {
+                        if let Some(suppressed) = failures.admit((ino.0, errno)) {
+                            let volume = &fs.config().volume;
+                            let (file, path) = fs
+                                .describe(InodeNo(ino.0))
+                                .map_or(("-", "-".to_string()), |(f, p)| (f, p.to_string()));
+                            tracing::warn!(volume, file, vault_path = path, op = op.name(), errno, error = %err, suppressed, "request failed");
+                        }
+                    }
                 }
                 Errno::from_i32(err.errno())
             }))
@@ -82,6 +102,14 @@ impl<S: SecretSource> FuseAdapter<S> {
         self.metrics
             .fuse_error(Op::Write, FsError::ReadOnly.errno_name());
         reply(Errno::EROFS);
+    }
+}
+
+fn caller_of(req: &Request) -> Caller {
+    Caller {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
     }
 }
 
@@ -109,13 +137,20 @@ fn file_attr(a: &Attr) -> FileAttr {
 }
 
 impl<S: SecretSource> Filesystem for FuseAdapter<S> {
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let fs = self.fs.clone();
+        let caller = caller_of(req);
         let name = name.to_string_lossy().into_owned();
         let ttl = self.ttl;
+        // Failures are keyed (and logged) by the file looked up when it exists.
+        let key = self
+            .fs
+            .child_ino(InodeNo(parent.0), &name)
+            .map_or(parent, |i| INodeNo(i.0));
         self.drive(
             Op::Lookup,
-            async move { fs.lookup(InodeNo(parent.0), &name).await },
+            key,
+            async move { fs.lookup(InodeNo(parent.0), &name, caller).await },
             move |r| match r {
                 Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
                 Err(e) => reply.error(e),
@@ -123,12 +158,14 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         );
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let fs = self.fs.clone();
+        let caller = caller_of(req);
         let ttl = self.ttl;
         self.drive(
             Op::Getattr,
-            async move { fs.getattr(InodeNo(ino.0)).await },
+            ino,
+            async move { fs.getattr(InodeNo(ino.0), caller).await },
             move |r| match r {
                 Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
                 Err(e) => reply.error(e),
@@ -139,13 +176,10 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = self.fs.clone();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        let caller = Caller {
-            pid: req.pid(),
-            uid: req.uid(),
-            gid: req.gid(),
-        };
+        let caller = caller_of(req);
         self.drive(
             Op::Open,
+            ino,
             async move { fs.open(InodeNo(ino.0), write, caller).await },
             // Direct I/O: every read reaches the handle's pinned version, so a descriptor opened
             // before a rotation keeps reading the old version even after new opens see the new.
@@ -170,6 +204,7 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         let fs = self.fs.clone();
         self.drive(
             Op::Read,
+            ino,
             async move { fs.read(InodeNo(ino.0), fh.0, offset, size).await },
             move |r| match r {
                 Ok(slice) => reply.data(slice.bytes()),
@@ -218,6 +253,7 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         let fs = self.fs.clone();
         self.drive(
             Op::Readdir,
+            ino,
             async move { fs.readdir(InodeNo(ino.0), offset) },
             move |r| match r {
                 Ok(entries) => {

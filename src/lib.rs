@@ -14,6 +14,7 @@ pub mod config;
 pub mod csi;
 pub mod fs;
 pub mod fuse;
+pub mod logging;
 pub mod metrics;
 pub mod mount;
 pub mod secret;

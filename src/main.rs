@@ -66,6 +66,12 @@ struct CsiArgs {
     /// Most secret bytes held in memory per volume.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     cache_max_bytes: usize,
+    /// Shortest cacheTTL a volume may ask for; shorter ones are refused at publish.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    min_cache_ttl: Duration,
+    /// Most volumes served at once; publishes past it fail with ResourceExhausted.
+    #[arg(long, default_value_t = vaultfs::csi::volumes::DEFAULT_MAX_VOLUMES, value_name = "N")]
+    max_volumes: usize,
     #[command(flatten)]
     daemon: DaemonArgs,
 }
@@ -279,7 +285,7 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(vaultfs::logging::text_fields()).init(),
         LogFormat::Json => builder.json().init(),
     }
 }
@@ -344,6 +350,8 @@ fn csi(args: CsiArgs) -> ExitCode {
         vault_timeout: args.vault_timeout,
         cache_max_entries: args.cache_max_entries,
         cache_max_bytes: args.cache_max_bytes,
+        min_cache_ttl: args.min_cache_ttl,
+        max_volumes: args.max_volumes,
         lock_memory: args.daemon.lock_memory,
         metrics_addr: args.daemon.metrics_addr,
     };

@@ -256,11 +256,14 @@ impl Mounter for FuseMounter {
     }
 
     fn unmount_target(&self, target: &Path) -> std::io::Result<bool> {
-        if sys::is_disconnected(target) || sys::is_mount_point(target) {
-            sys::detach_all(target).map(|n| n > 0)
-        } else {
-            Ok(false)
-        }
+        // Only vaultfs's own mounts, at the target however it is written: never whatever else
+        // a caller names.
+        let target = match sys::canonical_target(target) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        sys::detach_all_of_type(&target, sys::FSTYPE).map(|n| n > 0)
     }
 }
 

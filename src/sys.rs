@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn cstring(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
@@ -53,6 +53,9 @@ pub fn lock_memory() -> io::Result<()> {
     // SAFETY: mlockall takes only flags.
     check(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) })
 }
+
+/// The filesystem type of every vaultfs mount, as `/proc/self/mountinfo` shows it.
+pub const FSTYPE: &str = "fuse.vaultfs";
 
 /// Mounts a read-only FUSE filesystem of type `fuse.vaultfs` at `target` and returns the
 /// `/dev/fuse` descriptor that serves it. `allow_other` lets users other than the mounting
@@ -147,6 +150,44 @@ pub fn is_mount_point(path: &Path) -> bool {
     info.lines()
         .filter_map(|l| l.split(' ').nth(4))
         .any(|m| unescape_mountinfo(m) == wanted)
+}
+
+/// The filesystem type of the topmost mount at `path` (e.g. `fuse.vaultfs`), per
+/// `/proc/self/mountinfo`; `None` when nothing is mounted there.
+pub fn top_mount_type(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = path.as_os_str().as_bytes();
+    // Later lines are mounted later, so the last match is on top.
+    info.lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| unescape_mountinfo(m) == wanted)
+        })
+        .filter_map(|l| l.split_once(" - ")?.1.split(' ').next().map(str::to_string))
+        .next_back()
+}
+
+/// Detaches the mounts stacked at `path` while the topmost is of type `fstype`; stops at the
+/// first mount of another type (never unmounts what vaultfs did not mount).
+pub fn detach_all_of_type(path: &Path, fstype: &str) -> io::Result<usize> {
+    let mut removed = 0;
+    while removed < 64 && top_mount_type(path).as_deref() == Some(fstype) {
+        if !detach_unmount(path)? {
+            break;
+        }
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// `path` with its directory resolved (symlinks, `.`, `..`), the last component kept as is,
+/// so that a dead FUSE mount there (which cannot be stat'ed) still resolves.
+pub fn canonical_target(path: &Path) -> io::Result<PathBuf> {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => Ok(std::fs::canonicalize(dir)?.join(name)),
+        _ => std::fs::canonicalize(path),
+    }
 }
 
 /// Mountinfo escapes space, tab, newline and backslash as `\ooo`.

@@ -47,6 +47,8 @@ fn config(state_dir: &Path) -> CsiConfig {
         vault_timeout: Duration::from_secs(2),
         cache_max_entries: 16,
         cache_max_bytes: 1 << 16,
+        min_cache_ttl: Duration::from_secs(5),
+        max_volumes: 4,
     }
 }
 
@@ -221,6 +223,7 @@ async fn identity_and_node_info_describe_a_node_only_plugin_with_mount_groups() 
         .unwrap()
         .into_inner();
     assert_eq!(node.node_id, "node-1");
+    assert_eq!(node.max_volumes_per_node, 4, "kubelet learns --max-volumes");
     let caps = p
         .node
         .node_get_capabilities(pb::NodeGetCapabilitiesRequest {})
@@ -308,6 +311,11 @@ async fn every_invalid_publish_is_refused_with_the_field_named_and_nothing_mount
             "unknown volumeAttributes key \"cacheTtl\"",
         ),
         (set("cacheTTL", "5 seconds"), "volumeAttributes.cacheTTL"),
+        (
+            set("cacheTTL", "0"),
+            "volumeAttributes.cacheTTL 0s is below this node's minimum of 5s (vaultfs csi --min-cache-ttl)",
+        ),
+        (set("cacheTTL", "4s"), "below this node's minimum of 5s"),
         (set("fileMode", "0999"), "volumeAttributes.fileMode"),
         (set("authMount", "../sys"), "volumeAttributes.authMount"),
         (
@@ -467,5 +475,42 @@ async fn a_restarted_plugin_serves_recorded_volumes_again_and_forgets_gone_pods(
     assert_eq!(p.manager.recover().await, 1);
     assert_eq!(p.fake.mounted(), vec![kept.clone()]);
     assert_eq!(p.state_files().len(), 1, "the gone pod's state is removed");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn publishing_past_max_volumes_is_resource_exhausted_and_unpublish_frees_a_slot() {
+    let mut p = Plugin::start().await;
+    let targets: Vec<PathBuf> = (0..5).map(|i| p.target(&format!("pod-{i}"))).collect();
+    for (i, target) in targets.iter().take(4).enumerate() {
+        let mut req = request(target, "jwt-a");
+        req.volume_id = format!("csi-{i}");
+        p.publish(req).await.expect("within --max-volumes");
+    }
+    let mut fifth = request(&targets[4], "jwt-a");
+    fifth.volume_id = "csi-4".into();
+    let status = p
+        .publish(fifth.clone())
+        .await
+        .expect_err("past --max-volumes");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains(
+            "already serves 4 vaultfs volumes, the most it allows (vaultfs csi --max-volumes 4)"
+        ),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        p.fake.mounted().len(),
+        4,
+        "nothing was mounted for the fifth"
+    );
+    // A republish of a served volume is not a new volume.
+    let mut again = request(&targets[0], "jwt-b");
+    again.volume_id = "csi-0".into();
+    p.publish(again).await.expect("republish at the limit");
+    p.unpublish("csi-1", &targets[1]).await.expect("unpublish");
+    p.publish(fifth).await.expect("a slot was freed");
     p.stop().await;
 }

@@ -851,6 +851,26 @@ fn unpublish_unmounts_revokes_the_volume_token_and_is_idempotent() {
         "unpublish of an unknown target",
         &daemon,
     );
+    // An unknown target holding someone else's mount: unpublish leaves it alone.
+    let foreign = node.target_path(&pod_b(), "foreign");
+    std::fs::create_dir_all(&foreign).expect("create the foreign target");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&foreign)
+        .status()
+        .expect("run mount");
+    assert!(status.success(), "mount a tmpfs at {}", foreign.display());
+    expect_ok(
+        client.unpublish("csi-foreign", &foreign),
+        "unpublish of a target holding a tmpfs",
+        &daemon,
+    );
+    let kept = mounts_at(&foreign);
+    let _ = lazy_unmount(&foreign);
+    assert!(
+        kept.iter().any(|m| m.fstype == "tmpfs"),
+        "unpublish detached a mount vaultfs did not make: {kept:?}"
+    );
 
     // The target can be published again afterwards.
     let (jwt2, exp2) = pod.signed_token(&key);

@@ -17,6 +17,7 @@ fn code_name(result: &Result<(), CsiError>) -> &'static str {
         Err(CsiError::InvalidArgument(_)) => "InvalidArgument",
         Err(CsiError::PermissionDenied(_)) => "PermissionDenied",
         Err(CsiError::AlreadyExists(_)) => "AlreadyExists",
+        Err(CsiError::ResourceExhausted(_)) => "ResourceExhausted",
         Err(CsiError::Internal(_)) => "Internal",
     }
 }
@@ -26,6 +27,7 @@ fn status(err: CsiError) -> Status {
         CsiError::InvalidArgument(m) => Status::invalid_argument(m),
         CsiError::PermissionDenied(m) => Status::permission_denied(m),
         CsiError::AlreadyExists(m) => Status::already_exists(m),
+        CsiError::ResourceExhausted(m) => Status::resource_exhausted(m),
         CsiError::Internal(m) => Status::internal(m),
     }
 }
@@ -157,7 +159,7 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
         Ok(Response::new(pb::NodeGetInfoResponse {
             node_id: self.manager.node_id().to_string(),
-            max_volumes_per_node: 0,
+            max_volumes_per_node: self.manager.max_volumes() as i64,
             accessible_topology: None,
         }))
     }

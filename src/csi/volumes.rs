@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use thiserror::Error;
 
 use crate::app::{cache_config, kernel_ttl};
 use crate::cache::SecretCache;
-use crate::config::{parse_duration, parse_file_mode};
+use crate::config::{format_duration, parse_duration, parse_file_mode};
 use crate::fs::{FsConfig, VaultFs};
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, Mounted, Mounter};
@@ -35,6 +36,8 @@ const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// Longest a publish waits for the pod's Vault login before mounting anyway.
 const PUBLISH_LOGIN_WAIT: Duration = Duration::from_secs(2);
+/// `cacheTTL` when a volume does not say.
+const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// The volume attributes a pod may set, with their meaning (README's table).
 pub const ATTRIBUTES: [&str; 7] = [
@@ -56,8 +59,30 @@ pub enum CsiError {
     PermissionDenied(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A node-wide limit is reached (`--max-volumes`, entries per volume).
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("{0}")]
     Internal(String),
+}
+
+/// A reserved volume slot: given back on drop unless kept.
+struct SlotGuard {
+    slots: Option<Arc<AtomicUsize>>,
+}
+
+impl SlotGuard {
+    fn keep(mut self) {
+        self.slots = None;
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            slots.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Node plugin settings.
@@ -72,7 +97,16 @@ pub struct CsiConfig {
     /// Per-volume cache bounds.
     pub cache_max_entries: usize,
     pub cache_max_bytes: usize,
+    /// The shortest `cacheTTL` a volume may ask for (`--min-cache-ttl`): pods do not set the
+    /// node's Vault request rate.
+    pub min_cache_ttl: Duration,
+    /// Most volumes served at once (`--max-volumes`; NodeGetInfo's `max_volumes_per_node`).
+    pub max_volumes: usize,
 }
+
+/// Defaults of the node-wide limits.
+pub const DEFAULT_MIN_CACHE_TTL: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_VOLUMES: usize = 1000;
 
 /// NodePublishVolume, taken out of protobuf. `Debug` leaves out the context and secrets: they
 /// carry service-account tokens.
@@ -125,6 +159,8 @@ struct Params {
     token: Token,
     audience: String,
     label: String,
+    /// `namespace/name/uid` of the pod, for audit events.
+    pod: Option<String>,
     /// The context without the tokens, as kept in the state file.
     context: BTreeMap<String, String>,
 }
@@ -252,8 +288,15 @@ fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Params, CsiError
         Some(t) => {
             parse_duration(t).map_err(|e| invalid(format!("volumeAttributes.cacheTTL: {e}")))?
         }
-        None => Duration::from_secs(30),
+        None => DEFAULT_CACHE_TTL.max(config.min_cache_ttl),
     };
+    if cache_ttl < config.min_cache_ttl {
+        return Err(invalid(format!(
+            "volumeAttributes.cacheTTL {} is below this node's minimum of {} (vaultfs csi --min-cache-ttl)",
+            format_duration(cache_ttl),
+            format_duration(config.min_cache_ttl)
+        )));
+    }
     let file_mode = match attr("fileMode") {
         Some(m) => {
             parse_file_mode(m).map_err(|e| invalid(format!("volumeAttributes.fileMode: {e}")))?
@@ -287,6 +330,13 @@ fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Params, CsiError
         attr(POD_NAME).unwrap_or("-"),
         req.volume_id
     );
+    let pod = attr(POD_NAME).map(|name| {
+        format!(
+            "{}/{name}/{}",
+            attr(POD_NAMESPACE).unwrap_or("-"),
+            attr(POD_UID).unwrap_or("-")
+        )
+    });
     let context = req
         .context
         .iter()
@@ -306,6 +356,7 @@ fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Params, CsiError
         token,
         audience,
         label,
+        pod,
         context,
     })
 }
@@ -363,6 +414,8 @@ pub struct VolumeManager {
     mounter: Arc<dyn Mounter>,
     metrics: Arc<Metrics>,
     volumes: Mutex<HashMap<PathBuf, Volume>>,
+    /// Volumes served or being started, bounded by `max_volumes`.
+    slots: Arc<AtomicUsize>,
     /// One publish/unpublish at a time per target.
     target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -374,6 +427,7 @@ impl VolumeManager {
             mounter,
             metrics,
             volumes: Mutex::new(HashMap::new()),
+            slots: Arc::default(),
             target_locks: Mutex::new(HashMap::new()),
         }
     }
@@ -458,6 +512,7 @@ impl VolumeManager {
     /// Mounts a volume. With `strict`, a login Vault refuses fails the publish; otherwise
     /// (restart recovery) the volume is mounted and logs in on first use.
     async fn start(&self, params: Params, strict: bool) -> Result<(), CsiError> {
+        let slot = self.reserve_slot()?;
         let source = Arc::new(VaultSource::new(
             params.server.clone(),
             Auth::Login {
@@ -512,6 +567,7 @@ impl VolumeManager {
             cache.clone(),
             FsConfig {
                 volume: params.label.clone(),
+                pod: params.pod.clone(),
                 uid: 0,
                 gid: params.mount_group.unwrap_or(0),
                 file_mode: params.file_mode,
@@ -547,6 +603,7 @@ impl VolumeManager {
         let detect = source.clone();
         tasks.spawn(async move { detect.detect_engines(paths).await });
         tracing::info!(volume = %params.label, target = %params.target.display(), files = spec.entries().len(), "volume published");
+        slot.keep();
         self.volumes.lock().insert(
             params.target.clone(),
             Volume {
@@ -558,6 +615,28 @@ impl VolumeManager {
             },
         );
         Ok(())
+    }
+
+    /// Most volumes this node serves at once.
+    pub fn max_volumes(&self) -> usize {
+        self.config.max_volumes
+    }
+
+    /// Takes one of the `max_volumes` slots for a volume being started; it is given back when
+    /// the returned guard drops, unless `keep` hands it to the served volume (given back at
+    /// unpublish).
+    fn reserve_slot(&self) -> Result<SlotGuard, CsiError> {
+        let max = self.config.max_volumes;
+        self.slots
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map_err(|n| {
+                CsiError::ResourceExhausted(format!(
+                    "this node already serves {n} vaultfs volumes, the most it allows (vaultfs csi --max-volumes {max})"
+                ))
+            })?;
+        Ok(SlotGuard {
+            slots: Some(self.slots.clone()),
+        })
     }
 
     /// NodeUnpublishVolume: unmounts (lazily if busy), revokes the volume's Vault token, drops
@@ -584,6 +663,7 @@ impl VolumeManager {
         let volume = self.volumes.lock().remove(target);
         let unmounted = match volume {
             Some(mut volume) => {
+                self.slots.fetch_sub(1, Ordering::AcqRel);
                 volume.tasks.abort_all();
                 let result = volume.mounted.unmount();
                 volume.cache.revoke_leases().await;
@@ -607,6 +687,7 @@ impl VolumeManager {
     pub fn release_for_restart(&self) -> usize {
         let volumes: Vec<_> = self.volumes.lock().drain().collect();
         let count = volumes.len();
+        self.slots.fetch_sub(count, Ordering::AcqRel);
         for (_, mut volume) in volumes {
             volume.tasks.abort_all();
             std::mem::forget(volume.mounted);

@@ -265,6 +265,8 @@ impl CsiDaemonBuilder<'_> {
             .arg(node.state_dir())
             .arg("--vault-addr")
             .arg(&self.vault_addr)
+            // The tests rotate secrets within seconds; the production floor is 5 s.
+            .args(["--min-cache-ttl", "1s"])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
