@@ -170,6 +170,7 @@ pub struct CsiSettings {
     pub cache_max_bytes: usize,
     pub min_cache_ttl: Duration,
     pub max_volumes: usize,
+    pub max_entries: usize,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -214,6 +215,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
             cache_max_bytes: settings.cache_max_bytes,
             min_cache_ttl: settings.min_cache_ttl,
             max_volumes: settings.max_volumes,
+            max_entries: settings.max_entries,
         },
         mounter,
         metrics.clone(),

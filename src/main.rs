@@ -72,6 +72,9 @@ struct CsiArgs {
     /// Most volumes served at once; publishes past it fail with ResourceExhausted.
     #[arg(long, default_value_t = vaultfs::csi::volumes::DEFAULT_MAX_VOLUMES, value_name = "N")]
     max_volumes: usize,
+    /// Most files one volume may declare; larger volumes fail with ResourceExhausted.
+    #[arg(long, default_value_t = vaultfs::csi::volumes::DEFAULT_MAX_ENTRIES, value_name = "N")]
+    max_volume_entries: usize,
     #[command(flatten)]
     daemon: DaemonArgs,
 }
@@ -352,6 +355,7 @@ fn csi(args: CsiArgs) -> ExitCode {
         cache_max_bytes: args.cache_max_bytes,
         min_cache_ttl: args.min_cache_ttl,
         max_volumes: args.max_volumes,
+        max_entries: args.max_volume_entries,
         lock_memory: args.daemon.lock_memory,
         metrics_addr: args.daemon.metrics_addr,
     };

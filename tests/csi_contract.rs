@@ -49,6 +49,7 @@ fn config(state_dir: &Path) -> CsiConfig {
         cache_max_bytes: 1 << 16,
         min_cache_ttl: Duration::from_secs(5),
         max_volumes: 4,
+        max_entries: 3,
     }
 }
 

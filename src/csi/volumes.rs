@@ -102,11 +102,14 @@ pub struct CsiConfig {
     pub min_cache_ttl: Duration,
     /// Most volumes served at once (`--max-volumes`; NodeGetInfo's `max_volumes_per_node`).
     pub max_volumes: usize,
+    /// Most files one volume may declare (`--max-volume-entries`).
+    pub max_entries: usize,
 }
 
 /// Defaults of the node-wide limits.
 pub const DEFAULT_MIN_CACHE_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_VOLUMES: usize = 1000;
+pub const DEFAULT_MAX_ENTRIES: usize = 512;
 
 /// NodePublishVolume, taken out of protobuf. `Debug` leaves out the context and secrets: they
 /// carry service-account tokens.
@@ -269,6 +272,13 @@ fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Params, CsiError
     let spec = parse_spec_document(secrets)
         .and_then(VolumeSpec::new)
         .map_err(|e| invalid(format!("volumeAttributes.secrets: {e}")))?;
+    if spec.entries().len() > config.max_entries {
+        return Err(CsiError::ResourceExhausted(format!(
+            "volumeAttributes.secrets declares {} files; this node allows at most {} per volume (vaultfs csi --max-volume-entries)",
+            spec.entries().len(),
+            config.max_entries
+        )));
+    }
     let auth_mount = attr("authMount")
         .unwrap_or("kubernetes")
         .trim_matches('/')
