@@ -18,22 +18,68 @@ impl InodeNo {
 
 /// A Vault path as users write it for `vault kv get` / `vault read` (no `/data/`), without
 /// leading or trailing slashes.
+///
+/// Each `/`-separated segment may hold only [`PATH_CHARS_ALLOWED`]: ASCII letters, digits and
+/// `- _ . + @ = : ,`, which covers paths as people write them for `vault read` (mount names,
+/// `read-only` roles, `user@example.com`, `web.example.com`, `key=value`-style names). The path
+/// is pasted into the request URL, so anything else could change what that URL means: `%`
+/// (percent-encoding tricks such as `%2e%2e` or `%2f`), `\`, `?` (`?list=true` turns a read into
+/// a LIST), `#` (a fragment cuts the path short), whitespace, control characters, Unicode bidi
+/// and format characters (text that displays differently from what is sent) and any other
+/// non-ASCII character. `.` and `..` segments are refused (a proxy or server may resolve them
+/// to another path), and so are empty segments (`//`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SecretPath(String);
 
+/// The characters a Vault path segment may hold besides ASCII letters and digits; see
+/// [`SecretPath`] for why.
+pub const PATH_PUNCTUATION_ALLOWED: &str = "-_.+@=:,";
+
+/// How error messages describe the characters a path segment may hold.
+pub const PATH_CHARS_ALLOWED: &str = "ASCII letters, digits and - _ . + @ = : ,";
+
 impl SecretPath {
+    /// Trims surrounding whitespace and slashes, then checks every segment; see [`SecretPath`].
+    /// The error names the first offending character (escaped), its position and segment.
     pub fn parse(text: &str) -> Result<Self, String> {
         let p = text.trim().trim_matches('/');
         if p.is_empty() {
             return Err("the Vault path is empty".into());
         }
-        if p.chars().any(|c| c.is_control()) {
-            return Err("the Vault path contains a control character".into());
-        }
-        if p.split('/').any(|s| s.is_empty() || s == "..") {
-            return Err(format!(
-                "the Vault path {p:?} has an empty or '..' segment; write it as for `vault read`, e.g. secret/app/db"
-            ));
+        let example = "write it as for `vault read`, e.g. secret/app/db";
+        let mut offset = 0;
+        for (index, segment) in p.split('/').enumerate() {
+            let number = index + 1;
+            match segment {
+                "" => {
+                    return Err(format!(
+                    "the Vault path {} has an empty segment (segment {number}, '//'); {example}",
+                    shown(p)
+                ))
+                }
+                "." | ".." => {
+                    return Err(format!(
+                        "the Vault path {} has a {segment:?} segment (segment {number}); \
+                         relative segments are not allowed; {example}",
+                        shown(p)
+                    ))
+                }
+                _ => {}
+            }
+            let bad = segment.char_indices().find(|(_, c)| {
+                !(c.is_ascii_alphanumeric() || PATH_PUNCTUATION_ALLOWED.contains(*c))
+            });
+            if let Some((at, c)) = bad {
+                let position = p[..offset + at].chars().count() + 1;
+                return Err(format!(
+                    "the Vault path {} has {} at character {position} (segment {number}, {}); \
+                     a path segment may hold only {PATH_CHARS_ALLOWED}",
+                    shown(p),
+                    describe(c),
+                    shown(segment)
+                ));
+            }
+            offset += segment.len() + 1;
         }
         Ok(Self(p.to_string()))
     }
@@ -47,6 +93,56 @@ impl fmt::Display for SecretPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Longest text an error message echoes back; the rest is elided.
+const MAX_SHOWN_CHARS: usize = 80;
+
+/// `text` quoted for an error message, with everything but printable ASCII escaped (so a bidi
+/// override or a newline cannot disguise the message) and cut to [`MAX_SHOWN_CHARS`].
+fn shown(text: &str) -> String {
+    let mut out = String::from("\"");
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX_SHOWN_CHARS {
+            out.push_str("...");
+            break;
+        }
+        out.extend(c.escape_default());
+    }
+    out.push('"');
+    out
+}
+
+/// A character for an error message: `'%'`, or its kind and code point (`U+202E`) for one that
+/// is not printable ASCII.
+fn describe(c: char) -> String {
+    match c {
+        ' ' => "a space".into(),
+        c if c.is_ascii_graphic() => format!("{c:?}"),
+        c if is_control_or_format(c) => {
+            format!("the control or invisible character U+{:04X}", c as u32)
+        }
+        c if c.is_whitespace() => format!("the whitespace character U+{:04X}", c as u32),
+        c => format!("the non-ASCII character U+{:04X}", c as u32),
+    }
+}
+
+/// Control characters and the Unicode format characters that reorder or hide text: bidi
+/// embeddings, overrides, isolates and marks, zero-width characters, the BOM, soft hyphen.
+fn is_control_or_format(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
 }
 
 /// One file of a volume: `name` inside the mount, the Vault `path`, and optionally the `key`
@@ -99,22 +195,109 @@ pub fn parse_secret_arg(arg: &str) -> Result<SecretEntry, SpecError> {
     entry(name, path, key.map(str::to_string))
 }
 
+/// The largest spec text accepted (`--spec FILE` or the CSI `secrets` attribute), checked
+/// before parsing. Ten thousand entries of a sane spec fit in well under this.
+pub const MAX_SPEC_BYTES: usize = 64 << 10;
+
+/// Structural nesting a spec document may use: a mapping holding a list of mappings is depth 3.
+const MAX_DOCUMENT_DEPTH: usize = 8;
+
 /// Parses a spec document (YAML, or JSON, which is YAML too): `secrets: [{name, path, key?}]`.
 /// A bare list of entries is accepted as well.
+///
+/// A hostile text costs little: it is refused above [`MAX_SPEC_BYTES`] before parsing, YAML
+/// anchors, aliases and merge keys are refused (an alias bomb cannot expand), nesting is
+/// capped and a stream may hold one document only.
 pub fn parse_spec_document(text: &str) -> Result<Vec<SecretEntry>, SpecError> {
-    let bare_list = matches!(
-        serde_yaml::from_str::<serde_yaml::Value>(text),
-        Ok(serde_yaml::Value::Sequence(_))
-    );
-    let docs = if bare_list {
-        serde_yaml::from_str::<Vec<EntryDocument>>(text)
-    } else {
-        serde_yaml::from_str::<SpecDocument>(text).map(|d| d.secrets)
+    if text.len() > MAX_SPEC_BYTES {
+        return Err(SpecError::Document(format!(
+            "the spec is {} bytes, over the limit of {MAX_SPEC_BYTES} bytes (64 KiB)",
+            text.len()
+        )));
     }
-    .map_err(|e| SpecError::Document(e.to_string()))?;
-    docs.into_iter()
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_aliases: 0,
+            max_anchors: 0,
+            max_depth: MAX_DOCUMENT_DEPTH,
+            max_documents: 1,
+            max_nodes: MAX_SPEC_BYTES,
+        },
+        merge_keys: serde_saphyr::options::MergeKeyPolicy::Error,
+        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
+        with_snippet: false,
+    };
+    let docs = serde_saphyr::from_str_with_options::<Document>(text, options)
+        .map_err(|e| SpecError::Document(document_error(&e)))?;
+    docs.0
+        .into_iter()
         .map(|d| entry(&d.name, &d.path, d.key))
         .collect()
+}
+
+/// Words a YAML error for a user: budget breaches say which construct is not allowed.
+fn document_error(error: &serde_saphyr::Error) -> String {
+    use serde_saphyr::budget::BudgetBreach;
+    let at = error
+        .location()
+        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+        .unwrap_or_default();
+    match error.without_snippet() {
+        serde_saphyr::Error::Budget { breach, .. } => match breach {
+            BudgetBreach::Aliases { .. }
+            | BudgetBreach::Anchors { .. }
+            | BudgetBreach::AliasAnchorRatio { .. }
+            | BudgetBreach::RecordedAnchorEvents { .. }
+            | BudgetBreach::RecordedAnchorBytes { .. } => {
+                format!("YAML anchors and aliases are not allowed in a volume spec{at}; write every entry out in full instead of `&name` / `*name`")
+            }
+            BudgetBreach::MergeKeys { .. } => {
+                format!("YAML merge keys (`<<`) are not allowed in a volume spec{at}")
+            }
+            BudgetBreach::Depth { .. } => {
+                format!("the document is nested deeper than {MAX_DOCUMENT_DEPTH} levels{at}")
+            }
+            BudgetBreach::Documents { .. } => {
+                format!("the text holds more than one YAML document (`---`){at}")
+            }
+            other => format!("the document is too large to parse ({other:?}){at}"),
+        },
+        serde_saphyr::Error::MergeKeyNotAllowed { .. } => {
+            format!("YAML merge keys (`<<`) are not allowed in a volume spec{at}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The two accepted shapes, told apart by what the document is: a mapping must be
+/// `secrets: [...]`, a sequence is the bare list of entries.
+struct Document(Vec<EntryDocument>);
+
+impl<'de> Deserialize<'de> for Document {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+
+        struct Shape;
+        impl<'de> serde::de::Visitor<'de> for Shape {
+            type Value = Vec<EntryDocument>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping `secrets: [...]` or a list of {name, path, key?} entries")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                Vec::<EntryDocument>::deserialize(SeqAccessDeserializer::new(seq))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                SpecDocument::deserialize(MapAccessDeserializer::new(map)).map(|d| d.secrets)
+            }
+        }
+        deserializer.deserialize_any(Shape).map(Document)
+    }
 }
 
 fn entry(name: &str, path: &str, key: Option<String>) -> Result<SecretEntry, SpecError> {
@@ -123,8 +306,8 @@ fn entry(name: &str, path: &str, key: Option<String>) -> Result<SecretEntry, Spe
         reason,
     };
     let path = SecretPath::parse(path).map_err(bad)?;
-    if key.as_deref() == Some("") {
-        return Err(bad("the key after '#' is empty".into()));
+    if let Some(key) = key.as_deref() {
+        check_key(key).map_err(bad)?;
     }
     Ok(SecretEntry {
         name: name.to_string(),
@@ -135,8 +318,37 @@ fn entry(name: &str, path: &str, key: Option<String>) -> Result<SecretEntry, Spe
 
 /// Limits that keep a hostile spec from costing the daemon more than a sane one would.
 const MAX_NAME_BYTES: usize = 4096;
+/// Longest `key` (field of the secret) an entry may name.
+pub const MAX_KEY_BYTES: usize = 256;
 const MAX_DEPTH: usize = 32;
 const MAX_ENTRIES: usize = 10_000;
+
+/// The `key` (`#KEY` or `key:`) is looked up in the secret's data, never sent to Vault, so any
+/// visible text goes; it must be non-empty, short, and free of control and format characters.
+fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("the key (after '#' or in `key:`) is empty; leave it out to get the whole secret as JSON".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "the key is {} bytes, over the limit of {MAX_KEY_BYTES} bytes",
+            key.len()
+        ));
+    }
+    if let Some((at, c)) = key
+        .chars()
+        .enumerate()
+        .find(|(_, c)| is_control_or_format(*c))
+    {
+        return Err(format!(
+            "the key {} has {} at character {}; keys must be visible text",
+            shown(key),
+            describe(c),
+            at + 1
+        ));
+    }
+    Ok(())
+}
 
 fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -153,8 +365,16 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.starts_with('/') {
         return Err("the file name is absolute; expected a path relative to the mount".into());
     }
-    if name.chars().any(|c| c.is_control()) {
-        return Err("the file name contains a control character".into());
+    if let Some((at, c)) = name
+        .chars()
+        .enumerate()
+        .find(|(_, c)| is_control_or_format(*c))
+    {
+        return Err(format!(
+            "the file name has {} at character {}; names must be visible text",
+            describe(c),
+            at + 1
+        ));
     }
     for segment in name.split('/') {
         match segment {
@@ -409,6 +629,242 @@ mod tests {
             .to_string();
         assert!(err.contains("unknown field `nme`"), "{err}");
         assert!(parse_spec_document("secrets: [unclosed").is_err());
+    }
+
+    fn path_error(path: &str) -> String {
+        SecretPath::parse(path).expect_err(path)
+    }
+
+    #[test]
+    fn vault_paths_as_written_for_vault_read_pass_unchanged() {
+        for p in [
+            "secret/app/db",
+            "database/creds/read-only",
+            "kv/team_a/user@example.com",
+            "pki/issue/web.example.com",
+            "kv/a+b/k=v/x:y,z/...",
+        ] {
+            assert_eq!(SecretPath::parse(p).unwrap().as_str(), p);
+        }
+        assert_eq!(
+            SecretPath::parse("/secret/app/db/").unwrap().as_str(),
+            "secret/app/db"
+        );
+    }
+
+    #[test]
+    fn vault_paths_with_url_changing_characters_are_refused_naming_the_character() {
+        let cases = [
+            ("secret/%2e%2e/sys", "'%'", 8, 2),
+            ("secret/a%2fb", "'%'", 9, 2),
+            ("secret\\..\\sys", "'\\\\'", 7, 1),
+            ("secret/app?list=true", "'?'", 11, 2),
+            ("secret/app#frag", "'#'", 11, 2),
+            ("secret/my app", "a space", 10, 2),
+            ("secret/a\tb", "U+0009", 9, 2),
+            ("secret/a\nb", "U+000A", 9, 2),
+            ("secret/a\0b", "U+0000", 9, 2),
+            ("secret/\u{202e}bd/x", "U+202E", 8, 2),
+            ("secret/a\u{200b}/x", "U+200B", 9, 2),
+            ("secret/caf\u{e9}", "non-ASCII character U+00E9", 11, 2),
+            ("secret/\u{430}pp", "non-ASCII character U+0430", 8, 2),
+        ];
+        for (path, what, position, segment) in cases {
+            let err = path_error(path);
+            assert!(err.contains(what), "{path:?}: {err}");
+            assert!(
+                err.contains(&format!("at character {position} (segment {segment}")),
+                "{path:?}: {err}"
+            );
+            assert!(err.contains(PATH_CHARS_ALLOWED), "{path:?}: {err}");
+            assert!(err.is_ascii(), "the message escapes what it echoes: {err}");
+            assert!(!err.chars().any(char::is_control), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn relative_and_empty_vault_path_segments_are_refused() {
+        let err = path_error("secret/../sys/seal");
+        assert!(err.contains("\"..\" segment (segment 2)"), "{err}");
+        let err = path_error("secret/./app");
+        assert!(err.contains("\".\" segment (segment 2)"), "{err}");
+        let err = path_error("./secret");
+        assert!(err.contains("\".\" segment (segment 1)"), "{err}");
+        let err = path_error("secret//app");
+        assert!(err.contains("empty segment (segment 2"), "{err}");
+        assert!(path_error("//").contains("path is empty"));
+    }
+
+    #[test]
+    fn path_errors_name_the_entry_from_arguments_and_documents() {
+        let err = parse_secret_arg("db=secret/app?list=true")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"db\"") && err.contains("'?'"), "{err}");
+        let err = parse_spec_document("secrets:\n  - name: db\n    path: \"secret/%2e%2e/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"db\"") && err.contains("'%'"), "{err}");
+    }
+
+    #[test]
+    fn keys_must_be_short_visible_text() {
+        assert_eq!(
+            parse_secret_arg("a=secret/a#user name")
+                .unwrap()
+                .key
+                .as_deref(),
+            Some("user name")
+        );
+        let long = format!("a=secret/a#{}", "k".repeat(MAX_KEY_BYTES));
+        assert!(parse_secret_arg(&long).is_ok());
+        let too_long = format!("a=secret/a#{}", "k".repeat(MAX_KEY_BYTES + 1));
+        let err = parse_secret_arg(&too_long).unwrap_err().to_string();
+        assert!(
+            err.contains("\"a\"") && err.contains("over the limit of 256 bytes"),
+            "{err}"
+        );
+        for (key, what) in [
+            ("pass\u{202e}word", "U+202E"),
+            ("pass\u{200b}", "U+200B"),
+            ("pass\nword", "U+000A"),
+            ("pass\0", "U+0000"),
+        ] {
+            let err = parse_secret_arg(&format!("a=secret/a#{key}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("\"a\"") && err.contains(what),
+                "{key:?}: {err}"
+            );
+            assert!(err.is_ascii(), "{err}");
+        }
+        let err = parse_spec_document("- name: a\n  path: secret/a\n  key: \"\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"a\"") && err.contains("key") && err.contains("empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_names_with_bidi_or_invisible_characters_are_refused() {
+        let err = spec(&["gpj.\u{202e}exe=secret/a"]).unwrap_err().to_string();
+        assert!(
+            err.contains("U+202E") && err.contains("visible text"),
+            "{err}"
+        );
+        let err = spec(&["a\u{200b}=secret/a"]).unwrap_err().to_string();
+        assert!(err.contains("U+200B"), "{err}");
+    }
+
+    #[test]
+    fn alias_bomb_is_refused_before_expansion() {
+        // Each level is ten times the one before: expanded, `*g` would be ten million nodes.
+        let mut bomb = String::from("secrets:\n  - &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (level, prev) in ["b", "c", "d", "e", "f", "g"]
+            .iter()
+            .zip(["a", "b", "c", "d", "e", "f"])
+        {
+            let refs = vec![format!("*{prev}"); 10].join(", ");
+            bomb.push_str(&format!("  - &{level} [{refs}]\n"));
+        }
+        bomb.push_str("  - [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]\n");
+        assert!(bomb.len() < 1024);
+        let err = parse_spec_document(&bomb).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "YAML anchors and aliases are not allowed in a volume spec (line 2, column"
+            ),
+            "{err}"
+        );
+        let list_bomb = "- &e {name: a, path: secret/a}\n- *e\n";
+        let err = parse_spec_document(list_bomb).unwrap_err().to_string();
+        assert!(err.contains("anchors and aliases are not allowed"), "{err}");
+    }
+
+    #[test]
+    fn a_lone_anchor_is_refused_too() {
+        let err = parse_spec_document("secrets:\n  - &one\n    name: a\n    path: secret/a\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("anchors and aliases are not allowed"), "{err}");
+    }
+
+    #[test]
+    fn merge_keys_are_refused() {
+        let text = "- &x {name: a, path: secret/a}\n- <<: *x\n  name: b\n";
+        let err = parse_spec_document(text).unwrap_err().to_string();
+        assert!(err.contains("anchors and aliases are not allowed"), "{err}");
+        let text = "secrets:\n  - <<: {path: secret/a}\n    name: a\n";
+        let err = parse_spec_document(text).unwrap_err().to_string();
+        assert!(err.contains("merge keys (`<<`) are not allowed"), "{err}");
+    }
+
+    #[test]
+    fn spec_over_64_kib_is_refused_before_parsing_naming_the_limit() {
+        let entry = "  - {name: a, path: secret/a}\n";
+        let mut text = String::from("secrets:\n");
+        while text.len() <= 65 << 10 {
+            text.push_str(entry);
+        }
+        let err = parse_spec_document(&text).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("the spec is {} bytes", text.len()))
+                && err.contains("over the limit of 65536 bytes (64 KiB)"),
+            "{err}"
+        );
+        // Not valid YAML at all: refused for its size, never parsed.
+        let junk = "[".repeat(MAX_SPEC_BYTES + 1);
+        let err = parse_spec_document(&junk).unwrap_err().to_string();
+        assert!(err.contains("over the limit of 65536 bytes"), "{err}");
+    }
+
+    #[test]
+    fn spec_at_the_size_limit_is_parsed() {
+        let mut text = String::from("secrets:\n");
+        let mut n = 0;
+        loop {
+            let entry = format!("  - {{name: f{n}, path: secret/app/db, key: k}}\n");
+            if text.len() + entry.len() > MAX_SPEC_BYTES {
+                break;
+            }
+            text.push_str(&entry);
+            n += 1;
+        }
+        let entries = parse_spec_document(&text).unwrap();
+        assert_eq!(entries.len(), n);
+        assert!(VolumeSpec::new(entries).is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_and_several_documents_are_refused() {
+        let deep = format!("secrets: {}{}", "[".repeat(40), "]".repeat(40));
+        let err = parse_spec_document(&deep).unwrap_err().to_string();
+        assert!(err.len() < 200, "{err}");
+        let two = "- {name: a, path: secret/a}\n---\n- {name: b, path: secret/b}\n";
+        assert!(parse_spec_document(two).is_err());
+    }
+
+    #[test]
+    fn json_and_yaml_shapes_keep_parsing() {
+        let json = parse_spec_document(
+            r#"{"secrets":[{"name":"a","path":"secret/a","key":"k"},{"name":"b","path":"secret/b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(json.len(), 2);
+        assert_eq!(json[0].key.as_deref(), Some("k"));
+        let list = parse_spec_document("# a comment\n---\n- name: a\n  path: secret/a\n").unwrap();
+        assert_eq!(list[0].path.as_str(), "secret/a");
+        let err = parse_spec_document("- name: a\n  path: secret/a\n  extra: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("extra"), "{err}");
+        let err = parse_spec_document("other: []\n").unwrap_err().to_string();
+        assert!(err.contains("other"), "{err}");
+        assert!(parse_spec_document("secrets: just text").is_err());
+        assert!(parse_spec_document("").is_err());
     }
 
     #[test]
