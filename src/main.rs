@@ -2,6 +2,7 @@
 //! runtime, and hands over to `app`. Bad arguments exit with status 2 before anything is
 //! mounted.
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -268,8 +269,24 @@ fn vault_config(args: VaultArgs, timeout: Duration) -> Result<(ServerConfig, Aut
 fn volume_spec(secrets: &[String], spec_file: Option<&PathBuf>) -> Result<VolumeSpec, String> {
     let mut entries = Vec::new();
     if let Some(path) = spec_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read --spec {}: {e}", path.display()))?;
+        // Read one byte past the limit, never the whole of an oversized file: the parser
+        // refuses what is over it with the size named.
+        let mut raw = Vec::new();
+        let cannot = |e: std::io::Error| format!("cannot read --spec {}: {e}", path.display());
+        let file = std::fs::File::open(path).map_err(cannot)?;
+        let size = file.metadata().map_err(cannot)?.len();
+        if size > spec::MAX_SPEC_BYTES as u64 {
+            return Err(format!(
+                "--spec {}: the file is {size} bytes, over the limit of {} bytes (64 KiB)",
+                path.display(),
+                spec::MAX_SPEC_BYTES
+            ));
+        }
+        file.take(spec::MAX_SPEC_BYTES as u64 + 1)
+            .read_to_end(&mut raw)
+            .map_err(cannot)?;
+        let text = String::from_utf8(raw)
+            .map_err(|_| format!("--spec {}: the file is not UTF-8 text", path.display()))?;
         entries.extend(
             spec::parse_spec_document(&text)
                 .map_err(|e| format!("--spec {}: {e}", path.display()))?,
