@@ -38,7 +38,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
 /// Writes a duration the way `parse_duration` reads it (`500ms`, `30s`).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
