@@ -191,24 +191,24 @@ impl VaultServer {
         });
         let permits = self.permits(identity).await;
         let exchange = self.exchange(req.kind);
-        let (kind, method, token) = (req.kind, req.method, req.token);
+        let (method, token) = (req.method, req.token);
         let gauge = gauge.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let pending = Pending {
+            rx: Some(rx),
+            orphan: Some((exchange.clone(), token.clone())),
+        };
         tokio::spawn(async move {
             gauge.inc();
             let result = exchange.run(method, url, body, token.as_ref()).await;
             if let Err(Ok(mut answer)) = tx.send(result) {
-                exchange.clean_up(kind, &answer, token.as_ref()).await;
+                exchange.clean_up(&answer, token.as_ref()).await;
                 wipe_json(&mut answer);
             }
             gauge.dec();
             drop(permits);
         });
-        rx.await.unwrap_or_else(|_| {
-            Err(SourceError::Unavailable(format!(
-                "{kind} request failed: its task ended without an answer"
-            )))
-        })
+        pending.wait().await
     }
 
     /// Revokes `token` in the background (a token replaced by a login that may still be
@@ -274,7 +274,51 @@ pub(super) struct Request<'a> {
     pub token: Option<Token>,
 }
 
+/// The receiving end of an exchange. Dropped before the answer was taken (the caller gave up),
+/// it cleans up an answer that was already delivered; the exchange's task cleans up one that
+/// arrives later. Between them, every answer is either received or cleaned up.
+struct Pending {
+    rx: Option<tokio::sync::oneshot::Receiver<Result<Value, SourceError>>>,
+    orphan: Option<(Exchange, Option<Token>)>,
+}
+
+impl Pending {
+    async fn wait(mut self) -> Result<Value, SourceError> {
+        let kind = self.orphan.as_ref().map_or("vault", |(e, _)| e.kind);
+        let rx = self.rx.as_mut().expect("only `wait` and `drop` take it");
+        let got = rx.await;
+        self.rx = None;
+        got.unwrap_or_else(|_| {
+            Err(SourceError::Unavailable(format!(
+                "{kind} request failed: its task ended without an answer"
+            )))
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        // After `close`, a later send fails (the task cleans up); an answer already sent is
+        // still here to take.
+        rx.close();
+        if let (Ok(Ok(mut answer)), Some((exchange, token))) = (rx.try_recv(), self.orphan.take()) {
+            if exchange.grants(&answer) {
+                tokio::spawn(async move {
+                    exchange.clean_up(&answer, token.as_ref()).await;
+                    wipe_json(&mut answer);
+                });
+            } else {
+                wipe_json(&mut answer);
+            }
+        }
+    }
+}
+
 /// Everything one request needs, owned, so that it can finish in its own task.
+#[derive(Clone)]
 struct Exchange {
     http: reqwest::Client,
     namespace: Option<String>,
@@ -360,21 +404,35 @@ impl Exchange {
         }
     }
 
-    /// Revokes what an answer nobody waited for carries: a login's token, a lease.
-    async fn clean_up(&self, kind: &'static str, answer: &Value, token: Option<&Token>) {
-        let (path, body, token) = if let Some(fresh) = answer["auth"]["client_token"].as_str() {
+    /// Whether `answer` carries something Vault granted that must not be left alive unmanaged:
+    /// a login's token or a read's lease.
+    fn grants(&self, answer: &Value) -> bool {
+        match self.kind {
+            "login" => answer["auth"]["client_token"].is_string(),
+            "read" => answer["lease_id"].as_str().is_some_and(|id| !id.is_empty()),
+            _ => false,
+        }
+    }
+
+    /// Revokes what an answer nobody waited for carries: a login's token, a read's lease.
+    async fn clean_up(&self, answer: &Value, token: Option<&Token>) {
+        if !self.grants(answer) {
+            return;
+        }
+        let kind = self.kind;
+        let (path, body, token) = if kind == "login" {
+            let fresh = answer["auth"]["client_token"].as_str().unwrap_or_default();
             (
                 "auth/token/revoke-self",
                 None,
                 Some(Token::new(fresh.to_string())),
             )
-        } else if let Some(id) = answer["lease_id"].as_str().filter(|id| !id.is_empty()) {
+        } else {
+            let id = answer["lease_id"].as_str().unwrap_or_default();
             let body = Zeroizing::new(
                 serde_json::to_vec(&json!({ "lease_id": id })).expect("JSON always serializes"),
             );
             ("sys/leases/revoke", Some(body), token.cloned())
-        } else {
-            return;
         };
         let mut url = self.base.clone();
         url.path_segments_mut()
@@ -553,5 +611,159 @@ mod tests {
         assert_eq!(limits.max_response_bytes, 1024 * 1024);
         assert_eq!(limits.max_concurrent_requests, 64);
         assert_eq!(limits.max_requests_per_identity, 8);
+    }
+
+    /// A one-thread HTTP server answering each request with `answer(head)`; returns its
+    /// address and the request heads it received.
+    fn serve(
+        answer: impl Fn(&str) -> Vec<u8> + Send + 'static,
+    ) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut buf = Vec::new();
+                let mut byte = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut byte) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&byte[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                log.lock().push(head.clone());
+                let _ = stream.write_all(&answer(&head));
+            }
+        });
+        (addr, seen)
+    }
+
+    fn small_server(addr: &str, max: usize) -> VaultServer {
+        let config = ServerConfig {
+            addr: addr.into(),
+            namespace: None,
+            ca_cert: None,
+            skip_verify: false,
+            timeout: Duration::from_secs(5),
+        };
+        let limits = ServerLimits {
+            max_response_bytes: max,
+            ..ServerLimits::default()
+        };
+        VaultServer::with_limits(&config, limits).unwrap()
+    }
+
+    async fn get(server: &VaultServer, kind: &'static str) -> Result<Value, SourceError> {
+        let request = Request {
+            kind,
+            method: Method::GET,
+            path: "secret/data/app",
+            body: None,
+            token: Some(Token::new("tok".into())),
+        };
+        server
+            .send(request, &Arc::new(Semaphore::new(1)), &Gauge::default())
+            .await
+    }
+
+    fn json_answer(status: &str, body: &str, chunked: bool) -> Vec<u8> {
+        if chunked {
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            )
+            .into_bytes()
+        } else {
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_limit_are_refused_by_length_or_while_reading() {
+        let big = format!("{{\"data\":{{\"v\":\"{}\"}}}}", "s3cr3t".repeat(400));
+        for chunked in [false, true] {
+            let body = big.clone();
+            let (addr, _) = serve(move |_| json_answer("200 OK", &body, chunked));
+            let err = get(&small_server(&addr, 1000), "read").await.unwrap_err();
+            let SourceError::TooLarge(message) = &err else {
+                panic!("chunked={chunked}: {err:?}");
+            };
+            assert!(message.contains("1000 bytes"), "{message}");
+            assert!(!message.contains("s3cr3t"), "{message}");
+            // Under the limit, the same answer is served.
+            let body = big.clone();
+            let (addr, _) = serve(move |_| json_answer("200 OK", &body, chunked));
+            let ok = get(&small_server(&addr, 1 << 20), "read").await.unwrap();
+            assert_eq!(ok["data"]["v"].as_str().unwrap().len(), 2400);
+        }
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let (target, target_seen) = serve(|_| json_answer("200 OK", "{}", false));
+        let (addr, _) = serve(move |_| {
+            format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}/v1/secret/data/app\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+        });
+        let err = get(&small_server(&addr, 1000), "read").await.unwrap_err();
+        assert!(
+            err.to_string().contains("HTTP 307")
+                && err.to_string().contains("does not follow redirects"),
+            "{err}"
+        );
+        assert!(target_seen.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_login_answer_nobody_waits_for_has_its_token_revoked() {
+        let (addr, seen) = serve(|head| {
+            if head.contains("/login") {
+                std::thread::sleep(Duration::from_millis(300));
+                json_answer("200 OK", r#"{"auth":{"client_token":"late-token"}}"#, false)
+            } else {
+                json_answer("204 No Content", "", false)
+            }
+        });
+        let server = small_server(&addr, 1000);
+        let request = Request {
+            kind: "login",
+            method: Method::POST,
+            path: "auth/approle/login",
+            body: Some(json!({"role_id": "r"})),
+            token: None,
+        };
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            server.send(request, &Arc::new(Semaphore::new(1)), &Gauge::default()),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        for _ in 0..100 {
+            if seen.lock().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[1].contains("/v1/auth/token/revoke-self"),
+            "{}",
+            seen[1]
+        );
+        assert!(
+            seen[1]
+                .to_ascii_lowercase()
+                .contains("x-vault-token: late-token"),
+            "{}",
+            seen[1]
+        );
     }
 }
