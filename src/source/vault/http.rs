@@ -352,7 +352,7 @@ impl Exchange {
                 .body(b.to_vec());
         }
         let unavailable = |e: reqwest::Error| {
-            SourceError::Unavailable(format!("{kind} request failed: {}", e.without_url()))
+            SourceError::Unavailable(format!("{kind} request failed: {}", describe(e)))
         };
         let mut response = request.send().await.map_err(unavailable)?;
         let status = response.status();
@@ -455,6 +455,23 @@ impl Exchange {
             Err(_) => tracing::warn!(kind, "a Vault answer arrived after its caller gave up and what it granted could not be revoked in time"),
         }
     }
+}
+
+/// A reqwest error with its causes (the TLS or connection failure is only in the chain),
+/// without the URL.
+fn describe(err: reqwest::Error) -> String {
+    let err = err.without_url();
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn parse_addr(addr: &str) -> Result<Url, VaultConfigError> {
