@@ -555,25 +555,9 @@ impl VaultSource {
             .send(kind, method.clone(), path, body.clone(), Some(&token))
             .await;
         let result = match first {
-            Err(SourceError::PermissionDenied) if self.may_be_dead_token() => {
-                match self.lookup_refused(&token).await {
-                    true => match self.relogin(Some(&token)).await {
-                        Ok(fresh) => {
-                            let retry = self
-                                .send(kind, method, path, body.take(), Some(&fresh))
-                                .await;
-                            if retry == Err(SourceError::PermissionDenied) {
-                                // Refused again with a fresh token: a policy denial. Learn
-                                // whether lookup-self is refused too, so that further denials
-                                // skip straight to that answer.
-                                self.lookup_refused(&fresh).await;
-                            }
-                            retry
-                        }
-                        Err(err) => Err(err),
-                    },
-                    false => Err(SourceError::PermissionDenied),
-                }
+            Err(SourceError::PermissionDenied) if !self.is_static_token() => {
+                self.after_denial(kind, method, path, &mut body, &token)
+                    .await
             }
             other => other,
         };
@@ -581,6 +565,43 @@ impl VaultSource {
             wipe_json(b);
         }
         result
+    }
+
+    /// After a 403 to a login identity: retry once with a newer token if a login replaced
+    /// `token` meanwhile (the replaced one is being revoked); else, if `token` may be dead and
+    /// lookup-self confirms it, log in again and retry once. Anything else is a policy denial.
+    async fn after_denial(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: &mut Option<Value>,
+        token: &Token,
+    ) -> Result<Value, SourceError> {
+        let newer = {
+            let slot = self.token.lock();
+            slot.as_ref()
+                .filter(|t| &t.token != token && t.valid())
+                .map(|t| t.token.clone())
+        };
+        if let Some(current) = newer {
+            return self
+                .send(kind, method, path, body.take(), Some(&current))
+                .await;
+        }
+        if !self.may_be_dead_token() || !self.lookup_refused(token).await {
+            return Err(SourceError::PermissionDenied);
+        }
+        let fresh = self.relogin(Some(token)).await?;
+        let retry = self
+            .send(kind, method, path, body.take(), Some(&fresh))
+            .await;
+        if retry == Err(SourceError::PermissionDenied) {
+            // Refused again with a fresh token: a policy denial. Learn whether lookup-self is
+            // refused too, so that further denials skip straight to that answer.
+            self.lookup_refused(&fresh).await;
+        }
+        retry
     }
 
     /// Whether a 403 may come from a dead token rather than a policy: a login identity whose
