@@ -201,11 +201,12 @@ impl VaultServer {
         tokio::spawn(async move {
             gauge.inc();
             let result = exchange.run(method, url, body, token.as_ref()).await;
+            gauge.dec();
             if let Err(Ok(mut answer)) = tx.send(result) {
                 exchange.clean_up(&answer, token.as_ref()).await;
                 wipe_json(&mut answer);
             }
-            gauge.dec();
+            // Held through any clean-up, so that it counts against the caps too.
             drop(permits);
         });
         pending.wait().await
@@ -782,5 +783,112 @@ mod tests {
             "{}",
             seen[1]
         );
+    }
+
+    #[tokio::test]
+    async fn a_leased_read_nobody_waits_for_has_its_lease_revoked() {
+        let (addr, seen) = serve(|head| {
+            if head.starts_with("GET") {
+                std::thread::sleep(Duration::from_millis(300));
+                json_answer(
+                    "200 OK",
+                    r#"{"lease_id":"database/creds/app/xyz","lease_duration":60,"data":{}}"#,
+                    false,
+                )
+            } else {
+                json_answer("204 No Content", "", false)
+            }
+        });
+        let server = small_server(&addr, 1000);
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), get(&server, "read")).await;
+        assert!(gave_up.is_err());
+        for _ in 0..100 {
+            if seen.lock().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[1].starts_with("PUT /v1/sys/leases/revoke"),
+            "{}",
+            seen[1]
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_in_flight_are_capped_per_identity_and_per_server() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // A server answering every connection in its own thread after 100 ms, recording the
+        // most connections it held at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (n, m) = (now.clone(), most.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (n, m) = (n.clone(), m.clone());
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf);
+                    m.fetch_max(n.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(100));
+                    n.fetch_sub(1, Ordering::SeqCst);
+                    let _ = stream.write_all(&json_answer("200 OK", "{}", false));
+                });
+            }
+        });
+        let config = ServerConfig {
+            addr,
+            namespace: None,
+            ca_cert: None,
+            skip_verify: false,
+            timeout: Duration::from_secs(5),
+        };
+        let limits = ServerLimits {
+            max_concurrent_requests: 3,
+            max_requests_per_identity: 2,
+            ..ServerLimits::default()
+        };
+        let server = Arc::new(VaultServer::with_limits(&config, limits).unwrap());
+        let gauge = Gauge::default();
+        let send_all = |identities: Vec<Arc<Semaphore>>| {
+            let mut all = tokio::task::JoinSet::new();
+            for identity in identities {
+                for _ in 0..4 {
+                    let (server, identity, gauge) =
+                        (server.clone(), identity.clone(), gauge.clone());
+                    all.spawn(async move {
+                        let request = Request {
+                            kind: "read",
+                            method: Method::GET,
+                            path: "secret/data/app",
+                            body: None,
+                            token: None,
+                        };
+                        server.send(request, &identity, &gauge).await
+                    });
+                }
+            }
+            all
+        };
+        let one = Arc::new(Semaphore::new(limits.max_requests_per_identity));
+        let mut all = send_all(vec![one]);
+        while let Some(done) = all.join_next().await {
+            done.unwrap().unwrap();
+        }
+        assert_eq!(most.swap(0, Ordering::SeqCst), 2, "one identity's cap");
+        let many = (0..3)
+            .map(|_| Arc::new(Semaphore::new(limits.max_requests_per_identity)))
+            .collect();
+        let mut all = send_all(many);
+        while let Some(done) = all.join_next().await {
+            done.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 3, "the server's cap");
+        assert_eq!(gauge.get(), 0, "nothing left in flight");
     }
 }
