@@ -43,6 +43,9 @@ pub enum FsError {
     Unavailable(String),
     #[error("unexpected Vault response: {0}")]
     Invalid(String),
+    /// The secret is larger than vaultfs serves.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("read-only filesystem")]
     ReadOnly,
     #[error("not a directory")]
@@ -57,6 +60,7 @@ impl FsError {
             FsError::NotFound | FsError::MissingField(_) => libc::ENOENT,
             FsError::PermissionDenied => libc::EACCES,
             FsError::Unavailable(_) | FsError::Invalid(_) => libc::EIO,
+            FsError::TooLarge(_) => libc::EFBIG,
             FsError::ReadOnly => libc::EROFS,
             FsError::NotADirectory => libc::ENOTDIR,
             FsError::IsADirectory => libc::EISDIR,
@@ -80,6 +84,7 @@ impl FsError {
             libc::EROFS => "EROFS",
             libc::ENOTDIR => "ENOTDIR",
             libc::EISDIR => "EISDIR",
+            libc::EFBIG => "EFBIG",
             _ => "EIO",
         }
     }
@@ -94,6 +99,7 @@ impl From<SourceError> for FsError {
             }
             SourceError::Unavailable(m) => FsError::Unavailable(m),
             SourceError::Invalid(m) => FsError::Invalid(m),
+            SourceError::TooLarge(m) => FsError::TooLarge(m),
         }
     }
 }

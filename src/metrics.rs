@@ -76,6 +76,8 @@ pub struct Metrics {
     vault_requests: Family<Labels, Histogram, fn() -> Histogram>,
     vault_errors: Family<Labels, Counter>,
     pub active_mounts: Gauge,
+    /// Vault HTTP requests in flight (all servers, all volumes).
+    pub vault_requests_in_flight: Gauge,
     csi_requests: Family<Labels, Histogram, fn() -> Histogram>,
     vault_logins: Family<VolumeLabels, Counter>,
     vault_token_renewals: Family<VolumeLabels, Counter>,
@@ -113,6 +115,7 @@ impl Metrics {
             Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let vault_errors = Family::<Labels, Counter>::default();
         let active_mounts = Gauge::default();
+        let vault_requests_in_flight = Gauge::default();
         let csi_requests =
             Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         registry.register("fuse_requests", "FUSE requests by operation", ops_count);
@@ -162,6 +165,11 @@ impl Metrics {
             active_mounts.clone(),
         );
         registry.register(
+            "vault_requests_in_flight",
+            "Vault HTTP requests in flight",
+            vault_requests_in_flight.clone(),
+        );
+        registry.register(
             "csi_request_duration_seconds",
             "CSI requests by RPC and gRPC status code, with their latency",
             csi_requests.clone(),
@@ -195,6 +203,7 @@ impl Metrics {
             vault_requests,
             vault_errors,
             active_mounts,
+            vault_requests_in_flight,
             csi_requests,
             vault_logins,
             vault_token_renewals,

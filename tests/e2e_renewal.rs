@@ -12,7 +12,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
 
 const TOKEN_TTL: u64 = 6;
 const TOKEN_MAX_TTL: u64 = 20;
@@ -43,38 +42,23 @@ fn busiest_second(times: &[f64]) -> usize {
         .unwrap_or(0)
 }
 
-/// Enables AppRole with a role whose tokens may read `secret/app/*`, and returns its role id
-/// and a file holding a fresh secret id.
+/// An AppRole role whose tokens may read `secret/app/*`, with a short TTL and max TTL; its
+/// role id and a file holding a fresh secret id.
 fn approle(bao: &Bao, dir: &std::path::Path) -> (String, std::path::PathBuf) {
-    bao.api_ok("POST", "sys/auth/approle", Some(json!({"type": "approle"})));
     bao.put_policy(
         "app-read",
         r#"path "secret/data/app/*" { capabilities = ["read"] }
            path "secret/metadata/app/*" { capabilities = ["read"] }"#,
     );
-    bao.api_ok(
-        "POST",
-        "auth/approle/role/app",
-        Some(json!({
-            "token_policies": ["app-read"],
-            "token_ttl": format!("{TOKEN_TTL}s"),
-            "token_max_ttl": format!("{TOKEN_MAX_TTL}s"),
-        })),
-    );
-    let role_id = bao.api_ok("GET", "auth/approle/role/app/role-id", None)["data"]["role_id"]
-        .as_str()
-        .expect("a role id")
-        .to_string();
-    let secret_id: Value = bao.api_ok("POST", "auth/approle/role/app/secret-id", None);
-    let file = dir.join("secret-id");
-    std::fs::write(
-        &file,
-        secret_id["data"]["secret_id"]
-            .as_str()
-            .expect("a secret id"),
+    bao.approle(
+        dir,
+        "app",
+        &["app-read"],
+        Some((
+            Duration::from_secs(TOKEN_TTL),
+            Duration::from_secs(TOKEN_MAX_TTL),
+        )),
     )
-    .expect("write the secret id file");
-    (role_id, file)
 }
 
 #[test]

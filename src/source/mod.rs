@@ -67,6 +67,10 @@ pub enum SourceError {
     /// account, expired JWT), or the identity was shut down. The message says which.
     #[error("{0}")]
     LoginRefused(String),
+    /// Vault's answer was larger than the configured limit (`ServerLimits::max_response_bytes`);
+    /// it was not read further. The message names the limit, never the content.
+    #[error("Vault answer refused: {0}")]
+    TooLarge(String),
 }
 
 impl SourceError {

@@ -1,5 +1,7 @@
 //! The real `SecretSource`: Vault's (and OpenBao's) HTTP API over reqwest. The only module that
-//! knows URLs, headers, auth methods, token renewal and KV engine detection.
+//! knows URLs, headers, auth methods, token renewal and KV engine detection. Split by job:
+//! `http` (address, URLs, TLS, caps, body limit), `auth` (the token state machine), `engine`
+//! (which engine serves a path); this file holds the identity and the secret reads.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -8,15 +10,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::{json, Value};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use zeroize::Zeroizing;
 
-use super::{pacing, Fetched, Lease, SecretSource, SourceError, Version};
+use super::{Fetched, Lease, SecretSource, SourceError, Version};
 use crate::metrics::Metrics;
 use crate::secret::{wipe_json, SecretData, Token};
 use crate::spec::SecretPath;
+
+mod auth;
+mod engine;
+mod http;
+
+use auth::TokenState;
+pub use auth::MIN_RELOGIN_INTERVAL;
+use engine::Engine;
+pub use http::{
+    ServerConfig, ServerLimits, VaultConfigError, VaultServer, DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_REQUESTS_PER_IDENTITY, DEFAULT_MAX_RESPONSE_BYTES,
+};
 
 /// How vaultfs proves its identity to Vault.
 #[derive(Clone, Debug)]
@@ -51,115 +65,6 @@ pub enum Credential {
     Value(Token),
 }
 
-/// How to reach a Vault server.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// Base address, e.g. `https://vault.example:8200`.
-    pub addr: String,
-    pub namespace: Option<String>,
-    /// PEM file of CA certificates to trust.
-    pub ca_cert: Option<PathBuf>,
-    pub skip_verify: bool,
-    /// Bound on each HTTP request.
-    pub timeout: Duration,
-}
-
-/// One Vault server: its address and an HTTP client (connection pool, TLS settings) shared by
-/// every identity that talks to it.
-pub struct VaultServer {
-    http: reqwest::Client,
-    addr: String,
-    namespace: Option<String>,
-}
-
-impl VaultServer {
-    pub fn new(config: &ServerConfig) -> Result<Self, VaultConfigError> {
-        let addr = config.addr.trim_end_matches('/').to_string();
-        if !(addr.starts_with("http://") || addr.starts_with("https://")) || addr.len() < 10 {
-            return Err(VaultConfigError::Addr(config.addr.clone()));
-        }
-        let mut builder = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .pool_max_idle_per_host(8)
-            .danger_accept_invalid_certs(config.skip_verify);
-        if let Some(path) = &config.ca_cert {
-            let pem = std::fs::read(path).map_err(|source| VaultConfigError::CaCert {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .ok()
-                .filter(|c| !c.is_empty())
-                .ok_or_else(|| VaultConfigError::CaCertPem(path.display().to_string()))?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder
-            .build()
-            .map_err(|e| VaultConfigError::Client(e.to_string()))?;
-        Ok(Self {
-            http,
-            addr,
-            namespace: config.namespace.clone(),
-        })
-    }
-}
-
-/// First wait after a failed renewal or re-login; doubles per failure up to the max.
-const RENEW_RETRY: Duration = Duration::from_secs(5);
-const MAX_RENEW_RETRY: Duration = Duration::from_secs(300);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Engine {
-    KvV1,
-    KvV2,
-    Logical,
-}
-
-struct TokenState {
-    token: Token,
-    /// `None` for tokens that never expire.
-    expires_at: Option<Instant>,
-    /// The TTL a fresh token gets (a login's TTL; for a given token, its creation TTL): a
-    /// renewal granting less has reached the max TTL.
-    full_ttl: Duration,
-    /// What the renewer does next with this token.
-    next: TokenStep,
-    /// Consecutive failed renewer steps (for the back-off).
-    failures: u32,
-}
-
-/// The renewer's next step for the current token (see `pacing`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TokenStep {
-    /// A given token whose TTL is not known yet: look it up at this instant.
-    LookUp(Instant),
-    Renew(Instant),
-    /// Log in again at this instant (shortly before the token expires).
-    Replace(Instant),
-    /// Nothing to do: the token never expires, cannot be renewed at a sane pace, or is a given
-    /// token that cannot be replaced. The first use after it expires logs in (login methods).
-    Idle,
-}
-
-impl TokenState {
-    fn given(token: Token) -> Self {
-        Self {
-            token,
-            expires_at: None,
-            full_ttl: Duration::ZERO,
-            next: TokenStep::LookUp(Instant::now()),
-            failures: 0,
-        }
-    }
-
-    fn valid(&self) -> bool {
-        self.expires_at.is_none_or(|e| e > Instant::now())
-    }
-}
-
 pub struct VaultSource {
     server: Arc<VaultServer>,
     auth: Auth,
@@ -174,53 +79,18 @@ pub struct VaultSource {
     no_metadata: Mutex<HashSet<SecretPath>>,
     /// Set by `revoke`: no further logins (an unpublished volume stays dead).
     closed: AtomicBool,
+    /// This identity's policy refuses `auth/token/lookup-self`: a 403 cannot be told apart from
+    /// a dead token, so it is taken as a policy denial (expiry is still tracked by the TTL).
+    lookup_forbidden: AtomicBool,
+    /// When the last login completed (see `MIN_RELOGIN_INTERVAL`).
+    last_login: Mutex<Option<Instant>>,
+    /// This identity's cap on Vault requests in flight.
+    in_flight: Arc<Semaphore>,
     /// Wakes the renewer when the token is replaced or its schedule changes.
     token_changed: tokio::sync::Notify,
     /// The volume this identity serves, as named in logs and metric labels.
     volume: String,
     metrics: Arc<Metrics>,
-}
-
-/// A `ServerConfig` that cannot be used, with what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum VaultConfigError {
-    #[error("cannot read VAULT_CACERT file {path}: {source}")]
-    CaCert {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("VAULT_CACERT file {0} holds no usable PEM certificate")]
-    CaCertPem(String),
-    #[error("invalid VAULT_ADDR {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
-    Addr(String),
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
-}
-
-fn classify(status: StatusCode, body: &Value) -> SourceError {
-    let errors = body
-        .get("errors")
-        .and_then(Value::as_array)
-        .map(|e| {
-            e.iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .unwrap_or_default();
-    let mut detail = format!("HTTP {}", status.as_u16());
-    if !errors.is_empty() {
-        detail.push_str(": ");
-        detail.extend(errors.chars().take(300));
-    }
-    match status {
-        StatusCode::NOT_FOUND => SourceError::NotFound,
-        StatusCode::FORBIDDEN => SourceError::PermissionDenied,
-        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-            SourceError::Unavailable(detail)
-        }
-        _ => SourceError::Invalid(detail),
-    }
 }
 
 /// Vault's TTL in seconds, bounded so that adding it to a clock reading cannot overflow.
@@ -247,6 +117,7 @@ fn error_class(err: &SourceError) -> &'static str {
         SourceError::Unavailable(_) => "unavailable",
         SourceError::Invalid(_) => "invalid",
         SourceError::LoginRefused(_) => "login_refused",
+        SourceError::TooLarge(_) => "too_large",
     }
 }
 
@@ -263,6 +134,7 @@ impl VaultSource {
             Auth::Token(t) => (Some(TokenState::given(t.clone())), None),
             Auth::Login { credential, .. } => (None, Some(credential.clone())),
         };
+        let in_flight = Arc::new(Semaphore::new(server.limits().max_requests_per_identity));
         Self {
             server,
             auth,
@@ -273,6 +145,9 @@ impl VaultSource {
             undetectable: Mutex::new(HashMap::new()),
             no_metadata: Mutex::new(HashSet::new()),
             closed: AtomicBool::new(false),
+            lookup_forbidden: AtomicBool::new(false),
+            last_login: Mutex::new(None),
+            in_flight,
             token_changed: tokio::sync::Notify::new(),
             volume,
             metrics,
@@ -290,8 +165,12 @@ impl VaultSource {
         match self.auth {
             Auth::Token(_) => Ok(()),
             Auth::Login { .. } => {
-                self.token.lock().take();
-                self.relogin(None).await.map(|_| ())
+                let old = self.token.lock().take().map(|t| t.token);
+                self.relogin(None).await?;
+                if let Some(old) = old {
+                    self.server.revoke_in_background(old, &self.in_flight);
+                }
+                Ok(())
             }
         }
     }
@@ -301,84 +180,6 @@ impl VaultSource {
     pub async fn detect_engines(&self, paths: Vec<SecretPath>) {
         for path in paths {
             let _ = self.engine(&path).await;
-        }
-    }
-
-    /// Keeps the token alive, paced by `pacing::plan`: looks a given token up to learn its TTL,
-    /// renews it two thirds into each TTL (never more often than `MIN_RENEW_INTERVAL`), and
-    /// once Vault stops extending it (max TTL) logs in again shortly before it expires instead
-    /// of renewing. Runs until the task is dropped.
-    pub async fn run_renewer(self: Arc<Self>) {
-        loop {
-            let step = self
-                .token
-                .lock()
-                .as_ref()
-                .map(|t| (t.token.clone(), t.next));
-            let (token, at) = match step {
-                Some((
-                    token,
-                    TokenStep::LookUp(at) | TokenStep::Renew(at) | TokenStep::Replace(at),
-                )) => (token, at),
-                Some((_, TokenStep::Idle)) | None => {
-                    self.token_changed.notified().await;
-                    continue;
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep_until(at) => {}
-                _ = self.token_changed.notified() => continue,
-            }
-            let Some(step) = self.step_of(&token) else {
-                continue;
-            };
-            let result = match step {
-                TokenStep::LookUp(_) => self.lookup_self(&token).await,
-                TokenStep::Renew(_) => self.renew_self(&token).await,
-                TokenStep::Replace(_) => self.relogin(Some(&token)).await.map(drop),
-                TokenStep::Idle => continue,
-            };
-            if let Err(err) = result {
-                self.renewal_failed(&token, step, &err);
-            }
-        }
-    }
-
-    /// The scheduled step of `token` if it is still the current token.
-    fn step_of(&self, token: &Token) -> Option<TokenStep> {
-        let slot = self.token.lock();
-        slot.as_ref().filter(|t| &t.token == token).map(|t| t.next)
-    }
-
-    /// After a failed renewer step: a login token whose renewal Vault refused is dropped (the
-    /// next request logs in); a given token Vault will not renew or describe is left alone until
-    /// it expires; anything else is tried again with a back-off.
-    fn renewal_failed(&self, token: &Token, step: TokenStep, err: &SourceError) {
-        let mut slot = self.token.lock();
-        let Some(state) = slot.as_mut().filter(|t| &t.token == token) else {
-            return;
-        };
-        let refused = !err.is_transient();
-        match step {
-            TokenStep::Renew(_) if refused && !self.is_static_token() => {
-                tracing::warn!(volume = %self.volume, error = %err, "Vault refused to renew the token; the next request logs in again");
-                slot.take();
-            }
-            TokenStep::LookUp(_) | TokenStep::Renew(_) if refused => {
-                tracing::warn!(volume = %self.volume, error = %err, "Vault will not renew or describe the given token; it is used as it is until it expires");
-                state.next = TokenStep::Idle;
-            }
-            _ => {
-                state.failures = state.failures.saturating_add(1);
-                let wait = pacing::retry_in(RENEW_RETRY, state.failures, MAX_RENEW_RETRY);
-                let at = Instant::now() + wait;
-                tracing::warn!(volume = %self.volume, error = %err, retry_in = ?wait, "could not renew the Vault token or log in again; retrying");
-                state.next = match step {
-                    TokenStep::LookUp(_) => TokenStep::LookUp(at),
-                    TokenStep::Replace(_) => TokenStep::Replace(at),
-                    TokenStep::Renew(_) | TokenStep::Idle => TokenStep::Renew(at),
-                };
-            }
         }
     }
 
@@ -411,213 +212,6 @@ impl VaultSource {
         matches!(self.auth, Auth::Token(_))
     }
 
-    async fn lookup_self(&self, token: &Token) -> Result<(), SourceError> {
-        let body = self
-            .send(
-                "lookup",
-                Method::GET,
-                "auth/token/lookup-self",
-                None,
-                Some(token),
-            )
-            .await?;
-        let data = &body["data"];
-        let ttl = Duration::from_secs(ttl_from(&data["ttl"]));
-        let creation_ttl = Duration::from_secs(ttl_from(&data["creation_ttl"]));
-        let renewable = data["renewable"].as_bool().unwrap_or(false);
-        self.schedule(token, false, ttl, creation_ttl.max(ttl), renewable);
-        Ok(())
-    }
-
-    async fn renew_self(&self, token: &Token) -> Result<(), SourceError> {
-        self.metrics.vault_token_renewal(&self.volume);
-        let body = self
-            .send(
-                "renew",
-                Method::POST,
-                "auth/token/renew-self",
-                Some(json!({})),
-                Some(token),
-            )
-            .await?;
-        let auth = &body["auth"];
-        let granted = Duration::from_secs(ttl_from(&auth["lease_duration"]));
-        let renewable = auth["renewable"].as_bool().unwrap_or(false);
-        let full = self.token.lock().as_ref().map_or(granted, |t| t.full_ttl);
-        self.schedule(token, false, granted, full, renewable);
-        tracing::debug!(volume = %self.volume, ttl = ?granted, "Vault token renewed");
-        Ok(())
-    }
-
-    /// Records what Vault granted for `token` and plans the renewer's next step. A `fresh`
-    /// token (from a login) replaces the current one; otherwise the answer is recorded only if
-    /// `token` is still the current token.
-    fn schedule(
-        &self,
-        token: &Token,
-        fresh: bool,
-        granted: Duration,
-        full: Duration,
-        renewable: bool,
-    ) {
-        let now = Instant::now();
-        let plan = pacing::plan(granted, full, renewable);
-        let next = match plan {
-            pacing::Plan::RenewIn(after) => TokenStep::Renew(now + after),
-            pacing::Plan::ReplaceIn(after) if !self.is_static_token() => {
-                TokenStep::Replace(now + after)
-            }
-            pacing::Plan::ReplaceIn(_) => {
-                tracing::warn!(volume = %self.volume, expires_in = ?granted, "the given Vault token cannot be renewed any further; vaultfs stops renewing it");
-                TokenStep::Idle
-            }
-            pacing::Plan::Keep | pacing::Plan::Lapse => TokenStep::Idle,
-        };
-        let expires_at = (!granted.is_zero()).then(|| now + granted);
-        let mut slot = self.token.lock();
-        if !fresh && slot.as_ref().is_none_or(|t| &t.token != token) {
-            return;
-        }
-        *slot = Some(TokenState {
-            token: token.clone(),
-            expires_at,
-            full_ttl: full,
-            next,
-            failures: 0,
-        });
-        drop(slot);
-        self.token_changed.notify_one();
-    }
-
-    /// A token to use now: the current one while it is valid, else a fresh login.
-    async fn token(&self) -> Result<Token, SourceError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(SourceError::LoginRefused(
-                "this volume was unpublished; its Vault identity is closed".into(),
-            ));
-        }
-        if let Some(t) = self.token.lock().as_ref().filter(|t| t.valid()) {
-            return Ok(t.token.clone());
-        }
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(SourceError::LoginRefused(
-                "this volume was unpublished; its Vault identity is closed".into(),
-            ));
-        }
-        if self.is_static_token() {
-            return Err(SourceError::PermissionDenied);
-        }
-        self.relogin(None).await
-    }
-
-    /// Logs in with the current credential, one login at a time. `refused` is the token Vault
-    /// just refused, if any: a different valid token obtained meanwhile is used instead.
-    async fn relogin(&self, refused: Option<&Token>) -> Result<Token, SourceError> {
-        let _one = self.login_lock.lock().await;
-        if let Some(t) = self.token.lock().as_ref() {
-            if t.valid() && refused.is_none_or(|r| r != &t.token) {
-                return Ok(t.token.clone());
-            }
-        }
-        let Auth::Login {
-            method,
-            mount,
-            role,
-            ..
-        } = &self.auth
-        else {
-            return Err(SourceError::PermissionDenied);
-        };
-        let credential = self.credential.lock().clone();
-        let secret = match credential {
-            Some(Credential::Value(t)) => t,
-            Some(Credential::File(path)) => match std::fs::read_to_string(&path) {
-                Ok(s) => Token::new(s.trim().to_string()),
-                Err(e) => {
-                    return Err(SourceError::Invalid(format!(
-                        "cannot read the login credential file {}: {e}",
-                        path.display()
-                    )))
-                }
-            },
-            None => return Err(SourceError::Invalid("no login credential".into())),
-        };
-        let body = match method {
-            LoginMethod::AppRole => json!({"role_id": role, "secret_id": secret.expose()}),
-            LoginMethod::Kubernetes | LoginMethod::Jwt => {
-                json!({"role": role, "jwt": secret.expose()})
-            }
-        };
-        let mount = mount.trim_matches('/');
-        self.metrics.vault_login(&self.volume);
-        let answer = self
-            .send(
-                "login",
-                Method::POST,
-                &format!("auth/{mount}/login"),
-                Some(body),
-                None,
-            )
-            .await
-            .map_err(|err| match err {
-                SourceError::PermissionDenied | SourceError::NotFound => SourceError::LoginRefused(
-                    format!("Vault refused the login to auth/{mount} as role {role:?}: {err}"),
-                ),
-                SourceError::Invalid(detail) => SourceError::LoginRefused(format!(
-                    "Vault refused the login to auth/{mount} as role {role:?}: {detail}"
-                )),
-                other => other,
-            })?;
-        let token = answer["auth"]["client_token"]
-            .as_str()
-            .map(|s| Token::new(s.to_string()))
-            .ok_or_else(|| SourceError::Invalid("login answer has no auth.client_token".into()))?;
-        let auth = &answer["auth"];
-        let ttl = Duration::from_secs(ttl_from(&auth["lease_duration"]));
-        let renewable = auth["renewable"].as_bool().unwrap_or(false);
-        self.schedule(&token, true, ttl, ttl, renewable);
-        tracing::info!(volume = %self.volume, mount = %mount, role = %role, ttl = ?ttl, "logged in to Vault");
-        Ok(token)
-    }
-
-    /// One authenticated request. With a login method, a 403 may mean the token was revoked
-    /// or expired: log in again once and retry.
-    async fn authed(
-        &self,
-        kind: &'static str,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, SourceError> {
-        let token = self.token().await?;
-        let first = self
-            .send(kind, method.clone(), path, body.clone(), Some(&token))
-            .await;
-        match first {
-            Err(SourceError::PermissionDenied) if !self.is_static_token() => {
-                // A 403 is either a policy denial or a token that expired or was revoked.
-                // Only the latter is worth a new login.
-                let valid = self
-                    .send(
-                        "lookup",
-                        Method::GET,
-                        "auth/token/lookup-self",
-                        None,
-                        Some(&token),
-                    )
-                    .await;
-                match valid {
-                    Err(SourceError::PermissionDenied) => {
-                        let fresh = self.relogin(Some(&token)).await?;
-                        self.send(kind, method, path, body, Some(&fresh)).await
-                    }
-                    _ => Err(SourceError::PermissionDenied),
-                }
-            }
-            other => other,
-        }
-    }
-
     async fn send(
         &self,
         kind: &'static str,
@@ -627,126 +221,26 @@ impl VaultSource {
         token: Option<&Token>,
     ) -> Result<Value, SourceError> {
         let started = std::time::Instant::now();
-        let result = self.send_inner(kind, method, path, body, token).await;
+        let request = http::Request {
+            kind,
+            method,
+            path,
+            body,
+            token: token.cloned(),
+        };
+        let result = self
+            .server
+            .send(
+                request,
+                &self.in_flight,
+                &self.metrics.vault_requests_in_flight,
+            )
+            .await;
         self.metrics.vault_request(kind, started.elapsed());
         if let Err(err) = &result {
             self.metrics.vault_error(kind, error_class(err));
         }
         result
-    }
-
-    async fn send_inner(
-        &self,
-        kind: &'static str,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-        token: Option<&Token>,
-    ) -> Result<Value, SourceError> {
-        let url = format!("{}/v1/{}", self.server.addr, path);
-        let mut request = self
-            .server
-            .http
-            .request(method, &url)
-            .header("X-Vault-Request", "true");
-        if let Some(t) = token {
-            request = request.header("X-Vault-Token", t.expose());
-        }
-        if let Some(ns) = &self.server.namespace {
-            request = request.header("X-Vault-Namespace", ns);
-        }
-        if let Some(mut b) = body {
-            request = request.json(&b);
-            wipe_json(&mut b);
-        }
-        let unavailable = |e: reqwest::Error| {
-            SourceError::Unavailable(format!("{kind} request failed: {}", e.without_url()))
-        };
-        let mut response = request.send().await.map_err(unavailable)?;
-        let status = response.status();
-        // Sized up front where the length is known, so growing leaves no stray copies behind.
-        let expected = response.content_length().unwrap_or(0).min(1 << 20) as usize;
-        let mut raw = Zeroizing::new(Vec::with_capacity(expected.max(4096)));
-        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
-            raw.extend_from_slice(&chunk);
-        }
-        let value: Value = if raw.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&raw).map_err(|_| {
-                SourceError::Invalid(format!(
-                    "{kind}: HTTP {} with a body that is not JSON",
-                    status.as_u16()
-                ))
-            })?
-        };
-        if status.is_success() {
-            Ok(value)
-        } else {
-            let err = classify(status, &value);
-            let mut value = value;
-            wipe_json(&mut value);
-            Err(err)
-        }
-    }
-
-    /// The engine serving `path` and the path's mount prefix.
-    async fn engine(&self, path: &SecretPath) -> Result<(Engine, String), SourceError> {
-        let p = path.as_str();
-        if let Some(found) = self.known_engine(path) {
-            return Ok(found);
-        }
-        match self
-            .authed(
-                "mounts",
-                Method::GET,
-                &format!("sys/internal/ui/mounts/{p}"),
-                None,
-            )
-            .await
-        {
-            Ok(body) => {
-                let data = &body["data"];
-                let prefix = data["path"].as_str().unwrap_or_default().to_string();
-                let engine = match (data["type"].as_str(), data["options"]["version"].as_str()) {
-                    (Some("kv") | Some("generic"), Some("2")) => Engine::KvV2,
-                    (Some("kv") | Some("generic"), _) => Engine::KvV1,
-                    _ => Engine::Logical,
-                };
-                if prefix.is_empty() || !p.starts_with(prefix.as_str()) {
-                    self.undetectable
-                        .lock()
-                        .insert(path.clone(), Engine::Logical);
-                    return Ok((Engine::Logical, String::new()));
-                }
-                tracing::debug!(mount = %prefix, engine = ?engine, "detected secret engine");
-                self.mounts.lock().push((prefix.clone(), engine));
-                Ok((engine, prefix))
-            }
-            // Not allowed to look (or an old server): read the path as written.
-            Err(
-                SourceError::PermissionDenied | SourceError::NotFound | SourceError::Invalid(_),
-            ) => {
-                self.undetectable
-                    .lock()
-                    .insert(path.clone(), Engine::Logical);
-                Ok((Engine::Logical, String::new()))
-            }
-            Err(err) => Err(err),
-        }
-    }
-
-    fn known_engine(&self, path: &SecretPath) -> Option<(Engine, String)> {
-        if let Some(e) = self.undetectable.lock().get(path) {
-            return Some((*e, String::new()));
-        }
-        self.mounts
-            .lock()
-            .iter()
-            .filter(|(prefix, _)| path.as_str().starts_with(prefix.as_str()))
-            .max_by_key(|(prefix, _)| prefix.len())
-            .cloned()
-            .map(|(prefix, engine)| (engine, prefix))
     }
 }
 
@@ -869,25 +363,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_codes_map_to_source_errors() {
-        let body = json!({"errors": ["permission denied"]});
-        assert_eq!(
-            classify(StatusCode::FORBIDDEN, &body),
-            SourceError::PermissionDenied
-        );
-        assert_eq!(
-            classify(StatusCode::NOT_FOUND, &json!({})),
-            SourceError::NotFound
-        );
-        assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &body).is_transient());
-        let bad = classify(
-            StatusCode::BAD_REQUEST,
-            &json!({"errors": ["invalid role"]}),
-        );
-        assert_eq!(bad, SourceError::Invalid("HTTP 400: invalid role".into()));
-    }
-
-    #[test]
     fn only_answers_with_a_lease_id_carry_a_lease() {
         let dynamic = json!({
             "lease_id": "database/creds/app/abc",
@@ -926,22 +401,6 @@ mod tests {
         assert_eq!(
             take_data(deleted, "/data/data").unwrap_err(),
             SourceError::NotFound
-        );
-    }
-
-    #[test]
-    fn bad_addresses_are_refused_with_the_expected_form() {
-        let config = ServerConfig {
-            addr: "vault:8200".into(),
-            namespace: None,
-            ca_cert: None,
-            skip_verify: false,
-            timeout: Duration::from_secs(1),
-        };
-        let err = VaultServer::new(&config).err().expect("refused");
-        assert!(
-            err.to_string().contains("expected http://HOST:PORT"),
-            "{err}"
         );
     }
 }

@@ -555,14 +555,27 @@ pub struct Bao {
     port: u16,
     dir: TempDir,
     kv1_mounts: Mutex<Vec<String>>,
+    /// With [`Bao::start_tls`]: the https API port (the helpers keep using plain `port`).
+    tls_port: Option<u16>,
 }
 
 impl Bao {
     /// Starts a dev server on a free port and waits until it is unsealed and answering.
     pub fn start() -> Bao {
+        Self::start_with(false)
+    }
+
+    /// Like [`Bao::start`], but the dev listener serves https (`-dev-tls`) with a CA written
+    /// to [`Bao::ca_cert_path`]; [`Bao::https_addr`] is its address. A second, plain listener
+    /// (declared in the config file) serves the test helpers and [`Bao::addr`].
+    pub fn start_tls() -> Bao {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Bao {
         let mut last_error = String::new();
         for _attempt in 0..3 {
-            match Self::try_start() {
+            match Self::try_start(tls) {
                 Ok(bao) => return bao,
                 Err(e) => last_error = e,
             }
@@ -570,22 +583,32 @@ impl Bao {
         panic!("could not start the OpenBao dev server: {last_error}");
     }
 
-    fn try_start() -> Result<Bao, String> {
+    fn try_start(tls: bool) -> Result<Bao, String> {
         let dir = tempfile::Builder::new()
             .prefix("vaultfs-bao-")
             .tempdir()
             .map_err(|e| format!("tempdir: {e}"))?;
         let audit_log = dir.path().join("audit.log");
         let config = dir.path().join("audit.hcl");
-        fs::write(
-            &config,
-            format!(
-                "audit \"file\" \"file\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n",
-                audit_log.display()
-            ),
-        )
-        .map_err(|e| format!("write {}: {e}", config.display()))?;
+        let mut hcl = format!(
+            "audit \"file\" \"file\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n",
+            audit_log.display()
+        );
+        // With TLS the dev listener (and its cluster port next to it) is `dev_port`; the
+        // helpers talk to a plain listener on `port`.
         let port = free_port_pair();
+        let dev_port = if tls {
+            hcl.push_str(&format!(
+                "listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  tls_disable = true\n}}\n"
+            ));
+            let dev_port = free_port_pair();
+            fs::create_dir_all(dir.path().join("tls"))
+                .map_err(|e| format!("create the TLS directory: {e}"))?;
+            dev_port
+        } else {
+            port
+        };
+        fs::write(&config, hcl).map_err(|e| format!("write {}: {e}", config.display()))?;
         let log_path = dir.path().join("server.log");
         let log = File::create(&log_path).map_err(|e| format!("create server log: {e}"))?;
         let log2 = log
@@ -596,13 +619,19 @@ impl Bao {
         cmd.arg("server")
             .arg("-dev")
             .arg(format!("-dev-root-token-id={ROOT_TOKEN}"))
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{dev_port}"))
             .arg(format!("-config={}", config.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .current_dir(dir.path())
             .process_group(0);
+        if tls {
+            cmd.arg("-dev-tls").arg(format!(
+                "-dev-tls-cert-dir={}",
+                dir.path().join("tls").display()
+            ));
+        }
         for var in VAULT_ENV {
             cmd.env_remove(var);
         }
@@ -620,6 +649,7 @@ impl Bao {
             port,
             dir,
             kv1_mounts: Mutex::new(Vec::new()),
+            tls_port: tls.then_some(dev_port),
         };
 
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -672,6 +702,17 @@ impl Bao {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `https://127.0.0.1:PORT` of a server started with [`Bao::start_tls`].
+    pub fn https_addr(&self) -> String {
+        let port = self.tls_port.expect("started with Bao::start_tls");
+        format!("https://127.0.0.1:{port}")
+    }
+
+    /// The CA that signed the https listener's certificate ([`Bao::start_tls`]).
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.path().join("tls").join("vault-ca.pem")
     }
 
     /// Pid of the real server process (not a shim or wrapper).
@@ -819,6 +860,43 @@ impl Bao {
             .as_str()
             .unwrap_or_else(|| panic!("no client_token in {v}"))
             .to_string()
+    }
+
+    /// Enables AppRole (once) with role `role` whose tokens hold `policies`, with the given
+    /// token TTLs (`None`: the mount's defaults), and returns its role id and a file in `dir`
+    /// holding a fresh secret id.
+    pub fn approle(
+        &self,
+        dir: &Path,
+        role: &str,
+        policies: &[&str],
+        ttls: Option<(Duration, Duration)>,
+    ) -> (String, PathBuf) {
+        let enabled = self.api("GET", "sys/auth", None).json();
+        if enabled["approle/"].is_null() && enabled["data"]["approle/"].is_null() {
+            self.api_ok("POST", "sys/auth/approle", Some(json!({"type": "approle"})));
+        }
+        let mut config = json!({ "token_policies": policies });
+        if let Some((ttl, max_ttl)) = ttls {
+            config["token_ttl"] = json!(format!("{}s", ttl.as_secs()));
+            config["token_max_ttl"] = json!(format!("{}s", max_ttl.as_secs()));
+        }
+        self.api_ok("POST", &format!("auth/approle/role/{role}"), Some(config));
+        let role_id = self.api_ok("GET", &format!("auth/approle/role/{role}/role-id"), None)
+            ["data"]["role_id"]
+            .as_str()
+            .expect("a role id")
+            .to_string();
+        let secret_id = self.api_ok("POST", &format!("auth/approle/role/{role}/secret-id"), None);
+        let file = dir.join(format!("{role}-secret-id"));
+        fs::write(
+            &file,
+            secret_id["data"]["secret_id"]
+                .as_str()
+                .expect("a secret id"),
+        )
+        .expect("write the secret id file");
+        (role_id, file)
     }
 
     /// All audit-log entries (parsed JSON lines; a partly written last line is skipped).

@@ -1,0 +1,452 @@
+//! The token state machine of a `VaultSource`: logins, the renewer's pacing of renewals and
+//! replacements, and what a 403 means (a dead token worth a new login, or a policy denial).
+//! Requests go through `VaultSource::send`; no HTTP here.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use super::{ttl_from, Auth, Credential, LoginMethod, VaultSource};
+use crate::secret::{wipe_json, Token};
+use crate::source::{pacing, SourceError};
+
+/// First wait after a failed renewal or re-login; doubles per failure up to the max.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
+const MAX_RENEW_RETRY: Duration = Duration::from_secs(300);
+
+/// At most one login per volume in this interval is triggered by a refused request: a 403
+/// this soon after a login comes from a policy, not from a dead token, so a loop of forbidden
+/// reads cannot turn into a loop of logins.
+pub const MIN_RELOGIN_INTERVAL: Duration = Duration::from_secs(5);
+
+pub(super) struct TokenState {
+    pub(super) token: Token,
+    /// `None` for tokens that never expire.
+    expires_at: Option<Instant>,
+    /// The TTL a fresh token gets (a login's TTL; for a given token, its creation TTL): a
+    /// renewal granting less has reached the max TTL.
+    full_ttl: Duration,
+    /// What the renewer does next with this token.
+    next: TokenStep,
+    /// Consecutive failed renewer steps (for the back-off).
+    failures: u32,
+}
+
+/// The renewer's next step for the current token (see `pacing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TokenStep {
+    /// A given token whose TTL is not known yet: look it up at this instant.
+    LookUp(Instant),
+    Renew(Instant),
+    /// Log in again at this instant (shortly before the token expires).
+    Replace(Instant),
+    /// Nothing to do: the token never expires, cannot be renewed at a sane pace, or is a given
+    /// token that cannot be replaced. The first use after it expires logs in (login methods).
+    Idle,
+}
+
+impl TokenState {
+    pub(super) fn given(token: Token) -> Self {
+        Self {
+            token,
+            expires_at: None,
+            full_ttl: Duration::ZERO,
+            next: TokenStep::LookUp(Instant::now()),
+            failures: 0,
+        }
+    }
+
+    fn valid(&self) -> bool {
+        self.expires_at.is_none_or(|e| e > Instant::now())
+    }
+}
+
+impl VaultSource {
+    /// Keeps the token alive, paced by `pacing::plan`: looks a given token up to learn its TTL,
+    /// renews it two thirds into each TTL (never more often than `MIN_RENEW_INTERVAL`), and
+    /// once Vault stops extending it (max TTL) logs in again shortly before it expires instead
+    /// of renewing. Runs until the task is dropped.
+    pub async fn run_renewer(self: Arc<Self>) {
+        loop {
+            let step = self
+                .token
+                .lock()
+                .as_ref()
+                .map(|t| (t.token.clone(), t.next));
+            let (token, at) = match step {
+                Some((
+                    token,
+                    TokenStep::LookUp(at) | TokenStep::Renew(at) | TokenStep::Replace(at),
+                )) => (token, at),
+                Some((_, TokenStep::Idle)) | None => {
+                    self.token_changed.notified().await;
+                    continue;
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = self.token_changed.notified() => continue,
+            }
+            let Some(step) = self.step_of(&token) else {
+                continue;
+            };
+            let result = match step {
+                TokenStep::LookUp(_) => self.lookup_self(&token).await,
+                TokenStep::Renew(_) => self.renew_self(&token).await,
+                TokenStep::Replace(_) => self.relogin(Some(&token)).await.map(drop),
+                TokenStep::Idle => continue,
+            };
+            if let Err(err) = result {
+                self.renewal_failed(&token, step, &err);
+            }
+        }
+    }
+
+    /// The scheduled step of `token` if it is still the current token.
+    fn step_of(&self, token: &Token) -> Option<TokenStep> {
+        let slot = self.token.lock();
+        slot.as_ref().filter(|t| &t.token == token).map(|t| t.next)
+    }
+
+    /// After a failed renewer step: a login token whose renewal Vault refused is dropped (the
+    /// next request logs in); a given token Vault will not renew or describe is left alone until
+    /// it expires; anything else is tried again with a back-off.
+    fn renewal_failed(&self, token: &Token, step: TokenStep, err: &SourceError) {
+        let mut slot = self.token.lock();
+        let Some(state) = slot.as_mut().filter(|t| &t.token == token) else {
+            return;
+        };
+        let refused = !err.is_transient();
+        match step {
+            TokenStep::Renew(_) if refused && !self.is_static_token() => {
+                tracing::warn!(volume = %self.volume, error = %err, "Vault refused to renew the token; the next request logs in again");
+                slot.take();
+            }
+            TokenStep::LookUp(_) | TokenStep::Renew(_) if refused => {
+                tracing::warn!(volume = %self.volume, error = %err, "Vault will not renew or describe the given token; it is used as it is until it expires");
+                state.next = TokenStep::Idle;
+            }
+            _ => {
+                state.failures = state.failures.saturating_add(1);
+                let wait = pacing::retry_in(RENEW_RETRY, state.failures, MAX_RENEW_RETRY);
+                let at = Instant::now() + wait;
+                tracing::warn!(volume = %self.volume, error = %err, retry_in = ?wait, "could not renew the Vault token or log in again; retrying");
+                state.next = match step {
+                    TokenStep::LookUp(_) => TokenStep::LookUp(at),
+                    TokenStep::Replace(_) => TokenStep::Replace(at),
+                    TokenStep::Renew(_) | TokenStep::Idle => TokenStep::Renew(at),
+                };
+            }
+        }
+    }
+
+    pub(super) async fn lookup_self(&self, token: &Token) -> Result<(), SourceError> {
+        let body = self
+            .send(
+                "lookup",
+                Method::GET,
+                "auth/token/lookup-self",
+                None,
+                Some(token),
+            )
+            .await?;
+        let mut body = body;
+        let data = &body["data"];
+        let ttl = Duration::from_secs(ttl_from(&data["ttl"]));
+        let creation_ttl = Duration::from_secs(ttl_from(&data["creation_ttl"]));
+        let renewable = data["renewable"].as_bool().unwrap_or(false);
+        // The answer names the token's accessor and more: nothing of it is kept.
+        wipe_json(&mut body);
+        self.schedule(token, false, ttl, creation_ttl.max(ttl), renewable);
+        Ok(())
+    }
+
+    pub(super) async fn renew_self(&self, token: &Token) -> Result<(), SourceError> {
+        self.metrics.vault_token_renewal(&self.volume);
+        let body = self
+            .send(
+                "renew",
+                Method::POST,
+                "auth/token/renew-self",
+                Some(json!({})),
+                Some(token),
+            )
+            .await?;
+        let mut body = body;
+        let auth = &body["auth"];
+        let granted = Duration::from_secs(ttl_from(&auth["lease_duration"]));
+        let renewable = auth["renewable"].as_bool().unwrap_or(false);
+        // The answer carries the token itself.
+        wipe_json(&mut body);
+        let full = self.token.lock().as_ref().map_or(granted, |t| t.full_ttl);
+        self.schedule(token, false, granted, full, renewable);
+        tracing::debug!(volume = %self.volume, ttl = ?granted, "Vault token renewed");
+        Ok(())
+    }
+
+    /// Records what Vault granted for `token` and plans the renewer's next step. A `fresh`
+    /// token (from a login) replaces the current one; otherwise the answer is recorded only if
+    /// `token` is still the current token.
+    pub(super) fn schedule(
+        &self,
+        token: &Token,
+        fresh: bool,
+        granted: Duration,
+        full: Duration,
+        renewable: bool,
+    ) {
+        let now = Instant::now();
+        let plan = pacing::plan(granted, full, renewable);
+        let next = match plan {
+            pacing::Plan::RenewIn(after) => TokenStep::Renew(now + after),
+            pacing::Plan::ReplaceIn(after) if !self.is_static_token() => {
+                TokenStep::Replace(now + after)
+            }
+            pacing::Plan::ReplaceIn(_) => {
+                tracing::warn!(volume = %self.volume, expires_in = ?granted, "the given Vault token cannot be renewed any further; vaultfs stops renewing it");
+                TokenStep::Idle
+            }
+            pacing::Plan::Keep | pacing::Plan::Lapse => TokenStep::Idle,
+        };
+        let expires_at = (!granted.is_zero()).then(|| now + granted);
+        let mut slot = self.token.lock();
+        if !fresh && slot.as_ref().is_none_or(|t| &t.token != token) {
+            return;
+        }
+        *slot = Some(TokenState {
+            token: token.clone(),
+            expires_at,
+            full_ttl: full,
+            next,
+            failures: 0,
+        });
+        drop(slot);
+        self.token_changed.notify_one();
+    }
+
+    /// A token to use now: the current one while it is valid, else a fresh login.
+    pub(super) async fn token(&self) -> Result<Token, SourceError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(SourceError::LoginRefused(
+                "this volume was unpublished; its Vault identity is closed".into(),
+            ));
+        }
+        if let Some(t) = self.token.lock().as_ref().filter(|t| t.valid()) {
+            return Ok(t.token.clone());
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(SourceError::LoginRefused(
+                "this volume was unpublished; its Vault identity is closed".into(),
+            ));
+        }
+        if self.is_static_token() {
+            return Err(SourceError::PermissionDenied);
+        }
+        self.relogin(None).await
+    }
+
+    /// Logs in with the current credential, one login at a time. `refused` is the token Vault
+    /// just refused or the renewer replaces, if any: a different valid token obtained meanwhile
+    /// is used instead, and once a login replaced it, it is revoked in the background (it may
+    /// still be valid).
+    pub(super) async fn relogin(&self, refused: Option<&Token>) -> Result<Token, SourceError> {
+        let _one = self.login_lock.lock().await;
+        if let Some(t) = self.token.lock().as_ref() {
+            if t.valid() && refused.is_none_or(|r| r != &t.token) {
+                return Ok(t.token.clone());
+            }
+        }
+        let fresh = self.log_in().await?;
+        *self.last_login.lock() = Some(Instant::now());
+        if let Some(old) = refused.filter(|old| *old != &fresh) {
+            if !self.is_static_token() {
+                self.server
+                    .revoke_in_background(old.clone(), &self.in_flight);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// One login request with the current credential; the new token becomes the current one.
+    pub(super) async fn log_in(&self) -> Result<Token, SourceError> {
+        let Auth::Login {
+            method,
+            mount,
+            role,
+            ..
+        } = &self.auth
+        else {
+            return Err(SourceError::PermissionDenied);
+        };
+        let credential = self.credential.lock().clone();
+        let secret = match credential {
+            Some(Credential::Value(t)) => t,
+            Some(Credential::File(path)) => {
+                match std::fs::read_to_string(&path).map(Zeroizing::new) {
+                    Ok(s) => Token::new(s.trim().to_string()),
+                    Err(e) => {
+                        return Err(SourceError::Invalid(format!(
+                            "cannot read the login credential file {}: {e}",
+                            path.display()
+                        )))
+                    }
+                }
+            }
+            None => return Err(SourceError::Invalid("no login credential".into())),
+        };
+        let body = match method {
+            LoginMethod::AppRole => json!({"role_id": role, "secret_id": secret.expose()}),
+            LoginMethod::Kubernetes | LoginMethod::Jwt => {
+                json!({"role": role, "jwt": secret.expose()})
+            }
+        };
+        let mount = mount.trim_matches('/');
+        self.metrics.vault_login(&self.volume);
+        let answer = self
+            .send(
+                "login",
+                Method::POST,
+                &format!("auth/{mount}/login"),
+                Some(body),
+                None,
+            )
+            .await
+            .map_err(|err| match err {
+                SourceError::PermissionDenied | SourceError::NotFound => SourceError::LoginRefused(
+                    format!("Vault refused the login to auth/{mount} as role {role:?}: {err}"),
+                ),
+                SourceError::Invalid(detail) => SourceError::LoginRefused(format!(
+                    "Vault refused the login to auth/{mount} as role {role:?}: {detail}"
+                )),
+                other => other,
+            })?;
+        let mut answer = answer;
+        let token = answer["auth"]["client_token"]
+            .as_str()
+            .map(|s| Token::new(s.to_string()));
+        let auth = &answer["auth"];
+        let ttl = Duration::from_secs(ttl_from(&auth["lease_duration"]));
+        let renewable = auth["renewable"].as_bool().unwrap_or(false);
+        // The answer carries the token (and its accessor): only `token` keeps it.
+        wipe_json(&mut answer);
+        let token = token
+            .ok_or_else(|| SourceError::Invalid("login answer has no auth.client_token".into()))?;
+        self.schedule(&token, true, ttl, ttl, renewable);
+        tracing::info!(volume = %self.volume, mount = %mount, role = %role, ttl = ?ttl, "logged in to Vault");
+        Ok(token)
+    }
+
+    /// One authenticated request. With a login method, a 403 may mean the token was revoked
+    /// or expired: unless it comes within `MIN_RELOGIN_INTERVAL` of a login, and if
+    /// `auth/token/lookup-self` confirms the token is dead, log in again once and retry.
+    pub(super) async fn authed(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, SourceError> {
+        let token = self.token().await?;
+        let mut body = body;
+        let first = self
+            .send(kind, method.clone(), path, body.clone(), Some(&token))
+            .await;
+        let result = match first {
+            Err(SourceError::PermissionDenied) if !self.is_static_token() => {
+                self.after_denial(kind, method, path, &mut body, &token)
+                    .await
+            }
+            other => other,
+        };
+        if let Some(b) = body.as_mut() {
+            wipe_json(b);
+        }
+        result
+    }
+
+    /// After a 403 to a login identity: retry once with a newer token if a login replaced
+    /// `token` meanwhile (the replaced one is being revoked); else, if `token` may be dead and
+    /// lookup-self confirms it, log in again and retry once. Anything else is a policy denial.
+    pub(super) async fn after_denial(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: &mut Option<Value>,
+        token: &Token,
+    ) -> Result<Value, SourceError> {
+        let newer = {
+            let slot = self.token.lock();
+            slot.as_ref()
+                .filter(|t| &t.token != token && t.valid())
+                .map(|t| t.token.clone())
+        };
+        if let Some(current) = newer {
+            return self
+                .send(kind, method, path, body.take(), Some(&current))
+                .await;
+        }
+        if !self.may_be_dead_token() || !self.lookup_refused(token).await {
+            return Err(SourceError::PermissionDenied);
+        }
+        let fresh = self.relogin(Some(token)).await?;
+        let retry = self
+            .send(kind, method, path, body.take(), Some(&fresh))
+            .await;
+        if retry == Err(SourceError::PermissionDenied) {
+            // Refused again with a fresh token: a policy denial. Learn whether lookup-self is
+            // refused too, so that further denials skip straight to that answer.
+            self.lookup_refused(&fresh).await;
+        }
+        retry
+    }
+
+    /// Whether a 403 may come from a dead token rather than a policy: a login identity whose
+    /// policy allows `lookup-self`, and whose last login is not so recent that the token
+    /// must still be alive.
+    pub(super) fn may_be_dead_token(&self) -> bool {
+        !self.is_static_token()
+            && !self.lookup_forbidden.load(Ordering::Relaxed)
+            && self
+                .last_login
+                .lock()
+                .is_none_or(|at| at.elapsed() >= MIN_RELOGIN_INTERVAL)
+    }
+
+    /// Asks Vault whether `token` still works (`auth/token/lookup-self`): `true` when Vault
+    /// refuses the lookup. A refusal of a token fresh from a login (within
+    /// `MIN_RELOGIN_INTERVAL`) means the policy forbids lookup-self; that is remembered.
+    pub(super) async fn lookup_refused(&self, token: &Token) -> bool {
+        let fresh = self
+            .last_login
+            .lock()
+            .is_some_and(|at| at.elapsed() < MIN_RELOGIN_INTERVAL);
+        let answer = self
+            .send(
+                "lookup",
+                Method::GET,
+                "auth/token/lookup-self",
+                None,
+                Some(token),
+            )
+            .await;
+        match answer {
+            Err(SourceError::PermissionDenied) => {
+                if fresh && !self.lookup_forbidden.swap(true, Ordering::Relaxed) {
+                    tracing::info!(volume = %self.volume, "this identity may not call auth/token/lookup-self: refused requests are taken as policy denials, without a new login");
+                }
+                true
+            }
+            Ok(mut body) => {
+                wipe_json(&mut body);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}

@@ -1,0 +1,894 @@
+//! The HTTP layer under `VaultSource`: one Vault server's address, client (TLS, no redirects),
+//! traffic caps and body cap; request URLs built segment by segment; answers read into wiped
+//! buffers. Knows nothing of auth methods or engines; the token to send is the caller's.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use zeroize::Zeroizing;
+
+use crate::secret::{wipe_json, Token};
+use crate::source::SourceError;
+
+/// Largest Vault answer read by default (1 MiB): a secret, a login or a lease answer is far
+/// smaller; anything larger is refused before it is buffered.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// Vault requests in flight at once to one server, shared by every volume using it.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 64;
+/// Vault requests in flight at once for one identity (one volume).
+pub const DEFAULT_MAX_REQUESTS_PER_IDENTITY: usize = 8;
+/// Bound on the background clean-up requests (revoking a replaced token, or what an answer
+/// nobody waited for carried).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach a Vault server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Base address, e.g. `https://vault.example:8200`, or with a path prefix behind a gateway
+    /// (`https://gw.example/vault`: requests go to `/vault/v1/...`). No query or fragment.
+    pub addr: String,
+    /// Sent as `X-Vault-Namespace` on every request.
+    pub namespace: Option<String>,
+    /// PEM file of CA certificates to trust, instead of the built-in roots.
+    pub ca_cert: Option<PathBuf>,
+    /// Accept any server certificate (logged as a warning).
+    pub skip_verify: bool,
+    /// Bound on each HTTP request.
+    pub timeout: Duration,
+}
+
+/// Bounds on what one Vault server may cost this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Largest answer read, in bytes: a larger one fails with `SourceError::TooLarge`.
+    pub max_response_bytes: usize,
+    /// Requests in flight at once to this server, over every identity using it.
+    pub max_concurrent_requests: usize,
+    /// Requests in flight at once for each identity (`VaultSource`, one per volume).
+    pub max_requests_per_identity: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            max_requests_per_identity: DEFAULT_MAX_REQUESTS_PER_IDENTITY,
+        }
+    }
+}
+
+/// A `ServerConfig` that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultConfigError {
+    #[error("cannot read VAULT_CACERT file {path}: {source}")]
+    CaCert {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("VAULT_CACERT file {0} holds no usable PEM certificate")]
+    CaCertPem(String),
+    #[error("invalid VAULT_ADDR {0:?}: expected http://HOST:PORT or https://HOST:PORT, optionally with a path prefix, without credentials, query or fragment")]
+    Addr(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+/// One Vault server: its address and an HTTP client (connection pool, TLS settings) shared by
+/// every identity that talks to it, and the cap on requests in flight to it.
+pub struct VaultServer {
+    http: reqwest::Client,
+    base: Url,
+    namespace: Option<String>,
+    limits: ServerLimits,
+    in_flight: Arc<Semaphore>,
+}
+
+impl VaultServer {
+    /// A server with the default `ServerLimits`.
+    pub fn new(config: &ServerConfig) -> Result<Self, VaultConfigError> {
+        Self::with_limits(config, ServerLimits::default())
+    }
+
+    pub fn with_limits(
+        config: &ServerConfig,
+        limits: ServerLimits,
+    ) -> Result<Self, VaultConfigError> {
+        let base = parse_addr(&config.addr)?;
+        if base.scheme() == "http" && !is_loopback(&base) {
+            tracing::warn!(addr = %base, "VAULT_ADDR is plain http to a host other than this one: tokens and secrets cross the network unencrypted; use https");
+        }
+        if config.skip_verify {
+            tracing::warn!(addr = %base, "VAULT_SKIP_VERIFY is set: the Vault server's certificate is not checked, so anyone on the path can read tokens and secrets");
+        }
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .pool_max_idle_per_host(8)
+            .redirect(reqwest::redirect::Policy::none())
+            .danger_accept_invalid_certs(config.skip_verify);
+        if let Some(path) = &config.ca_cert {
+            let pem = std::fs::read(path).map_err(|source| VaultConfigError::CaCert {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| VaultConfigError::CaCertPem(path.display().to_string()))?;
+            // The given CAs replace the built-in roots: a private Vault is trusted through its
+            // own CA only, not through any public one.
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| VaultConfigError::Client(e.to_string()))?;
+        Ok(Self {
+            http,
+            base,
+            namespace: config.namespace.clone(),
+            limits: ServerLimits {
+                max_concurrent_requests: limits.max_concurrent_requests.max(1),
+                max_requests_per_identity: limits.max_requests_per_identity.max(1),
+                ..limits
+            },
+            in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
+        })
+    }
+
+    pub fn limits(&self) -> ServerLimits {
+        self.limits
+    }
+
+    /// The URL of API path `path` (`secret/data/app`): the address's own path, then `v1`, then
+    /// each `/`-separated piece of `path` as one percent-encoded segment, so that no piece can
+    /// reach the query, the fragment or another segment.
+    pub(super) fn url(&self, path: &str) -> Result<Url, SourceError> {
+        let mut url = self.base.clone();
+        {
+            let mut segments = url
+                .path_segments_mut()
+                .expect("parse_addr only accepts base URLs");
+            segments.pop_if_empty().push("v1");
+            for segment in path.split('/') {
+                if matches!(segment, "." | "..") {
+                    return Err(SourceError::Invalid(
+                        "refusing a Vault path with a `.` or `..` segment".into(),
+                    ));
+                }
+                segments.push(segment);
+            }
+        }
+        Ok(url)
+    }
+
+    /// Sends one request and reads its JSON answer (`Null` when empty), holding a permit of
+    /// `identity` and one of the server's own cap while it is in flight.
+    ///
+    /// The exchange runs in its own task, so that it completes even if the caller stops
+    /// waiting: an answer nobody receives any more is cleaned up there, its login token or
+    /// lease revoked, so that nothing Vault granted is left alive unmanaged.
+    pub(super) async fn send(
+        &self,
+        req: Request<'_>,
+        identity: &Arc<Semaphore>,
+        gauge: &Gauge,
+    ) -> Result<Value, SourceError> {
+        let url = self.url(req.path)?;
+        let body = req.body.map(|mut b| {
+            let bytes = serde_json::to_vec(&b).expect("JSON values always serialize");
+            wipe_json(&mut b);
+            Zeroizing::new(bytes)
+        });
+        let permits = self.permits(identity).await;
+        let exchange = self.exchange(req.kind);
+        let (method, token) = (req.method, req.token);
+        let gauge = gauge.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pending = Pending {
+            rx: Some(rx),
+            orphan: Some((exchange.clone(), token.clone())),
+        };
+        tokio::spawn(async move {
+            gauge.inc();
+            let result = exchange.run(method, url, body, token.as_ref()).await;
+            gauge.dec();
+            if let Err(Ok(mut answer)) = tx.send(result) {
+                exchange.clean_up(&answer, token.as_ref()).await;
+                wipe_json(&mut answer);
+            }
+            // Held through any clean-up, so that it counts against the caps too.
+            drop(permits);
+        });
+        pending.wait().await
+    }
+
+    /// Revokes `token` in the background (a token replaced by a login that may still be
+    /// valid), bounded by a short timeout; failures are only logged.
+    pub(super) fn revoke_in_background(&self, token: Token, identity: &Arc<Semaphore>) {
+        let exchange = self.exchange("revoke");
+        let (global, identity) = (self.in_flight.clone(), identity.clone());
+        let Ok(url) = self.url("auth/token/revoke-self") else {
+            return;
+        };
+        tokio::spawn(async move {
+            let revoke = async {
+                let _own = identity.acquire_owned().await;
+                let _global = global.acquire_owned().await;
+                exchange.run(Method::POST, url, None, Some(&token)).await
+            };
+            match tokio::time::timeout(CLEANUP_TIMEOUT, revoke).await {
+                Ok(Ok(_)) => tracing::debug!("replaced Vault token revoked"),
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %err, "could not revoke the replaced Vault token")
+                }
+                Err(_) => tracing::debug!("could not revoke the replaced Vault token in time"),
+            }
+        });
+    }
+
+    async fn permits(&self, identity: &Arc<Semaphore>) -> [OwnedSemaphorePermit; 2] {
+        // The identity's own permit first, so that a busy volume queues on its own cap rather
+        // than holding server-wide permits while it waits.
+        let own = identity
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphores are never closed");
+        let global = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphores are never closed");
+        [own, global]
+    }
+
+    fn exchange(&self, kind: &'static str) -> Exchange {
+        Exchange {
+            http: self.http.clone(),
+            namespace: self.namespace.clone(),
+            max_bytes: self.limits.max_response_bytes,
+            kind,
+            base: self.base.clone(),
+        }
+    }
+}
+
+/// One request as `VaultSource` describes it.
+pub(super) struct Request<'a> {
+    /// What the request is for, as named in metrics and errors (`read`, `login`, ...).
+    pub kind: &'static str,
+    pub method: Method,
+    /// The API path below `v1/`.
+    pub path: &'a str,
+    pub body: Option<Value>,
+    pub token: Option<Token>,
+}
+
+/// The receiving end of an exchange. Dropped before the answer was taken (the caller gave up),
+/// it cleans up an answer that was already delivered; the exchange's task cleans up one that
+/// arrives later. Between them, every answer is either received or cleaned up.
+struct Pending {
+    rx: Option<tokio::sync::oneshot::Receiver<Result<Value, SourceError>>>,
+    orphan: Option<(Exchange, Option<Token>)>,
+}
+
+impl Pending {
+    async fn wait(mut self) -> Result<Value, SourceError> {
+        let kind = self.orphan.as_ref().map_or("vault", |(e, _)| e.kind);
+        let rx = self.rx.as_mut().expect("only `wait` and `drop` take it");
+        let got = rx.await;
+        self.rx = None;
+        got.unwrap_or_else(|_| {
+            Err(SourceError::Unavailable(format!(
+                "{kind} request failed: its task ended without an answer"
+            )))
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        // After `close`, a later send fails (the task cleans up); an answer already sent is
+        // still here to take.
+        rx.close();
+        if let (Ok(Ok(mut answer)), Some((exchange, token))) = (rx.try_recv(), self.orphan.take()) {
+            if exchange.grants(&answer) {
+                tokio::spawn(async move {
+                    exchange.clean_up(&answer, token.as_ref()).await;
+                    wipe_json(&mut answer);
+                });
+            } else {
+                wipe_json(&mut answer);
+            }
+        }
+    }
+}
+
+/// Everything one request needs, owned, so that it can finish in its own task.
+#[derive(Clone)]
+struct Exchange {
+    http: reqwest::Client,
+    namespace: Option<String>,
+    max_bytes: usize,
+    kind: &'static str,
+    base: Url,
+}
+
+impl Exchange {
+    async fn run(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Zeroizing<Vec<u8>>>,
+        token: Option<&Token>,
+    ) -> Result<Value, SourceError> {
+        let kind = self.kind;
+        let mut request = self
+            .http
+            .request(method, url)
+            .header("X-Vault-Request", "true");
+        if let Some(t) = token {
+            request = request.header("X-Vault-Token", t.expose());
+        }
+        if let Some(ns) = &self.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        if let Some(b) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_vec());
+        }
+        let unavailable = |e: reqwest::Error| {
+            SourceError::Unavailable(format!("{kind} request failed: {}", describe(e)))
+        };
+        let mut response = request.send().await.map_err(unavailable)?;
+        let status = response.status();
+        if status.is_redirection() {
+            return Err(SourceError::Unavailable(format!(
+                "{kind}: Vault answered HTTP {} (a redirect); vaultfs does not follow redirects: set VAULT_ADDR to the address that serves the API",
+                status.as_u16()
+            )));
+        }
+        let too_large = || {
+            SourceError::TooLarge(format!(
+                "{kind}: Vault's answer is larger than the limit of {} bytes",
+                self.max_bytes
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|len| len > self.max_bytes as u64)
+        {
+            return Err(too_large());
+        }
+        // Sized up front where the length is known, so growing leaves no stray copies behind.
+        let expected = response.content_length().unwrap_or(0) as usize;
+        let mut raw = Zeroizing::new(Vec::with_capacity(expected.max(4096)));
+        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
+            if raw.len() + chunk.len() > self.max_bytes {
+                // `raw` is wiped on drop; the rest of the answer is never read.
+                return Err(too_large());
+            }
+            raw.extend_from_slice(&chunk);
+        }
+        let value: Value = if raw.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&raw).map_err(|_| {
+                SourceError::Invalid(format!(
+                    "{kind}: HTTP {} with a body that is not JSON",
+                    status.as_u16()
+                ))
+            })?
+        };
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let err = classify(status, &value);
+            let mut value = value;
+            wipe_json(&mut value);
+            Err(err)
+        }
+    }
+
+    /// Whether `answer` carries something Vault granted that must not be left alive unmanaged:
+    /// a login's token or a read's lease.
+    fn grants(&self, answer: &Value) -> bool {
+        match self.kind {
+            "login" => answer["auth"]["client_token"].is_string(),
+            "read" => answer["lease_id"].as_str().is_some_and(|id| !id.is_empty()),
+            _ => false,
+        }
+    }
+
+    /// Revokes what an answer nobody waited for carries: a login's token, a read's lease.
+    async fn clean_up(&self, answer: &Value, token: Option<&Token>) {
+        if !self.grants(answer) {
+            return;
+        }
+        let kind = self.kind;
+        let (path, body, token) = if kind == "login" {
+            let fresh = answer["auth"]["client_token"].as_str().unwrap_or_default();
+            (
+                "auth/token/revoke-self",
+                None,
+                Some(Token::new(fresh.to_string())),
+            )
+        } else {
+            let id = answer["lease_id"].as_str().unwrap_or_default();
+            let body = Zeroizing::new(
+                serde_json::to_vec(&json!({ "lease_id": id })).expect("JSON always serializes"),
+            );
+            ("sys/leases/revoke", Some(body), token.cloned())
+        };
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("parse_addr only accepts base URLs")
+            .pop_if_empty()
+            .push("v1")
+            .extend(path.split('/'));
+        let method = if body.is_some() {
+            Method::PUT
+        } else {
+            Method::POST
+        };
+        let revoke = self.run(method, url, body, token.as_ref());
+        match tokio::time::timeout(CLEANUP_TIMEOUT, revoke).await {
+            Ok(Ok(_)) => tracing::info!(
+                kind,
+                "a Vault answer arrived after its caller gave up; what it granted was revoked"
+            ),
+            Ok(Err(err)) => tracing::warn!(kind, error = %err, "a Vault answer arrived after its caller gave up and what it granted could not be revoked"),
+            Err(_) => tracing::warn!(kind, "a Vault answer arrived after its caller gave up and what it granted could not be revoked in time"),
+        }
+    }
+}
+
+/// A reqwest error with its causes (the TLS or connection failure is only in the chain),
+/// without the URL.
+fn describe(err: reqwest::Error) -> String {
+    let err = err.without_url();
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn parse_addr(addr: &str) -> Result<Url, VaultConfigError> {
+    let refused = || VaultConfigError::Addr(addr.to_string());
+    let url = Url::parse(addr).map_err(|_| refused())?;
+    let ok = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some_and(|h| !h.is_empty())
+        && !url.cannot_be_a_base()
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    ok.then_some(url).ok_or_else(refused)
+}
+
+fn is_loopback(url: &Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+pub(super) fn classify(status: StatusCode, body: &Value) -> SourceError {
+    let errors = body
+        .get("errors")
+        .and_then(Value::as_array)
+        .map(|e| {
+            e.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default();
+    let mut detail = format!("HTTP {}", status.as_u16());
+    if !errors.is_empty() {
+        detail.push_str(": ");
+        detail.extend(errors.chars().take(300));
+    }
+    match status {
+        StatusCode::NOT_FOUND => SourceError::NotFound,
+        StatusCode::FORBIDDEN => SourceError::PermissionDenied,
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+            SourceError::Unavailable(detail)
+        }
+        _ => SourceError::Invalid(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(addr: &str) -> Result<VaultServer, VaultConfigError> {
+        VaultServer::new(&ServerConfig {
+            addr: addr.into(),
+            namespace: None,
+            ca_cert: None,
+            skip_verify: false,
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn status_codes_map_to_source_errors() {
+        let body = json!({"errors": ["permission denied"]});
+        assert_eq!(
+            classify(StatusCode::FORBIDDEN, &body),
+            SourceError::PermissionDenied
+        );
+        assert_eq!(
+            classify(StatusCode::NOT_FOUND, &json!({})),
+            SourceError::NotFound
+        );
+        assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &body).is_transient());
+        let bad = classify(
+            StatusCode::BAD_REQUEST,
+            &json!({"errors": ["invalid role"]}),
+        );
+        assert_eq!(bad, SourceError::Invalid("HTTP 400: invalid role".into()));
+    }
+
+    #[test]
+    fn bad_addresses_are_refused_with_the_expected_form() {
+        for addr in [
+            "vault:8200",
+            "ftp://vault:8200",
+            "https://vault:8200/?x=1",
+            "https://vault:8200/#frag",
+            "https://user:pw@vault:8200",
+            "https://",
+        ] {
+            let err = server(addr).err().expect(addr);
+            assert!(
+                err.to_string().contains("expected http://HOST:PORT"),
+                "{addr}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn api_paths_map_to_v1_under_the_address_and_any_path_prefix() {
+        let paths = [
+            "secret/data/app/db",
+            "sys/internal/ui/mounts/secret/app",
+            "auth/approle/login",
+        ];
+        for addr in [
+            "https://vault.example:8200",
+            "https://vault.example:8200/",
+            "https://gw.example/vault",
+            "https://gw.example/vault/",
+            "http://127.0.0.1:8200",
+        ] {
+            let s = server(addr).expect(addr);
+            let base = addr.trim_end_matches('/');
+            for path in paths {
+                let url = s.url(path).unwrap();
+                assert_eq!(url.as_str(), format!("{base}/v1/{path}"), "{addr} {path}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_segment_cannot_escape_into_the_query_fragment_or_another_segment() {
+        let s = server("https://gw.example/vault").unwrap();
+        let url = s.url("secret/data/a?b=c#d%2F").unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://gw.example/vault/v1/secret/data/a%3Fb=c%23d%252F"
+        );
+        assert_eq!(url.query(), None);
+        assert_eq!(url.fragment(), None);
+        for path in [
+            "secret/../sys/seal",
+            "secret/./data",
+            "..",
+            "secret/data/..",
+        ] {
+            assert!(
+                matches!(s.url(path), Err(SourceError::Invalid(_))),
+                "{path}"
+            );
+        }
+        // `..` inside a segment is just a name.
+        assert_eq!(
+            s.url("secret/a..b").unwrap().as_str(),
+            "https://gw.example/vault/v1/secret/a..b"
+        );
+    }
+
+    #[test]
+    fn default_limits_are_the_documented_ones() {
+        let limits = server("https://vault.example").unwrap().limits();
+        assert_eq!(limits.max_response_bytes, 1024 * 1024);
+        assert_eq!(limits.max_concurrent_requests, 64);
+        assert_eq!(limits.max_requests_per_identity, 8);
+    }
+
+    /// A one-thread HTTP server answering each request with `answer(head)`; returns its
+    /// address and the request heads it received.
+    fn serve(
+        answer: impl Fn(&str) -> Vec<u8> + Send + 'static,
+    ) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut buf = Vec::new();
+                let mut byte = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut byte) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&byte[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                log.lock().push(head.clone());
+                let _ = stream.write_all(&answer(&head));
+            }
+        });
+        (addr, seen)
+    }
+
+    fn small_server(addr: &str, max: usize) -> VaultServer {
+        let config = ServerConfig {
+            addr: addr.into(),
+            namespace: None,
+            ca_cert: None,
+            skip_verify: false,
+            timeout: Duration::from_secs(5),
+        };
+        let limits = ServerLimits {
+            max_response_bytes: max,
+            ..ServerLimits::default()
+        };
+        VaultServer::with_limits(&config, limits).unwrap()
+    }
+
+    async fn get(server: &VaultServer, kind: &'static str) -> Result<Value, SourceError> {
+        let request = Request {
+            kind,
+            method: Method::GET,
+            path: "secret/data/app",
+            body: None,
+            token: Some(Token::new("tok".into())),
+        };
+        server
+            .send(request, &Arc::new(Semaphore::new(1)), &Gauge::default())
+            .await
+    }
+
+    fn json_answer(status: &str, body: &str, chunked: bool) -> Vec<u8> {
+        if chunked {
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            )
+            .into_bytes()
+        } else {
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_limit_are_refused_by_length_or_while_reading() {
+        let big = format!("{{\"data\":{{\"v\":\"{}\"}}}}", "s3cr3t".repeat(400));
+        for chunked in [false, true] {
+            let body = big.clone();
+            let (addr, _) = serve(move |_| json_answer("200 OK", &body, chunked));
+            let err = get(&small_server(&addr, 1000), "read").await.unwrap_err();
+            let SourceError::TooLarge(message) = &err else {
+                panic!("chunked={chunked}: {err:?}");
+            };
+            assert!(message.contains("1000 bytes"), "{message}");
+            assert!(!message.contains("s3cr3t"), "{message}");
+            // Under the limit, the same answer is served.
+            let body = big.clone();
+            let (addr, _) = serve(move |_| json_answer("200 OK", &body, chunked));
+            let ok = get(&small_server(&addr, 1 << 20), "read").await.unwrap();
+            assert_eq!(ok["data"]["v"].as_str().unwrap().len(), 2400);
+        }
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let (target, target_seen) = serve(|_| json_answer("200 OK", "{}", false));
+        let (addr, _) = serve(move |_| {
+            format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}/v1/secret/data/app\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+        });
+        let err = get(&small_server(&addr, 1000), "read").await.unwrap_err();
+        assert!(
+            err.to_string().contains("HTTP 307")
+                && err.to_string().contains("does not follow redirects"),
+            "{err}"
+        );
+        assert!(target_seen.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_login_answer_nobody_waits_for_has_its_token_revoked() {
+        let (addr, seen) = serve(|head| {
+            if head.contains("/login") {
+                std::thread::sleep(Duration::from_millis(300));
+                json_answer("200 OK", r#"{"auth":{"client_token":"late-token"}}"#, false)
+            } else {
+                json_answer("204 No Content", "", false)
+            }
+        });
+        let server = small_server(&addr, 1000);
+        let request = Request {
+            kind: "login",
+            method: Method::POST,
+            path: "auth/approle/login",
+            body: Some(json!({"role_id": "r"})),
+            token: None,
+        };
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            server.send(request, &Arc::new(Semaphore::new(1)), &Gauge::default()),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        for _ in 0..100 {
+            if seen.lock().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[1].contains("/v1/auth/token/revoke-self"),
+            "{}",
+            seen[1]
+        );
+        assert!(
+            seen[1]
+                .to_ascii_lowercase()
+                .contains("x-vault-token: late-token"),
+            "{}",
+            seen[1]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_leased_read_nobody_waits_for_has_its_lease_revoked() {
+        let (addr, seen) = serve(|head| {
+            if head.starts_with("GET") {
+                std::thread::sleep(Duration::from_millis(300));
+                json_answer(
+                    "200 OK",
+                    r#"{"lease_id":"database/creds/app/xyz","lease_duration":60,"data":{}}"#,
+                    false,
+                )
+            } else {
+                json_answer("204 No Content", "", false)
+            }
+        });
+        let server = small_server(&addr, 1000);
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), get(&server, "read")).await;
+        assert!(gave_up.is_err());
+        for _ in 0..100 {
+            if seen.lock().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[1].starts_with("PUT /v1/sys/leases/revoke"),
+            "{}",
+            seen[1]
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_in_flight_are_capped_per_identity_and_per_server() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // A server answering every connection in its own thread after 100 ms, recording the
+        // most connections it held at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (n, m) = (now.clone(), most.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (n, m) = (n.clone(), m.clone());
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf);
+                    m.fetch_max(n.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(100));
+                    n.fetch_sub(1, Ordering::SeqCst);
+                    let _ = stream.write_all(&json_answer("200 OK", "{}", false));
+                });
+            }
+        });
+        let config = ServerConfig {
+            addr,
+            namespace: None,
+            ca_cert: None,
+            skip_verify: false,
+            timeout: Duration::from_secs(5),
+        };
+        let limits = ServerLimits {
+            max_concurrent_requests: 3,
+            max_requests_per_identity: 2,
+            ..ServerLimits::default()
+        };
+        let server = Arc::new(VaultServer::with_limits(&config, limits).unwrap());
+        let gauge = Gauge::default();
+        let send_all = |identities: Vec<Arc<Semaphore>>| {
+            let mut all = tokio::task::JoinSet::new();
+            for identity in identities {
+                for _ in 0..4 {
+                    let (server, identity, gauge) =
+                        (server.clone(), identity.clone(), gauge.clone());
+                    all.spawn(async move {
+                        let request = Request {
+                            kind: "read",
+                            method: Method::GET,
+                            path: "secret/data/app",
+                            body: None,
+                            token: None,
+                        };
+                        server.send(request, &identity, &gauge).await
+                    });
+                }
+            }
+            all
+        };
+        let one = Arc::new(Semaphore::new(limits.max_requests_per_identity));
+        let mut all = send_all(vec![one]);
+        while let Some(done) = all.join_next().await {
+            done.unwrap().unwrap();
+        }
+        assert_eq!(most.swap(0, Ordering::SeqCst), 2, "one identity's cap");
+        let many = (0..3)
+            .map(|_| Arc::new(Semaphore::new(limits.max_requests_per_identity)))
+            .collect();
+        let mut all = send_all(many);
+        while let Some(done) = all.join_next().await {
+            done.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 3, "the server's cap");
+        assert_eq!(gauge.get(), 0, "nothing left in flight");
+    }
+}
