@@ -14,7 +14,7 @@ use crate::cache::{CacheConfig, SecretCache};
 use crate::fs::{FsConfig, VaultFs};
 use crate::metrics::{self, Metrics};
 use crate::mount::{self, Invalidator, MountConfig};
-use crate::source::vault::{Auth, ServerConfig, VaultServer, VaultSource};
+use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
 use crate::spec::VolumeSpec;
 
 /// Everything `vaultfs mount` needs, already parsed and validated.
@@ -22,6 +22,7 @@ pub struct MountSettings {
     pub mountpoint: PathBuf,
     pub spec: VolumeSpec,
     pub vault: ServerConfig,
+    pub limits: ServerLimits,
     pub auth: Auth,
     pub cache: CacheConfig,
     pub uid: u32,
@@ -46,7 +47,7 @@ pub fn harden(lock_memory: bool) -> anyhow::Result<()> {
 pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     harden(settings.lock_memory)?;
     let metrics = Arc::new(Metrics::new());
-    let server = Arc::new(VaultServer::new(&settings.vault)?);
+    let server = Arc::new(VaultServer::with_limits(&settings.vault, settings.limits)?);
     let source = Arc::new(VaultSource::new(
         server,
         settings.auth,
@@ -171,6 +172,8 @@ pub struct CsiSettings {
     pub min_cache_ttl: Duration,
     pub max_volumes: usize,
     pub max_entries: usize,
+    /// Bounds on each Vault server's traffic and answers.
+    pub limits: ServerLimits,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -182,7 +185,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let mut servers = std::collections::HashMap::new();
     for (name, config) in &settings.servers {
-        let server = VaultServer::new(config).with_context(|| {
+        let server = VaultServer::with_limits(config, settings.limits).with_context(|| {
             format!(
                 "Vault server {:?}",
                 if name.is_empty() { "default" } else { name }

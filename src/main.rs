@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vaultfs::app::{self, MountSettings};
 use vaultfs::config::{parse_duration, parse_file_mode};
 use vaultfs::secret::Token;
-use vaultfs::source::vault::{Auth, Credential, LoginMethod, ServerConfig};
+use vaultfs::source::vault::{Auth, Credential, LoginMethod, ServerConfig, ServerLimits};
 use vaultfs::spec::{self, VolumeSpec};
 
 #[derive(Parser)]
@@ -149,6 +149,37 @@ struct DaemonArgs {
     /// Log line format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Largest Vault answer read; a larger secret fails with EFBIG.
+    #[arg(long, default_value_t = vaultfs::source::vault::DEFAULT_MAX_RESPONSE_BYTES, value_name = "BYTES")]
+    max_secret_bytes: usize,
+    /// Vault requests in flight at once to each Vault server, over all volumes.
+    #[arg(long, default_value_t = vaultfs::source::vault::DEFAULT_MAX_CONCURRENT_REQUESTS, value_name = "N")]
+    max_vault_requests: usize,
+    /// Vault requests in flight at once for each volume.
+    #[arg(long, default_value_t = vaultfs::source::vault::DEFAULT_MAX_REQUESTS_PER_IDENTITY, value_name = "N")]
+    max_volume_vault_requests: usize,
+}
+
+impl DaemonArgs {
+    fn server_limits(&self) -> Result<ServerLimits, String> {
+        for (flag, value) in [
+            ("--max-secret-bytes", self.max_secret_bytes),
+            ("--max-vault-requests", self.max_vault_requests),
+            (
+                "--max-volume-vault-requests",
+                self.max_volume_vault_requests,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        Ok(ServerLimits {
+            max_response_bytes: self.max_secret_bytes,
+            max_concurrent_requests: self.max_vault_requests,
+            max_requests_per_identity: self.max_volume_vault_requests,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -353,9 +384,9 @@ fn csi(args: CsiArgs) -> ExitCode {
                     .to_string(),
             );
         }
-        Ok(servers)
+        Ok((servers, args.daemon.server_limits()?))
     })();
-    let servers = match prepared {
+    let (servers, limits) = match prepared {
         Ok(s) => s,
         Err(message) => {
             eprintln!("vaultfs: {message}");
@@ -373,6 +404,7 @@ fn csi(args: CsiArgs) -> ExitCode {
         min_cache_ttl: args.min_cache_ttl,
         max_volumes: args.max_volumes,
         max_entries: args.max_volume_entries,
+        limits,
         lock_memory: args.daemon.lock_memory,
         metrics_addr: args.daemon.metrics_addr,
     };
@@ -410,6 +442,7 @@ fn mount(args: MountArgs) -> ExitCode {
             mountpoint: args.mountpoint.clone(),
             spec,
             vault,
+            limits: args.daemon.server_limits()?,
             auth,
             cache: app::cache_config(
                 args.cache_ttl,

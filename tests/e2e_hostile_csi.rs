@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::fs;
 use std::time::Instant;
 
 use common::csi::*;
@@ -20,17 +19,6 @@ const PASSWORD: &str = "hostile-test-pa55w0rd";
 
 /// Largest resident set the daemon may have after refusing the hostile volumes.
 const MAX_RSS_KIB: u64 = 64 << 10;
-
-/// `VmRSS` of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"))
-}
 
 /// A classic "billion laughs": each level is ten of the one before, so the last line would be
 /// a billion entries once expanded, from under 500 bytes of text.

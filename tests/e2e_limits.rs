@@ -73,3 +73,191 @@ fn a_looped_forbidden_read_logs_a_bounded_number_of_warnings_and_audits_every_at
         "the warning names the file and Vault path:\n{logs}"
     );
 }
+
+/// The most requests OpenBao was handling at once (from its audit log: each request entry opens
+/// an interval, the response entry with the same id closes it), among entries `keep` selects.
+fn max_concurrent(
+    entries: &[serde_json::Value],
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> usize {
+    let mut events: Vec<(f64, i32)> = entries
+        .iter()
+        .filter(|e| keep(e))
+        .filter_map(|e| match e["type"].as_str() {
+            Some("request") => Some((audit_time(e), 1)),
+            Some("response") => Some((audit_time(e), -1)),
+            _ => None,
+        })
+        .collect();
+    // At equal times a response closes before the next request opens.
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, delta) in events {
+        now += delta;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse, bao"]
+fn five_hundred_readers_on_one_volume_cost_vault_one_request_per_secret_per_ttl_and_other_volumes_keep_answering(
+) {
+    use common::csi::*;
+    use common::jwt::SigningKey;
+    use common::k8s::*;
+
+    const FILES: usize = 200;
+    const READERS: usize = 500;
+    const TTL_SECS: u64 = 5; // vaultfs csi's --min-cache-ttl default: the lowest a pod may ask
+    const RUN_FOR: Duration = Duration::from_secs(10);
+
+    require_root();
+    let bao = Bao::start();
+    let key = SigningKey::generate();
+    enable_jwt_auth(&bao, "jwt", &key);
+    for team in ["hostile", "victim"] {
+        bao.put_policy(
+            team,
+            &format!(
+                r#"path "secret/data/{team}/*" {{ capabilities = ["read"] }}
+path "secret/metadata/{team}/*" {{ capabilities = ["read"] }}"#
+            ),
+        );
+        jwt_role(&bao, "jwt", team, team, team, &[team], "1h");
+    }
+    for i in 0..FILES {
+        bao.kv_put(
+            &format!("secret/hostile/s{i}"),
+            &[("v", &format!("value-{i}"))],
+        );
+    }
+    bao.kv_put("secret/victim/warm", &[("v", "victim-warm")]);
+    bao.kv_put("secret/victim/cold", &[("v", "victim-cold")]);
+
+    let node = CsiNode::new("node-hammer");
+    // The production floor, not the harness's 1 s.
+    let daemon = node.daemon(&bao).args(["--min-cache-ttl", "5s"]).start();
+    let client = daemon.client();
+    let publish = |pod: &Pod, secrets: &str| {
+        let target = node.target_path(pod, "secrets");
+        let (jwt, exp) = pod.signed_token(&key);
+        let ttl = format!("{TTL_SECS}s");
+        let request = publish_request(
+            pod,
+            "secrets",
+            &target,
+            &[
+                ("role", pod.namespace.as_str()),
+                ("authMount", "jwt"),
+                ("secrets", secrets),
+                ("cacheTTL", &ttl),
+            ],
+            &jwt,
+            exp,
+        );
+        client.publish(request).unwrap_or_else(|s| {
+            panic!("publish {}: {}\n{}", pod.name, describe(&s), daemon.logs())
+        });
+        target
+    };
+    let hostile_spec: String = (0..FILES)
+        .map(|i| format!("- {{name: s{i}, path: secret/hostile/s{i}, key: v}}\n"))
+        .collect();
+    let hostile = publish(&Pod::new("hostile", "hammer-0", "hostile"), &hostile_spec);
+    let victim = publish(
+        &Pod::new("victim", "app-0", "victim"),
+        "- {name: warm, path: secret/victim/warm, key: v}\n- {name: cold, path: secret/victim/cold, key: v}\n",
+    );
+    assert_eq!(read_string(victim.join("warm")), "victim-warm");
+    let audit_before = bao.audit_entries().len();
+
+    let started = Instant::now();
+    let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let readers: Vec<_> = (0..READERS)
+        .map(|r| {
+            let (dir, failures, reads) = (hostile.clone(), failures.clone(), reads.clone());
+            std::thread::spawn(move || {
+                let mut x = r as u64 * 2_654_435_761 + 1;
+                while started.elapsed() < RUN_FOR {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let i = (x >> 33) as usize % FILES;
+                    match read(dir.join(format!("s{i}"))) {
+                        Ok(v) if v == format!("value-{i}").as_bytes() => {}
+                        _ => {
+                            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    // Meanwhile the other pod's volume: warm reads, and one cold read half way.
+    let mut slowest_warm = Duration::ZERO;
+    let mut cold = None;
+    while started.elapsed() < RUN_FOR {
+        let t = Instant::now();
+        assert_eq!(read_string(victim.join("warm")), "victim-warm");
+        slowest_warm = slowest_warm.max(t.elapsed());
+        if cold.is_none() && started.elapsed() > RUN_FOR / 2 {
+            let t = Instant::now();
+            assert_eq!(read_string(victim.join("cold")), "victim-cold");
+            cold = Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for r in readers {
+        r.join().expect("reader thread");
+    }
+    let (reads, failures) = (
+        reads.load(std::sync::atomic::Ordering::Relaxed),
+        failures.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let cold = cold.expect("the cold read ran");
+    let rss = rss_kib(daemon.pid());
+
+    let entries: Vec<serde_json::Value> = bao.audit_entries().split_off(audit_before);
+    let hostile_requests = |e: &serde_json::Value| {
+        e["request"]["path"]
+            .as_str()
+            .is_some_and(|p| p.contains("/hostile/"))
+    };
+    let mut per_secret = std::collections::HashMap::<String, usize>::new();
+    for e in entries
+        .iter()
+        .filter(|e| e["type"] == "request" && hostile_requests(e))
+    {
+        let path = e["request"]["path"].as_str().unwrap_or_default();
+        let name = path.rsplit('/').next().unwrap_or_default().to_string();
+        *per_secret.entry(name).or_default() += 1;
+    }
+    let busiest = per_secret.values().copied().max().unwrap_or(0);
+    let total: usize = per_secret.values().sum();
+    let concurrent_hostile = max_concurrent(&entries, hostile_requests);
+    let concurrent_all = max_concurrent(&entries, |_| true);
+    eprintln!(
+        "{reads} reads by {READERS} readers in {RUN_FOR:?} ({failures} failed); Vault: {total} requests for {} secrets, at most {busiest} per secret, at most {concurrent_hostile} at once for the volume ({concurrent_all} overall); other volume: slowest warm read {slowest_warm:?}, cold read {cold:?}; daemon RSS {rss} KiB",
+        per_secret.len()
+    );
+    assert_eq!(failures, 0, "reads failed under load:\n{}", daemon.logs());
+    assert!(rss < 64 << 10, "daemon RSS {rss} KiB under load");
+    // The first read plus at most one re-check per TTL in the run.
+    let allowed = 1 + (RUN_FOR.as_secs() / TTL_SECS) as usize;
+    assert!(
+        busiest <= allowed,
+        "a secret cost {busiest} Vault requests in {RUN_FOR:?} with a {TTL_SECS} s TTL (allowed {allowed}): {per_secret:?}"
+    );
+    assert!(
+        concurrent_hostile <= vaultfs::source::vault::DEFAULT_MAX_REQUESTS_PER_IDENTITY,
+        "{concurrent_hostile} Vault requests at once for one volume"
+    );
+    assert!(
+        concurrent_all <= vaultfs::source::vault::DEFAULT_MAX_CONCURRENT_REQUESTS,
+        "{concurrent_all} Vault requests at once"
+    );
+    // The other volume's reads above returned their content while the first was hammered: an
+    // uncached read that waited past the Vault timeout would have failed with EIO instead.
+}

@@ -17,16 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
 #[test]
 #[ignore = "needs root, /dev/fuse, bao"]
 fn a_secret_over_the_answer_limit_fails_with_efbig_and_memory_stays_bounded() {
