@@ -261,3 +261,83 @@ path "secret/metadata/{team}/*" {{ capabilities = ["read"] }}"#
     // The other volume's reads above returned their content while the first was hammered: an
     // uncached read that waited past the Vault timeout would have failed with EIO instead.
 }
+
+#[test]
+#[ignore = "needs root, /dev/fuse, bao"]
+fn a_publish_past_max_volumes_is_resource_exhausted_and_kubelet_learns_the_limit() {
+    use common::csi::*;
+    use common::jwt::SigningKey;
+    use common::k8s::*;
+
+    require_root();
+    let bao = Bao::start();
+    let key = SigningKey::generate();
+    enable_jwt_auth(&bao, "jwt", &key);
+    bao.put_policy(
+        "app",
+        r#"path "secret/data/app/*" { capabilities = ["read"] }"#,
+    );
+    jwt_role(&bao, "jwt", "app", "ns", "app", &["app"], "1h");
+    bao.kv_put("secret/app/db", &[("password", "db-pass")]);
+    let node = CsiNode::new("node-max");
+    let daemon = node.daemon(&bao).args(["--max-volumes", "2"]).start();
+    let client = daemon.client();
+    assert_eq!(
+        client
+            .node_info()
+            .expect("NodeGetInfo")
+            .max_volumes_per_node,
+        2
+    );
+    let publish = |name: &str| {
+        let pod = Pod::new("ns", name, "app");
+        let target = node.target_path(&pod, "secrets");
+        let (jwt, exp) = pod.signed_token(&key);
+        let request = publish_request(
+            &pod,
+            "secrets",
+            &target,
+            &[
+                ("role", "app"),
+                ("authMount", "jwt"),
+                (
+                    "secrets",
+                    "- {name: pw, path: secret/app/db, key: password}\n",
+                ),
+            ],
+            &jwt,
+            exp,
+        );
+        (client.publish(request.clone()), request, target)
+    };
+    let (first, first_request, target) = publish("app-0");
+    first.expect("first volume");
+    publish("app-1").0.expect("second volume");
+    let (third, request, third_target) = publish("app-2");
+    let status = third.expect_err("a third volume is past --max-volumes 2");
+    assert_eq!(
+        status.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        describe(&status)
+    );
+    assert!(
+        status.message().contains("--max-volumes 2"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        !is_mounted(&third_target),
+        "nothing mounted for the refused volume"
+    );
+    assert_eq!(
+        read_string(target.join("pw")),
+        "db-pass",
+        "served volumes are unaffected"
+    );
+    client
+        .unpublish(&first_request.volume_id, &target)
+        .expect("unpublish the first");
+    client.publish(request).expect("the freed slot is taken");
+    assert_eq!(read_string(third_target.join("pw")), "db-pass");
+}
