@@ -1,6 +1,7 @@
-//! The audit trail: one structured event per open (and per refused open), on the
-//! `vaultfs::audit` tracing target. Events name the volume, the pod (under CSI), file, Vault
-//! path, version or errno and caller; never the value. Never rate-limited.
+//! The audit trail: one structured event per open, on the `vaultfs::audit` tracing target, and
+//! refused accesses aggregated per file, uid and errno. Events name the volume, the pod (under
+//! CSI), file, Vault path, version or errno and caller; never the value. Open events are never
+//! rate-limited.
 
 use crate::spec::SecretPath;
 
@@ -39,8 +40,11 @@ pub fn open_event(place: Place<'_>, version: &str, caller: Caller) {
 }
 
 /// Records that Vault refused or failed to give `caller` the secret of `place` during `op`
-/// (`lookup`, `getattr` or `open`), answered with `errno`.
-pub fn refused(place: Place<'_>, op: &str, errno: &str, caller: Caller) {
+/// (`lookup`, `getattr` or `open`), answered with `errno`. Repeats of one refusal are
+/// aggregated by the caller (`fs`): `repeats` is how many identical refusals (same file, uid
+/// and errno) came since the previous event of that kind, so a looped forbidden read costs a
+/// bounded number of lines and no refusal goes uncounted.
+pub fn refused(place: Place<'_>, op: &str, errno: &str, caller: Caller, repeats: u64) {
     tracing::info!(
         target: "vaultfs::audit",
         event = "refused",
@@ -53,6 +57,7 @@ pub fn refused(place: Place<'_>, op: &str, errno: &str, caller: Caller) {
         pid = caller.pid,
         uid = caller.uid,
         gid = caller.gid,
+        repeats,
         "secret file access refused"
     );
 }

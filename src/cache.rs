@@ -595,6 +595,18 @@ impl<S: SecretSource> SecretCache<S> {
 
     /// Drops the least recently used secret (called with `slots` locked): its bytes leave the
     /// count, its value goes (zeroized once no handle holds it), its lease is revoked.
+    /// Whether the least recently used value is also held by an open file (evicting it would
+    /// free nothing and revoke a lease still in use).
+    fn lru_is_pinned(slots: &Slots) -> bool {
+        slots.lru.peek_lru().is_some_and(|(_, slot)| {
+            slot.state
+                .lock()
+                .current
+                .as_ref()
+                .is_some_and(|c| Arc::strong_count(c) > 1)
+        })
+    }
+
     fn evict_lru(&self, slots: &mut Slots) -> bool {
         let Some((_, evicted)) = slots.lru.pop_lru() else {
             return false;
@@ -701,11 +713,18 @@ impl<S: SecretSource> SecretCache<S> {
             let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
             if cached {
                 slots.bytes = (slots.bytes + weight).saturating_sub(old_weight);
-                // Versions pinned by open files count too: past the bound, cached values go
-                // first (pinned ones cannot), least recently used first.
-                while self.held_bytes().max(slots.bytes) > self.config.max_bytes
-                    && slots.lru.len() > 1
-                {
+                // Versions pinned by open files count too: past the bound, cached values go,
+                // least recently used first. Evicting a value an open file still holds frees
+                // nothing, so that stops the eviction unless the cached bytes alone are over.
+                while slots.lru.len() > 1 {
+                    let cached_over = slots.bytes > self.config.max_bytes;
+                    let held = self.held_bytes();
+                    if !cached_over && held <= self.config.max_bytes {
+                        break;
+                    }
+                    if !cached_over && Self::lru_is_pinned(&slots) {
+                        break;
+                    }
                     if !self.evict_lru(&mut slots) {
                         break;
                     }

@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::audit::{self, Caller};
 use crate::cache::{Content, SecretCache};
+use crate::logging::FailureLimiter;
 use crate::source::{SecretSource, SourceError};
 use crate::spec::{InodeNo, Node, NodeKind, SecretPath, VolumeSpec};
 
@@ -175,6 +176,8 @@ pub struct VaultFs<S> {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     created: SystemTime,
+    /// Aggregates repeated refusals in the audit trail (per entry, uid and errno).
+    refusals: FailureLimiter<(usize, u32, &'static str)>,
 }
 
 impl<S: SecretSource> VaultFs<S> {
@@ -200,6 +203,7 @@ impl<S: SecretSource> VaultFs<S> {
             config,
             invalidate,
             handles: Mutex::new(HashMap::new()),
+            refusals: FailureLimiter::default(),
             next_fh: AtomicU64::new(epoch),
             created: SystemTime::now(),
         }
@@ -256,11 +260,20 @@ impl<S: SecretSource> VaultFs<S> {
     async fn audited_attr(&self, node: &Node, op: &str, caller: Caller) -> Result<Attr, FsError> {
         let result = self.attr_of(node).await;
         if let (Err(err), NodeKind::File(entry)) = (&result, &node.kind) {
-            if err.is_refusal() {
-                audit::refused(self.place(*entry), op, err.errno_name(), caller);
-            }
+            self.audit_refusal(*entry, op, err, caller);
         }
         result
+    }
+
+    /// Audits a refused access, aggregating repeats of the same refusal.
+    fn audit_refusal(&self, entry: usize, op: &str, err: &FsError, caller: Caller) {
+        if !err.is_refusal() {
+            return;
+        }
+        let errno = err.errno_name();
+        if let Some(repeats) = self.refusals.admit((entry, caller.uid, errno)) {
+            audit::refused(self.place(entry), op, errno, caller, repeats);
+        }
     }
 
     /// Where entry `entry` is, for audit events.
@@ -288,9 +301,7 @@ impl<S: SecretSource> VaultFs<S> {
         let content = match self.content(entry).await {
             Ok(c) => c,
             Err(err) => {
-                if err.is_refusal() {
-                    audit::refused(place, "open", err.errno_name(), caller);
-                }
+                self.audit_refusal(entry, "open", &err, caller);
                 return Err(err);
             }
         };
@@ -377,9 +388,8 @@ impl<S: SecretSource> VaultFs<S> {
         let e = &self.spec.entries()[entry];
         let content = self.cache.get(&e.path).await?;
         if content.fetched.data.render(e.key.as_deref()).is_none() {
-            let key = e.key.clone().unwrap_or_default();
-            tracing::warn!(file = %e.name, path = %e.path, key = %key, "the secret has no such field");
-            return Err(FsError::MissingField(key));
+            // Logged (rate-limited, naming the file) where the request is answered.
+            return Err(FsError::MissingField(e.key.clone().unwrap_or_default()));
         }
         Ok(content)
     }

@@ -2,7 +2,7 @@
 //! on first access, held in memory with a TTL and hot-swapped when they change in Vault.
 //!
 //! Dependencies point one way only:
-//! `main → app → csi → mount → fuse → fs → cache → source → {secret, spec}`.
+//! `main → app → csi → mount → fuse → fs → cache → source → {secret, spec} → logging`.
 //! `tonic` is imported only by `csi`; `fuser` only by `fuse` and `mount`; HTTP and Vault auth
 //! live only in `source::vault`. Everything below `fuse` is plain Rust, testable without a
 //! kernel, and `csi` talks to mounts only through the `mount::Mounter` trait.

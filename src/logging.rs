@@ -14,7 +14,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::FormatFields;
 
 /// The field formatter of text logs: `name=value` pairs separated by spaces, the message bare,
-/// every value escaped by [`escape`] so that no field can start a new line, move the cursor
+/// every value escaped like [`escape`] so that no field can start a new line, move the cursor
 /// or reorder what a terminal shows.
 pub fn text_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
     tracing_subscriber::fmt::format::debug_fn(
@@ -30,17 +30,26 @@ pub fn text_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
     .delimited(" ")
 }
 
-/// Whether `c` must not appear raw in a log line: control characters, and the Unicode format
-/// characters that reorder or hide text (bidi embeddings, overrides and isolates, zero-width
-/// characters, the byte-order mark).
-pub fn is_unsafe_in_logs(c: char) -> bool {
+/// Control characters and the Unicode format characters that reorder or hide text: bidi
+/// embeddings, overrides, isolates and marks, zero-width characters, the BOM, soft hyphen.
+/// Never written raw in a log line, and refused in names and keys.
+pub fn is_control_or_format(c: char) -> bool {
     c.is_control()
-        || matches!(c,
-            '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
-            | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
 }
 
-/// `text` with every character [`is_unsafe_in_logs`] written as a `\u{..}` escape (`\n`,
+/// `text` with every character [`is_control_or_format`] written as a `\u{..}` escape (`\n`,
 /// `\r`, `\t` as themselves escaped).
 pub fn escape(text: &str) -> String {
     Escaped(text).to_string()
@@ -55,7 +64,7 @@ impl fmt::Display for Escaped<'_> {
                 '\n' => f.write_str("\\n")?,
                 '\r' => f.write_str("\\r")?,
                 '\t' => f.write_str("\\t")?,
-                c if is_unsafe_in_logs(c) => write!(f, "\\u{{{:x}}}", c as u32)?,
+                c if is_control_or_format(c) => write!(f, "\\u{{{:x}}}", c as u32)?,
                 c => f.write_char(c)?,
             }
         }

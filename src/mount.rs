@@ -174,7 +174,7 @@ impl FuseMount {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        let result = sys::detach_all(&self.target).map(|_| ());
+        let result = sys::detach_all_of_type(&self.target, sys::FSTYPE).map(|_| ());
         // The session thread ends when the kernel closes the connection (at once, or when the
         // last open file closes).
         drop(session);

@@ -8,6 +8,8 @@ use std::fmt;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::logging::is_control_or_format;
+
 /// Inode number of a node in a volume's layout. The root is always 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InodeNo(pub u64);
@@ -125,24 +127,6 @@ fn describe(c: char) -> String {
         c if c.is_whitespace() => format!("the whitespace character U+{:04X}", c as u32),
         c => format!("the non-ASCII character U+{:04X}", c as u32),
     }
-}
-
-/// Control characters and the Unicode format characters that reorder or hide text: bidi
-/// embeddings, overrides, isolates and marks, zero-width characters, the BOM, soft hyphen.
-fn is_control_or_format(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{00AD}'
-                | '\u{061C}'
-                | '\u{180E}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{2028}'..='\u{202E}'
-                | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{206F}'
-                | '\u{FEFF}'
-                | '\u{FFF9}'..='\u{FFFB}'
-        )
 }
 
 /// One file of a volume: `name` inside the mount, the Vault `path`, and optionally the `key`

@@ -84,6 +84,9 @@ pub struct VaultSource {
     lookup_forbidden: AtomicBool,
     /// When the last login completed (see `MIN_RELOGIN_INTERVAL`).
     last_login: Mutex<Option<Instant>>,
+    /// The last failed login and when: repeated within `MIN_RELOGIN_INTERVAL` without asking
+    /// Vault again (a new credential clears it).
+    failed_login: Mutex<Option<(Instant, SourceError)>>,
     /// This identity's cap on Vault requests in flight.
     in_flight: Arc<Semaphore>,
     /// Wakes the renewer when the token is replaced or its schedule changes.
@@ -92,6 +95,9 @@ pub struct VaultSource {
     volume: String,
     metrics: Arc<Metrics>,
 }
+
+/// The longest an unpublish waits to revoke the volume's token.
+const REVOKE_WAIT: Duration = Duration::from_secs(5);
 
 /// Vault's TTL in seconds, bounded so that adding it to a clock reading cannot overflow.
 fn ttl_from(value: &Value) -> u64 {
@@ -147,6 +153,7 @@ impl VaultSource {
             closed: AtomicBool::new(false),
             lookup_forbidden: AtomicBool::new(false),
             last_login: Mutex::new(None),
+            failed_login: Mutex::new(None),
             in_flight,
             token_changed: tokio::sync::Notify::new(),
             volume,
@@ -158,6 +165,7 @@ impl VaultSource {
     /// The current Vault token stays in use until it expires or is refused.
     pub fn set_credential(&self, credential: Credential) {
         *self.credential.lock() = Some(credential);
+        self.failed_login.lock().take();
     }
 
     /// Logs in now (for callers that want a refused login to fail early). A no-op for tokens.
@@ -166,7 +174,7 @@ impl VaultSource {
             Auth::Token(_) => Ok(()),
             Auth::Login { .. } => {
                 let old = self.token.lock().take().map(|t| t.token);
-                self.relogin(None).await?;
+                self.relogin(None, false).await?;
                 if let Some(old) = old {
                     self.server.revoke_in_background(old, &self.in_flight);
                 }
@@ -193,18 +201,22 @@ impl VaultSource {
         let Some(token) = self.token.lock().take().map(|t| t.token) else {
             return;
         };
-        match self
-            .send(
-                "revoke",
-                Method::POST,
-                "auth/token/revoke-self",
-                None,
-                Some(&token),
-            )
-            .await
-        {
-            Ok(_) => tracing::info!("Vault token revoked"),
-            Err(err) => tracing::warn!(error = %err, "could not revoke the Vault token"),
+        let revoke = self.send(
+            "revoke",
+            Method::POST,
+            "auth/token/revoke-self",
+            None,
+            Some(&token),
+        );
+        // Bounded: an unpublish must not queue for long behind other volumes' requests.
+        match tokio::time::timeout(REVOKE_WAIT, revoke).await {
+            Ok(Ok(_)) => tracing::info!(volume = %self.volume, "Vault token revoked"),
+            Ok(Err(err)) => {
+                tracing::warn!(volume = %self.volume, error = %err, "could not revoke the Vault token")
+            }
+            Err(_) => {
+                tracing::warn!(volume = %self.volume, "could not revoke the Vault token: no answer within {REVOKE_WAIT:?}; it expires at its TTL")
+            }
         }
     }
 

@@ -98,7 +98,7 @@ impl VaultSource {
             let result = match step {
                 TokenStep::LookUp(_) => self.lookup_self(&token).await,
                 TokenStep::Renew(_) => self.renew_self(&token).await,
-                TokenStep::Replace(_) => self.relogin(Some(&token)).await.map(drop),
+                TokenStep::Replace(_) => self.relogin(Some(&token), true).await.map(drop),
                 TokenStep::Idle => continue,
             };
             if let Err(err) = result {
@@ -232,44 +232,70 @@ impl VaultSource {
     /// A token to use now: the current one while it is valid, else a fresh login.
     pub(super) async fn token(&self) -> Result<Token, SourceError> {
         if self.closed.load(Ordering::SeqCst) {
-            return Err(SourceError::LoginRefused(
-                "this volume was unpublished; its Vault identity is closed".into(),
-            ));
+            return Err(closed_error());
         }
         if let Some(t) = self.token.lock().as_ref().filter(|t| t.valid()) {
             return Ok(t.token.clone());
         }
         if self.closed.load(Ordering::SeqCst) {
-            return Err(SourceError::LoginRefused(
-                "this volume was unpublished; its Vault identity is closed".into(),
-            ));
+            return Err(closed_error());
         }
         if self.is_static_token() {
             return Err(SourceError::PermissionDenied);
         }
-        self.relogin(None).await
+        self.relogin(None, false).await
     }
 
-    /// Logs in with the current credential, one login at a time. `refused` is the token Vault
-    /// just refused or the renewer replaces, if any: a different valid token obtained meanwhile
-    /// is used instead, and once a login replaced it, it is revoked in the background (it may
-    /// still be valid).
-    pub(super) async fn relogin(&self, refused: Option<&Token>) -> Result<Token, SourceError> {
+    /// Logs in with the current credential, one login at a time and at most one attempt per
+    /// `MIN_RELOGIN_INTERVAL` after a failed one (callers meanwhile get that failure). `refused`
+    /// is the token Vault just refused or the renewer replaces, if any: a different valid token
+    /// obtained meanwhile is used instead. With `revoke_refused`, once a login replaced it, it
+    /// is revoked in the background (it may still be valid).
+    pub(super) async fn relogin(
+        &self,
+        refused: Option<&Token>,
+        revoke_refused: bool,
+    ) -> Result<Token, SourceError> {
         let _one = self.login_lock.lock().await;
         if let Some(t) = self.token.lock().as_ref() {
             if t.valid() && refused.is_none_or(|r| r != &t.token) {
                 return Ok(t.token.clone());
             }
         }
-        let fresh = self.log_in().await?;
+        if let Some((at, err)) = self.failed_login.lock().as_ref() {
+            if at.elapsed() < MIN_RELOGIN_INTERVAL {
+                return Err(err.clone());
+            }
+        }
+        let fresh = match self.log_in().await {
+            Ok(t) => t,
+            Err(err) => {
+                *self.failed_login.lock() = Some((Instant::now(), err.clone()));
+                return Err(err);
+            }
+        };
+        *self.failed_login.lock() = None;
         *self.last_login.lock() = Some(Instant::now());
-        if let Some(old) = refused.filter(|old| *old != &fresh) {
-            if !self.is_static_token() {
-                self.server
-                    .revoke_in_background(old.clone(), &self.in_flight);
+        if self.closed.load(Ordering::SeqCst) {
+            // Unpublished while the login was in flight: nobody will use or revoke it.
+            self.token.lock().take();
+            self.server.revoke_in_background(fresh, &self.in_flight);
+            return Err(closed_error());
+        }
+        if revoke_refused {
+            if let Some(old) = refused.filter(|old| *old != &fresh) {
+                self.revoke_replaced(old);
             }
         }
         Ok(fresh)
+    }
+
+    /// Revokes a token a login replaced, in the background (never a given token).
+    pub(super) fn revoke_replaced(&self, old: &Token) {
+        if !self.is_static_token() {
+            self.server
+                .revoke_in_background(old.clone(), &self.in_flight);
+        }
     }
 
     /// One login request with the current credential; the new token becomes the current one.
@@ -394,14 +420,19 @@ impl VaultSource {
         if !self.may_be_dead_token() || !self.lookup_refused(token).await {
             return Err(SourceError::PermissionDenied);
         }
-        let fresh = self.relogin(Some(token)).await?;
+        let fresh = self.relogin(Some(token), false).await?;
         let retry = self
             .send(kind, method, path, body.take(), Some(&fresh))
             .await;
         if retry == Err(SourceError::PermissionDenied) {
-            // Refused again with a fresh token: a policy denial. Learn whether lookup-self is
-            // refused too, so that further denials skip straight to that answer.
+            // Refused again with a fresh token: a policy denial, and the old token may well be
+            // alive (with leases that depend on it), so it is left to expire. Learn whether
+            // lookup-self is refused too, so that further denials skip straight to that answer.
             self.lookup_refused(&fresh).await;
+        } else {
+            // The fresh token succeeded where the old one was refused: the old one was dead
+            // or is of no more use.
+            self.revoke_replaced(token);
         }
         retry
     }
@@ -449,4 +480,8 @@ impl VaultSource {
             Err(_) => false,
         }
     }
+}
+
+fn closed_error() -> SourceError {
+    SourceError::LoginRefused("this volume was unpublished; its Vault identity is closed".into())
 }

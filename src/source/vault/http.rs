@@ -23,6 +23,19 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 64;
 /// Vault requests in flight at once for one identity (one volume).
 pub const DEFAULT_MAX_REQUESTS_PER_IDENTITY: usize = 8;
+/// Bytes of Vault answers being read or parsed at once per server (raw bytes plus an estimate
+/// of their parsed form): with `DEFAULT_MAX_RESPONSE_BYTES` and `MAX_JSON_VALUES`, room for
+/// eight answers of the largest size while small ones (a few KiB) never notice it. An answer
+/// that finds it used up fails at once as Vault being unavailable (stale data is served, the
+/// cache backs off) instead of waiting on memory others hold.
+pub const ANSWER_BUDGET_BYTES: usize = 24 << 20;
+/// Most JSON values (array elements, object members, nested containers) an answer may hold:
+/// parsed JSON costs tens of bytes per value, so a 1 MiB answer of `[0,0,0,...]` would
+/// otherwise grow to about 16 MiB in memory.
+pub const MAX_JSON_VALUES: usize = 32 << 10;
+/// What the parsed form of one JSON value is reckoned to cost, beyond its raw bytes.
+const PARSED_BYTES_PER_VALUE: usize = 64;
+
 /// Bound on the background clean-up requests (revoking a replaced token, or what an answer
 /// nobody waited for carried).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,6 +101,8 @@ pub struct VaultServer {
     namespace: Option<String>,
     limits: ServerLimits,
     in_flight: Arc<Semaphore>,
+    /// `ANSWER_BUDGET_BYTES`, in KiB permits.
+    answers: Arc<Semaphore>,
 }
 
 impl VaultServer {
@@ -142,6 +157,7 @@ impl VaultServer {
                 ..limits
             },
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
+            answers: Arc::new(Semaphore::new(kib(ANSWER_BUDGET_BYTES) as usize)),
         })
     }
 
@@ -258,10 +274,90 @@ impl VaultServer {
             http: self.http.clone(),
             namespace: self.namespace.clone(),
             max_bytes: self.limits.max_response_bytes,
+            answers: self.answers.clone(),
             kind,
             base: self.base.clone(),
         }
     }
+}
+
+/// The share of `ANSWER_BUDGET_BYTES` one answer holds, grown as it is read; given back when
+/// the answer is done.
+struct AnswerBudget {
+    answers: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+    kib: u32,
+    kind: &'static str,
+}
+
+impl AnswerBudget {
+    fn new(answers: &Arc<Semaphore>, kind: &'static str) -> Self {
+        Self {
+            answers: answers.clone(),
+            held: None,
+            kib: 0,
+            kind,
+        }
+    }
+
+    /// Makes the share at least `bytes`, or fails at once when the budget is used up.
+    fn take(&mut self, bytes: usize) -> Result<(), SourceError> {
+        let wanted = kib(bytes);
+        if wanted <= self.kib {
+            return Ok(());
+        }
+        let more = self
+            .answers
+            .clone()
+            .try_acquire_many_owned(wanted - self.kib)
+            .map_err(|_| {
+                SourceError::Unavailable(format!(
+                    "{}: {} MiB of Vault answers are being read at once already; retried later",
+                    self.kind,
+                    ANSWER_BUDGET_BYTES >> 20
+                ))
+            })?;
+        match self.held.as_mut() {
+            Some(held) => held.merge(more),
+            None => self.held = Some(more),
+        }
+        self.kib = wanted;
+        Ok(())
+    }
+}
+
+/// `bytes` in whole KiB, rounded up.
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+/// How many JSON values `raw` holds at most (containers, elements, members: one per opening
+/// bracket and separator outside strings), or `None` past `limit`. A cheap scan, made before
+/// parsing so that a small answer of many tiny values cannot grow large in memory.
+fn count_json_values(raw: &[u8], limit: usize) -> Option<usize> {
+    let (mut count, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in raw {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' | b',' | b':' => {
+                count += 1;
+                if count > limit {
+                    return None;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(count)
 }
 
 /// One request as `VaultSource` describes it.
@@ -324,6 +420,7 @@ struct Exchange {
     http: reqwest::Client,
     namespace: Option<String>,
     max_bytes: usize,
+    answers: Arc<Semaphore>,
     kind: &'static str,
     base: Url,
 }
@@ -347,10 +444,11 @@ impl Exchange {
         if let Some(ns) = &self.namespace {
             request = request.header("X-Vault-Namespace", ns);
         }
-        if let Some(b) = body {
+        if let Some(mut b) = body {
+            // Moved, not copied: the only other copy is the one the HTTP stack sends.
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(b.to_vec());
+                .body(std::mem::take(&mut *b));
         }
         let unavailable = |e: reqwest::Error| {
             SourceError::Unavailable(format!("{kind} request failed: {}", describe(e)))
@@ -377,14 +475,23 @@ impl Exchange {
         }
         // Sized up front where the length is known, so growing leaves no stray copies behind.
         let expected = response.content_length().unwrap_or(0) as usize;
+        let mut budget = AnswerBudget::new(&self.answers, kind);
+        budget.take(expected.max(4096))?;
         let mut raw = Zeroizing::new(Vec::with_capacity(expected.max(4096)));
         while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
             if raw.len() + chunk.len() > self.max_bytes {
                 // `raw` is wiped on drop; the rest of the answer is never read.
                 return Err(too_large());
             }
+            budget.take(raw.len() + chunk.len())?;
             raw.extend_from_slice(&chunk);
         }
+        let values = count_json_values(&raw, MAX_JSON_VALUES).ok_or_else(|| {
+            SourceError::TooLarge(format!(
+                "{kind}: Vault's answer holds more than {MAX_JSON_VALUES} JSON values"
+            ))
+        })?;
+        budget.take(raw.len() + values * PARSED_BYTES_PER_VALUE)?;
         let value: Value = if raw.is_empty() {
             Value::Null
         } else {
@@ -524,6 +631,32 @@ pub(super) fn classify(status: StatusCode, body: &Value) -> SourceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_values_are_counted_outside_strings_and_capped() {
+        assert_eq!(
+            count_json_values(br#"{"a": "x,y:[{", "b": [1, 2]}"#, 100),
+            Some(7)
+        );
+        assert_eq!(count_json_values(br#""esc\"aped,""#, 100), Some(1));
+        let many = format!("[{}0]", "0,".repeat(40_000));
+        assert_eq!(count_json_values(many.as_bytes(), MAX_JSON_VALUES), None);
+    }
+
+    #[test]
+    fn the_answer_budget_fails_fast_when_used_up_and_is_given_back() {
+        let answers = Arc::new(Semaphore::new(kib(8 << 10) as usize));
+        let mut first = AnswerBudget::new(&answers, "read");
+        first.take(6 << 10).unwrap();
+        first.take(5 << 10).unwrap();
+        let mut second = AnswerBudget::new(&answers, "read");
+        let err = second.take(4 << 10).unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        drop(first);
+        second
+            .take(4 << 10)
+            .expect("given back when the first answer is done");
+    }
 
     fn server(addr: &str) -> Result<VaultServer, VaultConfigError> {
         VaultServer::new(&ServerConfig {
