@@ -319,11 +319,7 @@ fn check_key(key: &str) -> Result<(), String> {
             key.len()
         ));
     }
-    if let Some((at, c)) = key
-        .chars()
-        .enumerate()
-        .find(|(_, c)| is_control_or_format(*c))
-    {
+    if let Some((at, c)) = first_hidden(key) {
         return Err(format!(
             "the key {} has {} at character {}; keys must be visible text",
             shown(key),
@@ -332,6 +328,13 @@ fn check_key(key: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The first control or format character of `text` and its (0-based) character index.
+fn first_hidden(text: &str) -> Option<(usize, char)> {
+    text.chars()
+        .enumerate()
+        .find(|(_, c)| is_control_or_format(*c))
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -349,11 +352,7 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.starts_with('/') {
         return Err("the file name is absolute; expected a path relative to the mount".into());
     }
-    if let Some((at, c)) = name
-        .chars()
-        .enumerate()
-        .find(|(_, c)| is_control_or_format(*c))
-    {
+    if let Some((at, c)) = first_hidden(name) {
         return Err(format!(
             "the file name has {} at character {}; names must be visible text",
             describe(c),

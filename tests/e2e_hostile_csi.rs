@@ -90,16 +90,7 @@ path "secret/metadata/app/*" { capabilities = ["read"] }"#,
     let before = bao.audit_entries().len();
     for (i, (label, secrets, must_mention)) in cases.iter().enumerate() {
         let pod = Pod::new("ns", &format!("hostile-{i}"), "app");
-        let target = node.target_path(&pod, "secrets");
-        let (jwt, exp) = pod.signed_token(&key);
-        let request = publish_request(
-            &pod,
-            "secrets",
-            &target,
-            &[("role", "app"), ("authMount", "jwt"), ("secrets", secrets)],
-            &jwt,
-            exp,
-        );
+        let (request, target) = jwt_publish(&node, &pod, &key, "app", secrets, &[]);
         let started = Instant::now();
         let result = client.publish(request);
         let elapsed = started.elapsed();
@@ -146,22 +137,13 @@ path "secret/metadata/app/*" { capabilities = ["read"] }"#,
 
     // The daemon is unharmed: a good volume publishes and reads.
     let pod = Pod::new("ns", "good", "app");
-    let target = node.target_path(&pod, "secrets");
-    let (jwt, exp) = pod.signed_token(&key);
-    let request = publish_request(
+    let (request, target) = jwt_publish(
+        &node,
         &pod,
-        "secrets",
-        &target,
-        &[
-            ("role", "app"),
-            ("authMount", "jwt"),
-            (
-                "secrets",
-                "- {name: password, path: secret/app/db, key: password}\n",
-            ),
-        ],
-        &jwt,
-        exp,
+        &key,
+        "app",
+        "- {name: password, path: secret/app/db, key: password}\n",
+        &[],
     );
     if let Err(s) = client.publish(request) {
         panic!(

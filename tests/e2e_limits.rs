@@ -152,21 +152,14 @@ path "secret/metadata/{team}/*" {{ capabilities = ["read"] }}"#
     let daemon = node.daemon(&bao).args(["--min-cache-ttl", "5s"]).start();
     let client = daemon.client();
     let publish = |pod: &Pod, secrets: &str| {
-        let target = node.target_path(pod, "secrets");
-        let (jwt, exp) = pod.signed_token(&key);
         let ttl = format!("{TTL_SECS}s");
-        let request = publish_request(
+        let (request, target) = jwt_publish(
+            &node,
             pod,
-            "secrets",
-            &target,
-            &[
-                ("role", pod.namespace.as_str()),
-                ("authMount", "jwt"),
-                ("secrets", secrets),
-                ("cacheTTL", &ttl),
-            ],
-            &jwt,
-            exp,
+            &key,
+            &pod.namespace,
+            secrets,
+            &[("cacheTTL", &ttl)],
         );
         client.publish(request).unwrap_or_else(|s| {
             panic!("publish {}: {}\n{}", pod.name, describe(&s), daemon.logs())
@@ -302,23 +295,14 @@ fn a_publish_past_max_volumes_is_resource_exhausted_and_kubelet_learns_the_limit
         2
     );
     let publish = |name: &str| {
-        let pod = Pod::new("ns", name, "app");
-        let target = node.target_path(&pod, "secrets");
-        let (jwt, exp) = pod.signed_token(&key);
-        let request = publish_request(
-            &pod,
-            "secrets",
-            &target,
-            &[
-                ("role", "app"),
-                ("authMount", "jwt"),
-                (
-                    "secrets",
-                    "- {name: pw, path: secret/app/db, key: password}\n",
-                ),
-            ],
-            &jwt,
-            exp,
+        let secrets = "- {name: pw, path: secret/app/db, key: password}\n";
+        let (request, target) = jwt_publish(
+            &node,
+            &Pod::new("ns", name, "app"),
+            &key,
+            "app",
+            secrets,
+            &[],
         );
         (client.publish(request.clone()), request, target)
     };

@@ -608,6 +608,25 @@ pub fn publish_request(
     }
 }
 
+/// A publish of `pod`'s volume `secrets` logging in through the `jwt` auth mount as `role`
+/// with a token `key` signed, declaring `secrets` (YAML) plus any `extra` attributes; with the
+/// target path kubelet would use on `node`.
+pub fn jwt_publish(
+    node: &CsiNode,
+    pod: &Pod,
+    key: &SigningKey,
+    role: &str,
+    secrets: &str,
+    extra: &[(&str, &str)],
+) -> (pb::NodePublishVolumeRequest, PathBuf) {
+    let target = node.target_path(pod, "secrets");
+    let (jwt, exp) = pod.signed_token(key);
+    let mut attributes = vec![("role", role), ("authMount", "jwt"), ("secrets", secrets)];
+    attributes.extend_from_slice(extra);
+    let request = publish_request(pod, "secrets", &target, &attributes, &jwt, exp);
+    (request, target)
+}
+
 /// Moves the service-account tokens from the volume context to `secrets`, as newer kubelets
 /// send them.
 pub fn tokens_in_secrets(

@@ -146,15 +146,7 @@ impl VaultSource {
     }
 
     pub(super) async fn lookup_self(&self, token: &Token) -> Result<(), SourceError> {
-        let body = self
-            .send(
-                "lookup",
-                Method::GET,
-                "auth/token/lookup-self",
-                None,
-                Some(token),
-            )
-            .await?;
+        let body = self.send_lookup(token).await?;
         let mut body = body;
         let data = &body["data"];
         let ttl = Duration::from_secs(ttl_from(&data["ttl"]));
@@ -452,20 +444,24 @@ impl VaultSource {
     /// Asks Vault whether `token` still works (`auth/token/lookup-self`): `true` when Vault
     /// refuses the lookup. A refusal of a token fresh from a login (within
     /// `MIN_RELOGIN_INTERVAL`) means the policy forbids lookup-self; that is remembered.
+    /// `auth/token/lookup-self` with `token`.
+    async fn send_lookup(&self, token: &Token) -> Result<Value, SourceError> {
+        self.send(
+            "lookup",
+            Method::GET,
+            "auth/token/lookup-self",
+            None,
+            Some(token),
+        )
+        .await
+    }
+
     pub(super) async fn lookup_refused(&self, token: &Token) -> bool {
         let fresh = self
             .last_login
             .lock()
             .is_some_and(|at| at.elapsed() < MIN_RELOGIN_INTERVAL);
-        let answer = self
-            .send(
-                "lookup",
-                Method::GET,
-                "auth/token/lookup-self",
-                None,
-                Some(token),
-            )
-            .await;
+        let answer = self.send_lookup(token).await;
         match answer {
             Err(SourceError::PermissionDenied) => {
                 if fresh && !self.lookup_forbidden.swap(true, Ordering::Relaxed) {

@@ -766,6 +766,19 @@ mod tests {
 
     /// A one-thread HTTP server answering each request with `answer(head)`; returns its
     /// address and the request heads it received.
+    /// The request heads `seen` by the test server once it has `n` of them (within 2 s).
+    async fn requests_seen(seen: &Arc<parking_lot::Mutex<Vec<String>>>, n: usize) -> Vec<String> {
+        for _ in 0..100 {
+            if seen.lock().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = seen.lock().clone();
+        assert_eq!(seen.len(), n, "{seen:?}");
+        seen
+    }
+
     fn serve(
         answer: impl Fn(&str) -> Vec<u8> + Send + 'static,
     ) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
@@ -896,14 +909,7 @@ mod tests {
         )
         .await;
         assert!(gave_up.is_err());
-        for _ in 0..100 {
-            if seen.lock().len() >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let seen = seen.lock();
-        assert_eq!(seen.len(), 2, "{seen:?}");
+        let seen = requests_seen(&seen, 2).await;
         assert!(
             seen[1].contains("/v1/auth/token/revoke-self"),
             "{}",
@@ -935,14 +941,7 @@ mod tests {
         let server = small_server(&addr, 1000);
         let gave_up = tokio::time::timeout(Duration::from_millis(50), get(&server, "read")).await;
         assert!(gave_up.is_err());
-        for _ in 0..100 {
-            if seen.lock().len() >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let seen = seen.lock();
-        assert_eq!(seen.len(), 2, "{seen:?}");
+        let seen = requests_seen(&seen, 2).await;
         assert!(
             seen[1].starts_with("PUT /v1/sys/leases/revoke"),
             "{}",
