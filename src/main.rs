@@ -259,15 +259,19 @@ fn vault_config(args: VaultArgs, timeout: Duration) -> Result<(ServerConfig, Aut
     };
     let auth = match args.auth {
         AuthKind::Token => {
-            let token = env("VAULT_TOKEN")
+            // Read into wiped buffers: only the `Token` keeps a copy.
+            let raw = env("VAULT_TOKEN")
                 .or_else(|| {
                     let home = env("HOME")?;
                     std::fs::read_to_string(PathBuf::from(home).join(".vault-token")).ok()
                 })
-                .map(|t| t.trim().to_string())
+                .map(zeroize::Zeroizing::new);
+            let token = raw
+                .as_ref()
+                .map(|t| t.trim())
                 .filter(|t| !t.is_empty())
                 .ok_or("no Vault token: set VAULT_TOKEN, write ~/.vault-token, or use --auth kubernetes|jwt|approle")?;
-            Auth::Token(Token::new(token))
+            Auth::Token(Token::new(token.to_string()))
         }
         AuthKind::Kubernetes => login(
             LoginMethod::Kubernetes,

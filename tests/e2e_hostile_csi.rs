@@ -91,9 +91,9 @@ path "secret/metadata/app/*" { capabilities = ["read"] }"#,
     for (i, (label, secrets, must_mention)) in cases.iter().enumerate() {
         let pod = Pod::new("ns", &format!("hostile-{i}"), "app");
         let (request, target) = jwt_publish(&node, &pod, &key, "app", secrets, &[]);
-        let started = Instant::now();
+        let (started, cpu_before) = (Instant::now(), cpu_time(pid));
         let result = client.publish(request);
-        let elapsed = started.elapsed();
+        let (elapsed, cpu) = (started.elapsed(), cpu_time(pid) - cpu_before);
         let status = match result {
             Ok(()) => panic!(
                 "{label}: the volume was published; daemon output:\n{}",
@@ -103,7 +103,7 @@ path "secret/metadata/app/*" { capabilities = ["read"] }"#,
         };
         let rss = rss_kib(pid);
         eprintln!(
-            "{label} ({} bytes): refused in {elapsed:?}, daemon RSS {rss} KiB: {}",
+            "{label} ({} bytes): refused in {elapsed:?} using {cpu:?} of daemon CPU, daemon RSS {rss} KiB: {}",
             secrets.len(),
             describe(&status)
         );

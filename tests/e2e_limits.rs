@@ -177,7 +177,7 @@ path "secret/metadata/{team}/*" {{ capabilities = ["read"] }}"#
     assert_eq!(read_string(victim.join("warm")), "victim-warm");
     let audit_before = bao.audit_entries().len();
 
-    let started = Instant::now();
+    let (started, cpu_before) = (Instant::now(), cpu_time(daemon.pid()));
     let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let readers: Vec<_> = (0..READERS)
@@ -223,6 +223,7 @@ path "secret/metadata/{team}/*" {{ capabilities = ["read"] }}"#
     );
     let cold = cold.expect("the cold read ran");
     let rss = rss_kib(daemon.pid());
+    let cpu = cpu_time(daemon.pid()) - cpu_before;
 
     let entries: Vec<serde_json::Value> = bao.audit_entries().split_off(audit_before);
     let hostile_requests = |e: &serde_json::Value| {
@@ -244,7 +245,7 @@ path "secret/metadata/{team}/*" {{ capabilities = ["read"] }}"#
     let concurrent_hostile = max_concurrent(&entries, hostile_requests);
     let concurrent_all = max_concurrent(&entries, |_| true);
     eprintln!(
-        "{reads} reads by {READERS} readers in {RUN_FOR:?} ({failures} failed); Vault: {total} requests for {} secrets, at most {busiest} per secret, at most {concurrent_hostile} at once for the volume ({concurrent_all} overall); other volume: slowest warm read {slowest_warm:?}, cold read {cold:?}; daemon RSS {rss} KiB",
+        "{reads} reads by {READERS} readers in {RUN_FOR:?} ({failures} failed); Vault: {total} requests for {} secrets, at most {busiest} per secret, at most {concurrent_hostile} at once for the volume ({concurrent_all} overall); other volume: slowest warm read {slowest_warm:?}, cold read {cold:?}; daemon RSS {rss} KiB, CPU {cpu:?}",
         per_secret.len()
     );
     assert_eq!(failures, 0, "reads failed under load:\n{}", daemon.logs());
