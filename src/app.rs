@@ -207,6 +207,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let mounter = Arc::new(crate::mount::FuseMounter::new(
         tokio::runtime::Handle::current(),
         metrics.clone(),
+        settings.state_dir.join(crate::csi::volumes::SESSION_DIR),
     ));
     let manager = Arc::new(crate::csi::volumes::VolumeManager::new(
         crate::csi::volumes::CsiConfig {

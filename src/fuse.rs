@@ -3,6 +3,7 @@
 //! wait for Vault continue on the tokio runtime and reply from there. Every answer passes
 //! through `drive`, the one place that times, counts and logs errors.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::path::Path;
@@ -12,50 +13,212 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::audit::Caller;
-use crate::fs::{Attr, FsError, Kind, VaultFs};
+use crate::fs::{Attr, DirEntry, FsError, Kind, VaultFs};
 use crate::logging::FailureLimiter;
 use crate::metrics::{Metrics, Op};
 use crate::source::SecretSource;
 use crate::spec::InodeNo;
+use parking_lot::RwLock;
+
+/// A volume's number on a node-wide connection: its directory `<slot>` under the
+/// connection's root, and the high half of its inode numbers. Recorded with the volume, so the
+/// same volume keeps the same numbers.
+pub type Slot = u32;
+
+/// The volumes one FUSE connection serves. `vaultfs mount` serves one volume as the whole
+/// filesystem; `vaultfs csi` serves every volume of the node on one connection, each as the
+/// directory `<slot>` of an otherwise empty root, with inode numbers `slot << 32 | local`.
+pub struct Volumes<S> {
+    single: Option<Arc<VaultFs<S>>>,
+    by_slot: RwLock<HashMap<Slot, Served<S>>>,
+    created: SystemTime,
+}
+
+struct Served<S> {
+    fs: Arc<VaultFs<S>>,
+    /// Unpublished: forgotten once its last open file is closed.
+    retiring: bool,
+}
+
+/// What an inode number of the connection designates.
+enum Resolved<S> {
+    /// The node-wide root (never reachable from a pod: pods see bind mounts of volumes).
+    NodeRoot,
+    Volume {
+        fs: Arc<VaultFs<S>>,
+        slot: Slot,
+        local: InodeNo,
+    },
+    Gone,
+}
+
+impl<S: SecretSource> Volumes<S> {
+    /// One volume as the whole filesystem (`vaultfs mount`).
+    pub fn single(fs: Arc<VaultFs<S>>) -> Arc<Self> {
+        Arc::new(Self {
+            single: Some(fs),
+            by_slot: RwLock::default(),
+            created: SystemTime::now(),
+        })
+    }
+
+    /// An empty node-wide table (`vaultfs csi`).
+    pub fn node() -> Arc<Self> {
+        Arc::new(Self {
+            single: None,
+            by_slot: RwLock::default(),
+            created: SystemTime::now(),
+        })
+    }
+
+    /// Serves `fs` as directory `slot`, replacing whatever was there.
+    pub fn attach(&self, slot: Slot, fs: Arc<VaultFs<S>>) {
+        self.by_slot.write().insert(
+            slot,
+            Served {
+                fs,
+                retiring: false,
+            },
+        );
+    }
+
+    /// Stops serving `slot` to new lookups; it is forgotten at once if no file of it is open,
+    /// else when the last one closes.
+    pub fn retire(&self, slot: Slot) {
+        let mut table = self.by_slot.write();
+        if let Some(served) = table.get_mut(&slot) {
+            if served.fs.open_handles() == 0 {
+                table.remove(&slot);
+            } else {
+                served.retiring = true;
+            }
+        }
+    }
+
+    /// Number of volumes served (retiring ones included).
+    pub fn len(&self) -> usize {
+        self.single.iter().count() + self.by_slot.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The connection-wide inode number of `local` in volume `slot`.
+    pub fn global(&self, slot: Slot, local: InodeNo) -> u64 {
+        if self.single.is_some() {
+            local.0
+        } else {
+            (u64::from(slot) << 32) | local.0
+        }
+    }
+
+    fn resolve(&self, ino: u64) -> Resolved<S> {
+        if let Some(fs) = &self.single {
+            return Resolved::Volume {
+                fs: fs.clone(),
+                slot: 0,
+                local: InodeNo(ino),
+            };
+        }
+        if ino == InodeNo::ROOT.0 {
+            return Resolved::NodeRoot;
+        }
+        let slot = (ino >> 32) as Slot;
+        match self.by_slot.read().get(&slot) {
+            Some(served) => Resolved::Volume {
+                fs: served.fs.clone(),
+                slot,
+                local: InodeNo(ino & 0xffff_ffff),
+            },
+            None => Resolved::Gone,
+        }
+    }
+
+    /// The volume a node-root lookup of `name` finds (not a retiring one).
+    fn by_name(&self, name: &str) -> Option<(Slot, Arc<VaultFs<S>>)> {
+        let slot: Slot = name.parse().ok().filter(|s: &Slot| s.to_string() == name)?;
+        let table = self.by_slot.read();
+        let served = table.get(&slot).filter(|s| !s.retiring)?;
+        Some((slot, served.fs.clone()))
+    }
+
+    /// Forgets a retiring volume whose last open file just closed.
+    fn released(&self, slot: Slot) {
+        let mut table = self.by_slot.write();
+        if table
+            .get(&slot)
+            .is_some_and(|s| s.retiring && s.fs.open_handles() == 0)
+        {
+            table.remove(&slot);
+        }
+    }
+
+    fn root_attr(&self) -> Attr {
+        Attr {
+            ino: InodeNo::ROOT,
+            kind: Kind::Dir,
+            size: 0,
+            perm: 0o500,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            mtime: self.created,
+        }
+    }
+}
+
+/// How long the kernel may cache the node root's names and attributes.
+const NODE_ROOT_TTL: Duration = Duration::from_secs(1);
 
 pub struct FuseAdapter<S> {
-    fs: Arc<VaultFs<S>>,
+    volumes: Arc<Volumes<S>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
-    ttl: Duration,
+    /// Asked of the kernel at INIT (`None`: the kernel's default).
+    max_background: Option<u16>,
     /// Warnings of failed requests, at most one per (inode, errno) per window.
     failures: Arc<FailureLimiter<(u64, &'static str)>>,
 }
 
 impl<S: SecretSource> FuseAdapter<S> {
     pub fn new(
-        fs: Arc<VaultFs<S>>,
+        volumes: Arc<Volumes<S>>,
         runtime: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let ttl = fs.config().kernel_ttl;
         Self {
-            fs,
+            volumes,
             runtime,
             metrics,
-            ttl,
+            max_background: None,
             failures: Arc::default(),
         }
     }
 
-    /// Runs `work` (a request about inode `ino`) and hands its result to `done`: at once when
-    /// it completes without waiting (cache hits), otherwise as a task on the runtime, so the
-    /// FUSE thread never blocks on Vault. Failures are counted, and logged at most once per
-    /// inode and errno per window with the number left out.
+    /// Asks the kernel to hand the connection up to `n` background requests (reads) at once
+    /// before queueing, with the congestion threshold at three quarters of it.
+    pub fn with_max_background(mut self, n: u16) -> Self {
+        self.max_background = Some(n);
+        self
+    }
+
+    /// Runs `work` (a request about connection inode `ino`, file `local` of volume `fs` when
+    /// it is one) and hands its result to `done`: at once when it completes without waiting
+    /// (cache hits), otherwise as a task on the runtime, so the FUSE thread never blocks on
+    /// Vault. Failures are counted, and logged at most once per inode and errno per window with
+    /// the number left out.
     fn drive<T, F>(
         &self,
         op: Op,
-        ino: INodeNo,
+        ino: u64,
+        about: Option<(Arc<VaultFs<S>>, InodeNo)>,
         work: F,
         done: impl FnOnce(Result<T, Errno>) + Send + 'static,
     ) where
@@ -64,7 +227,7 @@ impl<S: SecretSource> FuseAdapter<S> {
     {
         let started = Instant::now();
         let metrics = self.metrics.clone();
-        let (fs, failures) = (self.fs.clone(), self.failures.clone());
+        let failures = self.failures.clone();
         let finish = move |result: Result<T, FsError>| {
             metrics.fuse_op(op, started.elapsed());
             done(result.map_err(|err| {
@@ -75,11 +238,18 @@ impl<S: SecretSource> FuseAdapter<S> {
                         tracing::debug!(op = op.name(), error = %err, "request refused")
                     }
                     _ => {
-                        if let Some(suppressed) = failures.admit((ino.0, errno)) {
-                            let volume = &fs.config().volume;
-                            let (file, path) = fs
-                                .describe(InodeNo(ino.0))
-                                .map_or(("-", "-".to_string()), |(f, p)| (f, p.to_string()));
+                        if let Some(suppressed) = failures.admit((ino, errno)) {
+                            let (volume, file, path) = match &about {
+                                Some((fs, local)) => {
+                                    let (file, path) = fs
+                                        .describe(*local)
+                                        .map_or(("-", "-".to_string()), |(f, p)| {
+                                            (f, p.to_string())
+                                        });
+                                    (fs.config().volume.as_str(), file, path)
+                                }
+                                None => ("-", "-", "-".to_string()),
+                            };
                             tracing::warn!(volume, file, vault_path = path, op = op.name(), errno, error = %err, suppressed, "request failed");
                         }
                     }
@@ -97,11 +267,60 @@ impl<S: SecretSource> FuseAdapter<S> {
         }
     }
 
+    /// Answers a request about an inode no volume serves (the node root's missing names, an
+    /// unpublished volume) through the same accounting as every other answer.
+    fn refuse<T: Send + 'static>(
+        &self,
+        op: Op,
+        ino: u64,
+        err: FsError,
+        done: impl FnOnce(Result<T, Errno>) + Send + 'static,
+    ) {
+        self.drive(op, ino, None, std::future::ready(Err(err)), done);
+    }
+
+    fn mapping(&self, slot: Slot) -> Mapping {
+        Mapping {
+            slot,
+            node: self.volumes.single.is_none(),
+        }
+    }
+
     fn read_only(&self, reply: impl FnOnce(Errno)) {
         self.metrics.fuse_op(Op::Write, Duration::ZERO);
         self.metrics
             .fuse_error(Op::Write, FsError::ReadOnly.errno_name());
         reply(Errno::EROFS);
+    }
+}
+
+/// Turns a volume's own inode numbers into the connection's (see `Volumes`).
+#[derive(Clone, Copy)]
+struct Mapping {
+    slot: Slot,
+    node: bool,
+}
+
+impl Mapping {
+    fn global(self, local: InodeNo) -> u64 {
+        if self.node {
+            (u64::from(self.slot) << 32) | local.0
+        } else {
+            local.0
+        }
+    }
+
+    /// `work`'s attributes with the connection's inode number.
+    fn attr(
+        self,
+        work: impl Future<Output = Result<Attr, FsError>> + Send + 'static,
+    ) -> impl Future<Output = Result<Attr, FsError>> + Send + 'static {
+        async move {
+            work.await.map(|a| Attr {
+                ino: InodeNo(self.global(a.ino)),
+                ..a
+            })
+        }
     }
 }
 
@@ -137,57 +356,115 @@ fn file_attr(a: &Attr) -> FileAttr {
 }
 
 impl<S: SecretSource> Filesystem for FuseAdapter<S> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Some(n) = self.max_background {
+            // The kernel caps both at its own limits; a refusal keeps its defaults.
+            let _ = config.set_max_background(n);
+            let _ = config.set_congestion_threshold(n / 4 * 3);
+        }
+        Ok(())
+    }
+
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let fs = self.fs.clone();
         let caller = caller_of(req);
         let name = name.to_string_lossy().into_owned();
-        let ttl = self.ttl;
-        // Failures are keyed (and logged) by the file looked up when it exists.
-        let key = self
-            .fs
-            .child_ino(InodeNo(parent.0), &name)
-            .map_or(parent, |i| INodeNo(i.0));
-        self.drive(
-            Op::Lookup,
-            key,
-            async move { fs.lookup(InodeNo(parent.0), &name, caller).await },
-            move |r| match r {
+        let answer = |ttl: Duration| {
+            move |r: Result<Attr, Errno>| match r {
                 Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
                 Err(e) => reply.error(e),
+            }
+        };
+        match self.volumes.resolve(parent.0) {
+            Resolved::NodeRoot => match self.volumes.by_name(&name) {
+                Some((slot, fs)) => {
+                    let map = self.mapping(slot);
+                    let ttl = fs.config().kernel_ttl;
+                    let about = Some((fs.clone(), InodeNo::ROOT));
+                    let work = async move { fs.getattr(InodeNo::ROOT, caller).await };
+                    let ino = map.global(InodeNo::ROOT);
+                    self.drive(Op::Lookup, ino, about, map.attr(work), answer(ttl));
+                }
+                None => self.refuse(
+                    Op::Lookup,
+                    parent.0,
+                    FsError::NotFound,
+                    answer(NODE_ROOT_TTL),
+                ),
             },
-        );
+            Resolved::Volume { fs, slot, local } => {
+                let map = self.mapping(slot);
+                let ttl = fs.config().kernel_ttl;
+                // Failures are keyed (and logged) by the file looked up when it exists.
+                let child = fs.child_ino(local, &name).unwrap_or(local);
+                let about = Some((fs.clone(), child));
+                let work = async move { fs.lookup(local, &name, caller).await };
+                self.drive(
+                    Op::Lookup,
+                    map.global(child),
+                    about,
+                    map.attr(work),
+                    answer(ttl),
+                );
+            }
+            Resolved::Gone => self.refuse(
+                Op::Lookup,
+                parent.0,
+                FsError::NotFound,
+                answer(NODE_ROOT_TTL),
+            ),
+        }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let fs = self.fs.clone();
         let caller = caller_of(req);
-        let ttl = self.ttl;
-        self.drive(
-            Op::Getattr,
-            ino,
-            async move { fs.getattr(InodeNo(ino.0), caller).await },
-            move |r| match r {
+        let answer = |ttl: Duration| {
+            move |r: Result<Attr, Errno>| match r {
                 Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
                 Err(e) => reply.error(e),
-            },
-        );
+            }
+        };
+        match self.volumes.resolve(ino.0) {
+            Resolved::NodeRoot => {
+                let root = self.volumes.root_attr();
+                self.drive(
+                    Op::Getattr,
+                    ino.0,
+                    None,
+                    std::future::ready(Ok(root)),
+                    answer(NODE_ROOT_TTL),
+                );
+            }
+            Resolved::Volume { fs, slot, local } => {
+                let map = self.mapping(slot);
+                let ttl = fs.config().kernel_ttl;
+                let about = Some((fs.clone(), local));
+                let work = async move { fs.getattr(local, caller).await };
+                self.drive(Op::Getattr, ino.0, about, map.attr(work), answer(ttl));
+            }
+            Resolved::Gone => {
+                self.refuse(Op::Getattr, ino.0, FsError::NotFound, answer(NODE_ROOT_TTL))
+            }
+        }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let fs = self.fs.clone();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let caller = caller_of(req);
-        self.drive(
-            Op::Open,
-            ino,
-            async move { fs.open(InodeNo(ino.0), write, caller).await },
-            // Direct I/O: every read reaches the handle's pinned version, so a descriptor opened
-            // before a rotation keeps reading the old version even after new opens see the new.
-            move |r| match r {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
-                Err(e) => reply.error(e),
-            },
-        );
+        // Direct I/O: every read reaches the handle's pinned version, so a descriptor opened
+        // before a rotation keeps reading the old version even after new opens see the new.
+        let answer = move |r: Result<u64, Errno>| match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(e),
+        };
+        match self.volumes.resolve(ino.0) {
+            Resolved::Volume { fs, local, .. } => {
+                let about = Some((fs.clone(), local));
+                let work = async move { fs.open(local, write, caller).await };
+                self.drive(Op::Open, ino.0, about, work, answer);
+            }
+            Resolved::NodeRoot => self.refuse(Op::Open, ino.0, FsError::IsADirectory, answer),
+            Resolved::Gone => self.refuse(Op::Open, ino.0, FsError::NotFound, answer),
+        }
     }
 
     fn read(
@@ -201,22 +478,25 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let fs = self.fs.clone();
-        self.drive(
-            Op::Read,
-            ino,
-            async move { fs.read(InodeNo(ino.0), fh.0, offset, size).await },
-            move |r| match r {
-                Ok(slice) => reply.data(slice.bytes()),
-                Err(e) => reply.error(e),
-            },
-        );
+        let answer = move |r: Result<crate::fs::ReadSlice, Errno>| match r {
+            Ok(slice) => reply.data(slice.bytes()),
+            Err(e) => reply.error(e),
+        };
+        match self.volumes.resolve(ino.0) {
+            Resolved::Volume { fs, local, .. } => {
+                let about = Some((fs.clone(), local));
+                let work = async move { fs.read(local, fh.0, offset, size).await };
+                self.drive(Op::Read, ino.0, about, work, answer);
+            }
+            Resolved::NodeRoot => self.refuse(Op::Read, ino.0, FsError::IsADirectory, answer),
+            Resolved::Gone => self.refuse(Op::Read, ino.0, FsError::NotFound, answer),
+        }
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -224,7 +504,10 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         reply: ReplyEmpty,
     ) {
         let started = Instant::now();
-        self.fs.release(fh.0);
+        if let Resolved::Volume { fs, slot, .. } = self.volumes.resolve(ino.0) {
+            fs.release(fh.0);
+            self.volumes.released(slot);
+        }
         self.metrics.fuse_op(Op::Release, started.elapsed());
         reply.ok();
     }
@@ -250,27 +533,61 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let fs = self.fs.clone();
-        self.drive(
-            Op::Readdir,
-            ino,
-            async move { fs.readdir(InodeNo(ino.0), offset) },
-            move |r| match r {
-                Ok(entries) => {
-                    for e in entries {
-                        let kind = match e.kind {
-                            Kind::Dir => FileType::Directory,
-                            Kind::File => FileType::RegularFile,
-                        };
-                        if reply.add(INodeNo(e.ino.0), e.offset, kind, &e.name) {
-                            break;
-                        }
+        let answer = move |r: Result<Vec<DirEntry>, Errno>| match r {
+            Ok(entries) => {
+                for e in entries {
+                    let kind = match e.kind {
+                        Kind::Dir => FileType::Directory,
+                        Kind::File => FileType::RegularFile,
+                    };
+                    if reply.add(INodeNo(e.ino.0), e.offset, kind, &e.name) {
+                        break;
                     }
-                    reply.ok()
                 }
-                Err(e) => reply.error(e),
-            },
-        );
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        };
+        match self.volumes.resolve(ino.0) {
+            Resolved::Volume { fs, slot, local } => {
+                let map = self.mapping(slot);
+                let about = Some((fs.clone(), local));
+                let work = async move {
+                    fs.readdir(local, offset).map(|entries| {
+                        entries
+                            .into_iter()
+                            .map(|e| DirEntry {
+                                ino: InodeNo(map.global(e.ino)),
+                                ..e
+                            })
+                            .collect()
+                    })
+                };
+                self.drive(Op::Readdir, ino.0, about, work, answer);
+            }
+            // The node root lists nothing: volumes are reached by name only, and only by the
+            // daemon (pods see bind mounts of their own volume).
+            Resolved::NodeRoot => {
+                let dots = [(".", 1), ("..", 2)]
+                    .into_iter()
+                    .filter(|(_, next)| *next > offset)
+                    .map(|(name, next)| DirEntry {
+                        ino: InodeNo::ROOT,
+                        offset: next,
+                        kind: Kind::Dir,
+                        name: name.to_string(),
+                    })
+                    .collect();
+                self.drive(
+                    Op::Readdir,
+                    ino.0,
+                    None,
+                    std::future::ready(Ok(dots)),
+                    answer,
+                );
+            }
+            Resolved::Gone => self.refuse(Op::Readdir, ino.0, FsError::NotFound, answer),
+        }
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {

@@ -10,7 +10,7 @@ use fuser::{BackgroundSession, Config, INodeNo, Notifier, Session, SessionACL};
 use thiserror::Error;
 
 use crate::fs::{Invalidate, VaultFs};
-use crate::fuse::FuseAdapter;
+use crate::fuse::{FuseAdapter, Slot, Volumes};
 use crate::metrics::Metrics;
 use crate::source::vault::VaultSource;
 use crate::source::SecretSource;
@@ -68,17 +68,20 @@ impl Invalidator {
         Self { tx }
     }
 
-    /// An `Invalidate` callback for one volume; it does nothing until the volume is mounted.
-    pub fn for_volume(&self) -> (Invalidate, Arc<OnceLock<Notifier>>) {
-        let slot: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
+    /// An `Invalidate` callback sending through the connection `notifier` will hold (nothing
+    /// is sent before it does), with the volume's inode numbers turned into the connection's
+    /// by `global`.
+    pub fn callback(
+        &self,
+        notifier: Arc<OnceLock<Notifier>>,
+        global: impl Fn(InodeNo) -> InodeNo + Send + Sync + 'static,
+    ) -> Invalidate {
         let tx = self.tx.clone();
-        let notifier = slot.clone();
-        let callback: Invalidate = Box::new(move |ino| {
+        Box::new(move |ino| {
             if let Some(n) = notifier.get() {
-                let _ = tx.send((n.clone(), ino));
+                let _ = tx.send((n.clone(), global(ino)));
             }
-        });
-        (callback, slot)
+        })
     }
 }
 
@@ -132,8 +135,8 @@ pub fn mount<S: SecretSource>(
     invalidator: &Invalidator,
 ) -> Result<FuseMount, MountError> {
     prepare_target(target, config.create_target)?;
-    let (invalidate, notifier) = invalidator.for_volume();
-    fs.set_invalidate(invalidate);
+    let notifier: Arc<OnceLock<Notifier>> = Arc::default();
+    fs.set_invalidate(invalidator.callback(notifier.clone(), |ino| ino));
     let fuse_error = |source| MountError::Fuse {
         path: target.to_path_buf(),
         source,
@@ -144,7 +147,7 @@ pub fn mount<S: SecretSource>(
     } else {
         SessionACL::Owner
     };
-    let adapter = FuseAdapter::new(fs, runtime, metrics.clone());
+    let adapter = FuseAdapter::new(Volumes::single(fs), runtime, metrics.clone());
     let session = Session::from_fd(adapter, device, acl, Config::default())
         .and_then(|session| {
             let _ = notifier.set(session.notifier());
@@ -195,10 +198,12 @@ impl Drop for FuseMount {
 /// How the CSI node plugin puts volumes on targets and takes them off: real FUSE mounts in
 /// production, `FakeMounter` in the contract tests.
 pub trait Mounter: Send + Sync + 'static {
-    /// Mounts `fs` at `target` (over a dead mount there, see `prepare_target`).
+    /// Serves `fs` as volume `slot` and mounts it at `target` (over a dead mount there, see
+    /// `prepare_target`). `slot` is the volume's stable number (see `fuse::Slot`).
     fn mount(
         &self,
         target: &Path,
+        slot: Slot,
         fs: Arc<VaultFs<VaultSource>>,
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError>;
@@ -220,20 +225,170 @@ impl Mounted for FuseMount {
     }
 }
 
-/// Real FUSE mounts, all sharing one runtime and one invalidation thread.
+/// The node plugin's FUSE connection: one for every volume of the node, mounted at a
+/// daemon-private directory (under the state directory, mode 0700). Volume `slot` is its
+/// directory `<slot>`, bind-mounted at the pod's target: the bind's root is the volume's root,
+/// and `..` from it leaves the bind, so a pod can reach neither the connection's root nor
+/// another volume.
+pub struct NodeSession {
+    root: PathBuf,
+    volumes: Arc<Volumes<VaultSource>>,
+    notifier: Arc<OnceLock<Notifier>>,
+    metrics: Arc<Metrics>,
+    /// Serves the connection until the process exits (never unmounted by this process: a
+    /// restarted daemon mounts a new connection over the dead one, as over dead binds).
+    _session: BackgroundSession,
+}
+
+/// Requests the kernel may hand the connection at once before it queues more: with every
+/// volume of the node on one connection, the kernel's default of 12 would queue 1,000 volumes'
+/// reads behind a dozen slow ones.
+pub const MAX_BACKGROUND: u16 = 1024;
+
+impl NodeSession {
+    /// Mounts the connection at `root` (over a dead one an earlier daemon left) and serves it.
+    pub fn start(
+        root: &Path,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, MountError> {
+        prepare_target(root, true)?;
+        let fuse_error = |source| MountError::Fuse {
+            path: root.to_path_buf(),
+            source,
+        };
+        let device = sys::fuse_mount(root, true).map_err(fuse_error)?;
+        let volumes = Volumes::node();
+        let adapter = FuseAdapter::new(volumes.clone(), runtime, metrics.clone())
+            .with_max_background(MAX_BACKGROUND);
+        let notifier: Arc<OnceLock<Notifier>> = Arc::default();
+        let session = Session::from_fd(adapter, device, SessionACL::All, Config::default())
+            .and_then(|session| {
+                let _ = notifier.set(session.notifier());
+                session.spawn()
+            })
+            .map_err(|e| {
+                let _ = sys::detach_unmount(root);
+                fuse_error(e)
+            })?;
+        tracing::info!(root = %root.display(), "serving every volume of this node on one FUSE connection");
+        Ok(Self {
+            root: root.to_path_buf(),
+            volumes,
+            notifier,
+            metrics,
+            _session: session,
+        })
+    }
+
+    /// Serves `fs` as volume `slot` and binds it at `target`.
+    fn attach(
+        self: &Arc<Self>,
+        target: &Path,
+        slot: Slot,
+        fs: Arc<VaultFs<VaultSource>>,
+        config: &MountConfig,
+        invalidator: &Invalidator,
+    ) -> Result<BindMount, MountError> {
+        prepare_target(target, config.create_target)?;
+        let high = u64::from(slot) << 32;
+        fs.set_invalidate(
+            invalidator.callback(self.notifier.clone(), move |ino| InodeNo(high | ino.0)),
+        );
+        self.volumes.attach(slot, fs);
+        let source = self.root.join(slot.to_string());
+        if let Err(source_err) = sys::bind_mount(&source, target) {
+            self.volumes.retire(slot);
+            return Err(MountError::Fuse {
+                path: target.to_path_buf(),
+                source: source_err,
+            });
+        }
+        self.metrics.active_mounts.inc();
+        tracing::info!(target = %target.display(), slot, "mounted");
+        Ok(BindMount {
+            session: self.clone(),
+            target: target.to_path_buf(),
+            slot,
+            attached: true,
+        })
+    }
+
+    /// Volumes served now.
+    pub fn volumes(&self) -> usize {
+        self.volumes.len()
+    }
+}
+
+/// A volume bound at its target. Unmount it with `unmount`; dropping it also unmounts.
+pub struct BindMount {
+    session: Arc<NodeSession>,
+    target: PathBuf,
+    slot: Slot,
+    attached: bool,
+}
+
+impl BindMount {
+    fn detach(&mut self) -> std::io::Result<()> {
+        if !std::mem::take(&mut self.attached) {
+            return Ok(());
+        }
+        let result = sys::detach_all_of_type(&self.target, sys::FSTYPE).map(|_| ());
+        // Open files keep reading their versions; the volume is forgotten when the last closes.
+        self.session.volumes.retire(self.slot);
+        self.session.metrics.active_mounts.dec();
+        tracing::info!(target = %self.target.display(), slot = self.slot, "unmounted");
+        result
+    }
+}
+
+impl Mounted for BindMount {
+    fn unmount(mut self: Box<Self>) -> std::io::Result<()> {
+        self.detach()
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            tracing::warn!(target = %self.target.display(), error = %e, "unmount failed");
+        }
+    }
+}
+
+/// Real mounts for the node plugin: every volume on one `NodeSession`, started on first use.
 pub struct FuseMounter {
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     invalidator: Invalidator,
+    root: PathBuf,
+    session: parking_lot::Mutex<Option<Arc<NodeSession>>>,
 }
 
 impl FuseMounter {
-    pub fn new(runtime: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+    /// Mounts the node's connection at `root` when the first volume comes.
+    pub fn new(runtime: tokio::runtime::Handle, metrics: Arc<Metrics>, root: PathBuf) -> Self {
         Self {
             runtime,
             metrics,
             invalidator: Invalidator::new(),
+            root,
+            session: parking_lot::Mutex::default(),
         }
+    }
+
+    fn session(&self) -> Result<Arc<NodeSession>, MountError> {
+        let mut slot = self.session.lock();
+        if let Some(session) = slot.as_ref() {
+            return Ok(session.clone());
+        }
+        let session = Arc::new(NodeSession::start(
+            &self.root,
+            self.runtime.clone(),
+            self.metrics.clone(),
+        )?);
+        *slot = Some(session.clone());
+        Ok(session)
     }
 }
 
@@ -241,17 +396,12 @@ impl Mounter for FuseMounter {
     fn mount(
         &self,
         target: &Path,
+        slot: Slot,
         fs: Arc<VaultFs<VaultSource>>,
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError> {
-        let mounted = mount(
-            fs,
-            target,
-            config,
-            self.runtime.clone(),
-            self.metrics.clone(),
-            &self.invalidator,
-        )?;
+        let session = self.session()?;
+        let mounted = session.attach(target, slot, fs, config, &self.invalidator)?;
         Ok(Box::new(mounted))
     }
 
@@ -322,6 +472,7 @@ impl Mounter for FakeMounter {
     fn mount(
         &self,
         target: &Path,
+        _slot: Slot,
         fs: Arc<VaultFs<VaultSource>>,
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError> {

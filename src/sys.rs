@@ -90,6 +90,40 @@ pub fn fuse_mount(target: &Path, allow_other: bool) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Bind-mounts directory `source` at `target`, read-only, `nosuid,nodev,noexec` (a bind copies
+/// the filesystem but not the source mount's flags, so they are set again).
+pub fn bind_mount(source: &Path, target: &Path) -> io::Result<()> {
+    let (c_source, c_target) = (cstring(source)?, cstring(target)?);
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the calls; the type and
+    // data arguments may be null for a bind mount and its remount.
+    unsafe {
+        check(libc::mount(
+            c_source.as_ptr(),
+            c_target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ))?;
+        let flags = libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC;
+        if let Err(e) = check(libc::mount(
+            std::ptr::null(),
+            c_target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )) {
+            libc::umount2(c_target.as_ptr(), libc::MNT_DETACH);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Unmounts `path` lazily (`MNT_DETACH`: busy mounts go away once their last file closes).
 /// Returns `Ok(false)` when nothing was mounted there.
 pub fn detach_unmount(path: &Path) -> io::Result<bool> {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use crate::app::{cache_config, kernel_ttl};
 use crate::cache::SecretCache;
 use crate::config::{format_duration, parse_duration, parse_file_mode};
 use crate::fs::{FsConfig, VaultFs};
+use crate::fuse::Slot;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, Mounted, Mounter};
 use crate::secret::Token;
@@ -66,21 +67,21 @@ pub enum CsiError {
     Internal(String),
 }
 
-/// A reserved volume slot: given back on drop unless kept.
-struct SlotGuard {
-    slots: Option<Arc<AtomicUsize>>,
+/// Room reserved for one volume under `max_volumes`: given back on drop unless kept.
+struct RoomGuard {
+    taken: Option<Arc<AtomicUsize>>,
 }
 
-impl SlotGuard {
+impl RoomGuard {
     fn keep(mut self) {
-        self.slots = None;
+        self.taken = None;
     }
 }
 
-impl Drop for SlotGuard {
+impl Drop for RoomGuard {
     fn drop(&mut self) {
-        if let Some(slots) = self.slots.take() {
-            slots.fetch_sub(1, Ordering::AcqRel);
+        if let Some(taken) = self.taken.take() {
+            taken.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -110,6 +111,9 @@ pub struct CsiConfig {
 pub const DEFAULT_MIN_CACHE_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_VOLUMES: usize = 1000;
 pub const DEFAULT_MAX_ENTRIES: usize = 512;
+/// Where, under the state directory, the node's FUSE connection is mounted (the directory is
+/// 0700 like the state directory: only the daemon goes there; pods see bind mounts).
+pub const SESSION_DIR: &str = "fuse";
 
 /// NodePublishVolume, taken out of protobuf. `Debug` leaves out the context and secrets: they
 /// carry service-account tokens.
@@ -164,6 +168,8 @@ struct Params {
     label: String,
     /// `namespace/name/uid` of the pod, for audit events.
     pod: Option<String>,
+    /// The slot recorded for this volume (restart recovery), if any.
+    slot: Option<Slot>,
     /// The context without the tokens, as kept in the state file.
     context: BTreeMap<String, String>,
 }
@@ -178,6 +184,10 @@ struct StateRecord {
     audience: String,
     token: String,
     mount_group: String,
+    /// The volume's slot on the node's FUSE connection (its inode numbers' high half); 0 in
+    /// records written before slots existed (a new one is given).
+    #[serde(default)]
+    slot: Slot,
 }
 
 impl Drop for StateRecord {
@@ -367,6 +377,7 @@ fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Params, CsiError
         audience,
         label,
         pod,
+        slot: None,
         context,
     })
 }
@@ -411,6 +422,7 @@ fn service_account_token(req: &PublishRequest, audience: &str) -> Result<Token, 
 /// One published volume.
 struct Volume {
     volume_id: String,
+    slot: Slot,
     source: Arc<VaultSource>,
     cache: Arc<SecretCache<VaultSource>>,
     mounted: Box<dyn Mounted>,
@@ -425,7 +437,10 @@ pub struct VolumeManager {
     metrics: Arc<Metrics>,
     volumes: Mutex<HashMap<PathBuf, Volume>>,
     /// Volumes served or being started, bounded by `max_volumes`.
-    slots: Arc<AtomicUsize>,
+    room_taken: Arc<AtomicUsize>,
+    /// The next slot given to a new volume: slots are never reused by one daemon, so no kernel
+    /// cache of an unpublished volume can be mistaken for a new one.
+    next_slot: AtomicU32,
     /// One publish/unpublish at a time per target.
     target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -437,7 +452,8 @@ impl VolumeManager {
             mounter,
             metrics,
             volumes: Mutex::new(HashMap::new()),
-            slots: Arc::default(),
+            room_taken: Arc::default(),
+            next_slot: AtomicU32::new(1),
             target_locks: Mutex::new(HashMap::new()),
         }
     }
@@ -504,12 +520,12 @@ impl VolumeManager {
                 volume
                     .source
                     .set_credential(Credential::Value(params.token.clone()));
-                true
+                Some(volume.slot)
             }
-            None => false,
+            None => None,
         };
-        if served {
-            if let Err(e) = self.save_state(&params) {
+        if let Some(slot) = served {
+            if let Err(e) = self.save_state(&params, slot) {
                 // The volume is healthy; only a restart would miss the newer token.
                 tracing::warn!(volume = %params.label, error = %e, "could not record the refreshed token");
             }
@@ -522,7 +538,7 @@ impl VolumeManager {
     /// Mounts a volume. With `strict`, a login Vault refuses fails the publish; otherwise
     /// (restart recovery) the volume is mounted and logs in on first use.
     async fn start(&self, params: Params, strict: bool) -> Result<(), CsiError> {
-        let slot = self.reserve_slot()?;
+        let room = self.reserve_room()?;
         let source = Arc::new(VaultSource::new(
             params.server.clone(),
             Auth::Login {
@@ -595,11 +611,15 @@ impl VolumeManager {
             allow_other: true,
             create_target: true,
         };
-        let mounted = match self.mounter.mount(&params.target, fs, &mount_config) {
+        let slot = params
+            .slot
+            .filter(|s| *s != 0)
+            .unwrap_or_else(|| self.next_slot.fetch_add(1, Ordering::AcqRel));
+        let mounted = match self.mounter.mount(&params.target, slot, fs, &mount_config) {
             Ok(m) => m,
             Err(e) => return fail(e.to_string()).await,
         };
-        if let Err(e) = self.save_state(&params) {
+        if let Err(e) = self.save_state(&params, slot) {
             let _ = mounted.unmount();
             return fail(format!(
                 "cannot write the volume state under {}: {e}",
@@ -613,11 +633,12 @@ impl VolumeManager {
         let detect = source.clone();
         tasks.spawn(async move { detect.detect_engines(paths).await });
         tracing::info!(volume = %params.label, target = %params.target.display(), files = spec.entries().len(), "volume published");
-        slot.keep();
+        room.keep();
         self.volumes.lock().insert(
             params.target.clone(),
             Volume {
                 volume_id: params.volume_id,
+                slot,
                 source,
                 cache,
                 mounted,
@@ -632,20 +653,20 @@ impl VolumeManager {
         self.config.max_volumes
     }
 
-    /// Takes one of the `max_volumes` slots for a volume being started; it is given back when
+    /// Takes room for one of the `max_volumes` volumes for a volume being started; it is given back when
     /// the returned guard drops, unless `keep` hands it to the served volume (given back at
     /// unpublish).
-    fn reserve_slot(&self) -> Result<SlotGuard, CsiError> {
+    fn reserve_room(&self) -> Result<RoomGuard, CsiError> {
         let max = self.config.max_volumes;
-        self.slots
+        self.room_taken
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .map_err(|n| {
                 CsiError::ResourceExhausted(format!(
                     "this node already serves {n} vaultfs volumes, the most it allows (vaultfs csi --max-volumes {max})"
                 ))
             })?;
-        Ok(SlotGuard {
-            slots: Some(self.slots.clone()),
+        Ok(RoomGuard {
+            taken: Some(self.room_taken.clone()),
         })
     }
 
@@ -673,7 +694,7 @@ impl VolumeManager {
         let volume = self.volumes.lock().remove(target);
         let unmounted = match volume {
             Some(mut volume) => {
-                self.slots.fetch_sub(1, Ordering::AcqRel);
+                self.room_taken.fetch_sub(1, Ordering::AcqRel);
                 volume.tasks.abort_all();
                 let result = volume.mounted.unmount();
                 volume.cache.revoke_leases().await;
@@ -697,7 +718,7 @@ impl VolumeManager {
     pub fn release_for_restart(&self) -> usize {
         let volumes: Vec<_> = self.volumes.lock().drain().collect();
         let count = volumes.len();
-        self.slots.fetch_sub(count, Ordering::AcqRel);
+        self.room_taken.fetch_sub(count, Ordering::AcqRel);
         for (_, mut volume) in volumes {
             volume.tasks.abort_all();
             std::mem::forget(volume.mounted);
@@ -713,23 +734,29 @@ impl VolumeManager {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return 0;
         };
-        let mut recovered = 0;
+        let mut records = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let record: StateRecord = match std::fs::read(&path)
+            match std::fs::read(&path)
                 .map(zeroize::Zeroizing::new)
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                .and_then(|b| serde_json::from_slice::<StateRecord>(&b).map_err(|e| e.to_string()))
             {
-                Ok(r) => r,
+                Ok(r) => records.push((path, r)),
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable volume state file");
-                    continue;
                 }
-            };
+            }
+        }
+        // New volumes get slots above every recorded one.
+        let highest = records.iter().map(|(_, r)| r.slot).max().unwrap_or(0);
+        self.next_slot
+            .fetch_max(highest.saturating_add(1), Ordering::AcqRel);
+        let mut recovered = 0;
+        for (path, record) in records {
             let target = PathBuf::from(&record.target_path);
             if target.parent().is_none_or(|p| !p.exists()) {
                 tracing::info!(target = %target.display(), "pod is gone; forgetting its volume");
@@ -746,7 +773,13 @@ impl VolumeManager {
                     Ok(())
                 } else {
                     match validate(&record.to_request(), &self.config) {
-                        Ok(params) => self.start(params, false).await,
+                        Ok(params) => {
+                            let params = Params {
+                                slot: Some(record.slot),
+                                ..params
+                            };
+                            self.start(params, false).await
+                        }
                         Err(e) => Err(e),
                     }
                 }
@@ -776,7 +809,7 @@ impl VolumeManager {
     }
 
     /// Writes the volume's state atomically, mode 0600.
-    fn save_state(&self, params: &Params) -> std::io::Result<()> {
+    fn save_state(&self, params: &Params, slot: Slot) -> std::io::Result<()> {
         let dir = self.volumes_dir();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -793,6 +826,7 @@ impl VolumeManager {
                 .mount_group
                 .map(|g| g.to_string())
                 .unwrap_or_default(),
+            slot,
         };
         let bytes = zeroize::Zeroizing::new(crate::secret::to_vec_exact(&record));
         let final_path = self.state_file(&params.target);
