@@ -1,6 +1,7 @@
 //! Scale benchmark of the CSI node plugin: the real `vaultfs csi` binary against a real
 //! OpenBao (JWT auth, one login per volume, as in a cluster), driven over its unix socket by
-//! a client playing kubelet. Publishes 1, 100 and 1,000 volumes (each a real FUSE mount) and
+//! a client playing kubelet. Publishes 1, 100, 1,000 and 5,000 volumes (each a real bind mount
+//! of its directory on the daemon's one FUSE connection) and
 //! reports, at each level, the daemon's resident memory, threads and open descriptors, the
 //! publish latency, and a warm read through one volume next to the same file on tmpfs.
 //!
@@ -56,7 +57,7 @@ fn main() {
         return;
     }
     let levels: &[usize] = if args.iter().any(|a| a == "--bench") {
-        &[1, 100, 1000]
+        &[1, 100, 1000, 5000]
     } else {
         &[1, 10]
     };
@@ -82,7 +83,11 @@ fn main() {
     bao.kv_put("secret/scale/db", &[("password", SECRET)]);
 
     let node = CsiNode::new("scale-node");
-    let daemon = node.daemon(&bao).rust_log("warn").start();
+    let daemon = node
+        .daemon(&bao)
+        .rust_log("warn")
+        .args(["--max-volumes", "10000"])
+        .start();
     let client = daemon.client();
     let pid = daemon.pid();
     let attributes = [

@@ -311,16 +311,14 @@ impl Mapping {
     }
 
     /// `work`'s attributes with the connection's inode number.
-    fn attr(
+    async fn attr(
         self,
-        work: impl Future<Output = Result<Attr, FsError>> + Send + 'static,
-    ) -> impl Future<Output = Result<Attr, FsError>> + Send + 'static {
-        async move {
-            work.await.map(|a| Attr {
-                ino: InodeNo(self.global(a.ino)),
-                ..a
-            })
-        }
+        work: impl Future<Output = Result<Attr, FsError>>,
+    ) -> Result<Attr, FsError> {
+        work.await.map(|a| Attr {
+            ino: InodeNo(self.global(a.ino)),
+            ..a
+        })
     }
 }
 
