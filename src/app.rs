@@ -2,7 +2,6 @@
 //! SIGINT/SIGTERM. The only module that assembles source, cache, fs and mount together.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +9,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cache::{CacheConfig, SecretCache};
-use crate::fs::{FsConfig, VaultFs};
+use crate::cache::CacheConfig;
 use crate::metrics::{self, Metrics};
 use crate::mount::{self, Invalidator, MountConfig};
-use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
+use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer};
 use crate::spec::VolumeSpec;
+use crate::volume::{Volume, VolumeConfig};
 
 /// Everything `vaultfs mount` needs, already parsed and validated.
 pub struct MountSettings {
@@ -48,31 +47,25 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     harden(settings.lock_memory)?;
     let metrics = Arc::new(Metrics::new());
     let server = Arc::new(VaultServer::with_limits(&settings.vault, settings.limits)?);
-    let source = Arc::new(VaultSource::new(
+    let name = settings.mountpoint.display().to_string();
+    let volume = Volume::build(
         server,
-        settings.auth,
-        settings.mountpoint.display().to_string(),
-        metrics.clone(),
-    ));
-    let cache = Arc::new(SecretCache::new(
-        source.clone(),
-        settings.cache.clone(),
-        metrics.clone(),
-    ));
-    let fs_config = FsConfig {
-        volume: settings.mountpoint.display().to_string(),
-        pod: None,
-        uid: settings.uid,
-        gid: settings.gid,
-        file_mode: settings.file_mode,
-        kernel_ttl: kernel_ttl(settings.cache.ttl),
-    };
-    let spec = Arc::new(settings.spec);
-    let fs = Arc::new(VaultFs::new(spec.clone(), cache.clone(), fs_config));
+        settings.spec,
+        VolumeConfig {
+            name,
+            pod: None,
+            auth: settings.auth,
+            cache: settings.cache,
+            uid: settings.uid,
+            gid: settings.gid,
+            file_mode: settings.file_mode,
+        },
+        &metrics,
+    );
 
     let shutdown = shutdown_signal()?;
     let mounted = mount::mount(
-        fs,
+        volume.fs(),
         &settings.mountpoint,
         &MountConfig {
             allow_other: settings.allow_other,
@@ -84,22 +77,15 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     )?;
     tracing::info!(
         mountpoint = %settings.mountpoint.display(),
-        files = spec.entries().len(),
+        files = volume.files(),
         "serving secrets; nothing is fetched until a file is read"
     );
-
+    let serving = volume.serve(Box::new(mounted));
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(source.clone().run_renewer());
-    let paths = spec.entries().iter().map(|e| e.path.clone()).collect();
-    let detect = source.clone();
-    background.spawn(async move { detect.detect_engines(paths).await });
     spawn_metrics(&mut background, settings.metrics_addr, &metrics).await?;
     shutdown.await;
     background.abort_all();
-    let unmounted = mounted.unmount();
-    cache.revoke_leases().await;
-    source.revoke().await;
-    cache.clear();
+    let unmounted = serving.tear_down().await;
     unmounted.context("unmounting")?;
     Ok(())
 }
@@ -132,31 +118,6 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = interrupt.recv() => tracing::info!("SIGINT received"),
         }
     })
-}
-
-/// How long the kernel may cache names and attributes: never longer than the cache TTL, so
-/// the first access after the TTL reaches vaultfs and re-checks Vault.
-pub fn kernel_ttl(cache_ttl: Duration) -> Duration {
-    cache_ttl.min(Duration::from_secs(1))
-}
-
-/// Cache settings from command-line values.
-pub fn cache_config(
-    ttl: Duration,
-    max_stale: Duration,
-    vault_timeout: Duration,
-    max_entries: usize,
-    max_bytes: usize,
-) -> CacheConfig {
-    CacheConfig {
-        ttl,
-        max_stale,
-        vault_timeout,
-        retry_backoff: ttl.min(Duration::from_secs(1)),
-        max_retry_backoff: Duration::from_secs(10),
-        max_entries: NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN),
-        max_bytes,
-    }
 }
 
 /// Everything `vaultfs csi` needs, already parsed and validated.

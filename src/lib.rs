@@ -21,3 +21,4 @@ pub mod secret;
 pub mod source;
 pub mod spec;
 pub mod sys;
+pub mod volume;

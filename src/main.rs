@@ -448,7 +448,7 @@ fn mount(args: MountArgs) -> ExitCode {
             vault,
             limits: args.daemon.server_limits()?,
             auth,
-            cache: app::cache_config(
+            cache: vaultfs::volume::cache_config(
                 args.cache_ttl,
                 args.max_stale,
                 args.vault_timeout,

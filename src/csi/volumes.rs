@@ -15,17 +15,15 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::app::{cache_config, kernel_ttl};
-use crate::cache::SecretCache;
 use crate::config::{format_duration, parse_duration, parse_file_mode};
-use crate::fs::{FsConfig, VaultFs};
 use crate::fuse::Slot;
 use crate::metrics::Metrics;
-use crate::mount::{MountConfig, Mounted, Mounter};
+use crate::mount::{MountConfig, Mounter};
 use crate::secret::Token;
-use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer, VaultSource};
+use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer};
 use crate::source::SourceError;
 use crate::spec::{parse_spec_document, VolumeSpec};
+use crate::volume::{cache_config, Serving, Volume, VolumeConfig};
 
 /// Keys kubelet adds to the volume context (with `podInfoOnMount` and `tokenRequests`).
 pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
@@ -420,14 +418,10 @@ fn service_account_token(req: &PublishRequest, audience: &str) -> Result<Token, 
 }
 
 /// One published volume.
-struct Volume {
+struct Served {
     volume_id: String,
     slot: Slot,
-    source: Arc<VaultSource>,
-    cache: Arc<SecretCache<VaultSource>>,
-    mounted: Box<dyn Mounted>,
-    /// The token renewer and engine detection; aborted when the volume goes.
-    tasks: tokio::task::JoinSet<()>,
+    serving: Serving,
 }
 
 /// All volumes of this node.
@@ -435,7 +429,7 @@ pub struct VolumeManager {
     config: CsiConfig,
     mounter: Arc<dyn Mounter>,
     metrics: Arc<Metrics>,
-    volumes: Mutex<HashMap<PathBuf, Volume>>,
+    volumes: Mutex<HashMap<PathBuf, Served>>,
     /// Volumes served or being started, bounded by `max_volumes`.
     room_taken: Arc<AtomicUsize>,
     /// The next slot given to a new volume: slots are never reused by one daemon, so no kernel
@@ -518,7 +512,7 @@ impl VolumeManager {
             }
             Some(volume) => {
                 volume
-                    .source
+                    .serving
                     .set_credential(Credential::Value(params.token.clone()));
                 Some(volume.slot)
             }
@@ -539,22 +533,36 @@ impl VolumeManager {
     /// (restart recovery) the volume is mounted and logs in on first use.
     async fn start(&self, params: Params, strict: bool) -> Result<(), CsiError> {
         let room = self.reserve_room()?;
-        let source = Arc::new(VaultSource::new(
+        let volume = Volume::build(
             params.server.clone(),
-            Auth::Login {
-                method: LoginMethod::Kubernetes,
-                mount: params.auth_mount.clone(),
-                role: params.role.clone(),
-                credential: Credential::Value(params.token.clone()),
+            params.spec.clone(),
+            VolumeConfig {
+                name: params.label.clone(),
+                pod: params.pod.clone(),
+                auth: Auth::Login {
+                    method: LoginMethod::Kubernetes,
+                    mount: params.auth_mount.clone(),
+                    role: params.role.clone(),
+                    credential: Credential::Value(params.token.clone()),
+                },
+                cache: cache_config(
+                    params.cache_ttl,
+                    Duration::from_secs(300),
+                    self.config.vault_timeout,
+                    self.config.cache_max_entries,
+                    self.config.cache_max_bytes,
+                ),
+                uid: 0,
+                gid: params.mount_group.unwrap_or(0),
+                file_mode: params.file_mode,
             },
-            params.label.clone(),
-            self.metrics.clone(),
-        ));
+            &self.metrics,
+        );
         if strict {
             // A pod must not wait long on an unreachable Vault: give the login a short bound
             // and mount anyway when it runs out (the first read logs in).
             let wait = self.config.vault_timeout.min(PUBLISH_LOGIN_WAIT);
-            let login = tokio::time::timeout(wait, source.login())
+            let login = tokio::time::timeout(wait, volume.source().login())
                 .await
                 .unwrap_or_else(|_| {
                     Err(SourceError::Unavailable(format!(
@@ -576,37 +584,6 @@ impl VolumeManager {
                 }
             }
         }
-        let cache = Arc::new(SecretCache::new(
-            source.clone(),
-            cache_config(
-                params.cache_ttl,
-                Duration::from_secs(300),
-                self.config.vault_timeout,
-                self.config.cache_max_entries,
-                self.config.cache_max_bytes,
-            ),
-            self.metrics.clone(),
-        ));
-        let spec = Arc::new(params.spec.clone());
-        let fs = Arc::new(VaultFs::new(
-            spec.clone(),
-            cache.clone(),
-            FsConfig {
-                volume: params.label.clone(),
-                pod: params.pod.clone(),
-                uid: 0,
-                gid: params.mount_group.unwrap_or(0),
-                file_mode: params.file_mode,
-                kernel_ttl: kernel_ttl(params.cache_ttl),
-            },
-        ));
-        let fail = |message: String| {
-            let source = source.clone();
-            async move {
-                source.revoke().await;
-                Err(CsiError::Internal(message))
-            }
-        };
         let mount_config = MountConfig {
             allow_other: true,
             create_target: true,
@@ -615,34 +592,32 @@ impl VolumeManager {
             .slot
             .filter(|s| *s != 0)
             .unwrap_or_else(|| self.next_slot.fetch_add(1, Ordering::AcqRel));
-        let mounted = match self.mounter.mount(&params.target, slot, fs, &mount_config) {
+        let mounted = match self
+            .mounter
+            .mount(&params.target, slot, volume.fs(), &mount_config)
+        {
             Ok(m) => m,
-            Err(e) => return fail(e.to_string()).await,
+            Err(e) => {
+                volume.abandon().await;
+                return Err(CsiError::Internal(e.to_string()));
+            }
         };
         if let Err(e) = self.save_state(&params, slot) {
             let _ = mounted.unmount();
-            return fail(format!(
+            volume.abandon().await;
+            return Err(CsiError::Internal(format!(
                 "cannot write the volume state under {}: {e}",
                 self.config.state_dir.display()
-            ))
-            .await;
+            )));
         }
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(source.clone().run_renewer());
-        let paths = spec.entries().iter().map(|e| e.path.clone()).collect();
-        let detect = source.clone();
-        tasks.spawn(async move { detect.detect_engines(paths).await });
-        tracing::info!(volume = %params.label, target = %params.target.display(), files = spec.entries().len(), "volume published");
+        tracing::info!(volume = %params.label, target = %params.target.display(), files = volume.files(), "volume published");
         room.keep();
         self.volumes.lock().insert(
             params.target.clone(),
-            Volume {
+            Served {
                 volume_id: params.volume_id,
                 slot,
-                source,
-                cache,
-                mounted,
-                tasks,
+                serving: volume.serve(mounted),
             },
         );
         Ok(())
@@ -693,14 +668,9 @@ impl VolumeManager {
         let target_path = target.display().to_string();
         let volume = self.volumes.lock().remove(target);
         let unmounted = match volume {
-            Some(mut volume) => {
+            Some(volume) => {
                 self.room_taken.fetch_sub(1, Ordering::AcqRel);
-                volume.tasks.abort_all();
-                let result = volume.mounted.unmount();
-                volume.cache.revoke_leases().await;
-                volume.source.revoke().await;
-                volume.cache.clear();
-                result
+                volume.serving.tear_down().await
             }
             None => self.mounter.unmount_target(target).map(|_| ()),
         };
@@ -719,9 +689,8 @@ impl VolumeManager {
         let volumes: Vec<_> = self.volumes.lock().drain().collect();
         let count = volumes.len();
         self.room_taken.fetch_sub(count, Ordering::AcqRel);
-        for (_, mut volume) in volumes {
-            volume.tasks.abort_all();
-            std::mem::forget(volume.mounted);
+        for (_, volume) in volumes {
+            volume.serving.leave_for_restart();
         }
         count
     }
