@@ -103,4 +103,13 @@ pub trait SecretSource: Send + Sync + 'static {
 
     /// Revokes a lease (its credentials stop working).
     fn revoke_lease(&self, lease: &Lease) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// How many times the server behind this source came back after being found not
+    /// answering, as far as the source knows without asking (a cheap, synchronous read). A
+    /// caller backing off after an outage asks again as soon as this changes, instead of
+    /// waiting out its back-off. Sources without a notion of server health keep the default,
+    /// which never changes (back-off then runs its course).
+    fn server_recoveries(&self) -> u64 {
+        0
+    }
 }

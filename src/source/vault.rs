@@ -22,6 +22,7 @@ use crate::spec::SecretPath;
 
 mod auth;
 mod engine;
+mod health;
 mod http;
 
 use auth::TokenState;
@@ -84,9 +85,10 @@ pub struct VaultSource {
     lookup_forbidden: AtomicBool,
     /// When the last login completed (see `MIN_RELOGIN_INTERVAL`).
     last_login: Mutex<Option<Instant>>,
-    /// The last failed login and when: repeated within `MIN_RELOGIN_INTERVAL` without asking
-    /// Vault again (a new credential clears it).
-    failed_login: Mutex<Option<(Instant, SourceError)>>,
+    /// The last failed login, when, and the server's recovery count then: repeated within
+    /// `MIN_RELOGIN_INTERVAL` without asking Vault again (a new credential clears it, and a
+    /// server that came back since clears an outage).
+    failed_login: Mutex<Option<(Instant, SourceError, u64)>>,
     /// This identity's cap on Vault requests in flight.
     in_flight: Arc<Semaphore>,
     /// Wakes the renewer when the token is replaced or its schedule changes.
@@ -360,6 +362,10 @@ impl SecretSource for VaultSource {
             .authed("renew_lease", Method::PUT, "sys/leases/renew", Some(body))
             .await?;
         Ok(Duration::from_secs(ttl_from(&answer["lease_duration"])))
+    }
+
+    fn server_recoveries(&self) -> u64 {
+        self.server.recoveries()
     }
 
     async fn revoke_lease(&self, lease: &Lease) -> Result<(), SourceError> {
