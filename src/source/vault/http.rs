@@ -1051,6 +1051,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_in_flight_stops_waiting_when_another_finds_the_server_down() {
+        let (addr, _) = stalling_server(Arc::new(std::sync::atomic::AtomicU8::new(0)));
+        let server = Arc::new(
+            VaultServer::new(&ServerConfig {
+                addr,
+                namespace: None,
+                ca_cert: None,
+                skip_verify: false,
+                timeout: Duration::from_secs(2),
+            })
+            .unwrap(),
+        );
+        let first = tokio::spawn({
+            let server = server.clone();
+            async move { get(&server, "read").await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = std::time::Instant::now();
+        let second = get(&server, "metadata").await.unwrap_err();
+        let waited = started.elapsed();
+        first.await.unwrap().unwrap_err();
+        eprintln!("the request sent 1 s after the first waited {waited:?}");
+        assert!(second.is_transient(), "{second}");
+        // Its own timeout would have ended it 2 s after it was sent; the first request's
+        // ends it about 1 s in.
+        assert!(waited < Duration::from_millis(1800), "{waited:?}");
+    }
+
+    #[tokio::test]
     async fn redirects_are_not_followed() {
         let (target, target_seen) = serve(|_| json_answer("200 OK", "{}", false));
         let (addr, _) = serve(move |_| {
