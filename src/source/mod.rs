@@ -57,7 +57,9 @@ pub enum SourceError {
     /// Vault answered 403: the identity may not read this path.
     #[error("permission denied by Vault")]
     PermissionDenied,
-    /// Vault could not be reached or failed (connection, timeout, 5xx). Stale data may be served.
+    /// Vault could not be reached or failed (connection, timeout, 5xx), or its server is known
+    /// not to answer (another request found it down; the message names the server and since
+    /// when). Stale data may be served.
     #[error("Vault unavailable: {0}")]
     Unavailable(String),
     /// Vault answered something vaultfs cannot use (bad response shape, 4xx other than 403/404).

@@ -1,7 +1,8 @@
 //! The real `SecretSource`: Vault's (and OpenBao's) HTTP API over reqwest. The only module that
 //! knows URLs, headers, auth methods, token renewal and KV engine detection. Split by job:
-//! `http` (address, URLs, TLS, caps, body limit), `auth` (the token state machine), `engine`
-//! (which engine serves a path); this file holds the identity and the secret reads.
+//! `http` (address, URLs, TLS, caps, body limit), `health` (whether the server answers, shared
+//! by every identity on it), `auth` (the token state machine), `engine` (which engine serves a
+//! path); this file holds the identity and the secret reads.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
