@@ -225,13 +225,14 @@ impl VaultServer {
         identity: &Arc<Semaphore>,
         gauge: &Gauge,
     ) -> Result<Value, SourceError> {
-        let url = self.url(req.path)?;
-        self.health.check(req.kind)?;
+        // The body (a login's credential) is moved into wiped bytes before any early return.
         let body = req.body.map(|mut b| {
             let bytes = serde_json::to_vec(&b).expect("JSON values always serialize");
             wipe_json(&mut b);
             Zeroizing::new(bytes)
         });
+        let url = self.url(req.path)?;
+        self.health.check(req.kind)?;
         let permits = self.permits(identity).await;
         let exchange = self.exchange(req.kind);
         let (method, token) = (req.method, req.token);
