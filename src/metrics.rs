@@ -346,6 +346,7 @@ mod tests {
         m.vault_login("ns/pod/vol-1");
         m.vault_token_renewal("ns/pod/vol-1");
         m.vault_lease_renewal("ns/pod/vol-1");
+        m.vault_server_up("https://vault.example:8200").set(1);
         let text = m.render();
         for name in [
             "vaultfs_fuse_requests_total{op=\"read\"} 1",
@@ -357,6 +358,7 @@ mod tests {
             "vaultfs_vault_logins_total{volume=\"ns/pod/vol-1\"} 1",
             "vaultfs_vault_token_renewals_total{volume=\"ns/pod/vol-1\"} 1",
             "vaultfs_vault_lease_renewals_total{volume=\"ns/pod/vol-1\"} 1",
+            "vaultfs_vault_server_up{server=\"https://vault.example:8200\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
