@@ -47,6 +47,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     harden(settings.lock_memory)?;
     let metrics = Arc::new(Metrics::new());
     let server = Arc::new(VaultServer::with_limits(&settings.vault, settings.limits)?);
+    server.set_up_gauge(metrics.vault_server_up(server.addr()));
     let name = settings.mountpoint.display().to_string();
     let volume = Volume::build(
         server,
@@ -152,6 +153,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
                 if name.is_empty() { "default" } else { name }
             )
         })?;
+        server.set_up_gauge(metrics.vault_server_up(server.addr()));
         servers.insert(name.clone(), Arc::new(server));
     }
     std::fs::create_dir_all(&settings.state_dir)

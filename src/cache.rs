@@ -96,6 +96,9 @@ struct SlotState {
     failure: Option<(Instant, SourceError)>,
     /// Consecutive transient failures (for the back-off).
     failures: u32,
+    /// `SecretSource::server_recoveries` when the failed attempt started: once it changes,
+    /// the server came back since, and neither the back-off nor stale-at-once applies.
+    failed_before_recovery: u64,
     /// The lease of the current value (dynamic secrets).
     lease: Option<HeldLease>,
     weight: usize,
@@ -451,6 +454,7 @@ impl<S: SecretSource> SecretCache<S> {
         slot: &Arc<Slot>,
     ) -> Result<Arc<Content>, SourceError> {
         let started = Instant::now();
+        let recoveries = self.source.server_recoveries();
         let _flight = slot.refresh.lock().await;
         if self.closing.load(Ordering::Acquire) {
             return Err(SourceError::LoginRefused(
@@ -464,7 +468,8 @@ impl<S: SecretSource> SecretCache<S> {
         let current = {
             let state = slot.state.lock();
             if let Some((at, err)) = &state.failure {
-                if *at >= started || at.elapsed() < self.hold(err, state.failures) {
+                let held = *at >= started || at.elapsed() < self.hold(err, state.failures);
+                if held && !self.recovered_since_failure(&state) {
                     let err = err.clone();
                     drop(state);
                     return self.stale_or(slot, err);
@@ -505,6 +510,7 @@ impl<S: SecretSource> SecretCache<S> {
                 let vanished = {
                     let mut state = slot.state.lock();
                     state.failure = Some((Instant::now(), err.clone()));
+                    state.failed_before_recovery = recoveries;
                     state.failures = if err.is_transient() {
                         state.failures.saturating_add(1)
                     } else {
@@ -547,11 +553,24 @@ impl<S: SecretSource> SecretCache<S> {
     fn stale_during_outage(&self, slot: &Slot) -> Option<Arc<Content>> {
         let state = slot.state.lock();
         let (_, err) = state.failure.as_ref()?;
-        if err.is_transient() && self.servable_stale(&state) {
+        if err.is_transient()
+            && self.servable_stale(&state)
+            && !self.recovered_since_failure(&state)
+        {
             state.current.clone()
         } else {
             None
         }
+    }
+
+    /// Whether the server came back after the last failed attempt on this slot started (the
+    /// source says so): Vault is worth asking now, whatever the back-off says.
+    fn recovered_since_failure(&self, state: &SlotState) -> bool {
+        state
+            .failure
+            .as_ref()
+            .is_some_and(|(_, err)| err.is_transient())
+            && self.source.server_recoveries() != state.failed_before_recovery
     }
 
     /// Drops every cached secret (unmount). Content still held by open handles is zeroized
@@ -957,6 +976,57 @@ mod tests {
         ));
         assert_eq!(start.elapsed(), Duration::from_secs(2));
         assert_eq!(source.reads(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_server_known_down_reads_answer_at_once_and_recover_as_soon_as_it_is_back() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        source.put("secret/b", &[("k", "b1")]);
+        let config = CacheConfig {
+            ttl: Duration::from_secs(10),
+            vault_timeout: Duration::from_secs(5),
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        let (a, b) = (path("secret/a"), path("secret/b"));
+        cache.get(&a).await.unwrap();
+        // Another volume on the same server found it down.
+        source.set_server_down();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let start = Instant::now();
+        assert_eq!(value(&cache.get(&a).await.unwrap(), "k"), "v1", "stale");
+        assert!(matches!(
+            cache.get(&b).await,
+            Err(SourceError::Unavailable(_))
+        ));
+        assert_eq!(start.elapsed(), Duration::ZERO, "nobody waits");
+        // A long outage: the back-off grows to its 10 s cap.
+        for _ in 0..30 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let _ = cache.get(&a).await;
+            let _ = cache.get(&b).await;
+        }
+        assert_eq!(cache.backoff(5), Duration::from_secs(10));
+        source.put("secret/a", &[("k", "v2")]);
+        let asked = (source.reads(), source.version_checks());
+        source.set_server_up();
+        // Back: the next reads ask Vault at once, neither the back-off nor a stale answer.
+        assert_eq!(value(&cache.get(&a).await.unwrap(), "k"), "v2");
+        assert_eq!(value(&cache.get(&b).await.unwrap(), "k"), "b1");
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_eq!(source.reads() - asked.0, 2, "a and b read again");
+        assert_eq!(source.version_checks() - asked.1, 1, "a checked");
+        // A failure after the recovery backs off as before (once the background refreshes
+        // started during the outage have run).
+        tokio::time::advance(Duration::from_millis(1)).await;
+        source.fail(SourceError::Unavailable("HTTP 503".into()));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let reads = source.reads() + source.version_checks();
+        assert_eq!(value(&cache.get(&a).await.unwrap(), "k"), "v2");
+        assert_eq!(value(&cache.get(&a).await.unwrap(), "k"), "v2");
+        tokio::task::yield_now().await;
+        assert_eq!(source.reads() + source.version_checks(), reads + 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -82,6 +82,8 @@ pub struct Metrics {
     vault_logins: Family<VolumeLabels, Counter>,
     vault_token_renewals: Family<VolumeLabels, Counter>,
     vault_lease_renewals: Family<VolumeLabels, Counter>,
+    /// 1 while a Vault server answers, 0 while it is taken as down, by server address.
+    vault_server_up: Family<VolumeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -192,7 +194,14 @@ impl Metrics {
             "Vault lease renewals (sys/leases/renew) sent, by volume",
             vault_lease_renewals.clone(),
         );
+        let vault_server_up = Family::<VolumeLabels, Gauge>::default();
+        registry.register(
+            "vault_server_up",
+            "Whether a Vault server answers (1) or is taken as down after a transport failure until a health probe answers (0), by server address",
+            vault_server_up.clone(),
+        );
         Self {
+            vault_server_up,
             registry,
             fuse_ops,
             fuse_errors,
@@ -209,6 +218,12 @@ impl Metrics {
             vault_token_renewals,
             vault_lease_renewals,
         }
+    }
+
+    /// The `vaultfs_vault_server_up` series of the server at `addr`.
+    pub fn vault_server_up(&self, addr: &str) -> Gauge {
+        self.vault_server_up
+            .get_or_create_owned(&vec![("server", addr.to_string())])
     }
 
     pub fn vault_login(&self, volume: &str) {
@@ -331,6 +346,7 @@ mod tests {
         m.vault_login("ns/pod/vol-1");
         m.vault_token_renewal("ns/pod/vol-1");
         m.vault_lease_renewal("ns/pod/vol-1");
+        m.vault_server_up("https://vault.example:8200").set(1);
         let text = m.render();
         for name in [
             "vaultfs_fuse_requests_total{op=\"read\"} 1",
@@ -342,6 +358,7 @@ mod tests {
             "vaultfs_vault_logins_total{volume=\"ns/pod/vol-1\"} 1",
             "vaultfs_vault_token_renewals_total{volume=\"ns/pod/vol-1\"} 1",
             "vaultfs_vault_lease_renewals_total{volume=\"ns/pod/vol-1\"} 1",
+            "vaultfs_vault_server_up{server=\"https://vault.example:8200\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -2,7 +2,7 @@
 //! add latency, and count the calls that reached it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -15,6 +15,8 @@ use crate::spec::SecretPath;
 struct State {
     secrets: HashMap<String, (u64, SecretData, bool)>,
     fail_with: Option<SourceError>,
+    /// The server is known down: every call fails at once, whatever the latency.
+    server_down: bool,
     latency: Duration,
     lease: Option<Duration>,
     /// Longest a lease may last in total (like a max TTL); renewals are capped by it.
@@ -32,6 +34,7 @@ pub struct MockSource {
     reads: AtomicUsize,
     version_checks: AtomicUsize,
     renewals: AtomicUsize,
+    recoveries: AtomicU64,
 }
 
 impl MockSource {
@@ -69,6 +72,20 @@ impl MockSource {
 
     pub fn heal(&self) {
         self.state.lock().fail_with = None;
+    }
+
+    /// Like a Vault server found not answering: every call fails at once with
+    /// `SourceError::Unavailable` until `set_server_up`.
+    pub fn set_server_down(&self) {
+        self.state.lock().server_down = true;
+    }
+
+    /// The server answers again: calls go through and `server_recoveries` counts one more.
+    pub fn set_server_up(&self) {
+        let mut state = self.state.lock();
+        if std::mem::take(&mut state.server_down) {
+            self.recoveries.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// Every read reports a fresh lease of this length (dynamic-secret-like); renewals are
@@ -109,7 +126,13 @@ impl MockSource {
         path: &SecretPath,
         pick: impl FnOnce(&(u64, SecretData, bool)) -> T,
     ) -> Result<T, SourceError> {
-        let latency = self.state.lock().latency;
+        let latency = {
+            let state = self.state.lock();
+            if state.server_down {
+                return Err(SourceError::Unavailable("the mock server is down".into()));
+            }
+            state.latency
+        };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
@@ -164,6 +187,9 @@ impl SecretSource for MockSource {
     ) -> Result<Duration, SourceError> {
         self.renewals.fetch_add(1, Ordering::SeqCst);
         let state = self.state.lock();
+        if state.server_down {
+            return Err(SourceError::Unavailable("the mock server is down".into()));
+        }
         if let Some(err) = &state.fail_with {
             return Err(err.clone());
         }
@@ -175,6 +201,10 @@ impl SecretSource for MockSource {
             .lease_max
             .map_or(increment, |max| max.saturating_sub(granted.elapsed()));
         Ok(increment.min(left))
+    }
+
+    fn server_recoveries(&self) -> u64 {
+        self.recoveries.load(Ordering::SeqCst)
     }
 
     async fn revoke_lease(&self, lease: &Lease) -> Result<(), SourceError> {

@@ -57,7 +57,9 @@ pub enum SourceError {
     /// Vault answered 403: the identity may not read this path.
     #[error("permission denied by Vault")]
     PermissionDenied,
-    /// Vault could not be reached or failed (connection, timeout, 5xx). Stale data may be served.
+    /// Vault could not be reached or failed (connection, timeout, 5xx), or its server is known
+    /// not to answer (another request found it down; the message names the server and since
+    /// when). Stale data may be served.
     #[error("Vault unavailable: {0}")]
     Unavailable(String),
     /// Vault answered something vaultfs cannot use (bad response shape, 4xx other than 403/404).
@@ -103,4 +105,13 @@ pub trait SecretSource: Send + Sync + 'static {
 
     /// Revokes a lease (its credentials stop working).
     fn revoke_lease(&self, lease: &Lease) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// How many times the server behind this source came back after being found not
+    /// answering, as far as the source knows without asking (a cheap, synchronous read). A
+    /// caller backing off after an outage asks again as soon as this changes, instead of
+    /// waiting out its back-off. Sources without a notion of server health keep the default,
+    /// which never changes (back-off then runs its course).
+    fn server_recoveries(&self) -> u64 {
+        0
+    }
 }

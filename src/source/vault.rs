@@ -1,7 +1,8 @@
 //! The real `SecretSource`: Vault's (and OpenBao's) HTTP API over reqwest. The only module that
 //! knows URLs, headers, auth methods, token renewal and KV engine detection. Split by job:
-//! `http` (address, URLs, TLS, caps, body limit), `auth` (the token state machine), `engine`
-//! (which engine serves a path); this file holds the identity and the secret reads.
+//! `http` (address, URLs, TLS, caps, body limit), `health` (whether the server answers, shared
+//! by every identity on it), `auth` (the token state machine), `engine` (which engine serves a
+//! path); this file holds the identity and the secret reads.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use crate::spec::SecretPath;
 
 mod auth;
 mod engine;
+mod health;
 mod http;
 
 use auth::TokenState;
@@ -84,9 +86,10 @@ pub struct VaultSource {
     lookup_forbidden: AtomicBool,
     /// When the last login completed (see `MIN_RELOGIN_INTERVAL`).
     last_login: Mutex<Option<Instant>>,
-    /// The last failed login and when: repeated within `MIN_RELOGIN_INTERVAL` without asking
-    /// Vault again (a new credential clears it).
-    failed_login: Mutex<Option<(Instant, SourceError)>>,
+    /// The last failed login, when, and the server's recovery count then: repeated within
+    /// `MIN_RELOGIN_INTERVAL` without asking Vault again (a new credential clears it, and a
+    /// server that came back since clears an outage).
+    failed_login: Mutex<Option<(Instant, SourceError, u64)>>,
     /// This identity's cap on Vault requests in flight.
     in_flight: Arc<Semaphore>,
     /// Wakes the renewer when the token is replaced or its schedule changes.
@@ -362,6 +365,10 @@ impl SecretSource for VaultSource {
         Ok(Duration::from_secs(ttl_from(&answer["lease_duration"])))
     }
 
+    fn server_recoveries(&self) -> u64 {
+        self.server.recoveries()
+    }
+
     async fn revoke_lease(&self, lease: &Lease) -> Result<(), SourceError> {
         let body = json!({"lease_id": lease.id});
         self.authed("revoke_lease", Method::PUT, "sys/leases/revoke", Some(body))
@@ -373,6 +380,79 @@ impl SecretSource for VaultSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_login_that_failed_in_an_outage_is_tried_again_as_soon_as_the_server_is_back() {
+        use std::io::{Read, Write};
+        use std::sync::atomic::AtomicBool;
+        // Hangs while `frozen`, else answers every request with a login.
+        let frozen = Arc::new(AtomicBool::new(true));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let logins = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (f, n) = (frozen.clone(), logins.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (frozen, logins) = (f.clone(), n.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let Ok(len) = stream.read(&mut buf) else {
+                        return;
+                    };
+                    if frozen.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                    if String::from_utf8_lossy(&buf[..len]).contains("/login") {
+                        logins.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let body = r#"{"auth":{"client_token":"fresh","lease_duration":3600,"renewable":true}}"#;
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        let server = Arc::new(
+            VaultServer::new(&ServerConfig {
+                addr,
+                namespace: None,
+                ca_cert: None,
+                skip_verify: false,
+                timeout: Duration::from_millis(300),
+            })
+            .unwrap(),
+        );
+        let auth = Auth::Login {
+            method: LoginMethod::Jwt,
+            mount: "jwt".into(),
+            role: "app".into(),
+            credential: Credential::Value(Token::new("a-jwt".into())),
+        };
+        let source = VaultSource::new(
+            server.clone(),
+            auth,
+            "test-volume".into(),
+            Arc::new(Metrics::new()),
+        );
+        let err = source.login().await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(!server.is_up());
+        frozen.store(false, Ordering::SeqCst);
+        let back = std::time::Instant::now();
+        while !server.is_up() {
+            assert!(back.elapsed() < Duration::from_secs(3), "never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Well within MIN_RELOGIN_INTERVAL of the failure, which is not repeated.
+        source
+            .login()
+            .await
+            .expect("the server is back: log in again");
+        assert_eq!(logins.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn only_answers_with_a_lease_id_carry_a_lease() {

@@ -207,11 +207,12 @@ pub fn http_get(addr: &str, path: &str) -> String {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("set a read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
+    // One write: the daemon reads the request once and answers, so a request sent in pieces
+    // could meet a closed socket (EPIPE).
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
     let mut answer = String::new();
     stream
         .read_to_string(&mut answer)

@@ -254,15 +254,17 @@ impl VaultSource {
                 return Ok(t.token.clone());
             }
         }
-        if let Some((at, err)) = self.failed_login.lock().as_ref() {
-            if at.elapsed() < MIN_RELOGIN_INTERVAL {
+        let recoveries = self.server.recoveries();
+        if let Some((at, err, then)) = self.failed_login.lock().as_ref() {
+            let server_back = err.is_transient() && *then != recoveries;
+            if at.elapsed() < MIN_RELOGIN_INTERVAL && !server_back {
                 return Err(err.clone());
             }
         }
         let fresh = match self.log_in().await {
             Ok(t) => t,
             Err(err) => {
-                *self.failed_login.lock() = Some((Instant::now(), err.clone()));
+                *self.failed_login.lock() = Some((Instant::now(), err.clone(), recoveries));
                 return Err(err);
             }
         };

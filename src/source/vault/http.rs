@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
+use super::health::Health;
 use crate::secret::{wipe_json, Token};
 use crate::source::SourceError;
 
@@ -94,7 +95,9 @@ pub enum VaultConfigError {
 }
 
 /// One Vault server: its address and an HTTP client (connection pool, TLS settings) shared by
-/// every identity that talks to it, and the cap on requests in flight to it.
+/// every identity that talks to it, the cap on requests in flight to it, and whether it
+/// answers: once one request finds it not answering, every identity's requests fail at once
+/// until a background probe sees it answer again (see `health`).
 pub struct VaultServer {
     http: reqwest::Client,
     base: Url,
@@ -103,6 +106,7 @@ pub struct VaultServer {
     in_flight: Arc<Semaphore>,
     /// `ANSWER_BUDGET_BYTES`, in KiB permits.
     answers: Arc<Semaphore>,
+    health: Arc<Health>,
 }
 
 impl VaultServer {
@@ -148,6 +152,7 @@ impl VaultServer {
             .build()
             .map_err(|e| VaultConfigError::Client(e.to_string()))?;
         Ok(Self {
+            health: Arc::new(Health::new(http.clone(), &base)),
             http,
             base,
             namespace: config.namespace.clone(),
@@ -163,6 +168,27 @@ impl VaultServer {
 
     pub fn limits(&self) -> ServerLimits {
         self.limits
+    }
+
+    /// The base address, as named in errors and metric labels.
+    pub fn addr(&self) -> &str {
+        self.base.as_str().trim_end_matches('/')
+    }
+
+    /// Reports whether the server answers on `gauge` (1 up, 0 down) from now on.
+    pub fn set_up_gauge(&self, gauge: Gauge) {
+        self.health.set_gauge(gauge);
+    }
+
+    /// Whether the server is taken to answer (no transport failure since the last probe
+    /// that got an answer).
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    /// How many times the server came back after being found down.
+    pub fn recoveries(&self) -> u64 {
+        self.health.recoveries()
     }
 
     /// The URL of API path `path` (`secret/data/app`): the address's own path, then `v1`, then
@@ -199,12 +225,14 @@ impl VaultServer {
         identity: &Arc<Semaphore>,
         gauge: &Gauge,
     ) -> Result<Value, SourceError> {
-        let url = self.url(req.path)?;
+        // The body (a login's credential) is moved into wiped bytes before any early return.
         let body = req.body.map(|mut b| {
             let bytes = serde_json::to_vec(&b).expect("JSON values always serialize");
             wipe_json(&mut b);
             Zeroizing::new(bytes)
         });
+        let url = self.url(req.path)?;
+        self.health.check(req.kind)?;
         let permits = self.permits(identity).await;
         let exchange = self.exchange(req.kind);
         let (method, token) = (req.method, req.token);
@@ -213,10 +241,16 @@ impl VaultServer {
         let pending = Pending {
             rx: Some(rx),
             orphan: Some((exchange.clone(), token.clone())),
+            went_down: self.health.subscribe(),
         };
         tokio::spawn(async move {
             gauge.inc();
-            let result = exchange.run(method, url, body, token.as_ref()).await;
+            // Checked again: the server may have been found down while this request waited
+            // for its permits.
+            let result = match exchange.health.check(exchange.kind) {
+                Ok(()) => exchange.run(method, url, body, token.as_ref()).await,
+                Err(down) => Err(down),
+            };
             gauge.dec();
             if let Err(Ok(mut answer)) = tx.send(result) {
                 exchange.clean_up(&answer, token.as_ref()).await;
@@ -240,6 +274,7 @@ impl VaultServer {
             let revoke = async {
                 let _own = identity.acquire_owned().await;
                 let _global = global.acquire_owned().await;
+                exchange.health.check(exchange.kind)?;
                 exchange.run(Method::POST, url, None, Some(&token)).await
             };
             match tokio::time::timeout(CLEANUP_TIMEOUT, revoke).await {
@@ -277,6 +312,7 @@ impl VaultServer {
             answers: self.answers.clone(),
             kind,
             base: self.base.clone(),
+            health: self.health.clone(),
         }
     }
 }
@@ -377,13 +413,33 @@ pub(super) struct Request<'a> {
 struct Pending {
     rx: Option<tokio::sync::oneshot::Receiver<Result<Value, SourceError>>>,
     orphan: Option<(Exchange, Option<Token>)>,
+    /// Changes when the server is found down: a request in flight then stops waiting (the
+    /// server stopped answering another request, so this one would most likely wait out its
+    /// timeout too), and its answer, should one still come, is cleaned up as one nobody
+    /// waited for.
+    went_down: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Pending {
     async fn wait(mut self) -> Result<Value, SourceError> {
-        let kind = self.orphan.as_ref().map_or("vault", |(e, _)| e.kind);
+        let (kind, health) = {
+            let (exchange, _) = self.orphan.as_ref().expect("only `drop` takes it");
+            (exchange.kind, exchange.health.clone())
+        };
         let rx = self.rx.as_mut().expect("only `wait` and `drop` take it");
-        let got = rx.await;
+        let got = tokio::select! {
+            biased;
+            got = rx => got,
+            Ok(()) = self.went_down.changed() => {
+                // `self` is dropped with its receiver still in place: a late answer is
+                // cleaned up.
+                return Err(health.check(kind).err().unwrap_or_else(|| {
+                    SourceError::Unavailable(format!(
+                        "{kind}: the Vault server stopped answering while this request was in flight"
+                    ))
+                }));
+            }
+        };
         self.rx = None;
         got.unwrap_or_else(|_| {
             Err(SourceError::Unavailable(format!(
@@ -423,6 +479,7 @@ struct Exchange {
     answers: Arc<Semaphore>,
     kind: &'static str,
     base: Url,
+    health: Arc<Health>,
 }
 
 impl Exchange {
@@ -450,8 +507,15 @@ impl Exchange {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(std::mem::take(&mut *b));
         }
+        // Every reqwest error here is a transport failure (refused, reset, timed out, cut
+        // off mid-answer): the server is not answering, for every identity. HTTP answers,
+        // 5xx and 429 included, do not mark it down: the server answered (fast), a 5xx or
+        // 429 may concern one path or one client, and the cache's back-off already paces
+        // retries of those.
         let unavailable = |e: reqwest::Error| {
-            SourceError::Unavailable(format!("{kind} request failed: {}", describe(e)))
+            let cause = describe(e);
+            self.health.mark_down(&cause);
+            SourceError::Unavailable(format!("{kind} request failed: {cause}"))
         };
         let mut response = request.send().await.map_err(unavailable)?;
         let status = response.status();
@@ -523,6 +587,7 @@ impl Exchange {
     }
 
     /// Revokes what an answer nobody waited for carries: a login's token, a read's lease.
+    /// Tried even while the server is taken as down: it just answered.
     async fn clean_up(&self, answer: &Value, token: Option<&Token>) {
         if !self.grants(answer) {
             return;
@@ -567,7 +632,7 @@ impl Exchange {
 
 /// A reqwest error with its causes (the TLS or connection failure is only in the chain),
 /// without the URL.
-fn describe(err: reqwest::Error) -> String {
+pub(super) fn describe(err: reqwest::Error) -> String {
     let err = err.without_url();
     let mut text = err.to_string();
     let mut cause = std::error::Error::source(&err);
@@ -868,6 +933,151 @@ mod tests {
             let ok = get(&small_server(&addr, 1 << 20), "read").await.unwrap();
             assert_eq!(ok["data"]["v"].as_str().unwrap().len(), 2400);
         }
+    }
+
+    /// A server that reads each request and then, per `mode` at that moment, never answers
+    /// (0), answers `sys/health` with 503 and nothing else (1), or answers everything with 200
+    /// (2); returns its address and the request heads it received.
+    fn stalling_server(
+        mode: Arc<std::sync::atomic::AtomicU8>,
+    ) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (mode, log) = (mode.clone(), log.clone());
+                std::thread::spawn(move || loop {
+                    let mut buf = Vec::new();
+                    let mut byte = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut byte) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&byte[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    log.lock().push(head.clone());
+                    let health = head.contains("/v1/sys/health");
+                    let answer = match mode.load(Ordering::SeqCst) {
+                        0 => {
+                            // Holds the connection open, answering nothing (a frozen Vault).
+                            std::thread::sleep(Duration::from_secs(3600));
+                            return;
+                        }
+                        1 if health => {
+                            json_answer("503 Service Unavailable", r#"{"sealed":true}"#, false)
+                        }
+                        1 => return,
+                        _ => json_answer("200 OK", "{}", false),
+                    };
+                    if stream.write_all(&answer).is_err() {
+                        return;
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn once_a_request_finds_the_server_down_others_fail_at_once_until_a_probe_answers() {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        let mode = Arc::new(AtomicU8::new(0));
+        let (addr, seen) = stalling_server(mode.clone());
+        let server = VaultServer::new(&ServerConfig {
+            addr: addr.clone(),
+            namespace: None,
+            ca_cert: None,
+            skip_verify: false,
+            timeout: Duration::from_millis(300),
+        })
+        .unwrap();
+        let gauge = Gauge::default();
+        server.set_up_gauge(gauge.clone());
+        assert_eq!(gauge.get(), 1);
+        let started = std::time::Instant::now();
+        let first = get(&server, "read").await.unwrap_err();
+        assert!(first.is_transient(), "{first}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        assert!(!server.is_up());
+        assert_eq!(gauge.get(), 0);
+        // Another identity's request fails at once, naming the server and since when.
+        let started = std::time::Instant::now();
+        let second = get(&server, "metadata").await.unwrap_err();
+        let fast = started.elapsed();
+        eprintln!("first request waited {waited:?}, the next one {fast:?}");
+        assert!(fast < Duration::from_millis(100), "{fast:?}");
+        let SourceError::Unavailable(message) = &second else {
+            panic!("{second:?}");
+        };
+        assert!(
+            message.contains(addr.as_str()) && message.contains("not answering since"),
+            "{message}"
+        );
+        let requests = seen.lock().len();
+        assert_eq!(requests, 1, "the second request never reached the server");
+        // Sealed: the probe's 503 keeps the server down.
+        mode.store(1, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !seen.lock().iter().any(|h| h.contains("/v1/sys/health")) {
+            assert!(std::time::Instant::now() < deadline, "no probe");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!server.is_up(), "a sealed Vault is not up");
+        let sealed = get(&server, "read").await.unwrap_err();
+        assert!(sealed.to_string().contains("sealed"), "{sealed}");
+        // Answering again: the probe marks it up within about a second.
+        mode.store(2, Ordering::SeqCst);
+        let back = std::time::Instant::now();
+        while !server.is_up() {
+            assert!(back.elapsed() < Duration::from_secs(3), "never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "marked up {:?} after the server answered again",
+            back.elapsed()
+        );
+        assert_eq!(server.recoveries(), 1);
+        assert_eq!(gauge.get(), 1);
+        get(&server, "read")
+            .await
+            .expect("requests go through again");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_stops_waiting_when_another_finds_the_server_down() {
+        let (addr, _) = stalling_server(Arc::new(std::sync::atomic::AtomicU8::new(0)));
+        let server = Arc::new(
+            VaultServer::new(&ServerConfig {
+                addr,
+                namespace: None,
+                ca_cert: None,
+                skip_verify: false,
+                timeout: Duration::from_secs(2),
+            })
+            .unwrap(),
+        );
+        let first = tokio::spawn({
+            let server = server.clone();
+            async move { get(&server, "read").await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = std::time::Instant::now();
+        let second = get(&server, "metadata").await.unwrap_err();
+        let waited = started.elapsed();
+        first.await.unwrap().unwrap_err();
+        eprintln!("the request sent 1 s after the first waited {waited:?}");
+        assert!(second.is_transient(), "{second}");
+        // Its own timeout would have ended it 2 s after it was sent; the first request's
+        // ends it about 1 s in.
+        assert!(waited < Duration::from_millis(1800), "{waited:?}");
     }
 
     #[tokio::test]
