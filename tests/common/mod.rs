@@ -81,6 +81,24 @@ pub fn require_root() {
     );
 }
 
+/// The environment variable that opts a `cargo test` run into the benchmarks' smoke runs.
+pub const BENCH_SMOKE_ENV: &str = "VAULTFS_BENCH_SMOKE";
+
+/// Whether a benchmark binary (`harness = false`) should run: always under `cargo bench`
+/// (`--bench`), and under `cargo test` only with `VAULTFS_BENCH_SMOKE=1` (set by
+/// `scripts/test.sh`), since the smoke runs need root, /dev/fuse and `bao`. Says so when it
+/// skips, so the skip is never silent.
+pub fn bench_should_run(name: &str, args: &[String]) -> bool {
+    if args.iter().any(|a| a == "--bench") || std::env::var(BENCH_SMOKE_ENV).as_deref() == Ok("1") {
+        return true;
+    }
+    println!(
+        "benchmark {name}: smoke run SKIPPED (needs root, /dev/fuse and bao; set \
+         {BENCH_SMOKE_ENV}=1 to run it, as scripts/test.sh does)"
+    );
+    false
+}
+
 /// Runs `f` on a helper thread and returns its result, panicking if it takes longer than
 /// `limit`. A filesystem call stuck in the kernel cannot be cancelled, so the helper thread is
 /// left behind; it is released once the daemon is stopped (the kernel then fails the request).
