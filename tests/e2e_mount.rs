@@ -425,9 +425,11 @@ fn with_vault_frozen_cached_files_are_served_and_uncached_files_fail_fast_with_e
          vaultfs output:\n{}",
         m.logs()
     );
+    // The promise: only the first access that finds Vault down waits, at most
+    // `--vault-timeout` (2 s here), before the stale value is served; 1.5 s of margin.
     assert!(
-        cached_elapsed < Duration::from_secs(10),
-        "serving the cached file took {cached_elapsed:?}"
+        cached_elapsed < Duration::from_secs(2) + Duration::from_millis(1500),
+        "serving the cached file took {cached_elapsed:?}, more than the 2 s vault-timeout"
     );
     match cold {
         Ok(v) => panic!(
@@ -440,9 +442,11 @@ fn with_vault_frozen_cached_files_are_served_and_uncached_files_fail_fast_with_e
             "a never-read file must fail with EIO, got {e:?}"
         ),
     }
+    // The promise: an uncached read fails with EIO after at most `--vault-timeout` (2 s
+    // here); 1.5 s of margin.
     assert!(
-        cold_elapsed < Duration::from_secs(10),
-        "the EIO took {cold_elapsed:?}, expected about the 2 s vault-timeout"
+        cold_elapsed < Duration::from_secs(2) + Duration::from_millis(1500),
+        "the EIO took {cold_elapsed:?}, more than the 2 s vault-timeout"
     );
 
     // Once Vault answers again the file becomes readable.
