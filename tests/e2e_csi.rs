@@ -153,25 +153,20 @@ fn expect_errno(result: io::Result<Vec<u8>>, errno: i32, what: &str) {
 
 /// Reads `path` until it returns `expected` or `limit` passes; returns the last outcome.
 fn read_until(path: &Path, expected: &str, limit: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let outcome = match statfs_result(path.parent().unwrap_or(path), Duration::from_secs(2)) {
+    poll(limit, Duration::from_millis(200), || {
+        match statfs_result(path.parent().unwrap_or(path), Duration::from_secs(2)) {
             // A hung mount must not stall the loop: only read once statfs answers.
             None => Err("statfs did not answer".to_string()),
             Some(_) => match read(path) {
-                Ok(bytes) if bytes == expected.as_bytes() => return Ok(()),
+                Ok(bytes) if bytes == expected.as_bytes() => Ok(()),
                 Ok(bytes) => Err(format!(
                     "read {} bytes that are not the expected value",
                     bytes.len()
                 )),
                 Err(e) => Err(e.to_string()),
             },
-        };
-        if Instant::now() >= deadline {
-            return outcome;
         }
-        thread::sleep(Duration::from_millis(200));
-    }
+    })
 }
 
 /// Files of `dir` (recursively) with their modes.

@@ -450,19 +450,14 @@ fn with_vault_frozen_cached_files_are_served_and_uncached_files_fail_fast_with_e
     );
 
     // Once Vault answers again the file becomes readable.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match read(m.file("cold")) {
-            Ok(v) if v == b"cold-value" => break,
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the never-read file did not recover after Vault resumed: {other:?}"
-                );
-                thread::sleep(Duration::from_millis(250));
-            }
-        }
-    }
+    wait_until(
+        "the never-read file to be readable after Vault resumed",
+        Duration::from_secs(15),
+        || match read(m.file("cold")) {
+            Ok(v) if v == b"cold-value" => Ok(()),
+            other => Err(format!("last read: {other:?}")),
+        },
+    );
 }
 
 #[test]
