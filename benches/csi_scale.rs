@@ -6,7 +6,8 @@
 //! publish latency, and a warm read through one volume next to the same file on tmpfs.
 //!
 //! Run as root with `cargo bench --bench csi_scale`; `cargo test --all-targets` runs a small
-//! smoke version (1 and 10 volumes). Prints figures; asserts nothing about speed.
+//! smoke version (1 and 10 volumes) when `VAULTFS_BENCH_SMOKE=1` is set (`scripts/test.sh` sets
+//! it). Prints figures; asserts nothing about speed.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -54,6 +55,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if !common::bench_should_run("csi_scale", &args) {
         return;
     }
     let levels: &[usize] = if args.iter().any(|a| a == "--bench") {

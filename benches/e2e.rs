@@ -22,7 +22,7 @@ use common::{Bao, Mount, ROOT_TOKEN};
 const VALUE_SIZE: usize = 4096;
 
 /// Sizes of a run: `cargo bench` passes `--bench` and gets the full run; `cargo test
-/// --all-targets` runs the same code as a quick smoke test.
+/// --all-targets` runs the same code as a quick smoke test when `VAULTFS_BENCH_SMOKE=1` is set.
 struct Sizes {
     warm_rounds: usize,
     warm_iterations: usize,
@@ -138,6 +138,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
         return; // a test runner asking for a list: this binary has no named tests
+    }
+    if !common::bench_should_run("e2e", &args) {
+        return;
     }
     let sizes = if args.iter().any(|a| a == "--bench") {
         FULL

@@ -29,6 +29,7 @@ cargo clippy --all-targets -- -D warnings
 section "cargo test --all-targets (all tiers, including the end-to-end tests)"
 # Each end-to-end test starts its own OpenBao server and FUSE mount; a few in parallel is fine
 # on a 2-core machine.
-cargo test --all-targets --no-fail-fast -- --include-ignored --test-threads="${VAULTFS_TEST_THREADS:-3}"
+# VAULTFS_BENCH_SMOKE=1 makes the benchmarks run their smoke versions too (they need root).
+VAULTFS_BENCH_SMOKE=1 cargo test --all-targets --no-fail-fast -- --include-ignored --test-threads="${VAULTFS_TEST_THREADS:-3}"
 
 section "all checks passed"

@@ -257,14 +257,7 @@ impl<S: SecretSource> FuseAdapter<S> {
                 Errno::from_i32(err.errno())
             }))
         };
-        let _in_runtime = self.runtime.enter();
-        let mut work = Box::pin(work);
-        match work.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(result) => finish(result),
-            Poll::Pending => {
-                self.runtime.spawn(async move { finish(work.await) });
-            }
-        }
+        answer_now_or_on_runtime(&self.runtime, work, finish);
     }
 
     /// Answers a request about an inode no volume serves (the node root's missing names, an
@@ -319,6 +312,27 @@ impl Mapping {
             ino: InodeNo(self.global(a.ino)),
             ..a
         })
+    }
+}
+
+/// Polls `work` once on the calling thread, inside `runtime`: a result that is ready goes to
+/// `finish` at once; otherwise the rest of `work` runs as a task on `runtime`, which hands the
+/// result to `finish` when it completes.
+fn answer_now_or_on_runtime<T, F>(
+    runtime: &tokio::runtime::Handle,
+    work: F,
+    finish: impl FnOnce(T) + Send + 'static,
+) where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let _in_runtime = runtime.enter();
+    let mut work = Box::pin(work);
+    match work.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => finish(result),
+        Poll::Pending => {
+            runtime.spawn(async move { finish(work.await) });
+        }
     }
 }
 
@@ -710,5 +724,64 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         reply: ReplyCreate,
     ) {
         self.read_only(|e| reply.error(e));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::thread::{self, ThreadId};
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("build a runtime")
+    }
+
+    #[test]
+    fn a_ready_answer_is_given_on_the_calling_thread_before_returning() {
+        let rt = runtime();
+        let (tx, rx) = mpsc::channel::<(u32, ThreadId)>();
+        answer_now_or_on_runtime(rt.handle(), async { 7 }, move |v| {
+            tx.send((v, thread::current().id()))
+                .expect("receiver alive");
+        });
+        // No waiting: the answer must already be there when the call returns.
+        let (value, on) = rx.try_recv().expect("a ready future is answered at once");
+        assert_eq!(value, 7);
+        assert_eq!(on, thread::current().id());
+    }
+
+    #[test]
+    fn a_pending_answer_is_completed_later_on_the_runtime() {
+        let rt = runtime();
+        let (release, released) = tokio::sync::oneshot::channel::<u32>();
+        let (tx, rx) = mpsc::channel::<(u32, ThreadId)>();
+        answer_now_or_on_runtime(
+            rt.handle(),
+            async move { released.await.expect("sender alive") },
+            move |v| {
+                tx.send((v, thread::current().id()))
+                    .expect("receiver alive");
+            },
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "a pending future must not be answered before it completes"
+        );
+        release.send(9).expect("the task holds the receiver");
+        let (value, on) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the runtime completes the pending future");
+        assert_eq!(value, 9);
+        assert_ne!(
+            on,
+            thread::current().id(),
+            "the pending answer must come from a runtime thread, not the caller"
+        );
     }
 }

@@ -153,25 +153,20 @@ fn expect_errno(result: io::Result<Vec<u8>>, errno: i32, what: &str) {
 
 /// Reads `path` until it returns `expected` or `limit` passes; returns the last outcome.
 fn read_until(path: &Path, expected: &str, limit: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let outcome = match statfs_result(path.parent().unwrap_or(path), Duration::from_secs(2)) {
+    poll(limit, Duration::from_millis(200), || {
+        match statfs_result(path.parent().unwrap_or(path), Duration::from_secs(2)) {
             // A hung mount must not stall the loop: only read once statfs answers.
             None => Err("statfs did not answer".to_string()),
             Some(_) => match read(path) {
-                Ok(bytes) if bytes == expected.as_bytes() => return Ok(()),
+                Ok(bytes) if bytes == expected.as_bytes() => Ok(()),
                 Ok(bytes) => Err(format!(
                     "read {} bytes that are not the expected value",
                     bytes.len()
                 )),
                 Err(e) => Err(e.to_string()),
             },
-        };
-        if Instant::now() >= deadline {
-            return outcome;
         }
-        thread::sleep(Duration::from_millis(200));
-    }
+    })
 }
 
 /// Files of `dir` (recursively) with their modes.
@@ -552,20 +547,22 @@ fn invalid_publish_requests_are_refused_with_invalid_argument_naming_the_field_b
         )
     };
 
+    // Every validation rule is tested in the contract tier (tests/csi_contract.rs,
+    // `every_invalid_publish_is_refused_with_the_field_named_and_nothing_mounted`); here one
+    // rule per family proves the real daemon refuses before logging in: request fields,
+    // attributes, the secrets spec, the service-account token.
     type Mutation = Box<dyn Fn(&mut pb::NodePublishVolumeRequest)>;
     let cases: Vec<(&str, &str, Mutation)> = vec![
+        (
+            "missing volume id",
+            "volume_id",
+            Box::new(|r| r.volume_id.clear()),
+        ),
         (
             "missing role",
             "role",
             Box::new(|r| {
                 r.volume_context.remove("role");
-            }),
-        ),
-        (
-            "missing secrets",
-            "secrets",
-            Box::new(|r| {
-                r.volume_context.remove("secrets");
             }),
         ),
         (
@@ -578,58 +575,11 @@ fn invalid_publish_requests_are_refused_with_invalid_argument_naming_the_field_b
                 );
             }),
         ),
-        ("read-write", "readonly", Box::new(|r| r.readonly = false)),
-        (
-            "missing volume id",
-            "volume_id",
-            Box::new(|r| r.volume_id.clear()),
-        ),
-        (
-            "missing target",
-            "target_path",
-            Box::new(|r| r.target_path.clear()),
-        ),
-        (
-            "missing capability",
-            "volume_capability",
-            Box::new(|r| {
-                r.volume_capability = None;
-            }),
-        ),
         (
             "no service-account token",
             "serviceAccount.tokens",
             Box::new(|r| {
                 r.volume_context.remove(SERVICE_ACCOUNT_TOKENS);
-            }),
-        ),
-        (
-            "a bad cacheTTL",
-            "cacheTTL",
-            Box::new(|r| {
-                r.volume_context.insert("cacheTTL".into(), "soon".into());
-            }),
-        ),
-        (
-            "a bad fileMode",
-            "fileMode",
-            Box::new(|r| {
-                r.volume_context.insert("fileMode".into(), "rw-r".into());
-            }),
-        ),
-        (
-            "an unknown attribute",
-            "secretz",
-            Box::new(|r| {
-                r.volume_context.insert("secretz".into(), "x".into());
-            }),
-        ),
-        (
-            "an unknown Vault server",
-            "vaultServer",
-            Box::new(|r| {
-                r.volume_context
-                    .insert("vaultServer".into(), "elsewhere".into());
             }),
         ),
     ];
@@ -1163,9 +1113,12 @@ fn a_publish_while_vault_is_unreachable_succeeds_and_the_volume_works_once_vault
         .map(|_| read(target.join("db/password")));
     bao.resume();
     expect_ok(result, "publish while Vault is unreachable", &daemon);
+    // The promise: with Vault unreachable, publish waits at most 2 s (here also the
+    // `--vault-timeout`) for the login, then mounts; 1.5 s of margin for the mount itself.
     assert!(
-        took < Duration::from_secs(15),
-        "the publish took {took:?} while Vault was unreachable"
+        took < Duration::from_secs(2) + Duration::from_millis(1500),
+        "the publish took {took:?} while Vault was unreachable; it may wait at most 2 s for \
+         the login"
     );
     assert!(is_mounted(&target));
     if let Some(r) = frozen_read {

@@ -120,20 +120,6 @@ fn live_leases(bao: &Bao) -> Vec<String> {
     }
 }
 
-/// Waits until `cond` holds, checking every 200 ms, at most `limit`; returns whether it held.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 #[ignore = "needs root, /dev/fuse, bao and postgresql (run by scripts/test.sh)"]
 fn dynamic_credentials_are_read_once_and_renewed_not_reissued_while_mounted() {
@@ -231,11 +217,13 @@ fn credentials_are_rotated_when_the_lease_reaches_its_max_ttl() {
     // The first lease can be renewed at most up to 12 s after issue; vaultfs must have swapped
     // in new credentials by then. Allow 20 s before calling it missing.
     let started = Instant::now();
-    let rotated = wait_until(Duration::from_secs(20), || {
-        read_string(m.file(USERNAME)) != user1
+    let rotated = poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        (read_string(m.file(USERNAME)) != user1)
+            .then_some(())
+            .ok_or(())
     });
     assert!(
-        rotated,
+        rotated.is_ok(),
         "the username was still {user1:?} {:?} after the first read (max_ttl {max_ttl:?}); \
          {} read(s) of {CREDS_PATH}, {} renewal(s); vaultfs log:\n{}",
         started.elapsed(),
@@ -319,9 +307,11 @@ fn unmounting_revokes_the_lease_and_drops_the_database_role() {
     );
     assert!(!is_mounted(m.path()), "the mount is still there after exit");
 
-    let dropped = wait_until(Duration::from_secs(10), || !pg.role_exists(&user));
+    let dropped = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        (!pg.role_exists(&user)).then_some(()).ok_or(())
+    });
     assert!(
-        dropped,
+        dropped.is_ok(),
         "role {user:?} still exists 10 s after vaultfs exited ({} revocation(s) audited, \
          leases {:?}); vaultfs log:\n{}",
         revocations(&bao),

@@ -42,17 +42,27 @@ fn a_looped_forbidden_read_costs_a_bounded_number_of_log_lines_while_every_open_
             opened += 1;
         }
     }
-    // The daemon writes its log lines as it answers; give the last ones a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    let logs = m.logs();
-    let count = |pattern: &[&str]| {
+    let count_in = |logs: &str, pattern: &[&str]| {
         logs.lines()
             .filter(|l| pattern.iter().all(|p| l.contains(p)))
             .count()
     };
+    const OPEN_EVENT: &[&str] = &["vaultfs::audit", "event=\"open\"", "file=\"allowed\""];
+    // The daemon writes its log lines as it answers: wait for the last open's audit event (a
+    // missing one is reported by the assert below, with the counts).
+    let logs = poll(Duration::from_secs(5), POLL_INTERVAL, || {
+        let logs = m.logs();
+        if count_in(&logs, OPEN_EVENT) >= opened {
+            Ok(logs)
+        } else {
+            Err(logs)
+        }
+    })
+    .unwrap_or_else(|logs| logs);
+    let count = |pattern: &[&str]| count_in(&logs, pattern);
     let warnings = count(&["WARN", "request failed"]);
     let refusal_events = count(&["vaultfs::audit", "event=\"refused\""]);
-    let open_events = count(&["vaultfs::audit", "event=\"open\"", "file=\"allowed\""]);
+    let open_events = count(OPEN_EVENT);
     let lines = logs.lines().count();
     eprintln!(
         "{refused} forbidden reads and {opened} allowed ones in {run_for:?}: {lines} log lines, \

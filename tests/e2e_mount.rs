@@ -425,9 +425,11 @@ fn with_vault_frozen_cached_files_are_served_and_uncached_files_fail_fast_with_e
          vaultfs output:\n{}",
         m.logs()
     );
+    // The promise: only the first access that finds Vault down waits, at most
+    // `--vault-timeout` (2 s here), before the stale value is served; 1.5 s of margin.
     assert!(
-        cached_elapsed < Duration::from_secs(10),
-        "serving the cached file took {cached_elapsed:?}"
+        cached_elapsed < Duration::from_secs(2) + Duration::from_millis(1500),
+        "serving the cached file took {cached_elapsed:?}, more than the 2 s vault-timeout"
     );
     match cold {
         Ok(v) => panic!(
@@ -440,25 +442,22 @@ fn with_vault_frozen_cached_files_are_served_and_uncached_files_fail_fast_with_e
             "a never-read file must fail with EIO, got {e:?}"
         ),
     }
+    // The promise: an uncached read fails with EIO after at most `--vault-timeout` (2 s
+    // here); 1.5 s of margin.
     assert!(
-        cold_elapsed < Duration::from_secs(10),
-        "the EIO took {cold_elapsed:?}, expected about the 2 s vault-timeout"
+        cold_elapsed < Duration::from_secs(2) + Duration::from_millis(1500),
+        "the EIO took {cold_elapsed:?}, more than the 2 s vault-timeout"
     );
 
     // Once Vault answers again the file becomes readable.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match read(m.file("cold")) {
-            Ok(v) if v == b"cold-value" => break,
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the never-read file did not recover after Vault resumed: {other:?}"
-                );
-                thread::sleep(Duration::from_millis(250));
-            }
-        }
-    }
+    wait_until(
+        "the never-read file to be readable after Vault resumed",
+        Duration::from_secs(15),
+        || match read(m.file("cold")) {
+            Ok(v) if v == b"cold-value" => Ok(()),
+            other => Err(format!("last read: {other:?}")),
+        },
+    );
 }
 
 #[test]

@@ -16,8 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use tempfile::TempDir;
@@ -28,7 +27,7 @@ use vaultfs::csi::pb::node_client::NodeClient;
 
 use super::jwt::{rfc3339, ServiceAccountToken, SigningKey};
 use super::{
-    die_with_parent, lazy_unmount, mountinfo, read_lossy, stop_child, stop_child_on_drop,
+    die_with_parent, lazy_unmount, mountinfo, poll, read_lossy, stop_child, stop_child_on_drop,
     vaultfs_bin, Bao, VAULT_ENV,
 };
 
@@ -288,37 +287,33 @@ impl CsiDaemonBuilder<'_> {
             exit_status: None,
         };
 
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut last_error = String::from("socket not created");
-        loop {
+        let served = poll(START_TIMEOUT, Duration::from_millis(50), || {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!(
                     "vaultfs csi exited with {status} before serving; its output:\n{}",
                     daemon.logs()
                 );
             }
-            if daemon.socket.exists() {
-                match CsiClient::connect(&daemon.socket).and_then(|c| {
-                    c.probe()
-                        .map_err(|s| format!("Probe: {} {}", s.code(), s.message()))
-                }) {
-                    Ok(_) => return daemon,
-                    Err(e) => last_error = e,
-                }
+            if !daemon.socket.exists() {
+                return Err(String::from("socket not created"));
             }
-            if Instant::now() >= deadline {
-                let _ = daemon.child.kill();
-                let status = daemon.child.wait().expect("wait vaultfs csi");
-                daemon.exit_status = Some(status);
-                panic!(
-                    "vaultfs csi did not answer Probe on {} within {START_TIMEOUT:?} \
-                     ({last_error}); its output:\n{}",
-                    daemon.socket.display(),
-                    daemon.logs()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
+            CsiClient::connect(&daemon.socket).and_then(|c| {
+                c.probe()
+                    .map_err(|s| format!("Probe: {} {}", s.code(), s.message()))
+            })
+        });
+        if let Err(last_error) = served {
+            let _ = daemon.child.kill();
+            let status = daemon.child.wait().expect("wait vaultfs csi");
+            daemon.exit_status = Some(status);
+            panic!(
+                "vaultfs csi did not answer Probe on {} within {START_TIMEOUT:?} \
+                 ({last_error}); its output:\n{}",
+                daemon.socket.display(),
+                daemon.logs()
+            );
         }
+        daemon
     }
 }
 

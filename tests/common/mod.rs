@@ -81,6 +81,56 @@ pub fn require_root() {
     );
 }
 
+/// The environment variable that opts a `cargo test` run into the benchmarks' smoke runs.
+pub const BENCH_SMOKE_ENV: &str = "VAULTFS_BENCH_SMOKE";
+
+/// Whether a benchmark binary (`harness = false`) should run: always under `cargo bench`
+/// (`--bench`), and under `cargo test` only with `VAULTFS_BENCH_SMOKE=1` (set by
+/// `scripts/test.sh`), since the smoke runs need root, /dev/fuse and `bao`. Says so when it
+/// skips, so the skip is never silent.
+pub fn bench_should_run(name: &str, args: &[String]) -> bool {
+    if args.iter().any(|a| a == "--bench") || std::env::var(BENCH_SMOKE_ENV).as_deref() == Ok("1") {
+        return true;
+    }
+    println!(
+        "benchmark {name}: smoke run SKIPPED (needs root, /dev/fuse and bao; set \
+         {BENCH_SMOKE_ENV}=1 to run it, as scripts/test.sh does)"
+    );
+    false
+}
+
+/// How often [`poll`] and [`wait_until`] check by default.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Calls `probe` every `every` until it returns `Ok`, for at most `limit` (it is always called
+/// at least once, and once more at the deadline); returns its value, or its last error once
+/// `limit` has passed.
+pub fn poll<T, E>(
+    limit: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let outcome = probe();
+        if outcome.is_ok() || Instant::now() >= deadline {
+            return outcome;
+        }
+        thread::sleep(every.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// Waits, checking every [`POLL_INTERVAL`], until `probe` returns `Ok`, and returns its value;
+/// panics after `limit` with `what` was awaited and the last error.
+pub fn wait_until<T, E: std::fmt::Display>(
+    what: &str,
+    limit: Duration,
+    probe: impl FnMut() -> Result<T, E>,
+) -> T {
+    poll(limit, POLL_INTERVAL, probe)
+        .unwrap_or_else(|last| panic!("timed out after {limit:?} waiting for {what}: {last}"))
+}
+
 /// Runs `f` on a helper thread and returns its result, panicking if it takes longer than
 /// `limit`. A filesystem call stuck in the kernel cannot be cancelled, so the helper thread is
 /// left behind; it is released once the daemon is stopped (the kernel then fails the request).
@@ -167,18 +217,14 @@ fn send_signal(pid: i32, sig: i32) -> io::Result<()> {
 }
 
 fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
+    poll(limit, Duration::from_millis(20), || {
         match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) => {}
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err(()),
             Err(e) => panic!("waiting for child {}: {e}", child.id()),
         }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    })
+    .ok()
 }
 
 /// Makes the child receive `sig` when the thread that spawned it exits, so a test process that
@@ -680,13 +726,13 @@ impl Bao {
             tls_port: tls.then_some(dev_port),
         };
 
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        // Ok(Ok) healthy, Ok(Err) exited (stop waiting), Err not yet.
+        poll(Duration::from_secs(30), Duration::from_millis(100), || {
             if let Ok(Some(status)) = bao.child.try_wait() {
-                return Err(format!(
+                return Ok(Err(format!(
                     "server exited with {status} before answering; its log:\n{}",
                     read_lossy(&log_path)
-                ));
+                )));
             }
             let healthy = http_request(
                 port,
@@ -700,20 +746,17 @@ impl Bao {
             .unwrap_or(false);
             // The dev server prints its banner once it is ready; checking it guards against a
             // health answer from some other process on the port.
-            if healthy
+            let ready = healthy
                 && audit_log.exists()
-                && read_lossy(&log_path).contains("Development mode should NOT be used")
-            {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "server did not become healthy within 30 s; its log:\n{}",
-                    read_lossy(&log_path)
-                ));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+                && read_lossy(&log_path).contains("Development mode should NOT be used");
+            ready.then_some(Ok(())).ok_or(())
+        })
+        .unwrap_or_else(|()| {
+            Err(format!(
+                "server did not become healthy within 30 s; its log:\n{}",
+                read_lossy(&log_path)
+            ))
+        })?;
         bao.server_pid = find_server_pid(bao.child.id() as i32).ok_or_else(|| {
             format!(
                 "cannot find the server process among pid {} and its descendants",
@@ -760,26 +803,19 @@ impl Bao {
     /// kernel but never answered.
     pub fn pause(&self) {
         send_signal(self.server_pid, libc::SIGSTOP).expect("SIGSTOP the OpenBao server");
-        // Wait until the kernel reports it stopped.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let state = fs::read_to_string(format!("/proc/{}/stat", self.server_pid))
-                .ok()
-                .and_then(|s| {
-                    s.rfind(')')
-                        .and_then(|i| s[i + 2..].chars().next())
-                        .map(|c| c == 'T')
-                })
-                .unwrap_or(false);
-            if state {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not stop after SIGSTOP"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            "the OpenBao server to be stopped after SIGSTOP",
+            Duration::from_secs(5),
+            || {
+                let state = fs::read_to_string(format!("/proc/{}/stat", self.server_pid))
+                    .ok()
+                    .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()));
+                match state {
+                    Some('T') => Ok(()),
+                    other => Err(format!("process state {other:?}")),
+                }
+            },
+        );
     }
 
     /// Resumes a server frozen by [`Bao::pause`].
@@ -1122,8 +1158,8 @@ impl<'a> MountBuilder<'a> {
             .map(|p| is_mounted(&fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())))
             .unwrap_or(false);
         let (mut child, mountpoint, owned, logdir, log_path) = self.spawn();
-        let deadline = Instant::now() + MOUNT_TIMEOUT;
-        loop {
+        // Ok(Ok) mounted, Ok(Err) a wrong mount or the daemon exited (stop waiting), Err not yet.
+        let outcome = poll(MOUNT_TIMEOUT, Duration::from_millis(25), || {
             let top = mounts_at(&mountpoint).pop();
             if let Some(entry) = top.filter(|_| !occupied || is_live_mount(&mountpoint)) {
                 // The daemon's type should be `fuse.vaultfs` (tests assert it); any FUSE
@@ -1132,46 +1168,50 @@ impl<'a> MountBuilder<'a> {
                     let _ = child.kill();
                     let _ = child.wait();
                     let _ = lazy_unmount(&mountpoint);
-                    return Err(format!(
+                    return Ok(Err(format!(
                         "mount at {} has filesystem type {:?}, expected \"fuse.vaultfs\"",
                         mountpoint.display(),
                         entry.fstype
-                    ));
+                    )));
                 }
-                return Ok(Mount {
-                    child,
-                    mount_id: entry.id,
-                    fstype: entry.fstype,
-                    mountpoint,
-                    log_path,
-                    exit_status: None,
-                    _logdir: logdir,
-                    _owned_dir: owned,
-                });
+                return Ok(Ok(entry));
             }
             if let Ok(Some(status)) = child.try_wait() {
                 if !occupied && is_mounted(&mountpoint) {
                     let _ = lazy_unmount(&mountpoint);
                 }
-                return Err(format!(
+                return Ok(Err(format!(
                     "vaultfs exited with {status} before mounting {}; its output:\n{}",
                     mountpoint.display(),
                     read_lossy(&log_path)
-                ));
+                )));
             }
-            if Instant::now() >= deadline {
+            Err(())
+        });
+        match outcome {
+            Ok(Ok(entry)) => Ok(Mount {
+                child,
+                mount_id: entry.id,
+                fstype: entry.fstype,
+                mountpoint,
+                log_path,
+                exit_status: None,
+                _logdir: logdir,
+                _owned_dir: owned,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(()) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 if is_dead_mount(&mountpoint) {
                     let _ = lazy_unmount(&mountpoint);
                 }
-                return Err(format!(
+                Err(format!(
                     "{} was not mounted within {MOUNT_TIMEOUT:?}; vaultfs output:\n{}",
                     mountpoint.display(),
                     read_lossy(&log_path)
-                ));
+                ))
             }
-            thread::sleep(Duration::from_millis(25));
         }
     }
 

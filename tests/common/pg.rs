@@ -20,13 +20,14 @@ use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use tempfile::TempDir;
 
-use super::{die_with_parent, free_port_pair, read_lossy, send_signal, wait_timeout, within, Bao};
+use super::{
+    die_with_parent, free_port_pair, poll, read_lossy, send_signal, wait_timeout, within, Bao,
+};
 
 /// Name of the OpenBao database connection created by [`enable_database_engine`].
 pub const DB_CONNECTION: &str = "pg";
@@ -228,8 +229,7 @@ impl Postgres {
             dir,
         };
 
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
+        let ready = poll(START_TIMEOUT, Duration::from_millis(100), || {
             if let Ok(Some(status)) = pg.child.try_wait() {
                 panic!(
                     "postgres exited with {status} before accepting logins; its log:\n{}",
@@ -237,19 +237,18 @@ impl Postgres {
                 );
             }
             let (user, password) = (pg.superuser.clone(), pg.password.clone());
-            let last = match pg.psql_as(&user, &password, "SELECT 1;") {
-                Ok(out) if out.trim() == "1" => break,
-                Ok(out) => format!("unexpected answer {out:?}"),
-                Err(e) => e,
-            };
-            if Instant::now() >= deadline {
-                panic!(
-                    "postgres did not accept a password login within {START_TIMEOUT:?} \
-                     (last attempt: {last}); its log:\n{}",
-                    pg.logs()
-                );
+            match pg.psql_as(&user, &password, "SELECT 1;") {
+                Ok(out) if out.trim() == "1" => Ok(()),
+                Ok(out) => Err(format!("unexpected answer {out:?}")),
+                Err(e) => Err(e),
             }
-            thread::sleep(Duration::from_millis(100));
+        });
+        if let Err(last) = ready {
+            panic!(
+                "postgres did not accept a password login within {START_TIMEOUT:?} \
+                 (last attempt: {last}); its log:\n{}",
+                pg.logs()
+            );
         }
         pg
     }
