@@ -2,7 +2,9 @@
 //! on first access, held in memory with a TTL and hot-swapped when they change in Vault.
 //!
 //! Dependencies point one way only:
-//! `main → app → csi → mount → fuse → fs → cache → source → {secret, spec} → logging`.
+//! `main → app → csi → volume → mount → fuse → fs → cache → source → {secret, spec} → logging`.
+//! `volume` alone builds, starts and tears down a volume; `mount` owns the FUSE connections
+//! (one per `vaultfs mount`, one node-wide for `vaultfs csi`) and the bind mounts.
 //! `tonic` is imported only by `csi`; `fuser` only by `fuse` and `mount`; HTTP and Vault auth
 //! live only in `source::vault`. Everything below `fuse` is plain Rust, testable without a
 //! kernel, and `csi` talks to mounts only through the `mount::Mounter` trait.
