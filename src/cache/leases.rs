@@ -1,0 +1,446 @@
+//! The cache's lease keeper: the leases of dynamic secrets the cache holds, renewed two thirds
+//! into their period, rotated to new credentials when Vault will not extend them, retried with a
+//! back-off, and revoked when their values leave the cache or the volume goes.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{SecretCache, Slot};
+use crate::source::{pacing, Lease, SecretSource, SourceError};
+use crate::spec::SecretPath;
+
+/// A lease held for a cached value, kept alive by the cache's lease keeper.
+pub(super) struct HeldLease {
+    lease: Lease,
+    /// Start and length of the current lease period (renewals move both).
+    granted: Instant,
+    period: Duration,
+    /// When the keeper next renews it (or rotates the value, or retries); `None` for a lease too
+    /// short to renew at a sane pace (`pacing::Plan::Lapse`): the value is served until the
+    /// lease ends and the next access after that reads new credentials.
+    next: Option<Instant>,
+    /// Consecutive failed attempts (for the back-off).
+    failures: u32,
+}
+
+impl HeldLease {
+    pub(super) fn new(lease: Lease) -> Self {
+        let granted = Instant::now();
+        let next = match pacing::plan(lease.duration, lease.duration, lease.renewable) {
+            pacing::Plan::RenewIn(after) => Some(granted + after),
+            // Not renewable: new credentials two thirds in, while the old ones still work.
+            pacing::Plan::ReplaceIn(_) => Some(granted + lease.duration * 2 / 3),
+            pacing::Plan::Keep | pacing::Plan::Lapse => None,
+        };
+        Self {
+            period: lease.duration,
+            next,
+            granted,
+            lease,
+            failures: 0,
+        }
+    }
+
+    pub(super) fn alive(&self) -> bool {
+        self.granted.elapsed() < self.period
+    }
+}
+
+impl<S: SecretSource> SecretCache<S> {
+    /// Starts the task that renews this cache's leases, unless it runs already.
+    pub(super) fn ensure_lease_keeper(self: &Arc<Self>) {
+        if !self.keeper_running.swap(true, Ordering::AcqRel) {
+            tokio::spawn(Self::keep_leases(Arc::downgrade(self)));
+        }
+    }
+
+    /// Renews every held lease two thirds into its period, for as long as the cache lives and
+    /// holds leases; rotates a value whose lease can no longer be extended. Ends when the
+    /// cache is dropped or its leases are revoked.
+    async fn keep_leases(cache: Weak<Self>) {
+        loop {
+            let Some(this) = cache.upgrade() else {
+                return;
+            };
+            if this.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let orphans = std::mem::take(&mut *this.orphaned_leases.lock());
+            if !orphans.is_empty() {
+                this.revoke_all(orphans).await;
+            }
+            let mut due = this.held_leases();
+            if due.is_empty() {
+                this.keeper_running.store(false, Ordering::Release);
+                // A lease stored while this task was deciding to stop: carry on.
+                if this.held_leases().is_empty() || this.keeper_running.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+                due = this.held_leases();
+            }
+            let next = due
+                .iter()
+                .map(|(_, _, at)| *at)
+                .min()
+                .unwrap_or_else(Instant::now);
+            let wake = this.lease_added.clone();
+            drop(this);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = wake.notified() => continue,
+            }
+            let Some(this) = cache.upgrade() else {
+                return;
+            };
+            for (path, slot, at) in due {
+                if at <= Instant::now() {
+                    if let Some(slot) = slot.upgrade() {
+                        this.renew_or_rotate(&path, &slot).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cached values holding a lease, with when each is next due.
+    fn held_leases(&self) -> Vec<(SecretPath, Weak<Slot>, Instant)> {
+        let slots = self.slots.lock();
+        slots
+            .lru
+            .iter()
+            .filter_map(|(path, slot)| {
+                let next = slot.state.lock().lease.as_ref()?.next?;
+                Some((path.clone(), Arc::downgrade(slot), next))
+            })
+            .collect()
+    }
+
+    /// Extends a value's lease; when Vault will not extend it by the full period (max TTL) or
+    /// no longer knows it, reads new credentials and swaps them in before the old ones expire.
+    async fn renew_or_rotate(&self, path: &SecretPath, slot: &Arc<Slot>) {
+        // One conversation with Vault per path at a time, shared with `refresh`.
+        let _flight = slot.refresh.lock().await;
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let Some((lease, original, ends)) = slot
+            .state
+            .lock()
+            .lease
+            .as_ref()
+            .map(|h| (h.lease.clone(), h.lease.duration, h.granted + h.period))
+        else {
+            return;
+        };
+        let timeout = self.config.vault_timeout;
+        if lease.renewable {
+            let renewed = tokio::time::timeout(timeout, self.source.renew_lease(&lease, original));
+            match renewed.await {
+                // Extended by the full period asked for (paced like tokens: two thirds in, never
+                // sooner than the floor). A shorter answer means the lease is capped by its max
+                // TTL: stop renewing and rotate now, while the old credentials still work.
+                Ok(Ok(period)) => {
+                    if let pacing::Plan::RenewIn(after) = pacing::plan(period, original, true) {
+                        if let Some(held) = slot
+                            .state
+                            .lock()
+                            .lease
+                            .as_mut()
+                            .filter(|h| h.lease == lease)
+                        {
+                            held.granted = Instant::now();
+                            held.period = period;
+                            held.next = Some(held.granted + after);
+                            held.failures = 0;
+                        }
+                        tracing::debug!(path = %path, ?period, "lease renewed");
+                        return;
+                    }
+                }
+                // Unknown to Vault, or not ours to renew: take new credentials.
+                Ok(Err(
+                    SourceError::NotFound | SourceError::Invalid(_) | SourceError::PermissionDenied,
+                )) => {}
+                Ok(Err(err)) => {
+                    return self.retry_lease_later(slot, &lease, ends, &err.to_string())
+                }
+                Err(_) => return self.retry_lease_later(slot, &lease, ends, "no answer"),
+            }
+        }
+        match tokio::time::timeout(timeout, self.source.read(path)).await {
+            Ok(Ok(fetched)) => {
+                tracing::info!(path = %path, "lease cannot be extended further; new credentials read");
+                self.store(path, slot, fetched);
+            }
+            Ok(Err(err)) => self.retry_lease_later(slot, &lease, ends, &err.to_string()),
+            Err(_) => self.retry_lease_later(slot, &lease, ends, "no answer"),
+        }
+    }
+
+    /// Schedules another attempt with a doubling back-off, never later than the lease's end
+    /// (the last attempt then reads new credentials).
+    fn retry_lease_later(&self, slot: &Slot, lease: &Lease, ends: Instant, reason: &str) {
+        tracing::warn!(reason, "could not renew a lease; retrying");
+        if let Some(held) = slot
+            .state
+            .lock()
+            .lease
+            .as_mut()
+            .filter(|h| &h.lease == lease)
+        {
+            held.failures = held.failures.saturating_add(1);
+            let wait = pacing::retry_in(
+                self.config.retry_backoff,
+                held.failures,
+                self.config.max_retry_backoff,
+            );
+            let next = (Instant::now() + wait).min(ends);
+            held.next = Some(next);
+            // At the end of the lease a renewal is pointless: rotate instead.
+            held.lease.renewable &= next < ends;
+        }
+    }
+
+    /// Revokes every lease this cache holds (unmount), so their credentials stop working, and
+    /// stops the lease keeper. Waits for reads and rotations in flight, then revokes all leases
+    /// at once within one `vault_timeout`.
+    pub async fn revoke_leases(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.lease_added.notify_one();
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .lock()
+            .lru
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
+        let mut leases: Vec<Lease> = std::mem::take(&mut *self.orphaned_leases.lock());
+        for slot in slots {
+            let _flight = slot.refresh.lock().await;
+            leases.extend(slot.state.lock().lease.take().map(|h| h.lease));
+        }
+        self.revoke_all(leases).await;
+    }
+
+    async fn revoke_all(&self, leases: Vec<Lease>) {
+        let mut revokes = tokio::task::JoinSet::new();
+        for lease in leases {
+            let source = self.source.clone();
+            revokes.spawn(async move { source.revoke_lease(&lease).await });
+        }
+        let all = async {
+            while let Some(done) = revokes.join_next().await {
+                match done {
+                    Ok(Ok(())) => tracing::info!("lease revoked"),
+                    Ok(Err(err)) => tracing::warn!(error = %err, "could not revoke a lease"),
+                    Err(_) => tracing::warn!("could not revoke a lease: task failed"),
+                }
+            }
+        };
+        if tokio::time::timeout(self.config.vault_timeout, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("could not revoke every lease: no answer in time");
+        }
+    }
+
+    /// Leases of values the cache let go (evicted, deleted or forbidden in Vault) are revoked
+    /// in the background, so no credential is left alive unmanaged.
+    pub(super) fn orphan(&self, lease: Option<HeldLease>) {
+        if let Some(held) = lease {
+            self.orphaned_leases.lock().push(held.lease);
+            self.lease_added.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+    use std::sync::atomic::AtomicU64;
+
+    use super::super::tests::{cache, path, value};
+    use super::super::CacheConfig;
+    use super::*;
+    use crate::source::mock::MockSource;
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_are_renewed_not_reissued_while_the_cache_lives() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)), None);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        cache.get(&p).await.unwrap();
+        // Idle for a minute: the keeper renews every 6 s; nothing is read again.
+        for _ in 0..60 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(source.reads(), 1);
+        assert!(source.renewals() >= 8, "{} renewals", source.renewals());
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-1");
+        assert_eq!(
+            source.reads(),
+            1,
+            "a renewed lease keeps the value fresh past the TTL"
+        );
+        cache.revoke_leases().await;
+        assert_eq!(
+            source.revoked(),
+            vec!["database/creds/app/lease-1".to_string()]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_at_its_max_ttl_is_rotated_before_it_expires() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)), Some(Duration::from_secs(16)));
+        let cache = cache(&source, CacheConfig::default());
+        let swapped = Arc::new(AtomicU64::new(0));
+        let seen = swapped.clone();
+        cache.set_swap_hook(Box::new(move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }));
+        let p = path("database/creds/app");
+        cache.get(&p).await.unwrap();
+        source.put_unversioned("database/creds/app", &[("password", "gen-2")]);
+        for _ in 0..14 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // Renewed at 6 s (10 s left before the max, so the full 9 s), then at 12 s only 4 s
+        // are left: rotated at once.
+        assert_eq!(source.reads(), 2);
+        assert_eq!(swapped.load(Ordering::SeqCst), 1);
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_too_short_to_renew_at_a_sane_pace_is_never_renewed() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen")]);
+        source.set_lease(Some(Duration::from_secs(1)), None);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        // A reader every 100 ms for 10 s.
+        for _ in 0..100 {
+            cache.get(&p).await.unwrap();
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        assert_eq!(source.renewals(), 0, "a 1 s lease is never renewed");
+        assert!(
+            source.reads() <= 11,
+            "{} reads: at most one per lease period, as readers need",
+            source.reads()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_capped_by_its_max_ttl_is_renewed_calmly_then_rotated_once_per_period() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen")]);
+        source.set_lease(Some(Duration::from_secs(6)), Some(Duration::from_secs(20)));
+        let cache = cache(&source, CacheConfig::default());
+        cache.get(&path("database/creds/app")).await.unwrap();
+        for _ in 0..450 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        // Per 20 s max TTL: renewals at 4, 8, 12 s; the one at 16 s gets only 4 s and rotates.
+        assert!(
+            source.renewals() <= 45 / 3,
+            "{} renewals in 45 s",
+            source.renewals()
+        );
+        assert!(
+            (3..=4).contains(&source.reads()),
+            "{} reads of new credentials in 45 s",
+            source.reads()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_lease_added_later_is_renewed_on_time() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/slow", &[("password", "a")]);
+        source.put_unversioned("database/creds/fast", &[("password", "b")]);
+        source.set_lease(Some(Duration::from_secs(300)), None);
+        let cache = cache(&source, CacheConfig::default());
+        cache.get(&path("database/creds/slow")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        source.set_lease(Some(Duration::from_secs(6)), None);
+        cache.get(&path("database/creds/fast")).await.unwrap();
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(
+            source.renewals() >= 2,
+            "{} renewals of the 6 s lease",
+            source.renewals()
+        );
+        assert_eq!(source.reads(), 2, "renewed, never re-read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evicted_leased_values_have_their_leases_revoked() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/a", &[("password", "a")]);
+        source.put_unversioned("database/creds/b", &[("password", "b")]);
+        source.set_lease(Some(Duration::from_secs(60)), None);
+        let config = CacheConfig {
+            max_entries: NonZeroUsize::new(1).unwrap(),
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config);
+        cache.get(&path("database/creds/a")).await.unwrap();
+        cache.get(&path("database/creds/b")).await.unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(
+            source.revoked(),
+            vec!["database/creds/a/lease-1".to_string()]
+        );
+        cache.revoke_leases().await;
+        assert_eq!(source.revoked().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_vault_will_not_renew_for_us_is_replaced_by_new_credentials() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)), None);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        cache.get(&p).await.unwrap();
+        source.put_unversioned("database/creds/app", &[("password", "gen-2")]);
+        source.fail(SourceError::PermissionDenied);
+        for _ in 0..7 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(source.renewals(), 1);
+        assert_eq!(source.reads(), 2, "rotated instead of retrying the renewal");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leased_value_is_never_served_past_its_lease() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)), None);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        cache.get(&p).await.unwrap();
+        source.fail(SourceError::Unavailable("down".into()));
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-1");
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(
+            cache.get(&p).await.is_err(),
+            "the lease ended during the outage"
+        );
+    }
+}
