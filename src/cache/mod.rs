@@ -372,8 +372,6 @@ impl<S: SecretSource> SecretCache<S> {
         slot
     }
 
-    /// Drops the least recently used secret (called with `slots` locked): its bytes leave the
-    /// count, its value goes (zeroized once no handle holds it), its lease is revoked.
     /// Whether the least recently used value is also held by an open file (evicting it would
     /// free nothing and revoke a lease still in use).
     fn lru_is_pinned(slots: &Slots) -> bool {
@@ -386,6 +384,8 @@ impl<S: SecretSource> SecretCache<S> {
         })
     }
 
+    /// Drops the least recently used secret (called with `slots` locked): its bytes leave the
+    /// count, its value goes (zeroized once no handle holds it), its lease is revoked.
     fn evict_lru(&self, slots: &mut Slots) -> bool {
         let Some((_, evicted)) = slots.lru.pop_lru() else {
             return false;
