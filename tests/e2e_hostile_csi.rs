@@ -10,7 +10,6 @@ mod common;
 use std::time::Instant;
 
 use common::csi::*;
-use common::jwt::*;
 use common::k8s::*;
 use common::*;
 use tonic::Code;
@@ -49,14 +48,7 @@ fn one_mib_spec() -> String {
 fn hostile_secrets_attributes_are_refused_as_invalid_argument_and_leave_the_daemon_small() {
     require_root();
     let bao = Bao::start();
-    let key = SigningKey::generate();
-    enable_jwt_auth(&bao, "jwt", &key);
-    bao.put_policy(
-        "app",
-        r#"path "secret/data/app/*" { capabilities = ["read"] }
-path "secret/metadata/app/*" { capabilities = ["read"] }"#,
-    );
-    jwt_role(&bao, "jwt", "app", "ns", "app", &["app"], "1h");
+    let key = jwt_app(&bao);
     bao.kv_put("secret/app/db", &[("password", PASSWORD)]);
 
     let node = CsiNode::new("node-hostile");

@@ -282,18 +282,11 @@ path "secret/metadata/{team}/*" {{ capabilities = ["read"] }}"#
 #[ignore = "needs root, /dev/fuse, bao"]
 fn a_publish_past_max_volumes_is_resource_exhausted_and_kubelet_learns_the_limit() {
     use common::csi::*;
-    use common::jwt::SigningKey;
     use common::k8s::*;
 
     require_root();
     let bao = Bao::start();
-    let key = SigningKey::generate();
-    enable_jwt_auth(&bao, "jwt", &key);
-    bao.put_policy(
-        "app",
-        r#"path "secret/data/app/*" { capabilities = ["read"] }"#,
-    );
-    jwt_role(&bao, "jwt", "app", "ns", "app", &["app"], "1h");
+    let key = jwt_app(&bao);
     bao.kv_put("secret/app/db", &[("password", "db-pass")]);
     let node = CsiNode::new("node-max");
     let daemon = node.daemon(&bao).args(["--max-volumes", "2"]).start();

@@ -11,7 +11,6 @@ use std::fs;
 use std::path::Path;
 
 use common::csi::*;
-use common::jwt::SigningKey;
 use common::k8s::*;
 use common::*;
 
@@ -41,13 +40,7 @@ fn threads(pid: u32) -> u64 {
 fn every_volume_shares_one_connection_and_a_pod_cannot_walk_out_of_its_own() {
     require_root();
     let bao = Bao::start();
-    let key = SigningKey::generate();
-    enable_jwt_auth(&bao, "jwt", &key);
-    bao.put_policy(
-        "app",
-        r#"path "secret/data/app/*" { capabilities = ["read"] }"#,
-    );
-    jwt_role(&bao, "jwt", "app", "ns", "app", &["app"], "1h");
+    let key = jwt_app(&bao);
     for i in 0..20 {
         bao.kv_put(&format!("secret/app/s{i}"), &[("v", &format!("value-{i}"))]);
     }

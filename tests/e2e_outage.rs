@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::csi::*;
-use common::jwt::SigningKey;
 use common::k8s::*;
 use common::*;
 
@@ -27,14 +26,7 @@ fn timed_read(path: &Path) -> (Duration, std::io::Result<Vec<u8>>) {
 fn once_one_pod_finds_vault_down_other_pods_get_stale_values_or_eio_at_once_and_recover_with_it() {
     require_root();
     let bao = Bao::start();
-    let key = SigningKey::generate();
-    enable_jwt_auth(&bao, "jwt", &key);
-    bao.put_policy(
-        "app",
-        r#"path "secret/data/app/*" { capabilities = ["read"] }
-path "secret/metadata/app/*" { capabilities = ["read"] }"#,
-    );
-    jwt_role(&bao, "jwt", "app", "ns", "app", &["app"], "1h");
+    let key = jwt_app(&bao);
     bao.kv_put("secret/app/a", &[("v", "a-1")]);
     bao.kv_put("secret/app/b", &[("v", "b-1")]);
     bao.kv_put("secret/app/cold", &[("v", "cold-1")]);

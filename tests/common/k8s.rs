@@ -17,6 +17,20 @@ use super::Bao;
 
 /// Enables the `jwt` auth method at `mount`, trusting tokens signed by `key` and issued by
 /// [`ISSUER`] (how a cluster's service-account tokens are verified offline).
+/// JWT auth at `jwt` trusting a fresh signing key (returned), and a role `app` for the service
+/// account `ns/app` that may read `secret/app/*` (data and metadata).
+pub fn jwt_app(bao: &Bao) -> SigningKey {
+    let key = SigningKey::generate();
+    enable_jwt_auth(bao, "jwt", &key);
+    bao.put_policy(
+        "app",
+        r#"path "secret/data/app/*" { capabilities = ["read"] }
+path "secret/metadata/app/*" { capabilities = ["read"] }"#,
+    );
+    jwt_role(bao, "jwt", "app", "ns", "app", &["app"], "1h");
+    key
+}
+
 pub fn enable_jwt_auth(bao: &Bao, mount: &str, key: &SigningKey) {
     bao.api_ok(
         "POST",
