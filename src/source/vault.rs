@@ -25,6 +25,8 @@ mod auth;
 mod engine;
 mod health;
 mod http;
+#[cfg(test)]
+mod test_server;
 
 use auth::TokenState;
 pub use auth::MIN_RELOGIN_INTERVAL;
@@ -383,37 +385,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_login_that_failed_in_an_outage_is_tried_again_as_soon_as_the_server_is_back() {
-        use std::io::{Read, Write};
         use std::sync::atomic::AtomicBool;
         // Hangs while `frozen`, else answers every request with a login.
         let frozen = Arc::new(AtomicBool::new(true));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
         let logins = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (f, n) = (frozen.clone(), logins.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let (frozen, logins) = (f.clone(), n.clone());
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    let Ok(len) = stream.read(&mut buf) else {
-                        return;
-                    };
-                    if frozen.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_secs(3600));
-                    }
-                    if String::from_utf8_lossy(&buf[..len]).contains("/login") {
-                        logins.fetch_add(1, Ordering::SeqCst);
-                    }
-                    let body = r#"{"auth":{"client_token":"fresh","lease_duration":3600,"renewable":true}}"#;
-                    let _ = write!(
-                        stream,
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                });
+        let (addr, _) = test_server::serve(move |head| {
+            if f.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(3600));
             }
+            if head.contains("/login") {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+            test_server::json_answer(
+                "200 OK",
+                r#"{"auth":{"client_token":"fresh","lease_duration":3600,"renewable":true}}"#,
+                false,
+            )
         });
         let server = Arc::new(
             VaultServer::new(&ServerConfig {

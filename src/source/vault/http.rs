@@ -696,6 +696,7 @@ pub(super) fn classify(status: StatusCode, body: &Value) -> SourceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::vault::test_server::{json_answer, serve};
 
     #[test]
     fn json_values_are_counted_outside_strings_and_capped() {
@@ -832,7 +833,10 @@ mod tests {
     /// A one-thread HTTP server answering each request with `answer(head)`; returns its
     /// address and the request heads it received.
     /// The request heads `seen` by the test server once it has `n` of them (within 2 s).
-    async fn requests_seen(seen: &Arc<parking_lot::Mutex<Vec<String>>>, n: usize) -> Vec<String> {
+    async fn requests_seen(
+        seen: &crate::source::vault::test_server::Seen,
+        n: usize,
+    ) -> Vec<String> {
         for _ in 0..100 {
             if seen.lock().len() >= n {
                 break;
@@ -842,33 +846,6 @@ mod tests {
         let seen = seen.lock().clone();
         assert_eq!(seen.len(), n, "{seen:?}");
         seen
-    }
-
-    fn serve(
-        answer: impl Fn(&str) -> Vec<u8> + Send + 'static,
-    ) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let mut buf = Vec::new();
-                let mut byte = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut byte) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&byte[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf).to_string();
-                log.lock().push(head.clone());
-                let _ = stream.write_all(&answer(&head));
-            }
-        });
-        (addr, seen)
     }
 
     fn small_server(addr: &str, max: usize) -> VaultServer {
@@ -897,22 +874,6 @@ mod tests {
         server
             .send(request, &Arc::new(Semaphore::new(1)), &Gauge::default())
             .await
-    }
-
-    fn json_answer(status: &str, body: &str, chunked: bool) -> Vec<u8> {
-        if chunked {
-            format!(
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
-                body.len()
-            )
-            .into_bytes()
-        } else {
-            format!(
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes()
-        }
     }
 
     #[tokio::test]
@@ -1162,26 +1123,15 @@ mod tests {
     #[tokio::test]
     async fn requests_in_flight_are_capped_per_identity_and_per_server() {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        // A server answering every connection in its own thread after 100 ms, recording the
-        // most connections it held at once.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
+        // A server answering every connection after 100 ms, recording the most connections it
+        // held at once.
         let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (n, m) = (now.clone(), most.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let (n, m) = (n.clone(), m.clone());
-                std::thread::spawn(move || {
-                    use std::io::{Read, Write};
-                    let mut buf = [0u8; 4096];
-                    let _ = stream.read(&mut buf);
-                    m.fetch_max(n.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(100));
-                    n.fetch_sub(1, Ordering::SeqCst);
-                    let _ = stream.write_all(&json_answer("200 OK", "{}", false));
-                });
-            }
+        let (addr, _) = serve(move |_| {
+            m.fetch_max(n.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            n.fetch_sub(1, Ordering::SeqCst);
+            json_answer("200 OK", "{}", false)
         });
         let config = ServerConfig {
             addr,
