@@ -11,8 +11,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::CacheConfig;
 use crate::metrics::{self, Metrics};
-use crate::mount::{self, Invalidator, MountConfig};
-use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer};
+use crate::mount::{self, KernelNotifier, MountConfig};
+use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
 use crate::spec::VolumeSpec;
 use crate::volume::{Volume, VolumeConfig};
 
@@ -49,18 +49,20 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     let server = Arc::new(VaultServer::with_limits(&settings.vault, settings.limits)?);
     server.set_up_gauge(metrics.vault_server_up(server.addr()));
     let name = settings.mountpoint.display().to_string();
+    let source = VaultSource::new(server, settings.auth, name.clone(), metrics.clone());
+    let kernel = KernelNotifier::new();
     let volume = Volume::build(
-        server,
+        Arc::new(source),
         settings.spec,
         VolumeConfig {
             name,
             pod: None,
-            auth: settings.auth,
             cache: settings.cache,
             uid: settings.uid,
             gid: settings.gid,
             file_mode: settings.file_mode,
         },
+        kernel.for_volume(0),
         &metrics,
     );
 
@@ -74,7 +76,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
         },
         tokio::runtime::Handle::current(),
         metrics.clone(),
-        &Invalidator::new(),
+        &kernel,
     )?;
     tracing::info!(
         mountpoint = %settings.mountpoint.display(),
@@ -170,10 +172,10 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let mounter = Arc::new(crate::mount::FuseMounter::new(
         tokio::runtime::Handle::current(),
         metrics.clone(),
-        settings.state_dir.join(crate::csi::volumes::SESSION_DIR),
+        settings.state_dir.join(crate::csi::SESSION_DIR),
     ));
-    let manager = Arc::new(crate::csi::volumes::VolumeManager::new(
-        crate::csi::volumes::CsiConfig {
+    let manager = Arc::new(crate::csi::VolumeManager::new(
+        crate::csi::CsiConfig {
             node_id: settings.node_id,
             state_dir: settings.state_dir,
             servers,

@@ -4,14 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use thiserror::Error;
 
 use crate::audit::{self, Caller};
-use crate::cache::{Content, SecretCache};
+use crate::cache::{Content, SecretCache, SwapHook};
 use crate::logging::FailureLimiter;
 use crate::source::{SecretSource, SourceError};
 use crate::spec::{InodeNo, Node, NodeKind, SecretPath, VolumeSpec};
@@ -168,11 +168,16 @@ struct Handle {
 /// Called with the inodes whose content changed, to drop the kernel's cached attributes.
 pub type Invalidate = Box<dyn Fn(InodeNo) + Send + Sync>;
 
+/// The cache's swap hook for a volume of `spec`: every file showing a changed path is reported
+/// to `invalidate`.
+pub fn swap_hook(spec: Arc<VolumeSpec>, invalidate: Invalidate) -> SwapHook {
+    Box::new(move |path| spec.files_of(path).for_each(&invalidate))
+}
+
 pub struct VaultFs<S> {
     spec: Arc<VolumeSpec>,
     cache: Arc<SecretCache<S>>,
     config: FsConfig,
-    invalidate: Arc<OnceLock<Invalidate>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     created: SystemTime,
@@ -181,17 +186,9 @@ pub struct VaultFs<S> {
 }
 
 impl<S: SecretSource> VaultFs<S> {
-    /// Wires the cache's swap notifications to the invalidation callback (see
-    /// `set_invalidate`) for every file showing the changed path.
+    /// The filesystem of `spec`, reading through `cache` (built with `swap_hook`, so that
+    /// changed files leave the kernel's caches).
     pub fn new(spec: Arc<VolumeSpec>, cache: Arc<SecretCache<S>>, config: FsConfig) -> Self {
-        let invalidate: Arc<OnceLock<Invalidate>> = Arc::new(OnceLock::new());
-        let hook_spec = spec.clone();
-        let hook = invalidate.clone();
-        cache.set_swap_hook(Box::new(move |path| {
-            if let Some(inval) = hook.get() {
-                hook_spec.files_of(path).for_each(inval);
-            }
-        }));
         // Handles of an earlier daemon on the same connection may be presented to this one;
         // starting from the clock keeps new handle numbers clear of theirs.
         let epoch = SystemTime::now()
@@ -201,7 +198,6 @@ impl<S: SecretSource> VaultFs<S> {
             spec,
             cache,
             config,
-            invalidate,
             handles: Mutex::new(HashMap::new()),
             refusals: FailureLimiter::default(),
             next_fh: AtomicU64::new(epoch),
@@ -228,11 +224,6 @@ impl<S: SecretSource> VaultFs<S> {
             }
             NodeKind::Dir(_) => None,
         }
-    }
-
-    /// Sets where changed inodes are reported (once, when the volume is mounted).
-    pub fn set_invalidate(&self, invalidate: Invalidate) {
-        let _ = self.invalidate.set(invalidate);
     }
 
     /// Looks `name` up in `parent`. A file whose secret Vault refuses is an audited refusal
@@ -451,13 +442,19 @@ mod tests {
         source.put("secret/api", &[("token", "t-1")]);
         let entries = args.iter().map(|a| parse_secret_arg(a).unwrap()).collect();
         let spec = Arc::new(VolumeSpec::new(entries).unwrap());
-        let cache = Arc::new(SecretCache::new(
-            source.clone(),
-            CacheConfig::default(),
-            Arc::new(Metrics::new()),
-        ));
         let invalidated = Arc::new(Mutex::new(Vec::new()));
         let sink = invalidated.clone();
+        let cache = Arc::new(
+            SecretCache::new(
+                source.clone(),
+                CacheConfig::default(),
+                Arc::new(Metrics::new()),
+            )
+            .with_swap_hook(swap_hook(
+                spec.clone(),
+                Box::new(move |i| sink.lock().push(i)),
+            )),
+        );
         let config = FsConfig {
             volume: "test".into(),
             pod: None,
@@ -467,7 +464,6 @@ mod tests {
             kernel_ttl: Duration::from_secs(1),
         };
         let fs = VaultFs::new(spec, cache, config);
-        fs.set_invalidate(Box::new(move |i| sink.lock().push(i)));
         World {
             source,
             fs,

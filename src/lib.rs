@@ -3,11 +3,15 @@
 //!
 //! Dependencies point one way only:
 //! `main → app → csi → volume → mount → fuse → fs → cache → source → {secret, spec} → logging`.
-//! `volume` alone builds, starts and tears down a volume; `mount` owns the FUSE connections
-//! (one per `vaultfs mount`, one node-wide for `vaultfs csi`) and the bind mounts.
-//! `tonic` is imported only by `csi`; `fuser` only by `fuse` and `mount`; HTTP and Vault auth
-//! live only in `source::vault`. Everything below `fuse` is plain Rust, testable without a
-//! kernel, and `csi` talks to mounts only through the `mount::Mounter` trait.
+//! `volume` alone builds, starts and tears down a volume, wired to its connection's kernel
+//! invalidations at construction; `mount` owns the FUSE connections (one per `vaultfs mount`,
+//! one node-wide for `vaultfs csi`) and the bind mounts. `tonic` is imported only by `csi`;
+//! `fuser` only by `fuse` and `mount`; HTTP and Vault auth live only in `source::vault`.
+//! Everything below `fuse` is plain Rust, testable without a kernel. `volume` and `csi` use a
+//! volume's identity only through `source::Identity` and mounts only through
+//! `mount::Mounter`, which is generic over the source: the CSI contract tier runs the whole
+//! lifecycle over `source::mock::MockSource` and `mount::FakeMounter`, which are compiled
+//! only for tests (`cfg(test)` or the `testing` feature).
 
 pub mod app;
 pub mod audit;

@@ -71,10 +71,10 @@ struct CsiArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     min_cache_ttl: Duration,
     /// Most volumes served at once; publishes past it fail with ResourceExhausted.
-    #[arg(long, default_value_t = vaultfs::csi::volumes::DEFAULT_MAX_VOLUMES, value_name = "N")]
+    #[arg(long, default_value_t = vaultfs::csi::DEFAULT_MAX_VOLUMES, value_name = "N")]
     max_volumes: usize,
     /// Most files one volume may declare; larger volumes fail with ResourceExhausted.
-    #[arg(long, default_value_t = vaultfs::csi::volumes::DEFAULT_MAX_ENTRIES, value_name = "N")]
+    #[arg(long, default_value_t = vaultfs::csi::DEFAULT_MAX_ENTRIES, value_name = "N")]
     max_volume_entries: usize,
     #[command(flatten)]
     daemon: DaemonArgs,

@@ -1,18 +1,20 @@
-//! One volume's whole life, owned in one place: it is built (identity, cache, filesystem) by
-//! `Volume::build`, starts serving with `Volume::serve` once mounted, and is torn down by
-//! `Serving::tear_down` in the one order every path uses (tasks, mount, leases, token, cache).
-//! `vaultfs mount` (`app`) and the CSI node plugin (`csi`) both use it; it knows neither the
-//! command line nor gRPC, and mounts only through what its caller hands it.
+//! One volume's whole life, owned in one place: it is built (cache and filesystem over its
+//! identity, wired to the kernel's invalidations) by `Volume::build`, starts serving with
+//! `Volume::serve` once mounted, and is torn down by `Serving::tear_down` in the one order
+//! every path uses (tasks, mount, leases, token, cache). `vaultfs mount` (`app`) and the CSI
+//! node plugin (`csi`) both use it; it knows neither the command line, gRPC nor Vault (only
+//! `source::Identity`), and mounts only through what its caller hands it.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::{CacheConfig, SecretCache};
-use crate::fs::{FsConfig, VaultFs};
+use crate::fs::{self, FsConfig, Invalidate, VaultFs};
 use crate::metrics::Metrics;
 use crate::mount::Mounted;
-use crate::source::vault::{Auth, Credential, VaultServer, VaultSource};
+use crate::secret::Token;
+use crate::source::Identity;
 use crate::spec::VolumeSpec;
 
 /// How long the kernel may cache names and attributes: never beyond the cache TTL, and at most
@@ -46,42 +48,36 @@ pub struct VolumeConfig {
     pub name: String,
     /// `namespace/name/uid` of its pod, under CSI.
     pub pod: Option<String>,
-    pub auth: Auth,
     pub cache: CacheConfig,
     pub uid: u32,
     pub gid: u32,
     pub file_mode: u16,
 }
 
-/// A built volume: its Vault identity, cache and filesystem, not yet serving.
-pub struct Volume {
-    source: Arc<VaultSource>,
-    cache: Arc<SecretCache<VaultSource>>,
-    fs: Arc<VaultFs<VaultSource>>,
+/// A built volume: its identity, cache and filesystem, not yet serving.
+pub struct Volume<S> {
+    source: Arc<S>,
+    cache: Arc<SecretCache<S>>,
+    fs: Arc<VaultFs<S>>,
     spec: Arc<VolumeSpec>,
 }
 
-impl Volume {
-    /// Builds the volume. Sends nothing to Vault.
+impl<S: Identity> Volume<S> {
+    /// Builds the volume over `source`; files whose secret changes are reported to
+    /// `invalidate` (the mount's kernel notifications). Sends nothing to Vault.
     pub fn build(
-        server: Arc<VaultServer>,
+        source: Arc<S>,
         spec: VolumeSpec,
         config: VolumeConfig,
+        invalidate: Invalidate,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        let source = Arc::new(VaultSource::new(
-            server,
-            config.auth,
-            config.name.clone(),
-            metrics.clone(),
-        ));
         let kernel_ttl = kernel_ttl(config.cache.ttl);
-        let cache = Arc::new(SecretCache::new(
-            source.clone(),
-            config.cache,
-            metrics.clone(),
-        ));
         let spec = Arc::new(spec);
+        let cache = Arc::new(
+            SecretCache::new(source.clone(), config.cache, metrics.clone())
+                .with_swap_hook(fs::swap_hook(spec.clone(), invalidate)),
+        );
         let fs = Arc::new(VaultFs::new(
             spec.clone(),
             cache.clone(),
@@ -102,13 +98,13 @@ impl Volume {
         }
     }
 
-    /// The volume's Vault identity (to log in ahead of mounting, say).
-    pub fn source(&self) -> &Arc<VaultSource> {
+    /// The volume's identity (to log in ahead of mounting, say).
+    pub fn source(&self) -> &Arc<S> {
         &self.source
     }
 
     /// The filesystem to mount.
-    pub fn fs(&self) -> Arc<VaultFs<VaultSource>> {
+    pub fn fs(&self) -> Arc<VaultFs<S>> {
         self.fs.clone()
     }
 
@@ -116,14 +112,12 @@ impl Volume {
         self.spec.entries().len()
     }
 
-    /// Starts serving once `mounted`: the token renewer and the engine detection run until
-    /// the volume is torn down.
-    pub fn serve(self, mounted: Box<dyn Mounted>) -> Serving {
+    /// Starts serving once `mounted`: the identity's background work (token renewal, engine
+    /// detection) runs until the volume is torn down.
+    pub fn serve(self, mounted: Box<dyn Mounted>) -> Serving<S> {
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(self.source.clone().run_renewer());
         let paths = self.spec.entries().iter().map(|e| e.path.clone()).collect();
-        let detect = self.source.clone();
-        tasks.spawn(async move { detect.detect_engines(paths).await });
+        tasks.spawn(self.source.clone().serve(paths));
         Serving {
             volume: self,
             mounted: Some(mounted),
@@ -138,15 +132,15 @@ impl Volume {
 }
 
 /// A mounted volume, serving.
-pub struct Serving {
-    volume: Volume,
+pub struct Serving<S> {
+    volume: Volume<S>,
     mounted: Option<Box<dyn Mounted>>,
     tasks: tokio::task::JoinSet<()>,
 }
 
-impl Serving {
+impl<S: Identity> Serving<S> {
     /// Hands a fresh login credential to the volume (a CSI republish's token).
-    pub fn set_credential(&self, credential: Credential) {
+    pub fn set_credential(&self, credential: Token) {
         self.volume.source.set_credential(credential);
     }
 

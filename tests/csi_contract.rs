@@ -1,27 +1,44 @@
 //! CSI contract tier: the real gRPC server on a unix socket in a tempdir, with a
-//! `FakeMounter`, driven by a tonic client playing kubelet. No root, no Vault: the configured
-//! Vault address refuses connections, which vaultfs treats as "unreachable, mount anyway".
+//! `FakeMounter` and `MockSource` identities, driven by a tonic client playing kubelet. No
+//! root, no Vault: the configured servers are never contacted (their names are what
+//! `vaultServer` is validated against).
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use vaultfs::csi::pb::identity_client::IdentityClient;
 use vaultfs::csi::pb::node_client::NodeClient;
 use vaultfs::csi::pb::{self, volume_capability};
-use vaultfs::csi::volumes::{CsiConfig, VolumeManager, TOKENS};
+use vaultfs::csi::{Connect, CsiConfig, VolumeManager, TOKENS};
 use vaultfs::metrics::Metrics;
 use vaultfs::mount::FakeMounter;
-use vaultfs::source::vault::{ServerConfig, VaultServer};
+use vaultfs::source::mock::{IdentityCalls, MockSource};
+use vaultfs::source::vault::{Auth, ServerConfig, VaultServer};
+use vaultfs::source::SourceError;
+
+/// How the next identities answer a login: after `latency`, with `refusal` if set.
+#[derive(Clone, Default)]
+struct Logins {
+    refusal: Option<SourceError>,
+    latency: Duration,
+}
+
+/// The identities the plugin made, by volume label, with the auth each was given.
+type Made = Arc<Mutex<Vec<(String, Auth, Arc<MockSource>)>>>;
 
 struct Plugin {
     dir: tempfile::TempDir,
-    fake: Arc<FakeMounter>,
-    manager: Arc<VolumeManager>,
+    fake: Arc<FakeMounter<MockSource>>,
+    manager: Arc<VolumeManager<MockSource>>,
+    made: Made,
+    logins: Arc<Mutex<Logins>>,
     node: NodeClient<Channel>,
     identity: IdentityClient<Channel>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -85,9 +102,21 @@ impl Plugin {
     }
 
     async fn start_in(dir: tempfile::TempDir) -> Plugin {
-        let fake = FakeMounter::new();
-        let manager = Arc::new(VolumeManager::new(
+        let fake = Arc::new(FakeMounter::default());
+        let made: Made = Arc::default();
+        let logins: Arc<Mutex<Logins>> = Arc::default();
+        let (record, behaviour) = (made.clone(), logins.clone());
+        let identities: Connect<MockSource> = Box::new(move |_server, auth, name| {
+            let source = Arc::new(MockSource::new());
+            let behaviour = behaviour.lock().clone();
+            source.refuse_logins(behaviour.refusal);
+            source.set_latency(behaviour.latency);
+            record.lock().push((name.to_string(), auth, source.clone()));
+            source
+        });
+        let manager = Arc::new(VolumeManager::with_identities(
             config(&dir.path().join("state")),
+            identities,
             fake.clone(),
             Arc::new(Metrics::new()),
         ));
@@ -106,6 +135,8 @@ impl Plugin {
             dir,
             fake,
             manager,
+            made,
+            logins,
             node: NodeClient::new(channel.clone()),
             identity: IdentityClient::new(channel),
             stop: Some(stop),
@@ -128,6 +159,18 @@ impl Plugin {
         self.dir.path().join(format!(
             "pods/{pod}/volumes/kubernetes.io~csi/secrets/mount"
         ))
+    }
+
+    /// What the identity of the `n`th volume made was asked, and the secret reads and version
+    /// checks it answered.
+    fn identity(&self, n: usize) -> (IdentityCalls, usize, usize) {
+        let made = self.made.lock();
+        let source = &made[n].2;
+        (
+            source.identity_calls(),
+            source.reads(),
+            source.version_checks(),
+        )
     }
 
     fn state_files(&self) -> Vec<PathBuf> {
@@ -513,5 +556,85 @@ async fn publishing_past_max_volumes_is_resource_exhausted_and_unpublish_frees_a
     p.publish(again).await.expect("republish at the limit");
     p.unpublish("csi-1", &targets[1]).await.expect("unpublish");
     p.publish(fifth).await.expect("a slot was freed");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn publish_logs_in_as_the_pod_and_reads_no_secret_until_unpublish_revokes() {
+    let mut p = Plugin::start().await;
+    let target = p.target("pod-a");
+    p.publish(request(&target, "jwt-a")).await.unwrap();
+    {
+        let made = p.made.lock();
+        assert_eq!(made.len(), 1);
+        assert_eq!(made[0].0, "team-a/app-0/csi-0123abcd");
+        match &made[0].1 {
+            Auth::Login { mount, role, .. } => {
+                assert_eq!((mount.as_str(), role.as_str()), ("kubernetes", "app"))
+            }
+            other => panic!("a CSI volume logs in, got {other:?}"),
+        }
+    }
+    let (calls, reads, checks) = p.identity(0);
+    assert_eq!(
+        (calls.logins, calls.serving, calls.revoked),
+        (1, true, false)
+    );
+    assert_eq!((reads, checks), (0, 0), "publish must read no secret");
+
+    p.publish(request(&target, "jwt-b")).await.unwrap();
+    let (calls, reads, _) = p.identity(0);
+    assert_eq!(
+        (calls.logins, calls.credentials),
+        (1, 1),
+        "republish hands the token over, no new login"
+    );
+    assert_eq!(reads, 0);
+    assert_eq!(p.made.lock().len(), 1, "republish makes no new identity");
+
+    p.unpublish("csi-0123abcd", &target).await.unwrap();
+    let (calls, reads, checks) = p.identity(0);
+    assert!(calls.revoked, "unpublish revokes the volume's token");
+    assert_eq!((reads, checks), (0, 0));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_login_is_permission_denied_with_vaults_reason_and_mounts_nothing() {
+    let mut p = Plugin::start().await;
+    p.logins.lock().refusal = Some(SourceError::LoginRefused(
+        "Vault refused the login to auth/kubernetes as role \"app\": service account name not authorized".into(),
+    ));
+    let target = p.target("pod-a");
+    let status = p.publish(request(&target, "jwt-a")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("service account name not authorized"),
+        "{}",
+        status.message()
+    );
+    assert!(p.fake.mounted().is_empty());
+    assert!(p.state_files().is_empty());
+    assert_eq!(p.manager.len(), 0);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn an_unanswered_login_holds_publish_for_at_most_two_seconds_then_mounts() {
+    let mut p = Plugin::start().await;
+    p.logins.lock().latency = Duration::from_secs(60);
+    let target = p.target("pod-a");
+    let started = Instant::now();
+    p.publish(request(&target, "jwt-a")).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(2500),
+        "publish took {waited:?}; promised: at most 2 s of login wait"
+    );
+    assert_eq!(p.fake.mounted(), vec![target]);
+    let (calls, reads, _) = p.identity(0);
+    assert_eq!((calls.logins, reads), (1, 0));
     p.stop().await;
 }

@@ -17,7 +17,7 @@ use std::process::Command;
 use serde::Deserialize;
 use serde_json::Value;
 
-use vaultfs::csi::volumes::ATTRIBUTES as VOLUME_ATTRIBUTES;
+use vaultfs::csi::ATTRIBUTES as VOLUME_ATTRIBUTES;
 use vaultfs::csi::{DEFAULT_ENDPOINT, DEFAULT_METRICS_PORT, DEFAULT_STATE_DIR, DRIVER_NAME};
 
 /// Kubernetes versions the manifests are validated against.

@@ -264,7 +264,7 @@ mod tests {
     use std::num::NonZeroUsize;
     use std::sync::atomic::AtomicU64;
 
-    use super::super::tests::{cache, path, value};
+    use super::super::tests::{cache, hooked_cache, path, value};
     use super::super::CacheConfig;
     use super::*;
     use crate::source::mock::MockSource;
@@ -301,12 +301,15 @@ mod tests {
         let source = Arc::new(MockSource::new());
         source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
         source.set_lease(Some(Duration::from_secs(9)), Some(Duration::from_secs(16)));
-        let cache = cache(&source, CacheConfig::default());
         let swapped = Arc::new(AtomicU64::new(0));
         let seen = swapped.clone();
-        cache.set_swap_hook(Box::new(move |_| {
-            seen.fetch_add(1, Ordering::SeqCst);
-        }));
+        let cache = hooked_cache(
+            &source,
+            CacheConfig::default(),
+            Box::new(move |_| {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
         let p = path("database/creds/app");
         cache.get(&p).await.unwrap();
         source.put_unversioned("database/creds/app", &[("password", "gen-2")]);

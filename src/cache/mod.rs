@@ -138,7 +138,7 @@ pub struct SecretCache<S> {
     /// Bytes of every version alive: cached ones and older ones pinned by open files.
     held: Arc<AtomicUsize>,
     generation: AtomicU64,
-    on_swap: Mutex<Option<SwapHook>>,
+    on_swap: Option<SwapHook>,
     metrics: Arc<Metrics>,
     keeper_running: AtomicBool,
     /// Wakes the lease keeper when a new lease is stored or one must be revoked.
@@ -162,7 +162,7 @@ impl<S: SecretSource> SecretCache<S> {
             config,
             held: Arc::default(),
             generation: AtomicU64::new(0),
-            on_swap: Mutex::new(None),
+            on_swap: None,
             metrics,
             keeper_running: AtomicBool::new(false),
             lease_added: Arc::default(),
@@ -171,9 +171,11 @@ impl<S: SecretSource> SecretCache<S> {
         }
     }
 
-    /// Installs the function told about swapped or vanished secrets (kernel cache invalidation).
-    pub fn set_swap_hook(&self, hook: SwapHook) {
-        *self.on_swap.lock() = Some(hook);
+    /// The cache, telling `hook` about every swapped or vanished secret (kernel cache
+    /// invalidation). Wired once, before the cache is shared.
+    pub fn with_swap_hook(mut self, hook: SwapHook) -> Self {
+        self.on_swap = Some(hook);
+        self
     }
 
     /// The current content of `path`: from memory while fresh, otherwise after asking Vault
@@ -530,7 +532,7 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     fn notify(&self, path: &SecretPath) {
-        if let Some(hook) = self.on_swap.lock().as_ref() {
+        if let Some(hook) = &self.on_swap {
             hook(path);
         }
     }
@@ -554,6 +556,16 @@ mod tests {
             config,
             Arc::new(Metrics::new()),
         ))
+    }
+
+    pub(super) fn hooked_cache(
+        source: &Arc<MockSource>,
+        config: CacheConfig,
+        hook: SwapHook,
+    ) -> Arc<SecretCache<MockSource>> {
+        Arc::new(
+            SecretCache::new(source.clone(), config, Arc::new(Metrics::new())).with_swap_hook(hook),
+        )
     }
 
     pub(super) fn value(c: &Content, key: &str) -> String {
@@ -609,10 +621,13 @@ mod tests {
     async fn rotation_after_ttl_swaps_content_and_calls_the_hook() {
         let source = Arc::new(MockSource::new());
         source.put("secret/a", &[("k", "v1")]);
-        let cache = cache(&source, CacheConfig::default());
         let swapped = Arc::new(Mutex::new(Vec::new()));
         let seen = swapped.clone();
-        cache.set_swap_hook(Box::new(move |p| seen.lock().push(p.clone())));
+        let cache = hooked_cache(
+            &source,
+            CacheConfig::default(),
+            Box::new(move |p| seen.lock().push(p.clone())),
+        );
         let p = path("secret/a");
         let old = cache.get(&p).await.unwrap();
         source.put("secret/a", &[("k", "v2-longer")]);
@@ -823,12 +838,15 @@ mod tests {
     async fn deleted_or_forbidden_secret_is_not_served_stale() {
         let source = Arc::new(MockSource::new());
         source.put("secret/a", &[("k", "v1")]);
-        let cache = cache(&source, CacheConfig::default());
         let hooked = Arc::new(AtomicU64::new(0));
         let h = hooked.clone();
-        cache.set_swap_hook(Box::new(move |_| {
-            h.fetch_add(1, Ordering::SeqCst);
-        }));
+        let cache = hooked_cache(
+            &source,
+            CacheConfig::default(),
+            Box::new(move |_| {
+                h.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
         let p = path("secret/a");
         cache.get(&p).await.unwrap();
         source.delete("secret/a");

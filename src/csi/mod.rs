@@ -1,17 +1,28 @@
 //! The Kubernetes CSI node plugin: Identity and Node services over gRPC on a unix socket
-//! (`service`), and the per-pod volume lifecycle behind them (`volumes`). `tonic` is used
+//! (`service`), what a publish request may say (`request`), the per-pod volume lifecycle
+//! behind them (`volumes`) and the records that outlive a daemon (`state`). `tonic` is used
 //! only here; mounting goes through `mount::Mounter`.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+pub mod request;
 pub mod service;
+mod state;
 pub mod volumes;
+
+pub use request::{Capability, CsiError, PublishRequest, ATTRIBUTES, TOKENS};
+pub use volumes::{Connect, VolumeManager};
+
+use crate::source::vault::VaultServer;
+use crate::source::Identity;
 
 /// The generated CSI v1 protocol types (the subset in `proto/csi.proto`).
 pub mod pb {
@@ -29,6 +40,35 @@ pub const DEFAULT_STATE_DIR: &str = "/run/vaultfs";
 /// Port of `/metrics` and `/healthz` in the deploy manifests.
 pub const DEFAULT_METRICS_PORT: u16 = 9810;
 
+/// Node plugin settings.
+pub struct CsiConfig {
+    pub node_id: String,
+    /// Directory (tmpfs-backed) for per-volume state.
+    pub state_dir: PathBuf,
+    /// The Vault servers volumes may use: `""` is the default, other names are picked with
+    /// the `vaultServer` attribute.
+    pub servers: HashMap<String, Arc<VaultServer>>,
+    pub vault_timeout: Duration,
+    /// Per-volume cache bounds.
+    pub cache_max_entries: usize,
+    pub cache_max_bytes: usize,
+    /// The shortest `cacheTTL` a volume may ask for (`--min-cache-ttl`): pods do not set the
+    /// node's Vault request rate.
+    pub min_cache_ttl: Duration,
+    /// Most volumes served at once (`--max-volumes`; NodeGetInfo's `max_volumes_per_node`).
+    pub max_volumes: usize,
+    /// Most files one volume may declare (`--max-volume-entries`).
+    pub max_entries: usize,
+}
+
+/// Defaults of the node-wide limits.
+pub const DEFAULT_MIN_CACHE_TTL: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_VOLUMES: usize = 1000;
+pub const DEFAULT_MAX_ENTRIES: usize = 512;
+/// Where, under the state directory, the node's FUSE connection is mounted (the directory is
+/// 0700 like the state directory: only the daemon goes there; pods see bind mounts).
+pub const SESSION_DIR: &str = "fuse";
+
 /// The socket path of a `unix://` endpoint.
 pub fn socket_path(endpoint: &str) -> Result<&Path, String> {
     endpoint
@@ -42,8 +82,8 @@ pub fn socket_path(endpoint: &str) -> Result<&Path, String> {
 
 /// Serves Identity and Node on `socket` until `shutdown` completes. A stale socket file left
 /// by an earlier daemon is replaced.
-pub async fn serve(
-    manager: Arc<volumes::VolumeManager>,
+pub async fn serve<S: Identity>(
+    manager: Arc<VolumeManager<S>>,
     socket: &Path,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {

@@ -8,8 +8,9 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::pb;
-use super::volumes::{Capability, CsiError, PublishRequest, VolumeManager};
 use super::DRIVER_NAME;
+use super::{Capability, CsiError, PublishRequest, VolumeManager};
+use crate::source::Identity;
 
 fn code_name(result: &Result<(), CsiError>) -> &'static str {
     match result {
@@ -66,12 +67,12 @@ impl pb::identity_server::Identity for IdentityService {
     }
 }
 
-pub struct NodeService {
-    manager: Arc<VolumeManager>,
+pub struct NodeService<S> {
+    manager: Arc<VolumeManager<S>>,
 }
 
-impl NodeService {
-    pub fn new(manager: Arc<VolumeManager>) -> Self {
+impl<S: Identity> NodeService<S> {
+    pub fn new(manager: Arc<VolumeManager<S>>) -> Self {
         Self { manager }
     }
 }
@@ -100,7 +101,7 @@ fn publish_request(req: pb::NodePublishVolumeRequest) -> PublishRequest {
 }
 
 #[tonic::async_trait]
-impl pb::node_server::Node for NodeService {
+impl<S: Identity> pb::node_server::Node for NodeService<S> {
     async fn node_publish_volume(
         &self,
         request: Request<pb::NodePublishVolumeRequest>,

@@ -1,5 +1,5 @@
-//! An in-memory `SecretSource` for the fast test tiers: insert, rotate, delete, fail calls,
-//! add latency, and count the calls that reached it.
+//! An in-memory `SecretSource` and `Identity` for the fast test tiers: insert, rotate,
+//! delete, fail calls, add latency, refuse logins, and count the calls that reached it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{Fetched, Lease, SecretSource, SourceError, Version};
-use crate::secret::SecretData;
+use super::{Fetched, Identity, Lease, SecretSource, SourceError, Version};
+use crate::secret::{SecretData, Token};
 use crate::spec::SecretPath;
 
 #[derive(Default)]
@@ -24,6 +24,21 @@ struct State {
     granted: HashMap<String, tokio::time::Instant>,
     leases_issued: u64,
     revoked: Vec<String>,
+    /// What `login` answers (after `latency`); `None`: success.
+    login_error: Option<SourceError>,
+    logins: usize,
+    credentials: usize,
+    identity_revoked: bool,
+    serving: bool,
+}
+
+/// What a `MockSource` was asked as an `Identity`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityCalls {
+    pub logins: usize,
+    pub credentials: usize,
+    pub revoked: bool,
+    pub serving: bool,
 }
 
 /// A mock secret store. Each path holds a version number, the data, and whether it supports
@@ -121,6 +136,23 @@ impl MockSource {
         self.version_checks.load(Ordering::SeqCst)
     }
 
+    /// Every later `login` fails with `err` (`None`: logins succeed again).
+    pub fn refuse_logins(&self, err: Option<SourceError>) {
+        self.state.lock().login_error = err;
+    }
+
+    /// Logins, credentials handed over with `set_credential`, whether the identity was
+    /// revoked, and whether its background work was started.
+    pub fn identity_calls(&self) -> IdentityCalls {
+        let state = self.state.lock();
+        IdentityCalls {
+            logins: state.logins,
+            credentials: state.credentials,
+            revoked: state.identity_revoked,
+            serving: state.serving,
+        }
+    }
+
     async fn answer<T>(
         &self,
         path: &SecretPath,
@@ -212,5 +244,35 @@ impl SecretSource for MockSource {
         state.granted.remove(&lease.id);
         state.revoked.push(lease.id.clone());
         Ok(())
+    }
+}
+
+impl Identity for MockSource {
+    async fn login(&self) -> Result<(), SourceError> {
+        let latency = {
+            let mut state = self.state.lock();
+            state.logins += 1;
+            state.latency
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        match self.state.lock().login_error.clone() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    fn set_credential(&self, _credential: Token) {
+        self.state.lock().credentials += 1;
+    }
+
+    async fn serve(self: std::sync::Arc<Self>, _paths: Vec<crate::spec::SecretPath>) {
+        self.state.lock().serving = true;
+        std::future::pending::<()>().await;
+    }
+
+    async fn revoke(&self) {
+        self.state.lock().identity_revoked = true;
     }
 }

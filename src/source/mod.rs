@@ -1,15 +1,18 @@
 //! The one door to Vault: the `SecretSource` trait the cache fetches through, its error type
 //! and the fetched-secret value. `vault` is the real implementation (the only code that knows
-//! HTTP and auth); `mock` is an in-memory double for the fast test tiers.
+//! HTTP and auth); `mock` is an in-memory double for the fast test tiers, compiled only for
+//! tests (`cfg(test)` or the `testing` feature).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::secret::SecretData;
+use crate::secret::{SecretData, Token};
 use crate::spec::SecretPath;
 
+#[cfg(any(test, feature = "testing"))]
 pub mod mock;
 pub mod pacing;
 pub mod vault;
@@ -114,4 +117,24 @@ pub trait SecretSource: Send + Sync + 'static {
     fn server_recoveries(&self) -> u64 {
         0
     }
+}
+
+/// A volume's identity at its secret store, beyond reading: what a volume does with it when it
+/// is published, while it serves and when it is torn down. `vault::VaultSource` is the real
+/// one; the volume lifecycle (`volume`, `csi`) knows only this trait.
+pub trait Identity: SecretSource {
+    /// Logs in now, so that a refused login fails the caller early (a CSI publish). A no-op
+    /// for identities that need no login.
+    fn login(&self) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Replaces the login credential (a CSI republish's fresh service-account token). The
+    /// current session stays in use until it expires or is refused.
+    fn set_credential(&self, credential: Token);
+
+    /// Keeps the identity usable while the volume serves (token renewal) and learns ahead of
+    /// the first read how to read `paths` (reading no secret). Runs until aborted.
+    fn serve(self: Arc<Self>, paths: Vec<SecretPath>) -> impl Future<Output = ()> + Send;
+
+    /// Gives up what this identity obtained (its token); later calls fail.
+    fn revoke(&self) -> impl Future<Output = ()> + Send;
 }

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::{Fetched, Lease, SecretSource, SourceError, Version};
+use super::{Fetched, Identity, Lease, SecretSource, SourceError, Version};
 use crate::metrics::Metrics;
 use crate::secret::{wipe_json, SecretData, Token};
 use crate::spec::SecretPath;
@@ -25,6 +25,7 @@ mod auth;
 mod engine;
 mod health;
 mod http;
+
 #[cfg(test)]
 mod test_server;
 
@@ -166,65 +167,6 @@ impl VaultSource {
         }
     }
 
-    /// Replaces the login credential (a fresh service-account token from a CSI republish).
-    /// The current Vault token stays in use until it expires or is refused.
-    pub fn set_credential(&self, credential: Credential) {
-        *self.credential.lock() = Some(credential);
-        self.failed_login.lock().take();
-    }
-
-    /// Logs in now (for callers that want a refused login to fail early). A no-op for tokens.
-    pub async fn login(&self) -> Result<(), SourceError> {
-        match self.auth {
-            Auth::Token(_) => Ok(()),
-            Auth::Login { .. } => {
-                let old = self.token.lock().take().map(|t| t.token);
-                self.relogin(None, false).await?;
-                if let Some(old) = old {
-                    self.server.revoke_in_background(old, &self.in_flight);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Learns which secret engine serves each path ahead of the first read, so that a cold
-    /// read costs one round trip. Reads no secret; errors are left for the first read.
-    pub async fn detect_engines(&self, paths: Vec<SecretPath>) {
-        for path in paths {
-            let _ = self.engine(&path).await;
-        }
-    }
-
-    /// Revokes a token this process obtained by logging in (never a token it was given).
-    pub async fn revoke(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.metrics.forget_volume(&self.volume);
-        if self.is_static_token() {
-            return;
-        }
-        let Some(token) = self.token.lock().take().map(|t| t.token) else {
-            return;
-        };
-        let revoke = self.send(
-            "revoke",
-            Method::POST,
-            "auth/token/revoke-self",
-            None,
-            Some(&token),
-        );
-        // Bounded: an unpublish must not queue for long behind other volumes' requests.
-        match tokio::time::timeout(REVOKE_WAIT, revoke).await {
-            Ok(Ok(_)) => tracing::info!(volume = %self.volume, "Vault token revoked"),
-            Ok(Err(err)) => {
-                tracing::warn!(volume = %self.volume, error = %err, "could not revoke the Vault token")
-            }
-            Err(_) => {
-                tracing::warn!(volume = %self.volume, "could not revoke the Vault token: no answer within {REVOKE_WAIT:?}; it expires at its TTL")
-            }
-        }
-    }
-
     fn is_static_token(&self) -> bool {
         matches!(self.auth, Auth::Token(_))
     }
@@ -274,6 +216,70 @@ fn take_data(mut body: Value, pointer: &str) -> Result<SecretData, SourceError> 
             Err(SourceError::Invalid(format!(
                 "expected an object at {pointer} of the answer"
             )))
+        }
+    }
+}
+
+impl Identity for VaultSource {
+    /// Replaces the login credential (a fresh service-account token from a CSI republish).
+    /// The current Vault token stays in use until it expires or is refused.
+    fn set_credential(&self, credential: Token) {
+        *self.credential.lock() = Some(Credential::Value(credential));
+        self.failed_login.lock().take();
+    }
+
+    /// Logs in now (for callers that want a refused login to fail early). A no-op for tokens.
+    async fn login(&self) -> Result<(), SourceError> {
+        match self.auth {
+            Auth::Token(_) => Ok(()),
+            Auth::Login { .. } => {
+                let old = self.token.lock().take().map(|t| t.token);
+                self.relogin(None, false).await?;
+                if let Some(old) = old {
+                    self.server.revoke_in_background(old, &self.in_flight);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Renews the token, and learns which secret engine serves each path ahead of the first
+    /// read so that a cold read costs one round trip (errors are left for the first read).
+    async fn serve(self: Arc<Self>, paths: Vec<SecretPath>) {
+        let detect = async {
+            for path in paths {
+                let _ = self.engine(&path).await;
+            }
+        };
+        tokio::join!(self.clone().run_renewer(), detect);
+    }
+
+    /// Revokes a token this process obtained by logging in (never a token it was given).
+    async fn revoke(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.metrics.forget_volume(&self.volume);
+        if self.is_static_token() {
+            return;
+        }
+        let Some(token) = self.token.lock().take().map(|t| t.token) else {
+            return;
+        };
+        let revoke = self.send(
+            "revoke",
+            Method::POST,
+            "auth/token/revoke-self",
+            None,
+            Some(&token),
+        );
+        // Bounded: an unpublish must not queue for long behind other volumes' requests.
+        match tokio::time::timeout(REVOKE_WAIT, revoke).await {
+            Ok(Ok(_)) => tracing::info!(volume = %self.volume, "Vault token revoked"),
+            Ok(Err(err)) => {
+                tracing::warn!(volume = %self.volume, error = %err, "could not revoke the Vault token")
+            }
+            Err(_) => {
+                tracing::warn!(volume = %self.volume, "could not revoke the Vault token: no answer within {REVOKE_WAIT:?}; it expires at its TTL")
+            }
         }
     }
 }

@@ -1,0 +1,338 @@
+//! What kubelet sends in NodePublishVolume and what vaultfs accepts of it: the request taken
+//! out of protobuf, the volume attributes a pod may set, and their validation into `Params`,
+//! each refusal naming the field and what was expected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::CsiConfig;
+use crate::config::{format_duration, parse_duration, parse_file_mode};
+use crate::fuse::Slot;
+use crate::secret::Token;
+use crate::source::vault::VaultServer;
+use crate::spec::{parse_spec_document, VolumeSpec};
+
+/// Keys kubelet adds to the volume context (with `podInfoOnMount` and `tokenRequests`).
+pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+pub const SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
+pub const TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// `cacheTTL` when a volume does not say.
+const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// The volume attributes a pod may set, with their meaning (README's table).
+pub const ATTRIBUTES: [&str; 7] = [
+    "role",
+    "secrets",
+    "authMount",
+    "audience",
+    "cacheTTL",
+    "fileMode",
+    "vaultServer",
+];
+
+/// A CSI request refused or failed, with the gRPC code it maps to at the service boundary.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CsiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A node-wide limit is reached (`--max-volumes`, entries per volume).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// NodePublishVolume, taken out of protobuf. `Debug` leaves out the context and secrets: they
+/// carry service-account tokens.
+#[derive(Clone, Default)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub target_path: String,
+    pub readonly: bool,
+    pub capability: Option<Capability>,
+    pub context: HashMap<String, String>,
+    pub secrets: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for PublishRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishRequest")
+            .field("volume_id", &self.volume_id)
+            .field("target_path", &self.target_path)
+            .field("readonly", &self.readonly)
+            .field("capability", &self.capability)
+            .field("context", &format_args!("<{} keys>", self.context.len()))
+            .field(
+                "secrets",
+                &format_args!("<{} keys redacted>", self.secrets.len()),
+            )
+            .finish()
+    }
+}
+
+/// The parts of a `VolumeCapability` vaultfs looks at.
+#[derive(Clone, Debug, Default)]
+pub struct Capability {
+    /// Block access was requested (refused: vaultfs volumes are filesystems).
+    pub block: bool,
+    /// The pod's fsGroup, offered through VOLUME_MOUNT_GROUP (empty: none).
+    pub mount_group: String,
+}
+
+/// A validated publish request.
+pub(super) struct Params {
+    pub(super) volume_id: String,
+    pub(super) target: PathBuf,
+    pub(super) role: String,
+    pub(super) spec: VolumeSpec,
+    pub(super) auth_mount: String,
+    pub(super) cache_ttl: Duration,
+    pub(super) file_mode: u16,
+    pub(super) mount_group: Option<u32>,
+    pub(super) server: Arc<VaultServer>,
+    pub(super) token: Token,
+    pub(super) audience: String,
+    pub(super) label: String,
+    /// `namespace/name/uid` of the pod, for audit events.
+    pub(super) pod: Option<String>,
+    /// The slot recorded for this volume (restart recovery), if any.
+    pub(super) slot: Option<Slot>,
+    /// The context without the tokens, as kept in the state file.
+    pub(super) context: BTreeMap<String, String>,
+}
+
+pub(super) fn invalid(message: impl Into<String>) -> CsiError {
+    CsiError::InvalidArgument(message.into())
+}
+
+pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Params, CsiError> {
+    if req.volume_id.is_empty() {
+        return Err(invalid("volume_id is missing"));
+    }
+    if req.target_path.is_empty() {
+        return Err(invalid("target_path is missing"));
+    }
+    let target = PathBuf::from(&req.target_path);
+    if !target.is_absolute() {
+        return Err(invalid(format!(
+            "target_path {:?} is not an absolute path",
+            req.target_path
+        )));
+    }
+    let capability = req
+        .capability
+        .as_ref()
+        .ok_or_else(|| invalid("volume_capability is missing"))?;
+    if capability.block {
+        return Err(invalid(
+            "volume_capability: block access is not supported; vaultfs volumes are filesystems",
+        ));
+    }
+    if !req.readonly {
+        return Err(invalid(
+            "readonly must be true: vaultfs volumes are read-only; set `readOnly: true` on the pod's csi volume",
+        ));
+    }
+    let mount_group = match capability.mount_group.as_str() {
+        "" => None,
+        g => Some(g.parse::<u32>().map_err(|_| {
+            invalid(format!(
+                "volume_capability.mount.volume_mount_group {g:?} is not a numeric group id"
+            ))
+        })?),
+    };
+    let attr = |key: &str| {
+        req.context
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    for key in req.context.keys() {
+        if !key.starts_with(KUBELET_PREFIX) && !ATTRIBUTES.contains(&key.as_str()) {
+            return Err(invalid(format!(
+                "unknown volumeAttributes key {key:?}; expected one of {}",
+                ATTRIBUTES.join(", ")
+            )));
+        }
+    }
+    let role = attr("role")
+        .ok_or_else(|| {
+            invalid("volumeAttributes.role is missing: the Vault auth role to log in as")
+        })?
+        .to_string();
+    let secrets = attr("secrets").ok_or_else(|| {
+        invalid("volumeAttributes.secrets is missing: a YAML or JSON list of {name, path, key?}")
+    })?;
+    let spec = parse_spec_document(secrets)
+        .and_then(VolumeSpec::new)
+        .map_err(|e| invalid(format!("volumeAttributes.secrets: {e}")))?;
+    if spec.entries().len() > config.max_entries {
+        return Err(CsiError::ResourceExhausted(format!(
+            "volumeAttributes.secrets declares {} files; this node allows at most {} per volume (vaultfs csi --max-volume-entries)",
+            spec.entries().len(),
+            config.max_entries
+        )));
+    }
+    let auth_mount = attr("authMount")
+        .unwrap_or("kubernetes")
+        .trim_matches('/')
+        .to_string();
+    if auth_mount.is_empty()
+        || auth_mount.split('/').any(|s| s.is_empty() || s == "..")
+        || !auth_mount
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    {
+        return Err(invalid(format!(
+            "volumeAttributes.authMount {auth_mount:?} is not an auth mount path such as kubernetes or jwt"
+        )));
+    }
+    let audience = attr("audience").unwrap_or("vault").to_string();
+    let cache_ttl = match attr("cacheTTL") {
+        Some(t) => {
+            parse_duration(t).map_err(|e| invalid(format!("volumeAttributes.cacheTTL: {e}")))?
+        }
+        None => DEFAULT_CACHE_TTL.max(config.min_cache_ttl),
+    };
+    if cache_ttl < config.min_cache_ttl {
+        return Err(invalid(format!(
+            "volumeAttributes.cacheTTL {} is below this node's minimum of {} (vaultfs csi --min-cache-ttl)",
+            format_duration(cache_ttl),
+            format_duration(config.min_cache_ttl)
+        )));
+    }
+    let file_mode = match attr("fileMode") {
+        Some(m) => {
+            parse_file_mode(m).map_err(|e| invalid(format!("volumeAttributes.fileMode: {e}")))?
+        }
+        // Without a group to grant access to, the pod's (arbitrary) user must still read.
+        None if mount_group.is_some() => 0o440,
+        None => 0o444,
+    };
+    let server_name = attr("vaultServer").unwrap_or("");
+    let server = config.servers.get(server_name).cloned().ok_or_else(|| {
+        let mut known: Vec<_> = config
+            .servers
+            .keys()
+            .filter(|k| !k.is_empty())
+            .map(String::as_str)
+            .collect();
+        known.sort();
+        if server_name.is_empty() {
+            invalid("this node has no default Vault server (--vault-addr); set volumeAttributes.vaultServer")
+        } else {
+            invalid(format!(
+                "volumeAttributes.vaultServer {server_name:?} is not configured on this node; known: {}",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        }
+    })?;
+    let token = service_account_token(req, &audience)?;
+    let label = format!(
+        "{}/{}/{}",
+        attr(POD_NAMESPACE).unwrap_or("-"),
+        attr(POD_NAME).unwrap_or("-"),
+        req.volume_id
+    );
+    let pod = attr(POD_NAME).map(|name| {
+        format!(
+            "{}/{name}/{}",
+            attr(POD_NAMESPACE).unwrap_or("-"),
+            attr(POD_UID).unwrap_or("-")
+        )
+    });
+    let context = req
+        .context
+        .iter()
+        .filter(|(k, _)| k.as_str() != TOKENS)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(Params {
+        volume_id: req.volume_id.clone(),
+        target,
+        role,
+        spec,
+        auth_mount,
+        cache_ttl,
+        file_mode,
+        mount_group,
+        server,
+        token,
+        audience,
+        label,
+        pod,
+        slot: None,
+        context,
+    })
+}
+
+/// The pod's token for `audience` from `csi.storage.k8s.io/serviceAccount.tokens`, looked for
+/// in the request's secrets (newer kubelets) and then its volume context.
+fn service_account_token(req: &PublishRequest, audience: &str) -> Result<Token, CsiError> {
+    let raw = req
+        .secrets
+        .get(TOKENS)
+        .or_else(|| req.context.get(TOKENS))
+        .ok_or_else(|| {
+            invalid(format!(
+                "{TOKENS} is missing: the CSIDriver must request a token with `tokenRequests: [{{audience: {audience}}}]`"
+            ))
+        })?;
+    let mut tokens: serde_json::Value = serde_json::from_str(raw).map_err(|_| {
+        invalid(format!(
+            "{TOKENS} is not a JSON object of audience → {{token, expirationTimestamp}}"
+        ))
+    })?;
+    let token = tokens
+        .get_mut(audience)
+        .and_then(|t| t.get_mut("token"))
+        .and_then(|t| match t.take() {
+            serde_json::Value::String(s) if !s.is_empty() => Some(Token::new(s)),
+            _ => None,
+        });
+    let audiences: Vec<String> = tokens
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    crate::secret::wipe_json(&mut tokens);
+    token.ok_or_else(|| {
+        invalid(format!(
+            "{TOKENS} has no token for audience {audience:?} (it has: {}); set volumeAttributes.audience or the CSIDriver's tokenRequests",
+            if audiences.is_empty() { "none".to_string() } else { audiences.join(", ") }
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_request_debug_never_shows_tokens() {
+        let mut req = PublishRequest {
+            volume_id: "csi-1".into(),
+            ..Default::default()
+        };
+        req.context.insert(
+            TOKENS.into(),
+            r#"{"vault":{"token":"eyJhbGciOi.secret"}}"#.into(),
+        );
+        req.secrets
+            .insert(TOKENS.into(), "eyJhbGciOi.secret".into());
+        let printed = format!("{req:?}");
+        assert!(!printed.contains("eyJhbGciOi"), "{printed}");
+        assert!(printed.contains("csi-1"));
+    }
+}

@@ -1,0 +1,146 @@
+//! The state directory: one 0600 JSON file per published volume, holding what a restarted
+//! daemon needs to serve it again (attributes, pod, slot and the latest service-account
+//! token), never a secret value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::request::{Capability, Params, PublishRequest, TOKENS};
+use crate::fuse::Slot;
+
+/// What the state directory keeps per volume: enough to serve it again after a restart,
+/// never a secret value. The service-account token is short-lived and audience-bound.
+#[derive(Serialize, Deserialize)]
+pub(super) struct StateRecord {
+    pub(super) volume_id: String,
+    pub(super) target_path: String,
+    pub(super) context: BTreeMap<String, String>,
+    pub(super) audience: String,
+    pub(super) token: String,
+    pub(super) mount_group: String,
+    /// The volume's slot on the node's FUSE connection (its inode numbers' high half); 0 in
+    /// records written before slots existed (a new one is given).
+    #[serde(default)]
+    pub(super) slot: Slot,
+}
+
+impl Drop for StateRecord {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.token);
+    }
+}
+
+impl StateRecord {
+    pub(super) fn to_request(&self) -> PublishRequest {
+        let mut context: HashMap<String, String> = self.context.clone().into_iter().collect();
+        context.insert(
+            TOKENS.to_string(),
+            serde_json::json!({ &self.audience: { "token": &self.token } }).to_string(),
+        );
+        PublishRequest {
+            volume_id: self.volume_id.clone(),
+            target_path: self.target_path.clone(),
+            readonly: true,
+            capability: Some(Capability {
+                block: false,
+                mount_group: self.mount_group.clone(),
+            }),
+            context,
+            secrets: HashMap::new(),
+        }
+    }
+}
+
+/// The per-volume records under `<state-dir>/volumes`.
+pub(super) struct StateDir {
+    volumes: PathBuf,
+}
+
+impl StateDir {
+    pub(super) fn new(state_dir: &Path) -> Self {
+        Self {
+            volumes: state_dir.join("volumes"),
+        }
+    }
+
+    fn file(&self, target: &Path) -> PathBuf {
+        // FNV-1a of the target path: stable, filesystem-safe, one file per target.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in target.as_os_str().as_encoded_bytes() {
+            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.volumes.join(format!("{hash:016x}.json"))
+    }
+
+    /// Writes the volume's record atomically, mode 0600, in a 0700 directory.
+    pub(super) fn save(&self, params: &Params, slot: Slot) -> std::io::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.volumes)?;
+        std::fs::set_permissions(&self.volumes, std::fs::Permissions::from_mode(0o700))?;
+        let record = StateRecord {
+            volume_id: params.volume_id.clone(),
+            target_path: params.target.display().to_string(),
+            context: params.context.clone(),
+            audience: params.audience.clone(),
+            token: params.token.expose().to_string(),
+            mount_group: params
+                .mount_group
+                .map(|g| g.to_string())
+                .unwrap_or_default(),
+            slot,
+        };
+        let bytes = zeroize::Zeroizing::new(crate::secret::to_vec_exact(&record));
+        let final_path = self.file(&params.target);
+        let tmp = final_path.with_extension("tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&bytes)?;
+        drop(file);
+        std::fs::rename(&tmp, &final_path)
+    }
+
+    /// Removes the record of the volume at `target` (none is fine).
+    pub(super) fn forget(&self, target: &Path) {
+        let path = self.file(target);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %path.display(), error = %e, "could not remove volume state");
+            }
+        }
+    }
+
+    /// Every readable record; unreadable files are logged and left alone.
+    pub(super) fn load(&self) -> Vec<StateRecord> {
+        let Ok(entries) = std::fs::read_dir(&self.volumes) else {
+            return Vec::new();
+        };
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .map(zeroize::Zeroizing::new)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<StateRecord>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable volume state file");
+                }
+            }
+        }
+        records
+    }
+}

@@ -1,0 +1,259 @@
+//! Putting volumes on mount points and taking them off: stale-mount recovery, fuser session
+//! set-up, the `Mounter` seam the CSI plugin mounts through, and the thread that sends a
+//! connection's kernel cache invalidations (never from a FUSE handler or a tokio worker,
+//! holding no locks). `vaultfs mount` is one volume on its own connection (`mount`);
+//! `vaultfs csi` puts every volume of the node on one connection and binds them (`node`).
+//! `fake` is a `Mounter` that mounts nothing, compiled only for tests.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, OnceLock};
+
+use fuser::{BackgroundSession, Config, INodeNo, Notifier, Session, SessionACL};
+use thiserror::Error;
+
+use crate::fs::{Invalidate, VaultFs};
+use crate::fuse::{FuseAdapter, Slot, Volumes};
+use crate::metrics::Metrics;
+use crate::source::SecretSource;
+use crate::spec::InodeNo;
+use crate::sys;
+
+#[cfg(any(test, feature = "testing"))]
+mod fake;
+mod node;
+
+#[cfg(any(test, feature = "testing"))]
+pub use fake::FakeMounter;
+pub use node::{BindMount, FuseMounter, NodeSession, MAX_BACKGROUND};
+
+#[derive(Debug, Error)]
+pub enum MountError {
+    #[error(
+        "mount point {0} does not exist or is not a directory; expected an existing directory"
+    )]
+    NotADirectory(PathBuf),
+    #[error("{0} is already a mount point (another vaultfs or filesystem is mounted there)")]
+    Busy(PathBuf),
+    #[error("cannot clear the dead mount at {path}: {source}")]
+    Stale {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot mount FUSE at {path}: {source} (is /dev/fuse present and are we root?)")]
+    Fuse {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The kernel notifications of one FUSE connection: cache invalidations for its volumes, sent
+/// from one dedicated thread. Made before the connection, so that volumes are built wired to
+/// it; nothing is sent until the connection is up (`connect`).
+#[derive(Clone)]
+pub struct KernelNotifier {
+    tx: Sender<(Notifier, InodeNo)>,
+    notifier: Arc<OnceLock<Notifier>>,
+}
+
+impl Default for KernelNotifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KernelNotifier {
+    pub fn new() -> Self {
+        let (tx, rx) = mpsc::channel::<(Notifier, InodeNo)>();
+        std::thread::Builder::new()
+            .name("vaultfs-inval".into())
+            .spawn(move || {
+                for (notifier, ino) in rx {
+                    // ENOENT: the kernel never looked this inode up; nothing to drop.
+                    if let Err(e) = notifier.inval_inode(INodeNo(ino.0), 0, 0) {
+                        if e.raw_os_error() != Some(libc::ENOENT) {
+                            tracing::debug!(ino = ino.0, error = %e, "kernel cache invalidation failed");
+                        }
+                    }
+                }
+            })
+            .expect("spawning the invalidation thread");
+        Self {
+            tx,
+            notifier: Arc::default(),
+        }
+    }
+
+    /// The invalidation callback of volume `slot`, whose inode numbers on the connection are
+    /// `slot << 32 | local` (slot 0: a connection serving one volume, numbers unchanged).
+    pub fn for_volume(&self, slot: Slot) -> Invalidate {
+        let (tx, notifier) = (self.tx.clone(), self.notifier.clone());
+        let high = u64::from(slot) << 32;
+        Box::new(move |ino| {
+            if let Some(n) = notifier.get() {
+                let _ = tx.send((n.clone(), InodeNo(high | ino.0)));
+            }
+        })
+    }
+
+    /// The connection is up: notifications go through `notifier` from now on.
+    fn connect(&self, notifier: Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+}
+
+/// Mount options of one volume.
+#[derive(Clone, Debug, Default)]
+pub struct MountConfig {
+    /// Let users other than the mounting one use the mount (needed for pods). Access is still
+    /// checked by the kernel against the files' owner, group and mode.
+    pub allow_other: bool,
+    /// Create the mount point if it does not exist (CSI: kubelet creates only its parent).
+    pub create_target: bool,
+}
+
+/// A mounted volume. Unmount it with `unmount`; dropping it also unmounts.
+pub struct FuseMount {
+    target: PathBuf,
+    session: Option<BackgroundSession>,
+    metrics: Arc<Metrics>,
+}
+
+/// Makes `target` ready to mount on. A dead FUSE mount left there by a crashed daemon is kept
+/// and mounted over: containers that bind the target with `HostToContainer` propagation see a
+/// mount stacked on it, but not one made after detaching it. A live mount is refused.
+pub fn prepare_target(target: &Path, create_missing: bool) -> Result<(), MountError> {
+    if sys::is_disconnected(target) {
+        tracing::warn!(target = %target.display(), "mounting over the dead mount an earlier daemon left");
+        return Ok(());
+    }
+    if create_missing && !target.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(target)
+            .map_err(|_| MountError::NotADirectory(target.to_path_buf()))?;
+    }
+    if !target.is_dir() {
+        return Err(MountError::NotADirectory(target.to_path_buf()));
+    }
+    if sys::is_mount_point(target) {
+        return Err(MountError::Busy(target.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Mounts `fs` read-only at `target` on a connection of its own and serves it on a
+/// background thread. `kernel` is the notifier `fs` was built with (`for_volume(0)`).
+pub fn mount<S: SecretSource>(
+    fs: Arc<VaultFs<S>>,
+    target: &Path,
+    config: &MountConfig,
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+    kernel: &KernelNotifier,
+) -> Result<FuseMount, MountError> {
+    let adapter = FuseAdapter::new(Volumes::single(fs), runtime, metrics.clone());
+    let session = start_connection(target, config, adapter, kernel)?;
+    metrics.active_mounts.inc();
+    tracing::info!(target = %target.display(), "mounted");
+    Ok(FuseMount {
+        target: target.to_path_buf(),
+        session: Some(session),
+        metrics,
+    })
+}
+
+/// Mounts a FUSE connection at `target` (over a dead one left there, see `prepare_target`) and
+/// serves it with `adapter` on a background thread; the kernel's notifications go through
+/// `kernel` from then on.
+fn start_connection<S: SecretSource>(
+    target: &Path,
+    config: &MountConfig,
+    adapter: FuseAdapter<S>,
+    kernel: &KernelNotifier,
+) -> Result<BackgroundSession, MountError> {
+    prepare_target(target, config.create_target)?;
+    let fuse_error = |source| MountError::Fuse {
+        path: target.to_path_buf(),
+        source,
+    };
+    let device = sys::fuse_mount(target, config.allow_other).map_err(fuse_error)?;
+    let acl = if config.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    Session::from_fd(adapter, device, acl, Config::default())
+        .and_then(|session| {
+            kernel.connect(session.notifier());
+            session.spawn()
+        })
+        .map_err(|e| {
+            let _ = sys::detach_unmount(target);
+            fuse_error(e)
+        })
+}
+
+impl FuseMount {
+    /// Unmounts lazily: files still open keep working until closed, new opens fail. Treats
+    /// an already-gone mount as success.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        self.detach()
+    }
+
+    fn detach(&mut self) -> std::io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let result = sys::detach_all_of_type(&self.target, sys::FSTYPE).map(|_| ());
+        // The session thread ends when the kernel closes the connection (at once, or when the
+        // last open file closes).
+        drop(session);
+        self.metrics.active_mounts.dec();
+        tracing::info!(target = %self.target.display(), "unmounted");
+        result
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            tracing::warn!(target = %self.target.display(), error = %e, "unmount failed");
+        }
+    }
+}
+
+/// How the CSI node plugin puts volumes on targets and takes them off: real FUSE mounts in
+/// production, `FakeMounter` in the contract tests. Generic over the volumes' source, so it
+/// knows nothing of Vault.
+pub trait Mounter<S: SecretSource>: Send + Sync + 'static {
+    /// Where the kernel notifications of volume `slot` go; the volume is built with it
+    /// before it is mounted.
+    fn invalidate(&self, slot: Slot) -> Invalidate;
+
+    /// Serves `fs` as volume `slot` and mounts it at `target` (over a dead mount there, see
+    /// `prepare_target`). `slot` is the volume's stable number (see `fuse::Slot`).
+    fn mount(
+        &self,
+        target: &Path,
+        slot: Slot,
+        fs: Arc<VaultFs<S>>,
+        config: &MountConfig,
+    ) -> Result<Box<dyn Mounted>, MountError>;
+
+    /// Detaches every mount at `target` that no `Mounted` handle owns (left by an earlier
+    /// daemon). `Ok(false)` when nothing was mounted there.
+    fn unmount_target(&self, target: &Path) -> std::io::Result<bool>;
+}
+
+/// A volume mounted by a `Mounter`.
+pub trait Mounted: Send + Sync {
+    /// Unmounts lazily; an already-gone mount is success.
+    fn unmount(self: Box<Self>) -> std::io::Result<()>;
+}
+
+impl Mounted for FuseMount {
+    fn unmount(self: Box<Self>) -> std::io::Result<()> {
+        FuseMount::unmount(*self)
+    }
+}

@@ -1,0 +1,195 @@
+//! The node plugin's mounts: every volume of the node on one FUSE connection, each bound at
+//! its pod's target.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::BackgroundSession;
+
+use super::{prepare_target, KernelNotifier, MountConfig, MountError, Mounted, Mounter};
+use crate::fs::{Invalidate, VaultFs};
+use crate::fuse::{FuseAdapter, Slot, Volumes};
+use crate::metrics::Metrics;
+use crate::source::SecretSource;
+use crate::sys;
+
+/// The node plugin's FUSE connection: one for every volume of the node, mounted at a
+/// daemon-private directory (under the state directory, mode 0700). Volume `slot` is its
+/// directory `<slot>`, bind-mounted at the pod's target: the bind's root is the volume's root,
+/// and `..` from it leaves the bind, so a pod can reach neither the connection's root nor
+/// another volume.
+pub struct NodeSession<S> {
+    root: PathBuf,
+    volumes: Arc<Volumes<S>>,
+    metrics: Arc<Metrics>,
+    /// Serves the connection until the process exits (never unmounted by this process: a
+    /// restarted daemon mounts a new connection over the dead one, as over dead binds).
+    _session: BackgroundSession,
+}
+
+/// Requests the kernel may hand the connection at once before it queues more: with every
+/// volume of the node on one connection, the kernel's default of 12 would queue 1,000 volumes'
+/// reads behind a dozen slow ones.
+pub const MAX_BACKGROUND: u16 = 1024;
+
+impl<S: SecretSource> NodeSession<S> {
+    /// Mounts the connection at `root` (over a dead one an earlier daemon left) and serves
+    /// it; its kernel notifications go through `kernel`.
+    pub fn start(
+        root: &Path,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+        kernel: &KernelNotifier,
+    ) -> Result<Self, MountError> {
+        let volumes = Volumes::node();
+        let adapter = FuseAdapter::new(volumes.clone(), runtime, metrics.clone())
+            .with_max_background(MAX_BACKGROUND);
+        let config = MountConfig {
+            allow_other: true,
+            create_target: true,
+        };
+        let session = super::start_connection(root, &config, adapter, kernel)?;
+        tracing::info!(root = %root.display(), "serving every volume of this node on one FUSE connection");
+        Ok(Self {
+            root: root.to_path_buf(),
+            volumes,
+            metrics,
+            _session: session,
+        })
+    }
+
+    /// Serves `fs` as volume `slot` and binds it at `target`.
+    fn attach(
+        self: &Arc<Self>,
+        target: &Path,
+        slot: Slot,
+        fs: Arc<VaultFs<S>>,
+        config: &MountConfig,
+    ) -> Result<BindMount<S>, MountError> {
+        prepare_target(target, config.create_target)?;
+        self.volumes.attach(slot, fs);
+        let source = self.root.join(slot.to_string());
+        if let Err(source_err) = sys::bind_mount(&source, target) {
+            self.volumes.retire(slot);
+            return Err(MountError::Fuse {
+                path: target.to_path_buf(),
+                source: source_err,
+            });
+        }
+        self.metrics.active_mounts.inc();
+        tracing::info!(target = %target.display(), slot, "mounted");
+        Ok(BindMount {
+            session: self.clone(),
+            target: target.to_path_buf(),
+            slot,
+            attached: true,
+        })
+    }
+
+    /// Volumes served now.
+    pub fn volumes(&self) -> usize {
+        self.volumes.len()
+    }
+}
+
+/// A volume bound at its target. Unmount it with `unmount`; dropping it also unmounts.
+pub struct BindMount<S: SecretSource> {
+    session: Arc<NodeSession<S>>,
+    target: PathBuf,
+    slot: Slot,
+    attached: bool,
+}
+
+impl<S: SecretSource> BindMount<S> {
+    fn detach(&mut self) -> std::io::Result<()> {
+        if !std::mem::take(&mut self.attached) {
+            return Ok(());
+        }
+        let result = sys::detach_all_of_type(&self.target, sys::FSTYPE).map(|_| ());
+        // Open files keep reading their versions; the volume is forgotten when the last closes.
+        self.session.volumes.retire(self.slot);
+        self.session.metrics.active_mounts.dec();
+        tracing::info!(target = %self.target.display(), slot = self.slot, "unmounted");
+        result
+    }
+}
+
+impl<S: SecretSource> Mounted for BindMount<S> {
+    fn unmount(mut self: Box<Self>) -> std::io::Result<()> {
+        self.detach()
+    }
+}
+
+impl<S: SecretSource> Drop for BindMount<S> {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            tracing::warn!(target = %self.target.display(), error = %e, "unmount failed");
+        }
+    }
+}
+
+/// Real mounts for the node plugin: every volume on one `NodeSession`, started on first use.
+pub struct FuseMounter<S> {
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+    kernel: KernelNotifier,
+    root: PathBuf,
+    session: parking_lot::Mutex<Option<Arc<NodeSession<S>>>>,
+}
+
+impl<S: SecretSource> FuseMounter<S> {
+    /// Mounts the node's connection at `root` when the first volume comes.
+    pub fn new(runtime: tokio::runtime::Handle, metrics: Arc<Metrics>, root: PathBuf) -> Self {
+        Self {
+            runtime,
+            metrics,
+            kernel: KernelNotifier::new(),
+            root,
+            session: parking_lot::Mutex::default(),
+        }
+    }
+
+    fn session(&self) -> Result<Arc<NodeSession<S>>, MountError> {
+        let mut slot = self.session.lock();
+        if let Some(session) = slot.as_ref() {
+            return Ok(session.clone());
+        }
+        let session = Arc::new(NodeSession::start(
+            &self.root,
+            self.runtime.clone(),
+            self.metrics.clone(),
+            &self.kernel,
+        )?);
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+}
+
+impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
+    fn invalidate(&self, slot: Slot) -> Invalidate {
+        self.kernel.for_volume(slot)
+    }
+
+    fn mount(
+        &self,
+        target: &Path,
+        slot: Slot,
+        fs: Arc<VaultFs<S>>,
+        config: &MountConfig,
+    ) -> Result<Box<dyn Mounted>, MountError> {
+        let session = self.session()?;
+        let mounted = session.attach(target, slot, fs, config)?;
+        Ok(Box::new(mounted))
+    }
+
+    fn unmount_target(&self, target: &Path) -> std::io::Result<bool> {
+        // Only vaultfs's own mounts, at the target however it is written: never whatever else
+        // a caller names.
+        let target = match sys::canonical_target(target) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        sys::detach_all_of_type(&target, sys::FSTYPE).map(|n| n > 0)
+    }
+}
