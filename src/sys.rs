@@ -186,6 +186,22 @@ pub fn is_mount_point(path: &Path) -> bool {
 fn mount_root_attribute(path: &Path) -> Option<bool> {
     // The attribute bit (linux/stat.h); not exported by libc for every target.
     const STATX_ATTR_MOUNT_ROOT: u64 = 0x2000;
+    let stx = statx(path, 0)?;
+    (stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT != 0)
+        .then_some(stx.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0)
+}
+
+/// The id of the mount `path` is on (as in `/proc/self/mountinfo`), if the kernel reports it
+/// (Linux 5.8+). Cached attributes are enough: nothing here asks the filesystem.
+pub fn mount_id(path: &Path) -> Option<u64> {
+    const STATX_MNT_ID: u32 = 0x1000;
+    let stx = statx(path, STATX_MNT_ID)?;
+    (stx.stx_mask & STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
+/// `statx` of `path` itself (no symlink or automount followed), without forcing a sync with
+/// the filesystem.
+fn statx(path: &Path, mask: u32) -> Option<libc::statx> {
     let c = cstring(path).ok()?;
     let mut out = std::mem::MaybeUninit::<libc::statx>::zeroed();
     // SAFETY: `c` is a valid path and `out` is writable memory of the right size.
@@ -193,8 +209,8 @@ fn mount_root_attribute(path: &Path) -> Option<bool> {
         libc::statx(
             libc::AT_FDCWD,
             c.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
-            0,
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_DONT_SYNC,
+            mask,
             out.as_mut_ptr(),
         )
     };
@@ -202,9 +218,7 @@ fn mount_root_attribute(path: &Path) -> Option<bool> {
         return None;
     }
     // SAFETY: statx succeeded, so it filled `out`.
-    let stx = unsafe { out.assume_init() };
-    (stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT != 0)
-        .then_some(stx.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0)
+    Some(unsafe { out.assume_init() })
 }
 
 /// The filesystem types of the mounts stacked at `path`, bottom first, per
@@ -319,6 +333,11 @@ mod tests {
                 path.display()
             );
             assert_eq!(is_mount_point(path), mounted, "{}", path.display());
+        }
+        // A directory is on the mount of its parent; a mount point on its own.
+        if let Some(root) = mount_id(Path::new("/")) {
+            assert_eq!(mount_id(Path::new("/etc")), Some(root));
+            assert_ne!(mount_id(Path::new("/proc")), Some(root));
         }
     }
 }

@@ -82,6 +82,7 @@ impl<S: SecretSource> NodeSession<S> {
             session: self.clone(),
             target: target.to_path_buf(),
             slot,
+            mount_id: sys::mount_id(target),
             attached: true,
         })
     }
@@ -97,6 +98,8 @@ pub struct BindMount<S: SecretSource> {
     session: Arc<NodeSession<S>>,
     target: PathBuf,
     slot: Slot,
+    /// The bind's mount id, to find it on top of the target without reading the mount table.
+    mount_id: Option<u64>,
     attached: bool,
 }
 
@@ -105,12 +108,26 @@ impl<S: SecretSource> BindMount<S> {
         if !std::mem::take(&mut self.attached) {
             return Ok(());
         }
-        let result = sys::detach_all_of_type(&self.target, sys::FSTYPE).map(|_| ());
+        let result = self.unbind();
         // Open files keep reading their versions; the volume is forgotten when the last closes.
         self.session.volumes.retire(self.slot);
         self.session.metrics.active_mounts.dec();
         tracing::info!(target = %self.target.display(), slot = self.slot, "unmounted");
         result
+    }
+
+    /// Detaches the bind and any dead mounts of an earlier daemon beneath it. When the bind is
+    /// still on top and nothing is left under it (the usual case) this costs two `statx` and one
+    /// `umount2`; otherwise the mount table says what is vaultfs's to detach.
+    fn unbind(&self) -> std::io::Result<()> {
+        let on_top = self.mount_id.is_some() && sys::mount_id(&self.target) == self.mount_id;
+        if on_top {
+            sys::detach_unmount(&self.target)?;
+            if !sys::is_mount_point(&self.target) {
+                return Ok(());
+            }
+        }
+        sys::detach_all_of_type(&self.target, sys::FSTYPE).map(|_| ())
     }
 }
 
