@@ -228,9 +228,10 @@ impl<S: SecretSource> FuseAdapter<S> {
         let started = Instant::now();
         let metrics = self.metrics.clone();
         let failures = self.failures.clone();
+        metrics.fuse_requests_in_flight.inc();
         let finish = move |result: Result<T, FsError>| {
             metrics.fuse_op(op, started.elapsed());
-            done(result.map_err(|err| {
+            let answer = result.map_err(|err| {
                 let errno = err.errno_name();
                 metrics.fuse_error(op, errno);
                 match err {
@@ -255,7 +256,10 @@ impl<S: SecretSource> FuseAdapter<S> {
                     }
                 }
                 Errno::from_i32(err.errno())
-            }))
+            });
+            done(answer);
+            // After the reply is written: a stopping daemon waits for this to reach zero.
+            metrics.fuse_requests_in_flight.dec();
         };
         answer_now_or_on_runtime(&self.runtime, work, finish);
     }

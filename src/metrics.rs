@@ -84,6 +84,15 @@ pub struct Metrics {
     vault_lease_renewals: Family<VolumeLabels, Counter>,
     /// 1 while a Vault server answers, 0 while it is taken as down, by server address.
     vault_server_up: Family<VolumeLabels, Gauge>,
+    /// FUSE requests taken from the kernel and not yet answered (a stopping daemon drains them).
+    pub fuse_requests_in_flight: Gauge,
+    /// Live FUSE connections this daemon took over from a predecessor (through the keeper).
+    pub takeovers: Counter,
+    /// Requests the kernel queued again after a takeover (FUSE_NOTIFY_RESEND): they were in
+    /// flight when the predecessor died.
+    pub resent_requests: Counter,
+    /// How long the last connection taken over had no daemon serving it, in seconds.
+    pub takeover_unserved_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -194,6 +203,30 @@ impl Metrics {
             "Vault lease renewals (sys/leases/renew) sent, by volume",
             vault_lease_renewals.clone(),
         );
+        let fuse_requests_in_flight = Gauge::default();
+        let takeovers = Counter::default();
+        let resent_requests = Counter::default();
+        let takeover_unserved_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "fuse_requests_in_flight",
+            "FUSE requests taken from the kernel and not yet answered",
+            fuse_requests_in_flight.clone(),
+        );
+        registry.register(
+            "takeovers",
+            "Live FUSE connections taken over from a predecessor daemon through the keeper",
+            takeovers.clone(),
+        );
+        registry.register(
+            "resent_requests",
+            "Requests the kernel queued again after a takeover because the predecessor died before answering them",
+            resent_requests.clone(),
+        );
+        registry.register(
+            "takeover_unserved_seconds",
+            "How long the last connection taken over had no daemon serving it",
+            takeover_unserved_seconds.clone(),
+        );
         let vault_server_up = Family::<VolumeLabels, Gauge>::default();
         registry.register(
             "vault_server_up",
@@ -202,6 +235,10 @@ impl Metrics {
         );
         Self {
             vault_server_up,
+            fuse_requests_in_flight,
+            takeovers,
+            resent_requests,
+            takeover_unserved_seconds,
             registry,
             fuse_ops,
             fuse_errors,
