@@ -8,22 +8,10 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 
 use common::csi::*;
 use common::k8s::*;
 use common::*;
-
-/// Descriptors of process `pid` open on `/dev/fuse`.
-fn fuse_descriptors(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/fuse")))
-                .count()
-        })
-        .unwrap_or(0)
-}
 
 /// `Threads:` of process `pid`.
 fn threads(pid: u32) -> u64 {

@@ -1,9 +1,10 @@
 //! Harness for `vaultfs csi`: a [`CsiNode`] is one node's worth of directories (the plugin
 //! socket, the daemon's state dir, kubelet's pod directories, the daemon logs); a
-//! [`CsiDaemon`] runs the real binary on it; a [`CsiClient`] plays kubelet over the unix
-//! socket with the generated CSI v1 client.
+//! [`CsiDaemon`] runs the real binary on it; a [`Keeper`] runs `vaultfs keeper`, which holds
+//! the daemon's FUSE connection across its restarts; a [`CsiClient`] plays kubelet over the
+//! unix socket with the generated CSI v1 client.
 //!
-//! Drop order matters: declare the [`CsiNode`] before the daemons, so the daemons stop first
+//! Drop order matters: declare the [`CsiNode`] before the daemons (and keepers), so they stop first
 //! and the node then detaches every mount left under its directories (SIGTERM leaves
 //! published volumes mounted, by design).
 
@@ -13,6 +14,7 @@ use std::ffi::CString;
 use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,8 +29,8 @@ use vaultfs::csi::pb::node_client::NodeClient;
 
 use super::jwt::{rfc3339, ServiceAccountToken, SigningKey};
 use super::{
-    die_with_parent, lazy_unmount, mountinfo, poll, read_lossy, stop_child, stop_child_on_drop,
-    vaultfs_bin, Bao, VAULT_ENV,
+    die_with_parent, fuse_descriptors, lazy_unmount, mountinfo, poll, read_lossy, stop_child,
+    stop_child_on_drop, vaultfs_bin, Bao, VAULT_ENV,
 };
 
 /// The driver name kubelet knows the plugin by.
@@ -52,8 +54,8 @@ pub const SERVICE_ACCOUNT_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.toke
 // Node directories
 // ---------------------------------------------------------------------------------------------
 
-/// One node's directories: `csi/csi.sock`, `state/`, `pods/`, `logs/`, `containers/`. On
-/// drop, every mount under them is detached (latest first).
+/// One node's directories: `csi/csi.sock`, `state/`, `pods/`, `logs/`, `containers/`,
+/// `keeper/` (the keeper's socket). On drop, every mount under them is detached (latest first).
 pub struct CsiNode {
     dir: TempDir,
     node_id: String,
@@ -66,7 +68,7 @@ impl CsiNode {
             .prefix("vaultfs-csi-")
             .tempdir()
             .expect("create node dir");
-        for sub in ["csi", "state", "pods", "logs", "containers"] {
+        for sub in ["csi", "state", "pods", "logs", "containers", "keeper"] {
             fs::create_dir(dir.path().join(sub)).expect("create node sub-directory");
         }
         CsiNode {
@@ -95,6 +97,12 @@ impl CsiNode {
 
     pub fn pods_dir(&self) -> PathBuf {
         self.dir.path().join("pods")
+    }
+
+    /// Where this node's keeper listens (`vaultfs keeper --socket`, `vaultfs csi
+    /// --keeper-socket`).
+    pub fn keeper_socket_path(&self) -> PathBuf {
+        self.dir.path().join("keeper").join("keeper.sock")
     }
 
     /// Kubelet's target path for an inline CSI volume of `pod`:
@@ -163,6 +171,33 @@ impl CsiNode {
         sys_mount(None, &view, libc::MS_SLAVE | libc::MS_REC)
             .unwrap_or_else(|e| panic!("make {} rslave: {e}", view.display()));
         view
+    }
+
+    /// A `subPath` volumeMount of `container` in `pod`, as kubelet makes one: the file `source`
+    /// (inside a published volume) bind-mounted onto a regular file
+    /// `pods/<uid>/volume-subpaths/<volume>/<container>/<index>`, which is returned. A
+    /// container reads the file through this bind, not through the volume's mount, so a mount
+    /// stacked on the volume later never reaches it.
+    pub fn sub_path(
+        &self,
+        pod: &Pod,
+        volume: &str,
+        container: &str,
+        index: usize,
+        source: &Path,
+    ) -> PathBuf {
+        let dir = self
+            .pods_dir()
+            .join(&pod.uid)
+            .join("volume-subpaths")
+            .join(volume)
+            .join(container);
+        fs::create_dir_all(&dir).expect("create the subPath directory");
+        let bind = dir.join(index.to_string());
+        File::create(&bind).expect("create the subPath mount point");
+        sys_mount(Some(source), &bind, libc::MS_BIND)
+            .unwrap_or_else(|e| panic!("bind {} at {}: {e}", source.display(), bind.display()));
+        bind
     }
 }
 
@@ -375,6 +410,140 @@ impl CsiDaemon {
 }
 
 impl Drop for CsiDaemon {
+    fn drop(&mut self) {
+        stop_child_on_drop(&mut self.child, self.exit_status);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The keeper
+// ---------------------------------------------------------------------------------------------
+
+/// A running `vaultfs keeper --socket PATH`: holds a duplicate of the node daemon's FUSE
+/// connection, so the mounts outlive the daemon. Its output goes to `keeper-<n>.log` beside
+/// the socket. On drop it gets SIGTERM (then SIGKILL after 10 s); it also gets SIGTERM if the
+/// test process dies.
+pub struct Keeper {
+    child: Child,
+    socket: PathBuf,
+    log_path: PathBuf,
+    exit_status: Option<ExitStatus>,
+}
+
+impl Keeper {
+    /// Starts a keeper on `socket` and waits until it listens there: the socket file is a
+    /// socket other than the one found before the start (a keeper killed with SIGKILL leaves
+    /// its socket file behind). Panics with its output if it exits first or takes longer than
+    /// [`START_TIMEOUT`].
+    pub fn start(socket: &Path) -> Keeper {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let index = STARTED.fetch_add(1, Ordering::SeqCst);
+        let log_path = socket.with_file_name(format!("keeper-{index}.log"));
+        let log = File::create(&log_path).expect("create keeper log");
+        let log2 = log.try_clone().expect("dup keeper log");
+        let identity = |p: &Path| {
+            fs::symlink_metadata(p)
+                .ok()
+                .filter(|m| m.file_type().is_socket())
+                .map(|m| (m.dev(), m.ino()))
+        };
+        let before = identity(socket);
+        let mut cmd = Command::new(vaultfs_bin());
+        cmd.arg("keeper")
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        for var in VAULT_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.env("RUST_LOG", "debug").env("NO_COLOR", "1");
+        die_with_parent(&mut cmd, libc::SIGTERM);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} keeper: {e}", vaultfs_bin()));
+        let mut keeper = Keeper {
+            child,
+            socket: socket.to_path_buf(),
+            log_path,
+            exit_status: None,
+        };
+        let listening = poll(START_TIMEOUT, Duration::from_millis(10), || {
+            if let Ok(Some(status)) = keeper.child.try_wait() {
+                keeper.exit_status = Some(status);
+                panic!(
+                    "vaultfs keeper exited with {status} before listening; its output:\n{}",
+                    keeper.logs()
+                );
+            }
+            match identity(socket) {
+                Some(now) if Some(now) != before => Ok(()),
+                _ => Err(()),
+            }
+        });
+        if listening.is_err() {
+            let _ = keeper.child.kill();
+            keeper.exit_status = Some(keeper.child.wait().expect("wait vaultfs keeper"));
+            panic!(
+                "vaultfs keeper did not listen on {} within {START_TIMEOUT:?}; its output:\n{}",
+                socket.display(),
+                keeper.logs()
+            );
+        }
+        keeper
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Everything this keeper has written so far.
+    pub fn logs(&self) -> String {
+        read_lossy(&self.log_path)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.exit_status.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Descriptors this keeper holds open on `/dev/fuse`: the connections handed to it.
+    pub fn fuse_descriptors(&self) -> usize {
+        if self.exit_status.is_some() {
+            return 0;
+        }
+        fuse_descriptors(self.pid())
+    }
+
+    /// Sends SIGTERM and waits up to 15 s for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// SIGKILL: the connections it held are closed with it.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGKILL)
+    }
+
+    fn stop_with(&mut self, sig: i32) -> ExitStatus {
+        let log_path = self.log_path.clone();
+        stop_child(
+            &mut self.child,
+            &mut self.exit_status,
+            sig,
+            Duration::from_secs(15),
+            "vaultfs keeper",
+            || read_lossy(&log_path),
+        )
+    }
+}
+
+impl Drop for Keeper {
     fn drop(&mut self) {
         stop_child_on_drop(&mut self.child, self.exit_status);
     }

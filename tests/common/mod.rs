@@ -33,6 +33,7 @@ pub mod csi;
 pub mod jwt;
 pub mod k8s;
 pub mod pg;
+pub mod reader;
 
 /// Root token of every dev server started by the harness.
 pub const ROOT_TOKEN: &str = "root";
@@ -308,6 +309,17 @@ pub fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+}
+
+/// Descriptors process `pid` holds open on `/dev/fuse` (0 once it is gone).
+pub fn fuse_descriptors(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/fuse")))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// A free loopback port (for a daemon's `--metrics-addr`).

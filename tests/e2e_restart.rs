@@ -1,0 +1,648 @@
+//! End-to-end proof that pods' reads survive node-plugin restarts: `vaultfs csi` hands its
+//! node-wide FUSE connection to `vaultfs keeper`, and a restarted daemon takes it back and
+//! serves it at once, so no read fails across `kill -9`, SIGTERM (an upgrade) or a keeper
+//! restart. Without the keeper (both killed), the old recovery still brings the volume back
+//! for containers with `HostToContainer` propagation.
+//!
+//! The readers stand in for containers *without* `HostToContainer`: each runs in its own mount
+//! namespace with private propagation (`tests/common/restart_reader.py` under `unshare`), so
+//! only the original mount, kept alive, can serve it; a mount stacked on a dead one never
+//! reaches it. One reads the volume's file, one a `subPath` bind of it; each both opens, reads
+//! and closes the file every 5 ms and `pread`s a descriptor held open from the start.
+//!
+//! Real `vaultfs csi` and `vaultfs keeper` binaries, real FUSE and bind mounts, real OpenBao
+//! with JWT logins. Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh`
+//! runs them with `--include-ignored`. Figures (reads, failures, longest read, time from a
+//! daemon's start to the first read it served) go to stderr; only generous liveness bounds
+//! are asserted about time.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::csi::*;
+use common::jwt::SigningKey;
+use common::k8s::*;
+use common::reader::{OnceRead, Reader, Summary};
+use common::*;
+
+/// The secret read by the readers, and its versions: same length, so that no size cached by
+/// the kernel can cut one short.
+const DB: &str = "secret/app/db";
+const V1: &str = "s3cret-version-1";
+const V2: &str = "s3cret-version-2";
+const V3: &str = "s3cret-version-3";
+const ALL_VERSIONS: &[&str] = &[V1, V2, V3];
+
+/// A secret nobody reads until the in-flight check.
+const COLD_PATH: &str = "secret/app/cold";
+const COLD: &str = "cold-value";
+
+const SECRETS: &str = "- {name: password, path: secret/app/db, key: password}
+- {name: cold, path: secret/app/cold, key: v}
+";
+
+/// Restarts per loop.
+const RESTARTS: usize = 10;
+/// How long the readers read between restarts.
+const BETWEEN_RESTARTS: Duration = Duration::from_millis(300);
+/// How long the daemon stays dead after `kill -9`.
+const DEAD_FOR: Duration = Duration::from_millis(500);
+/// How long a daemon may take to hand its connection to a (new) keeper.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long readers may take to see a rotated secret (cacheTTL 2 s, kernel TTL 1 s).
+const ROTATION_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Set-up
+// ---------------------------------------------------------------------------------------------
+
+/// OpenBao with JWT logins for `ns/app` and the two secrets at their first versions.
+fn cluster() -> (Bao, SigningKey) {
+    require_root();
+    let bao = Bao::start();
+    let key = jwt_app(&bao);
+    bao.kv_put(DB, &[("password", V1)]);
+    bao.kv_put(COLD_PATH, &[("v", COLD)]);
+    (bao, key)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// A `vaultfs csi` with `--keeper-socket` (the node's keeper socket, whether a keeper listens
+/// there or not) and its own `--metrics-addr`.
+struct Plugin {
+    daemon: CsiDaemon,
+    metrics_addr: String,
+    /// When it was spawned, in seconds since the Unix epoch.
+    spawned_at: f64,
+    /// From the spawn to its first answer to `Probe`.
+    probe_after: Duration,
+}
+
+impl Plugin {
+    fn start(node: &CsiNode, bao: &Bao, extra: &[&str]) -> Plugin {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let keeper_socket = node.keeper_socket_path().display().to_string();
+        let spawned_at = unix_now();
+        let started = Instant::now();
+        let daemon = node
+            .daemon(bao)
+            .args([
+                "--keeper-socket",
+                &keeper_socket,
+                "--metrics-addr",
+                &metrics_addr,
+            ])
+            .args(extra)
+            .start();
+        Plugin {
+            daemon,
+            metrics_addr,
+            spawned_at,
+            probe_after: started.elapsed(),
+        }
+    }
+
+    /// `/metrics`, or why it could not be read.
+    fn metrics(&self) -> Result<String, String> {
+        let mut stream = TcpStream::connect(&self.metrics_addr)
+            .map_err(|e| format!("connect {}: {e}", self.metrics_addr))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.metrics_addr
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| format!("send: {e}"))?;
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .map_err(|e| format!("read: {e}"))?;
+        match answer.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+            _ => Err(format!("GET /metrics: {answer}")),
+        }
+    }
+
+    /// The value of `series` (0 when absent or when the metrics cannot be read).
+    fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .map(|text| metric_value(&text, series))
+            .unwrap_or(0.0)
+    }
+
+    /// Waits up to `limit` until `series` is at least `min`; returns its last value.
+    fn wait_metric(&self, series: &str, min: f64, limit: Duration) -> Result<f64, f64> {
+        poll(limit, Duration::from_millis(20), || {
+            let v = self.metric(series);
+            if v >= min {
+                Ok(v)
+            } else {
+                Err(v)
+            }
+        })
+    }
+}
+
+/// A pod's published volume.
+struct Published {
+    pod: Pod,
+    target: PathBuf,
+}
+
+impl Published {
+    fn file(&self) -> PathBuf {
+        self.target.join("password")
+    }
+}
+
+/// Publishes the pod's volume (cacheTTL 2 s) through `plugin` and reads it once.
+fn publish(node: &CsiNode, key: &SigningKey, plugin: &Plugin) -> Published {
+    let pod = Pod::new("ns", "app-restart", "app");
+    let (request, target) = jwt_publish(node, &pod, key, "app", SECRETS, &[("cacheTTL", "2s")]);
+    if let Err(s) = plugin.daemon.client().publish(request.clone()) {
+        panic!(
+            "publish failed with {}; daemon output:\n{}",
+            describe(&s),
+            plugin.daemon.logs()
+        );
+    }
+    let published = Published { pod, target };
+    assert_eq!(
+        read_string(published.file()),
+        V1,
+        "the published volume's file"
+    );
+    published
+}
+
+/// A reader of the volume's file, and a reader of a `subPath` bind of it, each in its own
+/// private mount namespace.
+fn start_readers(node: &CsiNode, volume: &Published, allowed: &[&str]) -> Vec<Reader> {
+    let in_volume = Reader::start("volume", &volume.file(), allowed);
+    let bind = node.sub_path(&volume.pod, "secrets", "app", 0, &volume.file());
+    let sub_path = Reader::start("subPath", &bind, allowed);
+    vec![in_volume, sub_path]
+}
+
+fn stop_readers(readers: &mut [Reader]) -> Vec<Summary> {
+    readers.iter_mut().map(Reader::stop).collect()
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let skip = lines.len().saturating_sub(n);
+    let mut out = String::new();
+    if skip > 0 {
+        out.push_str(&format!("[... {skip} earlier lines]\n"));
+    }
+    out.push_str(&lines[skip..].join("\n"));
+    out
+}
+
+/// Readers' summaries, the keeper's output and the daemons' output, for assertion messages.
+fn diagnostics(summaries: &[Summary], node: &CsiNode, keeper: Option<&Keeper>) -> String {
+    let mut out = String::from("--- readers:\n");
+    for s in summaries {
+        out.push_str(&format!("{s}\n"));
+    }
+    if let Some(k) = keeper {
+        out.push_str(&format!("--- keeper output:\n{}\n", tail(&k.logs(), 100)));
+    }
+    out.push_str(&format!(
+        "--- daemon output (every daemon, in start order):\n{}",
+        tail(&node.all_logs(), 400)
+    ));
+    out
+}
+
+/// Panics with everything the readers saw and the logs unless no read failed (no error, no
+/// ENOTCONN, no content other than the allowed ones) and none is stuck.
+fn assert_no_failed_read(what: &str, summaries: &[Summary], node: &CsiNode, keeper: &Keeper) {
+    let failed: Vec<String> = summaries
+        .iter()
+        .filter(|s| s.failures() > 0 || !s.hung().is_empty() || !s.reader_errors().is_empty())
+        .map(|s| {
+            format!(
+                "{}: {} failed reads ({} ENOTCONN), stuck: {:?}, reader errors: {:?}",
+                s.name,
+                s.failures(),
+                s.enotconn(),
+                s.hung(),
+                s.reader_errors()
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: reads failed: {}\n{}",
+        failed.join("; "),
+        diagnostics(summaries, node, Some(keeper))
+    );
+    assert!(
+        summaries.iter().all(|s| s.reads() > 0),
+        "{what}: a reader never read\n{}",
+        diagnostics(summaries, node, Some(keeper))
+    );
+}
+
+/// For each daemon start (seconds since the epoch), how long after it the first read waiting
+/// across it was answered, in ms: the earliest end of a slow read that spans the start.
+fn served_after_start(summaries: &[Summary], starts: &[f64]) -> Vec<Option<f64>> {
+    let slow: Vec<(f64, f64)> = summaries.iter().flat_map(Summary::slow_reads).collect();
+    starts
+        .iter()
+        .map(|&s| {
+            slow.iter()
+                .filter(|(begin, end)| *begin < s && s < *end)
+                .map(|(_, end)| (end - s) * 1000.0)
+                .reduce(f64::min)
+        })
+        .collect()
+}
+
+/// Prints the figures of a restart loop: reads, failures, longest read, time from each
+/// daemon's start to the first read it served, and to its first `Probe` answer.
+fn report(label: &str, summaries: &[Summary], plugins: &[(f64, Duration)]) {
+    let reads: u64 = summaries.iter().map(Summary::reads).sum();
+    let failed: u64 = summaries.iter().map(Summary::failures).sum();
+    let longest = summaries
+        .iter()
+        .map(Summary::longest_ms)
+        .fold(0.0, f64::max);
+    eprintln!("restart: {label}, {reads} reads, {failed} failed, longest read {longest:.1} ms");
+    for s in summaries {
+        eprintln!("restart:   {}", s.brief());
+    }
+    let starts: Vec<f64> = plugins.iter().map(|(at, _)| *at).collect();
+    let served = served_after_start(summaries, &starts);
+    let mut known: Vec<f64> = served.iter().flatten().copied().collect();
+    known.sort_by(f64::total_cmp);
+    let shown: Vec<String> = served
+        .iter()
+        .map(|v| v.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1}")))
+        .collect();
+    if let (Some(max), false) = (known.last(), known.is_empty()) {
+        eprintln!(
+            "restart:   daemon start to first served read: median {:.1} ms, max {max:.1} ms \
+             (per restart, ms: {})",
+            known[known.len() / 2],
+            shown.join(", ")
+        );
+    }
+    let probes: Vec<String> = plugins
+        .iter()
+        .map(|(_, p)| format!("{}", p.as_millis()))
+        .collect();
+    eprintln!(
+        "restart:   daemon start to first Probe answer (ms): {}",
+        probes.join(", ")
+    );
+}
+
+/// Waits until `keeper` holds a FUSE connection handed to it by the daemon; returns how long
+/// that took.
+fn wait_until_keeper_holds(keeper: &Keeper, node: &CsiNode, what: &str) -> Duration {
+    let started = Instant::now();
+    let held = poll(HAND_OVER_TIMEOUT, Duration::from_millis(10), || {
+        if keeper.fuse_descriptors() >= 1 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    });
+    if held.is_err() {
+        panic!(
+            "{what}: the keeper (pid {}) holds no /dev/fuse descriptor after {HAND_OVER_TIMEOUT:?}: \
+             the daemon did not hand it the connection\n--- keeper output:\n{}\n--- daemon output:\n{}",
+            keeper.pid(),
+            keeper.logs(),
+            tail(&node.all_logs(), 200)
+        );
+    }
+    started.elapsed()
+}
+
+/// Checks that a restarted daemon took the live connection over from the keeper (rather than
+/// mounting new ones over dead mounts, which the readers would never see).
+fn assert_took_over(plugin: &Plugin, node: &CsiNode, keeper: &Keeper) {
+    if let Err(last) = plugin.wait_metric("vaultfs_takeovers_total", 1.0, Duration::from_secs(10)) {
+        panic!(
+            "the restarted daemon reports vaultfs_takeovers_total {last}: it did not take the \
+             connection over from the keeper\n--- keeper output:\n{}\n--- daemon output:\n{}",
+            tail(&keeper.logs(), 100),
+            tail(&node.all_logs(), 300)
+        );
+    }
+}
+
+/// Resumes a paused OpenBao when dropped, so that a failed assertion does not leave it frozen
+/// under daemons that are being stopped.
+struct Paused<'a>(&'a Bao);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.resume();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
+fn kill_9_restarts_with_the_keeper_fail_no_read_and_a_request_in_flight_is_answered_by_the_successor(
+) {
+    let (bao, key) = cluster();
+    let node = CsiNode::new("node-restart-kill");
+    let keeper = Keeper::start(&node.keeper_socket_path());
+    // Long enough for the in-flight read below to wait out OpenBao's pause.
+    let extra = ["--vault-timeout", "20s"];
+    let mut plugin = Plugin::start(&node, &bao, &extra);
+    let volume = publish(&node, &key, &plugin);
+    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let mut readers = start_readers(&node, &volume, ALL_VERSIONS);
+
+    let mut plugins = Vec::new();
+    for i in 1..=RESTARTS {
+        sleep(BETWEEN_RESTARTS);
+        plugin.daemon.kill();
+        if i == RESTARTS / 2 {
+            // Rotated while no daemon runs: the next one must serve the new version.
+            bao.kv_put(DB, &[("password", V2)]);
+        }
+        sleep(DEAD_FOR);
+        plugin = Plugin::start(&node, &bao, &extra);
+        plugins.push((plugin.spawned_at, plugin.probe_after));
+        assert_took_over(&plugin, &node, &keeper);
+    }
+    sleep(BETWEEN_RESTARTS);
+    // Rotated after the restarts: the last daemon serves it once the cache TTL has passed.
+    bao.kv_put(DB, &[("password", V3)]);
+    let rotated = poll(ROTATION_TIMEOUT, Duration::from_millis(50), || {
+        if readers.iter().all(|r| r.has_seen(V3)) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    });
+    let summaries = stop_readers(&mut readers);
+    report(
+        &format!(
+            "{RESTARTS} kill -9 restarts (dead {} ms each)",
+            DEAD_FOR.as_millis()
+        ),
+        &summaries,
+        &plugins,
+    );
+    assert_no_failed_read("across kill -9 restarts", &summaries, &node, &keeper);
+    for version in [V1, V2] {
+        assert!(
+            summaries.iter().all(|s| s.all_saw(version)),
+            "not every reader read {version:?} (rotated while a daemon was dead)\n{}",
+            diagnostics(&summaries, &node, Some(&keeper))
+        );
+    }
+    assert!(
+        rotated.is_ok(),
+        "not every reader read {V3:?} within {ROTATION_TIMEOUT:?} of its rotation after the \
+         restarts\n{}",
+        diagnostics(&summaries, &node, Some(&keeper))
+    );
+
+    // A request in flight when the daemon dies: OpenBao frozen, a first read of a file waits
+    // in the daemon for it; the daemon is killed; its successor gets the request again
+    // (FUSE_NOTIFY_RESEND) and answers it once OpenBao is back.
+    let paused = Paused(&bao);
+    bao.pause();
+    let mut cold = OnceRead::start(&volume.target.join("cold"));
+    let in_flight = plugin.wait_metric(
+        "vaultfs_fuse_requests_in_flight",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert!(
+        in_flight.is_ok() && cold.is_running(),
+        "the first read of `cold` is not waiting in the daemon with OpenBao frozen \
+         (vaultfs_fuse_requests_in_flight {in_flight:?}, read outcome {:?}, reader output {:?})\n\
+         --- daemon output:\n{}",
+        cold.result(),
+        cold.stderr(),
+        tail(&plugin.daemon.logs(), 100)
+    );
+    sleep(Duration::from_millis(100));
+    plugin.daemon.kill();
+    sleep(DEAD_FOR);
+    assert!(
+        cold.is_running(),
+        "the read in flight returned when its daemon was killed: {:?}",
+        cold.result()
+    );
+    plugin = Plugin::start(&node, &bao, &extra);
+    assert_took_over(&plugin, &node, &keeper);
+    let resent_before_resume = plugin
+        .wait_metric("vaultfs_resent_requests_total", 1.0, Duration::from_secs(5))
+        .unwrap_or_else(|v| v);
+    assert!(
+        cold.is_running(),
+        "the read in flight returned before OpenBao was resumed: {:?}",
+        cold.result()
+    );
+    let resumed_at = Instant::now();
+    drop(paused);
+    let outcome = cold.wait(Duration::from_secs(30));
+    let resent = plugin.metric("vaultfs_resent_requests_total");
+    let unserved = plugin.metric("vaultfs_takeover_unserved_seconds");
+    eprintln!(
+        "restart: read in flight across kill -9: {outcome:?}; answered {} ms after OpenBao \
+         resumed; vaultfs_resent_requests_total {resent} ({resent_before_resume} before the \
+         resume), vaultfs_takeover_unserved_seconds {unserved}",
+        resumed_at.elapsed().as_millis()
+    );
+    let outcome = outcome.unwrap_or_else(|| {
+        panic!(
+            "the read in flight when the daemon was killed never returned (30 s after OpenBao \
+             resumed): the successor did not answer it\n--- keeper output:\n{}\n--- daemon \
+             output:\n{}",
+            tail(&keeper.logs(), 100),
+            tail(&node.all_logs(), 300)
+        )
+    });
+    assert!(
+        outcome["ok"] == true && outcome["content"] == COLD,
+        "the read in flight when the daemon was killed returned {outcome} (expected {COLD:?})\n\
+         --- daemon output:\n{}",
+        tail(&node.all_logs(), 300)
+    );
+    assert!(
+        resent >= 1.0,
+        "the read in flight was answered, but the successor reports vaultfs_resent_requests_total \
+         {resent}\n--- daemon output:\n{}",
+        tail(&plugin.daemon.logs(), 100)
+    );
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
+fn sigterm_restarts_like_an_upgrade_fail_no_read_and_each_daemon_exits_0() {
+    let (bao, key) = cluster();
+    let node = CsiNode::new("node-restart-term");
+    let keeper = Keeper::start(&node.keeper_socket_path());
+    let mut plugin = Plugin::start(&node, &bao, &[]);
+    let volume = publish(&node, &key, &plugin);
+    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let mut readers = start_readers(&node, &volume, &[V1]);
+
+    let mut plugins = Vec::new();
+    for i in 1..=RESTARTS {
+        sleep(BETWEEN_RESTARTS);
+        let status = plugin.daemon.terminate();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "SIGTERM {i}: vaultfs csi exited with {}; its output:\n{}",
+            describe_status(&status),
+            plugin.daemon.logs()
+        );
+        plugin = Plugin::start(&node, &bao, &[]);
+        plugins.push((plugin.spawned_at, plugin.probe_after));
+        assert_took_over(&plugin, &node, &keeper);
+    }
+    sleep(BETWEEN_RESTARTS);
+    let summaries = stop_readers(&mut readers);
+    report(
+        &format!("{RESTARTS} SIGTERM restarts"),
+        &summaries,
+        &plugins,
+    );
+    assert_no_failed_read("across SIGTERM restarts", &summaries, &node, &keeper);
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
+fn a_restarted_keeper_gets_the_connection_again_and_a_later_daemon_kill_loses_nothing() {
+    let (bao, key) = cluster();
+    let node = CsiNode::new("node-restart-keeper");
+    let socket = node.keeper_socket_path();
+    let mut keeper = Keeper::start(&socket);
+    let mut plugin = Plugin::start(&node, &bao, &[]);
+    let volume = publish(&node, &key, &plugin);
+    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let mut readers = start_readers(&node, &volume, &[V1]);
+
+    // The keeper dies while the daemon serves: nothing a reader notices.
+    sleep(BETWEEN_RESTARTS);
+    keeper.kill();
+    sleep(BETWEEN_RESTARTS);
+    keeper = Keeper::start(&socket);
+    let handed_in = wait_until_keeper_holds(&keeper, &node, "after the keeper's restart");
+    eprintln!(
+        "restart: keeper restarted; the running daemon handed it the connection {} ms after it \
+         listened",
+        handed_in.as_millis()
+    );
+
+    // The new keeper carries the connection across daemon crashes.
+    let mut plugins = Vec::new();
+    for _ in 0..3 {
+        sleep(BETWEEN_RESTARTS);
+        plugin.daemon.kill();
+        sleep(DEAD_FOR);
+        plugin = Plugin::start(&node, &bao, &[]);
+        plugins.push((plugin.spawned_at, plugin.probe_after));
+        assert_took_over(&plugin, &node, &keeper);
+    }
+    sleep(BETWEEN_RESTARTS);
+    let summaries = stop_readers(&mut readers);
+    report(
+        "keeper kill -9 + restart, then 3 daemon kill -9 restarts",
+        &summaries,
+        &plugins,
+    );
+    assert_no_failed_read(
+        "across a keeper restart and daemon kill -9 restarts",
+        &summaries,
+        &node,
+        &keeper,
+    );
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
+fn with_keeper_and_daemon_both_killed_a_host_to_container_reader_gets_the_volume_back() {
+    let (bao, key) = cluster();
+    let node = CsiNode::new("node-restart-both");
+    node.share_pods_dir();
+    let mut keeper = Keeper::start(&node.keeper_socket_path());
+    let mut plugin = Plugin::start(&node, &bao, &[]);
+    let volume = publish(&node, &key, &plugin);
+    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let view = node.container_view(&volume.target, "app");
+    let in_container = view.join("password");
+    assert_eq!(read_string(&in_container), V1);
+    // Checks the instrument: a reader without HostToContainer cannot be served once the
+    // connection is gone, and must say so.
+    let mut private = Reader::start("private", &volume.file(), &[V1]);
+
+    keeper.kill();
+    plugin.daemon.kill();
+    match read(&in_container) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+        other => panic!(
+            "reading in the container with keeper and daemon dead: expected ENOTCONN, got \
+             {other:?}"
+        ),
+    }
+
+    let started = Instant::now();
+    plugin = Plugin::start(&node, &bao, &[]);
+    let back = poll(
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || match read(&in_container) {
+            Ok(bytes) if bytes == V1.as_bytes() => Ok(()),
+            Ok(bytes) => Err(format!("read {} other bytes", bytes.len())),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    if let Err(last) = back {
+        panic!(
+            "the HostToContainer container did not see the recovered volume ({last}); mounts at \
+             the target: {:?}, at the container's view: {:?}; daemon output:\n{}",
+            mounts_at(&volume.target),
+            mounts_at(&view),
+            tail(&node.all_logs(), 300)
+        );
+    }
+    let recovered_in = started.elapsed();
+    sleep(BETWEEN_RESTARTS);
+    let summary = private.stop();
+    eprintln!(
+        "restart: keeper and daemon killed: the HostToContainer container read the volume again \
+         {} ms after the daemon's start; vaultfs_takeovers_total {}; the private-namespace \
+         reader (no HostToContainer): {}",
+        recovered_in.as_millis(),
+        plugin.metric("vaultfs_takeovers_total"),
+        summary.brief()
+    );
+    assert!(
+        summary.enotconn() > 0,
+        "the reader in a private namespace saw no ENOTCONN with keeper and daemon dead: the \
+         readers cannot tell a lost connection from a kept one\n{summary}"
+    );
+}
