@@ -1040,9 +1040,13 @@ impl Drop for Bao {
 // vaultfs daemon
 // ---------------------------------------------------------------------------------------------
 
-/// Path of the vaultfs binary built by cargo for these tests.
+/// Path of the vaultfs binary built by cargo for these tests, or `VAULTFS_BIN` when set (to
+/// compare two builds with the same harness).
 pub fn vaultfs_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vaultfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("VAULTFS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vaultfs").to_string())
+    })
 }
 
 /// Builds a `vaultfs mount` invocation against a [`Bao`] server.
