@@ -1164,8 +1164,10 @@ impl<'a> MountBuilder<'a> {
         let (mut child, mountpoint, owned, logdir, log_path) = self.spawn();
         // Ok(Ok) mounted, Ok(Err) a wrong mount or the daemon exited (stop waiting), Err not yet.
         let outcome = poll(MOUNT_TIMEOUT, Duration::from_millis(25), || {
-            let top = mounts_at(&mountpoint).pop();
-            if let Some(entry) = top.filter(|_| !occupied || is_live_mount(&mountpoint)) {
+            // Liveness first, then the table: a table read before the new mount appeared
+            // would name the dead mount beneath it.
+            let live = !occupied || is_live_mount(&mountpoint);
+            if let Some(entry) = mounts_at(&mountpoint).pop().filter(|_| live) {
                 // The daemon's type should be `fuse.vaultfs` (tests assert it); any FUSE
                 // mount counts as "mounted" here so other tests still run if it is not.
                 if entry.fstype != "fuse" && !entry.fstype.starts_with("fuse.") {
