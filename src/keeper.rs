@@ -903,6 +903,8 @@ fn accept_clients(
                 tracing::warn!(suppressed, "refused a client: {message}");
             }
             let _ = send_message(fd.as_fd(), &encode(&Reply::Error { message }), &[], true);
+            // Closing with requests unread would reset the connection and lose the reply.
+            while let Ok(Received::Message(_)) = recv_message(fd.as_fd(), true) {}
         };
         let cred = match peer_credentials(fd.as_fd()) {
             Ok(c) => c,
