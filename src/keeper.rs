@@ -2,7 +2,8 @@
 //! connections handed to it over a unix socket, so that a mount outlives the daemon serving it
 //! and a successor daemon can take the connection and serve it again. It never reads FUSE
 //! requests and holds no secret and no token. Also the blocking client the daemon uses.
-//! Depends on std, libc, serde and tracing and, in vaultfs, on `logging` only.
+//! Uses std, libc, serde/serde_json, thiserror, tracing (and anyhow for `run_keeper`'s error
+//! chain) and, in vaultfs, `logging` only.
 //!
 //! # Wire protocol
 //! One `SOCK_SEQPACKET` unix socket: every message is one packet (so no framing of our own, and
@@ -777,7 +778,9 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
         // happened before a new client connected is seen before that client's requests.
         let now = Instant::now();
         let mut gone = Vec::new();
-        let mut outgoing: Vec<(ClientId, Reply)> = Vec::new();
+        // Each reply with its descriptors, duplicated when the request is handled: a later
+        // request in the same round may change what is held.
+        let mut outgoing: Vec<(ClientId, Reply, Vec<OwnedFd>)> = Vec::new();
         for (client, p) in clients.iter().zip(&polled[2..]) {
             if p.revents == 0 {
                 continue;
@@ -795,7 +798,9 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
                         state.handle(client.id, request, fds, now)
                     });
                     match answer {
-                        Ok(Some(reply)) => outgoing.push((client.id, reply)),
+                        Ok(Some(reply)) => {
+                            outgoing.push(with_descriptors(client.id, reply, &state))
+                        }
                         Ok(None) => {}
                         Err(e) => {
                             if let Some(suppressed) = refusals.admit(e.kind()) {
@@ -807,7 +812,7 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
                                 );
                             }
                             let message = e.to_string();
-                            outgoing.push((client.id, Reply::Error { message }));
+                            outgoing.push((client.id, Reply::Error { message }, Vec::new()));
                         }
                     }
                 }
@@ -816,23 +821,20 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
                         tracing::warn!(client = client.id, "reading from a client failed: {e}");
                     }
                     gone.push(client.id);
-                    outgoing.extend(state.hung_up(client.id, now));
+                    outgoing.extend(bare(state.hung_up(client.id, now)));
                 }
             }
         }
         // Answering can find more clients gone, whose hang-ups can make more answers due.
         while !outgoing.is_empty() {
-            for (id, reply) in std::mem::take(&mut outgoing) {
+            for (id, reply, fds) in std::mem::take(&mut outgoing) {
                 let Some(client) = clients.iter().find(|c| c.id == id) else {
                     continue;
                 };
                 if gone.contains(&id) {
                     continue;
                 }
-                let fds = match reply {
-                    Reply::Held { .. } => state.descriptors(),
-                    _ => Vec::new(),
-                };
+                let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
                 if let Err(e) = send_message(client.fd.as_fd(), &encode(&reply), &fds, true) {
                     // Replies are small: a client whose buffer is full is not reading them.
                     tracing::warn!(
@@ -840,7 +842,7 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
                         "cannot answer a client ({e}); disconnecting it"
                     );
                     gone.push(id);
-                    outgoing.extend(state.hung_up(id, now));
+                    outgoing.extend(bare(state.hung_up(id, now)));
                 }
             }
         }
@@ -866,6 +868,36 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
     drop(clients);
     drop(listener);
     Ok(())
+}
+
+/// A reply ready to send: a `held` reply with duplicates of the held descriptors.
+fn with_descriptors(
+    client: ClientId,
+    reply: Reply,
+    state: &State,
+) -> (ClientId, Reply, Vec<OwnedFd>) {
+    if !matches!(reply, Reply::Held { .. }) {
+        return (client, reply, Vec::new());
+    }
+    let duplicated: io::Result<Vec<OwnedFd>> = state
+        .descriptors()
+        .iter()
+        .map(|fd| fd.try_clone_to_owned())
+        .collect();
+    match duplicated {
+        Ok(fds) => (client, reply, fds),
+        Err(e) => {
+            tracing::warn!(client, "cannot duplicate the held descriptors: {e}");
+            let message = format!("the keeper cannot duplicate its descriptors to send them: {e}");
+            (client, Reply::Error { message }, Vec::new())
+        }
+    }
+}
+
+fn bare(replies: Vec<(ClientId, Reply)>) -> impl Iterator<Item = (ClientId, Reply, Vec<OwnedFd>)> {
+    replies
+        .into_iter()
+        .map(|(id, reply)| (id, reply, Vec::new()))
 }
 
 fn accept_clients(
