@@ -5,6 +5,12 @@
 //! reports, at each level, the daemon's resident memory, threads and open descriptors, the
 //! publish latency, and a warm read through one volume next to the same file on tmpfs.
 //!
+//! Next to every publish, the bench POSTs the same JWT login to OpenBao itself (same role, a
+//! fresh token of the same kind, over one kept-alive connection as the daemon's client uses),
+//! alternating which of the two goes first, so that the login's own cost is measured in the
+//! same conditions as the publishes. The second table reports it and the publish's overhead
+//! beyond it: publish percentile minus login percentile, and their ratio.
+//!
 //! Run as root with `cargo bench --bench csi_scale`; `cargo test --all-targets` runs a small
 //! smoke version (1 and 10 volumes) when `VAULTFS_BENCH_SMOKE=1` is set (`scripts/test.sh` sets
 //! it). Prints figures; asserts nothing about speed.
@@ -16,6 +22,8 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use serde_json::json;
 
 use common::csi::{publish_request, CsiNode, Pod};
 use common::jwt::SigningKey;
@@ -50,6 +58,58 @@ fn warm_read(path: &Path, iterations: u32) -> Duration {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Logs in at `auth/jwt/login` directly, as the daemon does for a publish: one reqwest client
+/// (its connection kept alive between logins), JSON body `{role, jwt}`.
+struct DirectLogin {
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
+    url: String,
+}
+
+impl DirectLogin {
+    fn new(bao: &Bao, mount: &str) -> DirectLogin {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("HTTP client");
+        DirectLogin {
+            rt,
+            http,
+            url: format!("{}/v1/auth/{mount}/login", bao.addr()),
+        }
+    }
+
+    /// One login with `jwt` as `role`; returns how long the answer took.
+    fn login(&self, role: &str, jwt: &str) -> Duration {
+        let body = json!({ "role": role, "jwt": jwt }).to_string();
+        let start = Instant::now();
+        let (status, text) = self.rt.block_on(async {
+            let resp = self
+                .http
+                .post(&self.url)
+                .header("X-Vault-Request", "true")
+                .header("Content-Type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("direct login: no answer");
+            let status = resp.status();
+            (status, resp.text().await.expect("direct login: body"))
+        });
+        let elapsed = start.elapsed();
+        assert!(status.is_success(), "direct login: {status} {text}");
+        elapsed
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 fn main() {
@@ -87,12 +147,18 @@ fn main() {
     bao.kv_put("secret/scale/db", &[("password", SECRET)]);
 
     let node = CsiNode::new("scale-node");
+    // Volume state goes to tmpfs, as on a node (`/run/vaultfs`), not to the disk under /tmp.
+    node.state_on_tmpfs();
     let daemon = node
         .daemon(&bao)
         .rust_log("warn")
         .args(["--max-volumes", "10000"])
         .start();
     let client = daemon.client();
+    let direct = DirectLogin::new(&bao, "jwt");
+    // The connection is opened here, not in the first measured login.
+    let warm_up = Pod::new("bench", "warm-up", "app");
+    direct.login("scale", &warm_up.signed_token(&key).0);
     let pid = daemon.pid();
     let attributes = [
         ("role", "scale"),
@@ -130,15 +196,30 @@ fn main() {
     );
     let mut targets: Vec<(Pod, PathBuf)> = Vec::new();
     let mut latencies = Vec::new();
+    let mut logins = Vec::new();
+    let mut login_rows = Vec::new();
     for &level in levels {
         while targets.len() < level {
-            let pod = Pod::new("bench", &format!("app-{}", targets.len()), "app");
+            let n = targets.len();
+            let pod = Pod::new("bench", &format!("app-{n}"), "app");
             let (jwt, exp) = pod.signed_token(&key);
             let target = node.target_path(&pod, "secrets");
             let request = publish_request(&pod, "secrets", &target, &attributes, &jwt, exp);
-            let start = Instant::now();
-            client.publish(request).expect("publish");
-            latencies.push(start.elapsed());
+            // The same kind of token, fresh, for a pod that publishes nothing.
+            let other = Pod::new("bench", &format!("login-{n}"), "app");
+            let other_jwt = other.signed_token(&key).0;
+            let publish = || {
+                let start = Instant::now();
+                client.publish(request).expect("publish");
+                start.elapsed()
+            };
+            if n.is_multiple_of(2) {
+                latencies.push(publish());
+                logins.push(direct.login("scale", &other_jwt));
+            } else {
+                logins.push(direct.login("scale", &other_jwt));
+                latencies.push(publish());
+            }
             targets.push((pod, target));
         }
         let probe = targets.last().expect("a volume").1.join("db/password");
@@ -148,6 +229,12 @@ fn main() {
         let rss = proc_status(pid, "VmRSS:");
         let mut sorted = latencies.clone();
         sorted.sort();
+        let mut sorted_logins = logins.clone();
+        sorted_logins.sort();
+        login_rows.push((
+            level,
+            [0.5, 0.99].map(|p| (percentile(&sorted, p), percentile(&sorted_logins, p))),
+        ));
         println!(
             "{:>7} {:>10} {:>13.1} {:>8} {:>6} {:>11.2} ms {:>11.2} ms {:>9.1} µs {:>7.1} µs",
             level,
@@ -159,6 +246,33 @@ fn main() {
             percentile(&sorted, 0.99).as_secs_f64() * 1e3,
             warm.as_secs_f64() * 1e6,
             tmpfs.as_secs_f64() * 1e6,
+        );
+    }
+    println!("publish next to the same JWT login sent straight to OpenBao (interleaved)");
+    println!(
+        "{:>7} {:>14} {:>14} {:>12} {:>12} {:>15} {:>15} {:>10} {:>10}",
+        "volumes",
+        "publish p50",
+        "publish p99",
+        "login p50",
+        "login p99",
+        "overhead p50",
+        "overhead p99",
+        "ratio p50",
+        "ratio p99"
+    );
+    for (level, [(p50, l50), (p99, l99)]) in &login_rows {
+        println!(
+            "{:>7} {:>11.2} ms {:>11.2} ms {:>9.2} ms {:>9.2} ms {:>12.2} ms {:>12.2} ms {:>9.2}x {:>9.2}x",
+            level,
+            ms(*p50),
+            ms(*p99),
+            ms(*l50),
+            ms(*l99),
+            ms(*p50) - ms(*l50),
+            ms(*p99) - ms(*l99),
+            ms(*p50) / ms(*l50),
+            ms(*p99) / ms(*l99),
         );
     }
     if let Ok(wait) = std::env::var("VAULTFS_SCALE_PAUSE") {

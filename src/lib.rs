@@ -12,6 +12,8 @@
 //! `mount::Mounter`, which is generic over the source: the CSI contract tier runs the whole
 //! lifecycle over `source::mock::MockSource` and `mount::FakeMounter`, which are compiled
 //! only for tests (`cfg(test)` or the `testing` feature).
+//! `keeper` (the process that holds FUSE connections across daemon restarts, and its client)
+//! stands beside this chain: it uses only `logging`, and only `main` and the wiring use it.
 
 pub mod app;
 pub mod audit;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod csi;
 pub mod fs;
 pub mod fuse;
+pub mod keeper;
 pub mod logging;
 pub mod metrics;
 pub mod mount;

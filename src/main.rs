@@ -33,6 +33,18 @@ enum Command {
     Mount(MountArgs),
     /// Serve the Kubernetes CSI node plugin (Identity + Node) on a unix socket.
     Csi(CsiArgs),
+    /// Hold the node's live FUSE connections across daemon restarts; reads no requests, holds no secrets.
+    Keeper(KeeperArgs),
+}
+
+#[derive(Args)]
+struct KeeperArgs {
+    /// Unix socket daemons hand connections over on (replaced if present; only root and this uid may use it).
+    #[arg(long, default_value = vaultfs::keeper::DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+    /// Log line format on stderr (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Args)]
@@ -351,6 +363,23 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Mount(args) => mount(args),
         Command::Csi(args) => csi(args),
+        Command::Keeper(args) => keeper(args),
+    }
+}
+
+fn keeper(args: KeeperArgs) -> ExitCode {
+    if let Err(message) = vaultfs::keeper::check_socket_path(&args.socket) {
+        eprintln!("vaultfs: --socket: {message}");
+        return ExitCode::from(2);
+    }
+    init_logging(args.log_format);
+    match vaultfs::keeper::run_keeper(&args.socket) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("vaultfs: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

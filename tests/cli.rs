@@ -1,5 +1,5 @@
-//! The command-line contract, without root or Vault: the README quotes `vaultfs mount --help`
-//! verbatim, and bad arguments exit with status 2 and a message naming what is wrong, before
+//! The command-line contract, without root or Vault: the README quotes the `--help` of every
+//! subcommand verbatim, and bad arguments exit with status 2 and a message naming what is wrong, before
 //! anything is mounted.
 
 use std::process::{Command, Output};
@@ -17,7 +17,17 @@ fn vaultfs(args: &[&str]) -> Output {
 fn readme_quotes_the_current_help_of_every_command() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
-    for command in ["mount", "csi"] {
+    let top = String::from_utf8(vaultfs(&["--help"]).stdout).expect("utf-8 help");
+    let commands: Vec<&str> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert_eq!(commands, ["mount", "csi", "keeper"], "{top}");
+    for command in commands {
         let help = String::from_utf8(vaultfs(&[command, "--help"]).stdout).expect("utf-8 help");
         assert!(
             readme.contains(help.trim_end()),
@@ -36,6 +46,15 @@ fn csi_refuses_bad_endpoints_and_missing_servers() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("expected NAME=URL"), "{stderr}");
+}
+
+#[test]
+fn keeper_refuses_a_socket_path_too_long_for_a_unix_socket() {
+    let long = format!("/tmp/{}/k.sock", "d".repeat(120));
+    let out = vaultfs(&["keeper", "--socket", &long]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("1 to 107 bytes"), "{stderr}");
 }
 
 #[test]

@@ -13,6 +13,10 @@ use common::csi::*;
 use common::k8s::*;
 use common::*;
 
+/// The `/dev/fuse` descriptors of a daemon with one connection: the session's, and the
+/// duplicate kept to hand the connection over (`mount::Connection`).
+const FUSE_DESCRIPTORS: usize = 2;
+
 /// `Threads:` of process `pid`.
 fn threads(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
@@ -59,7 +63,7 @@ fn every_volume_shares_one_connection_and_a_pod_cannot_walk_out_of_its_own() {
     eprintln!("threads: {threads_at_one} with the first volume read, {threads_at_twenty} with 20; /dev/fuse descriptors: {}", fuse_descriptors(pid));
     assert_eq!(
         fuse_descriptors(pid),
-        1,
+        FUSE_DESCRIPTORS,
         "one FUSE connection for every volume"
     );
     // Constant in the number of volumes (a pool thread may come and go, hence the slack).
@@ -102,5 +106,5 @@ fn every_volume_shares_one_connection_and_a_pod_cannot_walk_out_of_its_own() {
         .expect("unpublish one volume");
     assert!(!is_mounted(target), "{} still mounted", target.display());
     assert_eq!(read_string(targets[6].1.join("f")), "value-6");
-    assert_eq!(fuse_descriptors(pid), 1);
+    assert_eq!(fuse_descriptors(pid), FUSE_DESCRIPTORS);
 }

@@ -3,13 +3,16 @@
 //! connection's kernel cache invalidations (never from a FUSE handler or a tokio worker,
 //! holding no locks). `vaultfs mount` is one volume on its own connection (`mount`);
 //! `vaultfs csi` puts every volume of the node on one connection and binds them (`node`).
+//! `handover` starts a session on a connection with or without the kernel's INIT, so that
+//! another process can serve a live connection again (`Connection`, `resume_connection`).
 //! `fake` is a `Mounter` that mounts nothing, compiled only for tests.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, OnceLock};
 
-use fuser::{BackgroundSession, Config, INodeNo, Notifier, Session, SessionACL};
+use fuser::{BackgroundSession, Config, INodeNo, Notifier, SessionACL};
 use thiserror::Error;
 
 use crate::fs::{Invalidate, VaultFs};
@@ -21,10 +24,12 @@ use crate::sys;
 
 #[cfg(any(test, feature = "testing"))]
 mod fake;
+pub mod handover;
 mod node;
 
 #[cfg(any(test, feature = "testing"))]
 pub use fake::FakeMounter;
+pub use handover::InitRecord;
 pub use node::{BindMount, FuseMounter, NodeSession, MAX_BACKGROUND};
 
 #[derive(Debug, Error)]
@@ -112,10 +117,35 @@ pub struct MountConfig {
     pub create_target: bool,
 }
 
+/// A served FUSE connection: the session serving it on a background thread, and what another
+/// process needs to serve it again (`resume_connection`): a duplicate of its `/dev/fuse`
+/// descriptor and the INIT the kernel sent when it was mounted.
+pub struct Connection {
+    /// Serves until the connection ends. Dropping it neither unmounts nor stops it: a session
+    /// made from a descriptor owns no mount, and its thread keeps serving (and keeps its own
+    /// descriptor open) until the kernel ends the connection.
+    _session: BackgroundSession,
+    device: OwnedFd,
+    init: InitRecord,
+}
+
+impl Connection {
+    /// The connection's `/dev/fuse` descriptor (a duplicate of the session's, close-on-exec):
+    /// what a holder keeps and a successor serves (`try_clone_to_owned` for one of its own).
+    pub fn device(&self) -> BorrowedFd<'_> {
+        self.device.as_fd()
+    }
+
+    /// The INIT the kernel sent when the connection was mounted.
+    pub fn init(&self) -> &InitRecord {
+        &self.init
+    }
+}
+
 /// A mounted volume. Unmount it with `unmount`; dropping it also unmounts.
 pub struct FuseMount {
     target: PathBuf,
-    session: Option<BackgroundSession>,
+    connection: Option<Connection>,
     metrics: Arc<Metrics>,
 }
 
@@ -153,12 +183,12 @@ pub fn mount<S: SecretSource>(
     kernel: &KernelNotifier,
 ) -> Result<FuseMount, MountError> {
     let adapter = FuseAdapter::new(Volumes::single(fs), runtime, metrics.clone());
-    let session = start_connection(target, config, adapter, kernel)?;
+    let connection = start_connection(target, config, adapter, kernel)?;
     metrics.active_mounts.inc();
     tracing::info!(target = %target.display(), "mounted");
     Ok(FuseMount {
         target: target.to_path_buf(),
-        session: Some(session),
+        connection: Some(connection),
         metrics,
     })
 }
@@ -171,30 +201,65 @@ fn start_connection<S: SecretSource>(
     config: &MountConfig,
     adapter: FuseAdapter<S>,
     kernel: &KernelNotifier,
-) -> Result<BackgroundSession, MountError> {
+) -> Result<Connection, MountError> {
     prepare_target(target, config.create_target)?;
     let fuse_error = |source| MountError::Fuse {
         path: target.to_path_buf(),
         source,
     };
     let device = sys::fuse_mount(target, config.allow_other).map_err(fuse_error)?;
-    let acl = if config.allow_other {
+    serve(adapter, device, config.allow_other, None, kernel).map_err(|e| {
+        let _ = sys::detach_unmount(target);
+        fuse_error(e)
+    })
+}
+
+/// Serves with `adapter`, on a background thread, a live connection another process served
+/// until now: `device` is a duplicate of its descriptor and `init` the INIT the kernel sent that
+/// process (see `handover::start_session`). `allow_other` must be what the connection was
+/// mounted with. Serving starts at once, so `adapter` must already serve every volume the
+/// kernel may ask about; the kernel's notifications go through `kernel` from then on. Touches
+/// no mount point (a stat of a mount nobody serves yet would block).
+pub fn resume_connection<S: SecretSource>(
+    device: OwnedFd,
+    init: &InitRecord,
+    allow_other: bool,
+    adapter: FuseAdapter<S>,
+    kernel: &KernelNotifier,
+) -> std::io::Result<Connection> {
+    serve(adapter, device, allow_other, Some(init), kernel)
+}
+
+fn serve<S: SecretSource>(
+    adapter: FuseAdapter<S>,
+    device: OwnedFd,
+    allow_other: bool,
+    init: Option<&InitRecord>,
+    kernel: &KernelNotifier,
+) -> std::io::Result<Connection> {
+    let kept = device.try_clone()?;
+    let acl = if allow_other {
         SessionACL::All
     } else {
         SessionACL::Owner
     };
-    Session::from_fd(adapter, device, acl, Config::default())
-        .and_then(|session| {
-            kernel.connect(session.notifier());
-            session.spawn()
-        })
-        .map_err(|e| {
-            let _ = sys::detach_unmount(target);
-            fuse_error(e)
-        })
+    let (session, init) = handover::start_session(adapter, device, acl, Config::default(), init)?;
+    kernel.connect(session.notifier());
+    Ok(Connection {
+        _session: session.spawn()?,
+        device: kept,
+        init,
+    })
 }
 
 impl FuseMount {
+    /// The volume's connection (to hand it over to another process).
+    pub fn connection(&self) -> &Connection {
+        self.connection
+            .as_ref()
+            .expect("a mount keeps its connection until it is unmounted")
+    }
+
     /// Unmounts lazily: files still open keep working until closed, new opens fail. Treats
     /// an already-gone mount as success.
     pub fn unmount(mut self) -> std::io::Result<()> {
@@ -202,13 +267,13 @@ impl FuseMount {
     }
 
     fn detach(&mut self) -> std::io::Result<()> {
-        let Some(session) = self.session.take() else {
+        let Some(connection) = self.connection.take() else {
             return Ok(());
         };
         let result = sys::detach_all_of_type(&self.target, sys::FSTYPE).map(|_| ());
         // The session thread ends when the kernel closes the connection (at once, or when the
         // last open file closes).
-        drop(session);
+        drop(connection);
         self.metrics.active_mounts.dec();
         tracing::info!(target = %self.target.display(), "unmounted");
         result

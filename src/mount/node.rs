@@ -1,12 +1,14 @@
 //! The node plugin's mounts: every volume of the node on one FUSE connection, each bound at
 //! its pod's target.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::BackgroundSession;
-
-use super::{prepare_target, KernelNotifier, MountConfig, MountError, Mounted, Mounter};
+use super::{
+    prepare_target, Connection, InitRecord, KernelNotifier, MountConfig, MountError, Mounted,
+    Mounter,
+};
 use crate::fs::{Invalidate, VaultFs};
 use crate::fuse::{FuseAdapter, Slot, Volumes};
 use crate::metrics::Metrics;
@@ -23,8 +25,9 @@ pub struct NodeSession<S> {
     volumes: Arc<Volumes<S>>,
     metrics: Arc<Metrics>,
     /// Serves the connection until the process exits (never unmounted by this process: a
-    /// restarted daemon mounts a new connection over the dead one, as over dead binds).
-    _session: BackgroundSession,
+    /// restarted daemon mounts a new connection over the dead one, as over dead binds, or
+    /// resumes this one from a holder's descriptor).
+    connection: Connection,
 }
 
 /// Requests the kernel may hand the connection at once before it queues more: with every
@@ -42,20 +45,61 @@ impl<S: SecretSource> NodeSession<S> {
         kernel: &KernelNotifier,
     ) -> Result<Self, MountError> {
         let volumes = Volumes::node();
-        let adapter = FuseAdapter::new(volumes.clone(), runtime, metrics.clone())
-            .with_max_background(MAX_BACKGROUND);
+        let adapter = Self::adapter(&volumes, runtime, &metrics);
         let config = MountConfig {
             allow_other: true,
             create_target: true,
         };
-        let session = super::start_connection(root, &config, adapter, kernel)?;
+        let connection = super::start_connection(root, &config, adapter, kernel)?;
         tracing::info!(root = %root.display(), "serving every volume of this node on one FUSE connection");
         Ok(Self {
             root: root.to_path_buf(),
             volumes,
             metrics,
-            _session: session,
+            connection,
         })
+    }
+
+    /// Serves the node's connection mounted at `root` that another process served until now:
+    /// `device` is a duplicate of its descriptor, `init` the INIT the kernel sent when it was
+    /// mounted (see `Connection`). The kernel may ask about any volume the moment serving
+    /// starts, so `volumes` (`Volumes::node()`) must already hold every volume attached
+    /// before, with the slots it had. Touches neither `root` nor the binds, which stay as they
+    /// were.
+    pub fn resume(
+        root: &Path,
+        device: OwnedFd,
+        init: &InitRecord,
+        volumes: Arc<Volumes<S>>,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+        kernel: &KernelNotifier,
+    ) -> std::io::Result<Self> {
+        let adapter = Self::adapter(&volumes, runtime, &metrics);
+        let connection = super::resume_connection(device, init, true, adapter, kernel)?;
+        tracing::info!(root = %root.display(), volumes = volumes.len(), "serving the node's FUSE connection again");
+        Ok(Self {
+            root: root.to_path_buf(),
+            volumes,
+            metrics,
+            connection,
+        })
+    }
+
+    /// The adapter of the node's connection. Its limits (`MAX_BACKGROUND`) are asked of the
+    /// kernel at INIT, so a resumed connection keeps those it was mounted with.
+    fn adapter(
+        volumes: &Arc<Volumes<S>>,
+        runtime: tokio::runtime::Handle,
+        metrics: &Arc<Metrics>,
+    ) -> FuseAdapter<S> {
+        FuseAdapter::new(volumes.clone(), runtime, metrics.clone())
+            .with_max_background(MAX_BACKGROUND)
+    }
+
+    /// The node's connection (to hand it over to another process).
+    pub fn connection(&self) -> &Connection {
+        &self.connection
     }
 
     /// Serves `fs` as volume `slot` and binds it at `target`.

@@ -95,6 +95,33 @@ impl CsiNode {
         self.dir.path().join("state")
     }
 
+    /// Mounts a tmpfs on `state/`, as a node's `/run/vaultfs` is (the daemon warns when its
+    /// state directory is not on tmpfs): volume state is then written where a cluster writes
+    /// it, not to the disk under the temporary directory. Call before starting a daemon.
+    pub fn state_on_tmpfs(&self) {
+        let state = self.state_dir();
+        let c = |s: &str| CString::new(s).expect("no NUL");
+        let (source, fstype, data) = (c("tmpfs"), c("tmpfs"), c("mode=0700"));
+        let target = CString::new(state.as_os_str().as_bytes()).expect("path without NUL");
+        // SAFETY: the strings are valid and NUL-terminated for the duration of the call.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                data.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            panic!(
+                "mount a tmpfs on {}: {}",
+                state.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
     pub fn pods_dir(&self) -> PathBuf {
         self.dir.path().join("pods")
     }
@@ -561,8 +588,7 @@ pub struct CsiClient {
 
 impl CsiClient {
     pub fn connect(socket: &Path) -> Result<CsiClient, String> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| format!("tokio runtime: {e}"))?;

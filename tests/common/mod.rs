@@ -1052,9 +1052,13 @@ impl Drop for Bao {
 // vaultfs daemon
 // ---------------------------------------------------------------------------------------------
 
-/// Path of the vaultfs binary built by cargo for these tests.
+/// Path of the vaultfs binary built by cargo for these tests, or `VAULTFS_BIN` when set (to
+/// compare two builds with the same harness).
 pub fn vaultfs_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vaultfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("VAULTFS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vaultfs").to_string())
+    })
 }
 
 /// Builds a `vaultfs mount` invocation against a [`Bao`] server.
@@ -1172,8 +1176,10 @@ impl<'a> MountBuilder<'a> {
         let (mut child, mountpoint, owned, logdir, log_path) = self.spawn();
         // Ok(Ok) mounted, Ok(Err) a wrong mount or the daemon exited (stop waiting), Err not yet.
         let outcome = poll(MOUNT_TIMEOUT, Duration::from_millis(25), || {
-            let top = mounts_at(&mountpoint).pop();
-            if let Some(entry) = top.filter(|_| !occupied || is_live_mount(&mountpoint)) {
+            // Liveness first, then the table: a table read before the new mount appeared
+            // would name the dead mount beneath it.
+            let live = !occupied || is_live_mount(&mountpoint);
+            if let Some(entry) = mounts_at(&mountpoint).pop().filter(|_| live) {
                 // The daemon's type should be `fuse.vaultfs` (tests assert it); any FUSE
                 // mount counts as "mounted" here so other tests still run if it is not.
                 if entry.fstype != "fuse" && !entry.fstype.starts_with("fuse.") {

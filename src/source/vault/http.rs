@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
+use super::engine::ServerMounts;
 use super::health::Health;
 use crate::secret::{wipe_json, Token};
 use crate::source::SourceError;
@@ -107,6 +108,8 @@ pub struct VaultServer {
     /// `ANSWER_BUDGET_BYTES`, in KiB permits.
     answers: Arc<Semaphore>,
     health: Arc<Health>,
+    /// Secret-engine mounts its identities detected, shared among them.
+    mounts: ServerMounts,
 }
 
 impl VaultServer {
@@ -163,7 +166,13 @@ impl VaultServer {
             },
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
             answers: Arc::new(Semaphore::new(kib(ANSWER_BUDGET_BYTES) as usize)),
+            mounts: ServerMounts::default(),
         })
+    }
+
+    /// The secret-engine mounts detected on this server so far.
+    pub(super) fn mounts(&self) -> &ServerMounts {
+        &self.mounts
     }
 
     pub fn limits(&self) -> ServerLimits {
