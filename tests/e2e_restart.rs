@@ -296,7 +296,7 @@ fn report(label: &str, summaries: &[Summary], plugins: &[(f64, Duration)]) {
         .iter()
         .map(|v| v.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1}")))
         .collect();
-    if let (Some(max), false) = (known.last(), known.is_empty()) {
+    if let Some(max) = known.last() {
         eprintln!(
             "restart:   daemon start to first served read: median {:.1} ms, max {max:.1} ms \
              (per restart, ms: {})",
