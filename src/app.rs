@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::CacheConfig;
 use crate::metrics::{self, Metrics};
+use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
 use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
 use crate::spec::VolumeSpec;
@@ -123,6 +124,31 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// Waits until every FUSE request taken from the kernel has been answered (or `timeout`), so
+/// that a stopping daemon leaves nothing half-answered; requests the kernel hands out meanwhile
+/// are answered too.
+async fn drain(metrics: &Metrics, timeout: Duration) {
+    let started = tokio::time::Instant::now();
+    loop {
+        let in_flight = metrics.fuse_requests_in_flight.get();
+        if in_flight <= 0 {
+            tracing::info!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                "no FUSE request in flight"
+            );
+            return;
+        }
+        if started.elapsed() >= timeout {
+            tracing::warn!(
+                in_flight,
+                "stopping with FUSE requests unanswered (--drain-timeout); a successor asks the kernel to resend them where the kernel supports it"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Everything `vaultfs csi` needs, already parsed and validated.
 pub struct CsiSettings {
     pub endpoint: String,
@@ -136,6 +162,11 @@ pub struct CsiSettings {
     pub min_cache_ttl: Duration,
     pub max_volumes: usize,
     pub max_entries: usize,
+    /// The keeper holding the node's FUSE connection across restarts (`--keeper-socket`).
+    pub keeper_socket: Option<PathBuf>,
+    pub keeper_wait: Duration,
+    /// Longest SIGTERM waits for FUSE requests in flight.
+    pub drain_timeout: Duration,
     /// Bounds on each Vault server's traffic and answers.
     pub limits: ServerLimits,
     pub lock_memory: bool,
@@ -169,11 +200,24 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let socket = crate::csi::socket_path(&settings.endpoint)
         .map_err(anyhow::Error::msg)?
         .to_path_buf();
+    let keeper = match settings.keeper_socket.clone() {
+        Some(path) => {
+            let (wait, metrics) = (settings.keeper_wait, metrics.clone());
+            Some(
+                tokio::task::spawn_blocking(move || KeeperLink::connect(&path, wait, metrics))
+                    .await
+                    .context("connecting to the keeper")?,
+            )
+        }
+        None => None,
+    };
     let mounter = Arc::new(crate::mount::FuseMounter::new(
         tokio::runtime::Handle::current(),
         metrics.clone(),
         settings.state_dir.join(crate::csi::SESSION_DIR),
+        keeper,
     ));
+    let taken_over = mounter.take_over();
     let manager = Arc::new(crate::csi::VolumeManager::new(
         crate::csi::CsiConfig {
             node_id: settings.node_id,
@@ -186,13 +230,20 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
             max_volumes: settings.max_volumes,
             max_entries: settings.max_entries,
         },
-        mounter,
+        mounter.clone(),
         metrics.clone(),
     ));
     let recovered = manager.recover().await;
+    if taken_over {
+        // Only now: the kernel may ask about any recorded volume the moment this serves.
+        mounter
+            .serve_taken_over()
+            .context("serving the node connection taken over from the keeper")?;
+    }
     if recovered > 0 {
         tracing::info!(
             recovered,
+            taken_over,
             "serving volumes recorded by an earlier daemon again"
         );
     }
@@ -200,6 +251,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     spawn_metrics(&mut background, settings.metrics_addr, &metrics).await?;
     let shutdown = shutdown_signal()?;
     crate::csi::serve(manager.clone(), &socket, shutdown).await?;
+    drain(&metrics, settings.drain_timeout).await;
     background.abort_all();
     let kept = manager.release_for_restart();
     tracing::info!(

@@ -26,6 +26,12 @@ use crate::source::SecretSource;
 use crate::spec::InodeNo;
 use parking_lot::RwLock;
 
+/// Whether the request `unique` was queued again by the kernel after a takeover
+/// (FUSE_NOTIFY_RESEND marks resent requests with bit 63).
+pub fn is_resent(unique: u64) -> bool {
+    unique & (1 << 63) != 0
+}
+
 /// A volume's number on a node-wide connection: its directory `<slot>` under the
 /// connection's root, and the high half of its inode numbers. Recorded with the volume, so the
 /// same volume keeps the same numbers.
@@ -209,6 +215,14 @@ impl<S: SecretSource> FuseAdapter<S> {
         self
     }
 
+    /// Counts a request the kernel sent again after a takeover (FUSE_NOTIFY_RESEND): one the
+    /// previous daemon had read and not answered.
+    fn count_resent(&self, req: &Request) {
+        if is_resent(req.unique().0) {
+            self.metrics.resent_requests.inc();
+        }
+    }
+
     /// Runs `work` (a request about connection inode `ino`, file `local` of volume `fs` when
     /// it is one) and hands its result to `done`: at once when it completes without waiting
     /// (cache hits), otherwise as a task on the runtime, so the FUSE thread never blocks on
@@ -382,6 +396,7 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.count_resent(req);
         let caller = caller_of(req);
         let name = name.to_string_lossy().into_owned();
         let answer = |ttl: Duration| {
@@ -432,6 +447,7 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.count_resent(req);
         let caller = caller_of(req);
         let answer = |ttl: Duration| {
             move |r: Result<Attr, Errno>| match r {
@@ -464,6 +480,7 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.count_resent(req);
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let caller = caller_of(req);
         // Direct I/O: every read reaches the handle's pinned version, so a descriptor opened
@@ -485,7 +502,7 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -494,6 +511,7 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.count_resent(req);
         let answer = move |r: Result<crate::fs::ReadSlice, Errno>| match r {
             Ok(slice) => reply.data(slice.bytes()),
             Err(e) => reply.error(e),
@@ -543,12 +561,13 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.count_resent(req);
         let answer = move |r: Result<Vec<DirEntry>, Errno>| match r {
             Ok(entries) => {
                 for e in entries {

@@ -42,7 +42,7 @@ use thiserror::Error;
 use crate::logging::FailureLimiter;
 
 /// Where `vaultfs keeper` listens and the daemon connects, unless told otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/vaultfs/keeper.sock";
+pub const DEFAULT_SOCKET: &str = "/run/vaultfs-keeper/keeper.sock";
 /// The protocol version every message carries.
 pub const PROTOCOL_VERSION: u64 = 1;
 /// Largest message, either way. A full `held` reply fits (checked by a test).

@@ -88,6 +88,16 @@ struct CsiArgs {
     /// Most files one volume may declare; larger volumes fail with ResourceExhausted.
     #[arg(long, default_value_t = vaultfs::csi::DEFAULT_MAX_ENTRIES, value_name = "N")]
     max_volume_entries: usize,
+    /// Socket of a `vaultfs keeper` that holds the node's FUSE connection across restarts; on
+    /// start, a connection it holds is taken over and served at once.
+    #[arg(long, value_name = "PATH")]
+    keeper_socket: Option<PathBuf>,
+    /// How long to wait at start for the keeper to answer before serving without it.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    keeper_wait: Duration,
+    /// On SIGTERM, longest wait for FUSE requests in flight to be answered before exiting.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    drain_timeout: Duration,
     #[command(flatten)]
     daemon: DaemonArgs,
 }
@@ -437,6 +447,9 @@ fn csi(args: CsiArgs) -> ExitCode {
         min_cache_ttl: args.min_cache_ttl,
         max_volumes: args.max_volumes,
         max_entries: args.max_volume_entries,
+        keeper_socket: args.keeper_socket,
+        keeper_wait: args.keeper_wait,
+        drain_timeout: args.drain_timeout,
         limits,
         lock_memory: args.daemon.lock_memory,
         metrics_addr: args.daemon.metrics_addr,

@@ -680,6 +680,60 @@ fn node_plugin_daemonset_matches_the_binary() {
 
 #[test]
 #[ignore = "needs kubectl and kubernetes-validate (installed by scripts/install-deps.sh)"]
+fn the_keeper_survives_plugin_rollouts_and_shares_its_socket_with_the_plugin() {
+    let objs = rendered("deploy/base");
+    let (keeper_ds, keeper_pod, keeper) = workload_running(&objs, "keeper");
+    let (plugin_ds, plugin_pod, plugin) = workload_running(&objs, "csi");
+    assert_eq!(kind(keeper_ds), "DaemonSet");
+    assert_ne!(
+        name(keeper_ds),
+        name(plugin_ds),
+        "the keeper must not be replaced with the plugin: its own DaemonSet"
+    );
+    assert_eq!(
+        keeper_ds["spec"]["updateStrategy"]["type"], "OnDelete",
+        "a keeper is replaced only on request, never by a plugin rollout"
+    );
+    assert_eq!(
+        keeper_pod["tolerations"], plugin_pod["tolerations"],
+        "the keeper must run wherever the plugin runs"
+    );
+
+    // One socket: the keeper's --socket is the plugin's --keeper-socket, in the same host
+    // directory, which is neither kubelet's nor the plugin's state directory.
+    let socket = Invocation::of(keeper).value("socket").to_string();
+    assert_eq!(socket, vaultfs::keeper::DEFAULT_SOCKET, "keeper --socket");
+    assert_eq!(
+        Invocation::of(plugin).value("keeper-socket"),
+        socket,
+        "csi --keeper-socket"
+    );
+    let dir = Path::new(&socket).parent().expect("socket directory");
+    let dir = dir.to_str().expect("utf-8");
+    let (_, keeper_vol) = mount_at(keeper_pod, keeper, dir);
+    let (_, plugin_vol) = mount_at(plugin_pod, plugin, dir);
+    assert_eq!(host_path(keeper_vol), host_path(plugin_vol));
+    assert!(
+        host_path(keeper_vol).starts_with("/run/") && host_path(keeper_vol) != DEFAULT_STATE_DIR,
+        "the keeper's socket directory must be on the host's /run and apart from the state directory (tokens): {}",
+        host_path(keeper_vol)
+    );
+
+    // It needs no privilege: no capabilities, no API access, one volume (its socket).
+    let security = &keeper["securityContext"];
+    assert_ne!(security["privileged"], true, "the keeper must not be privileged");
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(string_list(&security["capabilities"]["drop"]), vec!["ALL"]);
+    assert_eq!(keeper_pod["automountServiceAccountToken"], false);
+    assert_eq!(
+        list(&keeper_pod["volumes"]).len(),
+        1,
+        "the keeper sees only its socket directory"
+    );
+}
+
+#[test]
+#[ignore = "needs kubectl and kubernetes-validate (installed by scripts/install-deps.sh)"]
 fn vaultfs_containers_use_only_flags_the_binary_has() {
     let mut subcommands = BTreeSet::new();
     for dir in kustomizations() {

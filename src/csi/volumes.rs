@@ -251,10 +251,19 @@ impl<S: Identity> VolumeManager<S> {
             allow_other: true,
             create_target: true,
         };
-        let mounted = match self
-            .mounter
-            .mount(&params.target, slot, volume.fs(), &mount_config)
-        {
+        // Restart recovery on a connection taken over from the keeper: the bind is live.
+        let adopted = if strict {
+            None
+        } else {
+            self.mounter.adopt(&params.target, slot, volume.fs())
+        };
+        let mounted = match adopted.map_or_else(
+            || {
+                self.mounter
+                    .mount(&params.target, slot, volume.fs(), &mount_config)
+            },
+            Ok,
+        ) {
             Ok(m) => m,
             Err(e) => {
                 volume.abandon().await;

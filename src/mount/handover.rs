@@ -28,9 +28,6 @@ const FUSE_INIT_EXT: u32 = 1 << 30;
 /// Capability bit 39, `FUSE_HAS_RESEND`: bit 7 of `flags2`.
 const FUSE_HAS_RESEND_IN_FLAGS2: u32 = 1 << (39 - 32);
 const FUSE_NOTIFY_RESEND: i32 = 7;
-/// The kernel marks a request it queues again after `FUSE_NOTIFY_RESEND` with this bit of
-/// `unique` (`FUSE_UNIQUE_RESEND`).
-const UNIQUE_RESEND: u64 = 1 << 63;
 /// The kernel refuses a read of `/dev/fuse` into a buffer smaller than
 /// `max(FUSE_MIN_READ_BUFFER (8 KiB), sizeof(fuse_in_header) + sizeof(fuse_write_in) +
 /// max_write)` (`fuse_dev_do_read`) with `EINVAL`. The INIT read uses fuser's own request
@@ -210,10 +207,7 @@ pub fn notify_resend(device: BorrowedFd<'_>) -> io::Result<()> {
     write_once(device, &header)
 }
 
-/// Whether the request `unique` was queued again by `notify_resend`.
-pub fn is_resent(unique: u64) -> bool {
-    unique & UNIQUE_RESEND != 0
-}
+pub use crate::fuse::is_resent;
 
 /// Reads the first request of a connection just mounted: the kernel's FUSE_INIT.
 fn read_init(device: BorrowedFd<'_>) -> io::Result<InitRecord> {

@@ -25,6 +25,7 @@ use crate::sys;
 #[cfg(any(test, feature = "testing"))]
 mod fake;
 pub mod handover;
+pub mod keeper_link;
 mod node;
 
 #[cfg(any(test, feature = "testing"))]
@@ -305,6 +306,13 @@ pub trait Mounter<S: SecretSource>: Send + Sync + 'static {
         fs: Arc<VaultFs<S>>,
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError>;
+
+    /// Serves `fs` as volume `slot` on a live connection taken over from a predecessor, whose
+    /// bind at `target` is still in place: nothing is mounted. `None` when no connection was
+    /// taken over (the caller mounts).
+    fn adopt(&self, _target: &Path, _slot: Slot, _fs: Arc<VaultFs<S>>) -> Option<Box<dyn Mounted>> {
+        None
+    }
 
     /// Detaches every mount at `target` that no `Mounted` handle owns (left by an earlier
     /// daemon). `Ok(false)` when nothing was mounted there.

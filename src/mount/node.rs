@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::keeper_link::{KeeperLink, TakenConnection};
 use super::{
     prepare_target, Connection, InitRecord, KernelNotifier, MountConfig, MountError, Mounted,
     Mounter,
@@ -104,7 +105,7 @@ impl<S: SecretSource> NodeSession<S> {
 
     /// Serves `fs` as volume `slot` and binds it at `target`.
     fn attach(
-        self: &Arc<Self>,
+        &self,
         target: &Path,
         slot: Slot,
         fs: Arc<VaultFs<S>>,
@@ -123,7 +124,8 @@ impl<S: SecretSource> NodeSession<S> {
         self.metrics.active_mounts.inc();
         tracing::info!(target = %target.display(), slot, "mounted");
         Ok(BindMount {
-            session: self.clone(),
+            volumes: self.volumes.clone(),
+            metrics: self.metrics.clone(),
             target: target.to_path_buf(),
             slot,
             mount_id: sys::mount_id(target),
@@ -139,7 +141,8 @@ impl<S: SecretSource> NodeSession<S> {
 
 /// A volume bound at its target. Unmount it with `unmount`; dropping it also unmounts.
 pub struct BindMount<S: SecretSource> {
-    session: Arc<NodeSession<S>>,
+    volumes: Arc<Volumes<S>>,
+    metrics: Arc<Metrics>,
     target: PathBuf,
     slot: Slot,
     /// The bind's mount id, to find it on top of the target without reading the mount table.
@@ -154,8 +157,8 @@ impl<S: SecretSource> BindMount<S> {
         }
         let result = self.unbind();
         // Open files keep reading their versions; the volume is forgotten when the last closes.
-        self.session.volumes.retire(self.slot);
-        self.session.metrics.active_mounts.dec();
+        self.volumes.retire(self.slot);
+        self.metrics.active_mounts.dec();
         tracing::info!(target = %self.target.display(), slot = self.slot, "unmounted");
         result
     }
@@ -189,25 +192,95 @@ impl<S: SecretSource> Drop for BindMount<S> {
     }
 }
 
-/// Real mounts for the node plugin: every volume on one `NodeSession`, started on first use.
+/// Real mounts for the node plugin: every volume on one `NodeSession`, started on first use,
+/// or taken over from the keeper when a predecessor served it.
 pub struct FuseMounter<S> {
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     kernel: KernelNotifier,
     root: PathBuf,
     session: parking_lot::Mutex<Option<Arc<NodeSession<S>>>>,
+    keeper: Option<Arc<KeeperLink>>,
+    /// A live connection taken from the keeper and not served yet: recorded volumes are
+    /// adopted into its table first (`Mounter::adopt`), then `serve_taken_over` serves it.
+    taken: parking_lot::Mutex<Option<Taken<S>>>,
+}
+
+struct Taken<S> {
+    connection: TakenConnection,
+    volumes: Arc<Volumes<S>>,
+    /// Targets to detach once the connection is served again (nothing may touch a mount of a
+    /// connection nobody serves: it would wait for an answer).
+    detach_later: Vec<PathBuf>,
 }
 
 impl<S: SecretSource> FuseMounter<S> {
-    /// Mounts the node's connection at `root` when the first volume comes.
-    pub fn new(runtime: tokio::runtime::Handle, metrics: Arc<Metrics>, root: PathBuf) -> Self {
+    /// Mounts the node's connection at `root` when the first volume comes, and hands it to
+    /// `keeper` when there is one.
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+        root: PathBuf,
+        keeper: Option<Arc<KeeperLink>>,
+    ) -> Self {
         Self {
             runtime,
             metrics,
             kernel: KernelNotifier::new(),
             root,
             session: parking_lot::Mutex::default(),
+            keeper,
+            taken: parking_lot::Mutex::default(),
         }
+    }
+
+    /// Takes the node connection the keeper holds for a predecessor, if any. Volumes are then
+    /// adopted into it (not mounted) until `serve_taken_over`.
+    pub fn take_over(&self) -> bool {
+        let Some(connection) = self.keeper.as_ref().and_then(|k| k.take()) else {
+            return false;
+        };
+        tracing::info!(init = ?connection.init, "taking over the node connection the keeper held");
+        *self.taken.lock() = Some(Taken {
+            connection,
+            volumes: Volumes::node(),
+            detach_later: Vec::new(),
+        });
+        true
+    }
+
+    /// Serves the connection `take_over` took, with the volumes adopted since, and has the
+    /// kernel resend what the predecessor left unanswered once it is gone. `Ok(false)` when
+    /// nothing was taken over.
+    pub fn serve_taken_over(&self) -> std::io::Result<bool> {
+        let Some(taken) = self.taken.lock().take() else {
+            return Ok(false);
+        };
+        let TakenConnection { device, init } = taken.connection;
+        let session = NodeSession::resume(
+            &self.root,
+            device,
+            &init,
+            taken.volumes,
+            self.runtime.clone(),
+            self.metrics.clone(),
+            &self.kernel,
+        )?;
+        self.metrics.takeovers.inc();
+        if let Some(keeper) = &self.keeper {
+            keeper.resend_after_predecessor(
+                session.connection().device().try_clone_to_owned()?,
+                init.clone(),
+            );
+            keeper.hold(session.connection().device().try_clone_to_owned()?, init);
+        }
+        *self.session.lock() = Some(Arc::new(session));
+        for target in taken.detach_later {
+            if let Err(e) = sys::detach_all_of_type(&target, sys::FSTYPE) {
+                tracing::warn!(target = %target.display(), error = %e, "could not detach a gone pod's volume");
+            }
+        }
+        Ok(true)
     }
 
     fn session(&self) -> Result<Arc<NodeSession<S>>, MountError> {
@@ -221,6 +294,15 @@ impl<S: SecretSource> FuseMounter<S> {
             self.metrics.clone(),
             &self.kernel,
         )?);
+        if let Some(keeper) = &self.keeper {
+            let connection = session.connection();
+            match connection.device().try_clone_to_owned() {
+                Ok(device) => keeper.hold(device, connection.init().clone()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot duplicate the node connection for the keeper")
+                }
+            }
+        }
         *slot = Some(session.clone());
         Ok(session)
     }
@@ -243,6 +325,23 @@ impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
         Ok(Box::new(mounted))
     }
 
+    fn adopt(&self, target: &Path, slot: Slot, fs: Arc<VaultFs<S>>) -> Option<Box<dyn Mounted>> {
+        let taken = self.taken.lock();
+        let taken = taken.as_ref()?;
+        taken.volumes.attach(slot, fs);
+        self.metrics.active_mounts.inc();
+        tracing::info!(target = %target.display(), slot, "serving the volume again on the connection taken over");
+        Some(Box::new(BindMount {
+            volumes: taken.volumes.clone(),
+            metrics: self.metrics.clone(),
+            target: target.to_path_buf(),
+            slot,
+            // Not looked up now: the connection is not served yet.
+            mount_id: None,
+            attached: true,
+        }))
+    }
+
     fn unmount_target(&self, target: &Path) -> std::io::Result<bool> {
         // Only vaultfs's own mounts, at the target however it is written: never whatever else
         // a caller names.
@@ -251,6 +350,10 @@ impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
+        if let Some(taken) = self.taken.lock().as_mut() {
+            taken.detach_later.push(target);
+            return Ok(true);
+        }
         sys::detach_all_of_type(&target, sys::FSTYPE).map(|n| n > 0)
     }
 }
