@@ -1,8 +1,10 @@
 //! End-to-end proof that pods' reads survive node-plugin restarts: `vaultfs csi` hands its
 //! node-wide FUSE connection to `vaultfs keeper`, and a restarted daemon takes it back and
 //! serves it at once, so no read fails across `kill -9`, SIGTERM (an upgrade) or a keeper
-//! restart. Without the keeper (both killed), the old recovery still brings the volume back
-//! for containers with `HostToContainer` propagation.
+//! restart, and a read in flight when the daemon stops (killed, or still waiting on OpenBao
+//! when the SIGTERM drain ends) is answered by the successor. Without the keeper (both
+//! killed), the old recovery still brings the volume back for containers with
+//! `HostToContainer` propagation.
 //!
 //! The readers stand in for containers *without* `HostToContainer`: each runs in its own mount
 //! namespace with private propagation (`tests/common/restart_reader.py` under `unshare`), so
@@ -360,6 +362,117 @@ impl Drop for Paused<'_> {
     }
 }
 
+/// How a daemon is stopped.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// `kill -9` (a crash, an OOM kill), then [`DEAD_FOR`] without a daemon.
+    Kill,
+    /// SIGTERM (an upgrade): it must exit 0; the successor starts at once.
+    Term,
+}
+
+/// A request in flight when the daemon stops: OpenBao frozen, a first read of `cold` (from a
+/// private mount namespace) waits in the daemon for it; the daemon is stopped `how`; its
+/// successor gets the request again (FUSE_NOTIFY_RESEND) and answers it with the right bytes
+/// once OpenBao is back. Panics with the outcome and the logs otherwise.
+fn read_in_flight_is_answered_by_the_successor(
+    how: Stop,
+    bao: &Bao,
+    node: &CsiNode,
+    keeper: &Keeper,
+    mut plugin: Plugin,
+    volume: &Published,
+    extra: &[&str],
+) {
+    let paused = Paused(bao);
+    bao.pause();
+    let mut cold = OnceRead::start(&volume.target.join("cold"));
+    let in_flight = plugin.wait_metric(
+        "vaultfs_fuse_requests_in_flight",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert!(
+        in_flight.is_ok() && cold.is_running(),
+        "the first read of `cold` is not waiting in the daemon with OpenBao frozen \
+         (vaultfs_fuse_requests_in_flight {in_flight:?}, read outcome {:?}, reader output {:?})\n\
+         --- daemon output:\n{}",
+        cold.result(),
+        cold.stderr(),
+        tail(&plugin.daemon.logs(), 100)
+    );
+    sleep(Duration::from_millis(100));
+    match how {
+        Stop::Kill => {
+            plugin.daemon.kill();
+            sleep(DEAD_FOR);
+        }
+        Stop::Term => {
+            let status = plugin.daemon.terminate();
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "SIGTERM with a request in flight: vaultfs csi exited with {}; its output:\n{}",
+                describe_status(&status),
+                plugin.daemon.logs()
+            );
+        }
+    }
+    assert!(
+        cold.is_running(),
+        "{how:?}: the read in flight returned {} when its daemon stopped, instead of waiting for \
+         the successor\n--- the stopped daemon's output:\n{}",
+        cold.result()
+            .map_or_else(|| "nothing".to_string(), |r| r.to_string()),
+        tail(&plugin.daemon.logs(), 100)
+    );
+    plugin = Plugin::start(node, bao, extra);
+    assert_took_over(&plugin, node, keeper);
+    let resent_before_resume = plugin
+        .wait_metric("vaultfs_resent_requests_total", 1.0, Duration::from_secs(5))
+        .unwrap_or_else(|v| v);
+    assert!(
+        cold.is_running(),
+        "{how:?}: the read in flight returned before OpenBao was resumed: {:?}",
+        cold.result()
+    );
+    let resumed_at = Instant::now();
+    drop(paused);
+    let outcome = cold.wait(Duration::from_secs(30));
+    let resent = plugin.metric("vaultfs_resent_requests_total");
+    let unserved = plugin.metric("vaultfs_takeover_unserved_seconds");
+    eprintln!(
+        "restart: read in flight across {how:?}: {}; answered {} ms after OpenBao resumed; \
+         vaultfs_resent_requests_total {resent} ({resent_before_resume} before the resume), \
+         vaultfs_takeover_unserved_seconds {unserved}",
+        outcome
+            .as_ref()
+            .map_or_else(|| "no answer".to_string(), |o| o.to_string()),
+        resumed_at.elapsed().as_millis()
+    );
+    let outcome = outcome.unwrap_or_else(|| {
+        panic!(
+            "{how:?}: the read in flight when the daemon stopped never returned (30 s after \
+             OpenBao resumed): the successor did not answer it\n--- keeper output:\n{}\n--- \
+             daemon output:\n{}",
+            tail(&keeper.logs(), 100),
+            tail(&node.all_logs(), 300)
+        )
+    });
+    assert!(
+        outcome["ok"] == true && outcome["content"] == COLD,
+        "{how:?}: the read in flight when the daemon stopped returned {outcome} (expected \
+         {COLD:?})\n--- daemon output:\n{}",
+        tail(&node.all_logs(), 300)
+    );
+    assert!(
+        resent >= 1.0,
+        "{how:?}: the read in flight was answered, but the successor reports \
+         vaultfs_resent_requests_total {resent}\n--- daemon output:\n{}",
+        tail(&plugin.daemon.logs(), 100)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -425,75 +538,15 @@ fn kill_9_restarts_with_the_keeper_fail_no_read_and_a_request_in_flight_is_answe
         diagnostics(&summaries, &node, Some(&keeper))
     );
 
-    // A request in flight when the daemon dies: OpenBao frozen, a first read of a file waits
-    // in the daemon for it; the daemon is killed; its successor gets the request again
-    // (FUSE_NOTIFY_RESEND) and answers it once OpenBao is back.
-    let paused = Paused(&bao);
-    bao.pause();
-    let mut cold = OnceRead::start(&volume.target.join("cold"));
-    let in_flight = plugin.wait_metric(
-        "vaultfs_fuse_requests_in_flight",
-        1.0,
-        Duration::from_secs(10),
-    );
-    assert!(
-        in_flight.is_ok() && cold.is_running(),
-        "the first read of `cold` is not waiting in the daemon with OpenBao frozen \
-         (vaultfs_fuse_requests_in_flight {in_flight:?}, read outcome {:?}, reader output {:?})\n\
-         --- daemon output:\n{}",
-        cold.result(),
-        cold.stderr(),
-        tail(&plugin.daemon.logs(), 100)
-    );
-    sleep(Duration::from_millis(100));
-    plugin.daemon.kill();
-    sleep(DEAD_FOR);
-    assert!(
-        cold.is_running(),
-        "the read in flight returned when its daemon was killed: {:?}",
-        cold.result()
-    );
-    plugin = Plugin::start(&node, &bao, &extra);
-    assert_took_over(&plugin, &node, &keeper);
-    let resent_before_resume = plugin
-        .wait_metric("vaultfs_resent_requests_total", 1.0, Duration::from_secs(5))
-        .unwrap_or_else(|v| v);
-    assert!(
-        cold.is_running(),
-        "the read in flight returned before OpenBao was resumed: {:?}",
-        cold.result()
-    );
-    let resumed_at = Instant::now();
-    drop(paused);
-    let outcome = cold.wait(Duration::from_secs(30));
-    let resent = plugin.metric("vaultfs_resent_requests_total");
-    let unserved = plugin.metric("vaultfs_takeover_unserved_seconds");
-    eprintln!(
-        "restart: read in flight across kill -9: {outcome:?}; answered {} ms after OpenBao \
-         resumed; vaultfs_resent_requests_total {resent} ({resent_before_resume} before the \
-         resume), vaultfs_takeover_unserved_seconds {unserved}",
-        resumed_at.elapsed().as_millis()
-    );
-    let outcome = outcome.unwrap_or_else(|| {
-        panic!(
-            "the read in flight when the daemon was killed never returned (30 s after OpenBao \
-             resumed): the successor did not answer it\n--- keeper output:\n{}\n--- daemon \
-             output:\n{}",
-            tail(&keeper.logs(), 100),
-            tail(&node.all_logs(), 300)
-        )
-    });
-    assert!(
-        outcome["ok"] == true && outcome["content"] == COLD,
-        "the read in flight when the daemon was killed returned {outcome} (expected {COLD:?})\n\
-         --- daemon output:\n{}",
-        tail(&node.all_logs(), 300)
-    );
-    assert!(
-        resent >= 1.0,
-        "the read in flight was answered, but the successor reports vaultfs_resent_requests_total \
-         {resent}\n--- daemon output:\n{}",
-        tail(&plugin.daemon.logs(), 100)
+    // A request in flight when the daemon dies is answered by its successor.
+    read_in_flight_is_answered_by_the_successor(
+        Stop::Kill,
+        &bao,
+        &node,
+        &keeper,
+        plugin,
+        &volume,
+        &extra,
     );
 }
 
@@ -531,6 +584,28 @@ fn sigterm_restarts_like_an_upgrade_fail_no_read_and_each_daemon_exits_0() {
         &plugins,
     );
     assert_no_failed_read("across SIGTERM restarts", &summaries, &node, &keeper);
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
+fn sigterm_with_a_read_outlasting_the_drain_leaves_it_to_the_successor() {
+    let (bao, key) = cluster();
+    let node = CsiNode::new("node-restart-drain");
+    let keeper = Keeper::start(&node.keeper_socket_path());
+    // An upgrade while OpenBao is slow: the read waits longer than the drain.
+    let extra = ["--vault-timeout", "20s", "--drain-timeout", "1s"];
+    let plugin = Plugin::start(&node, &bao, &extra);
+    let volume = publish(&node, &key, &plugin);
+    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    read_in_flight_is_answered_by_the_successor(
+        Stop::Term,
+        &bao,
+        &node,
+        &keeper,
+        plugin,
+        &volume,
+        &extra,
+    );
 }
 
 #[test]
@@ -634,8 +709,9 @@ fn with_keeper_and_daemon_both_killed_a_host_to_container_reader_gets_the_volume
     let summary = private.stop();
     eprintln!(
         "restart: keeper and daemon killed: the HostToContainer container read the volume again \
-         {} ms after the daemon's start; vaultfs_takeovers_total {}; the private-namespace \
-         reader (no HostToContainer): {}",
+         {} ms after the daemon's start (which first waits --keeper-wait, 5 s by default, for a \
+         keeper to answer); vaultfs_takeovers_total {}; the private-namespace reader (no \
+         HostToContainer): {}",
         recovered_in.as_millis(),
         plugin.metric("vaultfs_takeovers_total"),
         summary.brief()
