@@ -721,7 +721,10 @@ fn the_keeper_survives_plugin_rollouts_and_shares_its_socket_with_the_plugin() {
 
     // It needs no privilege: no capabilities, no API access, one volume (its socket).
     let security = &keeper["securityContext"];
-    assert_ne!(security["privileged"], true, "the keeper must not be privileged");
+    assert_ne!(
+        security["privileged"], true,
+        "the keeper must not be privileged"
+    );
     assert_eq!(security["allowPrivilegeEscalation"], false);
     assert_eq!(string_list(&security["capabilities"]["drop"]), vec!["ALL"]);
     assert_eq!(keeper_pod["automountServiceAccountToken"], false);
