@@ -258,5 +258,11 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         volumes = kept,
         "stopped; published volumes are recorded for the next start"
     );
+    if settings.keeper_socket.is_some() {
+        // Exit without unwinding: dropping the runtime would drop the replies of requests
+        // still in flight, and fuser answers a dropped reply with EIO. Left unanswered, they
+        // are resent to the successor, which serves the connection the keeper holds.
+        std::process::exit(0);
+    }
     Ok(())
 }

@@ -92,8 +92,9 @@ struct CsiArgs {
     /// start, a connection it holds is taken over and served at once.
     #[arg(long, value_name = "PATH")]
     keeper_socket: Option<PathBuf>,
-    /// How long to wait at start for the keeper to answer before serving without it.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    /// How long to wait at start for the keeper to answer before serving without it (a keeper
+    /// that does not answer holds no connection to take over).
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     keeper_wait: Duration,
     /// On SIGTERM, longest wait for FUSE requests in flight to be answered before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]

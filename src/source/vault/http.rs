@@ -132,7 +132,9 @@ impl VaultServer {
         let mut builder = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
-            .pool_max_idle_per_host(8)
+            // As many idle connections as requests may be in flight: a burst of publishes
+            // must not close connections (and redo TLS handshakes) the next burst needs.
+            .pool_max_idle_per_host(limits.max_concurrent_requests)
             .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(config.skip_verify);
         if let Some(path) = &config.ca_cert {
