@@ -148,23 +148,85 @@ impl Drop for Reader {
     }
 }
 
-/// Counts of what a run of reads returned.
-#[derive(Debug, Default)]
+/// Counts of what a run of reads returned: the first value (the old session's), the second
+/// (the new one's), or anything else.
+#[derive(Debug)]
 struct Tally {
+    values: (&'static str, &'static str),
     first: usize,
     second: usize,
     failed: Vec<String>,
 }
 
 impl Tally {
-    fn add(&mut self, result: &io::Result<String>, first: &str, second: &str) {
+    fn new(first: &'static str, second: &'static str) -> Self {
+        Self {
+            values: (first, second),
+            first: 0,
+            second: 0,
+            failed: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, result: &io::Result<String>) {
         match result {
-            Ok(v) if v == first => self.first += 1,
-            Ok(v) if v == second => self.second += 1,
+            Ok(v) if v == self.values.0 => self.first += 1,
+            Ok(v) if v == self.values.1 => self.second += 1,
             Ok(v) => self.failed.push(format!("unexpected content {v:?}")),
             Err(e) => self.failed.push(e.to_string()),
         }
     }
+
+    /// Counts the next `n` results of `reader`.
+    fn read(&mut self, reader: &Reader, n: usize) {
+        for _ in 0..n {
+            self.add(&reader.next().1);
+        }
+    }
+
+    /// Counts results of `reader` until one has the second value; returns how long after
+    /// `since` it came. Panics (naming `who`, the new session) if none has within `LIMIT`.
+    fn until_second(&mut self, reader: &Reader, since: Instant, who: &str) -> Duration {
+        loop {
+            let (at, result) = reader.next();
+            self.add(&result);
+            if self.second > 0 {
+                return at - since;
+            }
+            assert!(since.elapsed() < LIMIT, "{who} answers nothing: {self:?}");
+        }
+    }
+}
+
+/// Mounts a [`volume`] on `target` the way the daemon does (`mount::mount`, default options).
+fn mount_volume(
+    password: &str,
+    latency: Duration,
+    target: &Path,
+    runtime: &tokio::runtime::Runtime,
+    kernel: &KernelNotifier,
+) -> Result<mount::FuseMount, mount::MountError> {
+    mount::mount(
+        volume(password, latency),
+        target,
+        &MountConfig::default(),
+        runtime.handle().clone(),
+        Arc::new(Metrics::new()),
+        kernel,
+    )
+}
+
+/// Serves the live connection on `device` again, with a volume whose `db/password` is
+/// `password`: the successor's side of a handover.
+fn resume(
+    device: OwnedFd,
+    init: &InitRecord,
+    password: &str,
+    runtime: &tokio::runtime::Runtime,
+    kernel: &KernelNotifier,
+) -> io::Result<mount::Connection> {
+    let adapter = adapter(volume(password, Duration::ZERO), runtime);
+    mount::resume_connection(device, init, false, adapter, kernel)
 }
 
 #[test]
@@ -174,15 +236,8 @@ fn a_fresh_mount_passes_the_kernels_init_through_records_it_and_accepts_a_resend
     let runtime = runtime();
     let target = MountPoint::new();
     let kernel = KernelNotifier::new();
-    let mounted = mount::mount(
-        volume("pw-1", Duration::ZERO),
-        target.path(),
-        &MountConfig::default(),
-        runtime.handle().clone(),
-        Arc::new(Metrics::new()),
-        &kernel,
-    )
-    .expect("mount");
+    let mounted =
+        mount_volume("pw-1", Duration::ZERO, target.path(), &runtime, &kernel).expect("mount");
     assert_eq!(
         read_within(target.path().join("db/password")).expect("read"),
         "pw-1"
@@ -231,10 +286,8 @@ fn a_second_session_replaying_the_init_serves_the_live_connection_beside_the_fir
     .expect("first session");
     let first = session.spawn().expect("spawn the first session");
     let reader = Reader::start(target.path().join("db/password"), Duration::from_millis(1));
-    let mut tally = Tally::default();
-    for _ in 0..20 {
-        tally.add(&reader.next().1, "one", "two");
-    }
+    let mut tally = Tally::new("one", "two");
+    tally.read(&reader, 20);
     assert_eq!((tally.first, tally.failed.len()), (20, 0), "{tally:?}");
 
     // The second, on a duplicate of the live device: the kernel sends no INIT now, so the
@@ -261,23 +314,11 @@ fn a_second_session_replaying_the_init_serves_the_live_connection_beside_the_fir
     assert_eq!(init_again, init);
     let spawned_at = Instant::now();
     let second = session.spawn().expect("spawn the second session");
-    let first_answer = loop {
-        let (at, result) = reader.next();
-        tally.add(&result, "one", "two");
-        if tally.second > 0 {
-            break at - spawned_at;
-        }
-        assert!(
-            spawned_at.elapsed() < LIMIT,
-            "the second session answers nothing: {tally:?}"
-        );
-    };
+    let first_answer = tally.until_second(&reader, spawned_at, "the second session");
     eprintln!("start_session on the live connection took {started:?}; first read answered by it {first_answer:?} after spawn");
 
-    let mut both = Tally::default();
-    for _ in 0..200 {
-        both.add(&reader.next().1, "one", "two");
-    }
+    let mut both = Tally::new("one", "two");
+    both.read(&reader, 200);
     eprintln!("both sessions serving: {both:?}");
     assert!(both.failed.is_empty(), "{both:?}");
     assert!(both.first > 0 && both.second > 0, "both serve: {both:?}");
@@ -285,10 +326,8 @@ fn a_second_session_replaying_the_init_serves_the_live_connection_beside_the_fir
     // Dropping a BackgroundSession made with from_fd neither unmounts nor stops it: it owns no
     // mount, and its thread keeps serving on its own descriptor.
     drop(first);
-    let mut after_drop = Tally::default();
-    for _ in 0..200 {
-        after_drop.add(&reader.next().1, "one", "two");
-    }
+    let mut after_drop = Tally::new("one", "two");
+    after_drop.read(&reader, 200);
     eprintln!("after dropping the first BackgroundSession: {after_drop:?}");
     assert!(after_drop.failed.is_empty(), "{after_drop:?}");
     assert!(
@@ -334,15 +373,8 @@ fn serve_as_the_daemon_the_takeover_tests_kill() {
     let password = std::env::var(CHILD_PASSWORD).unwrap_or_default();
     let runtime = runtime();
     let kernel = KernelNotifier::new();
-    let mounted = mount::mount(
-        volume(&password, latency),
-        Path::new(&target),
-        &MountConfig::default(),
-        runtime.handle().clone(),
-        Arc::new(Metrics::new()),
-        &kernel,
-    )
-    .expect("child: mount");
+    let mounted = mount_volume(&password, latency, Path::new(&target), &runtime, &kernel)
+        .expect("child: mount");
     let connection = mounted.connection();
     let hex: String = connection
         .init()
@@ -456,14 +488,8 @@ fn a_successor_resumes_a_killed_daemons_connection_and_a_resend_recovers_its_una
 
     let kernel = KernelNotifier::new();
     let started = Instant::now();
-    let connection = mount::resume_connection(
-        device,
-        &init,
-        false,
-        adapter(volume("pw-1", Duration::ZERO), &runtime),
-        &kernel,
-    )
-    .expect("resume the connection");
+    let connection =
+        resume(device, &init, "pw-1", &runtime, &kernel).expect("resume the connection");
     let resumed = started.elapsed();
     let (at, result) = queued.next();
     assert_eq!(result.expect("the queued read"), "t-1");
@@ -485,10 +511,8 @@ fn a_successor_resumes_a_killed_daemons_connection_and_a_resend_recovers_its_una
     );
 
     let reader = Reader::start(target.path().join("db/password"), Duration::from_millis(1));
-    let mut tally = Tally::default();
-    for _ in 0..100 {
-        tally.add(&reader.next().1, "pw-1", "-");
-    }
+    let mut tally = Tally::new("pw-1", "-");
+    tally.read(&reader, 100);
     assert_eq!((tally.first, tally.failed.len()), (100, 0), "{tally:?}");
     drop((reader, taken, queued));
     let _ = sys::detach_unmount(target.path());
@@ -505,52 +529,32 @@ fn a_successor_serving_beside_the_daemon_loses_no_read_when_the_daemon_is_killed
     let target = MountPoint::new();
     let (mut daemon, device, init) = start_daemon(target.path(), "old", Duration::ZERO);
     let reader = Reader::start(target.path().join("db/password"), Duration::from_millis(1));
-    let mut tally = Tally::default();
-    for _ in 0..50 {
-        tally.add(&reader.next().1, "old", "new");
-    }
+    let mut tally = Tally::new("old", "new");
+    tally.read(&reader, 50);
     assert_eq!((tally.first, tally.failed.len()), (50, 0), "{tally:?}");
 
     let kernel = KernelNotifier::new();
     let started = Instant::now();
-    let connection = mount::resume_connection(
-        device,
-        &init,
-        false,
-        adapter(volume("new", Duration::ZERO), &runtime),
-        &kernel,
-    )
-    .expect("resume the connection beside the daemon");
+    let connection = resume(device, &init, "new", &runtime, &kernel)
+        .expect("resume the connection beside the daemon");
     let resumed = started.elapsed();
-    let first_answer = loop {
-        let (at, result) = reader.next();
-        tally.add(&result, "old", "new");
-        if tally.second > 0 {
-            break at - started;
-        }
-        assert!(
-            started.elapsed() < LIMIT,
-            "the successor answers nothing: {tally:?}"
-        );
-    };
-    for _ in 0..100 {
-        tally.add(&reader.next().1, "old", "new");
-    }
+    let first_answer = tally.until_second(&reader, started, "the successor");
+    tally.read(&reader, 100);
 
     daemon.kill();
     handover::notify_resend(connection.device()).expect("FUSE_NOTIFY_RESEND");
     // Results that came before the kill (the reader does not wait for this thread).
     while let Ok((_, result)) = reader.results.try_recv() {
-        tally.add(&result, "old", "new");
+        tally.add(&result);
     }
-    let mut after = Tally::default();
+    let mut after = Tally::new("old", "new");
     let mut last = Instant::now();
     let mut longest_gap = Duration::ZERO;
     for _ in 0..200 {
         let (at, result) = reader.next();
         longest_gap = longest_gap.max(at - last);
         last = at;
-        after.add(&result, "old", "new");
+        after.add(&result);
     }
     eprintln!(
         "resume_connection beside the daemon took {resumed:?}; first read answered by the \

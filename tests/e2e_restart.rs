@@ -115,6 +115,35 @@ impl Plugin {
         }
     }
 
+    /// Starts a daemon after a stopped one and checks that it took the connection over from
+    /// `keeper`.
+    fn successor(node: &CsiNode, bao: &Bao, extra: &[&str], keeper: &Keeper) -> Plugin {
+        let plugin = Plugin::start(node, bao, extra);
+        assert_took_over(&plugin, node, keeper);
+        plugin
+    }
+
+    /// Stops the daemon `how`: after `kill -9` waits [`DEAD_FOR`]; after SIGTERM checks that
+    /// it exited 0 (`what` names the stop in the message).
+    fn stop(&mut self, how: Stop, what: &str) {
+        match how {
+            Stop::Kill => {
+                self.daemon.kill();
+                sleep(DEAD_FOR);
+            }
+            Stop::Term => {
+                let status = self.daemon.terminate();
+                assert_eq!(
+                    status.code(),
+                    Some(0),
+                    "{what}: vaultfs csi exited with {}; its output:\n{}",
+                    describe_status(&status),
+                    self.daemon.logs()
+                );
+            }
+        }
+    }
+
     /// `/metrics`, or why it could not be read.
     fn metrics(&self) -> Result<String, String> {
         let mut stream = TcpStream::connect(&self.metrics_addr)
@@ -339,6 +368,22 @@ fn wait_until_keeper_holds(keeper: &Keeper, node: &CsiNode, what: &str) -> Durat
     started.elapsed()
 }
 
+/// The common start of a test: a keeper on the node's socket, a daemon (with `extra`
+/// arguments) and the pod's volume published through it; returns once the daemon has handed
+/// the connection to the keeper. Declare the node before (it outlives what this returns).
+fn serve_with_keeper(
+    node: &CsiNode,
+    bao: &Bao,
+    key: &SigningKey,
+    extra: &[&str],
+) -> (Keeper, Plugin, Published) {
+    let keeper = Keeper::start(&node.keeper_socket_path());
+    let plugin = Plugin::start(node, bao, extra);
+    let volume = publish(node, key, &plugin);
+    wait_until_keeper_holds(&keeper, node, "after the first publish");
+    (keeper, plugin, volume)
+}
+
 /// Checks that a restarted daemon took the live connection over from the keeper (rather than
 /// mounting new ones over dead mounts, which the readers would never see).
 fn assert_took_over(plugin: &Plugin, node: &CsiNode, keeper: &Keeper) {
@@ -402,22 +447,7 @@ fn read_in_flight_is_answered_by_the_successor(
         tail(&plugin.daemon.logs(), 100)
     );
     sleep(Duration::from_millis(100));
-    match how {
-        Stop::Kill => {
-            plugin.daemon.kill();
-            sleep(DEAD_FOR);
-        }
-        Stop::Term => {
-            let status = plugin.daemon.terminate();
-            assert_eq!(
-                status.code(),
-                Some(0),
-                "SIGTERM with a request in flight: vaultfs csi exited with {}; its output:\n{}",
-                describe_status(&status),
-                plugin.daemon.logs()
-            );
-        }
-    }
+    plugin.stop(how, "SIGTERM with a request in flight");
     assert!(
         cold.is_running(),
         "{how:?}: the read in flight returned {} when its daemon stopped, instead of waiting for \
@@ -426,8 +456,7 @@ fn read_in_flight_is_answered_by_the_successor(
             .map_or_else(|| "nothing".to_string(), |r| r.to_string()),
         tail(&plugin.daemon.logs(), 100)
     );
-    plugin = Plugin::start(node, bao, extra);
-    assert_took_over(&plugin, node, keeper);
+    plugin = Plugin::successor(node, bao, extra, keeper);
     let resent_before_resume = plugin
         .wait_metric("vaultfs_resent_requests_total", 1.0, Duration::from_secs(5))
         .unwrap_or_else(|v| v);
@@ -483,26 +512,21 @@ fn kill_9_restarts_with_the_keeper_fail_no_read_and_a_request_in_flight_is_answe
 ) {
     let (bao, key) = cluster();
     let node = CsiNode::new("node-restart-kill");
-    let keeper = Keeper::start(&node.keeper_socket_path());
     // Long enough for the in-flight read below to wait out OpenBao's pause.
     let extra = ["--vault-timeout", "20s"];
-    let mut plugin = Plugin::start(&node, &bao, &extra);
-    let volume = publish(&node, &key, &plugin);
-    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let (keeper, mut plugin, volume) = serve_with_keeper(&node, &bao, &key, &extra);
     let mut readers = start_readers(&node, &volume, ALL_VERSIONS);
 
     let mut plugins = Vec::new();
     for i in 1..=RESTARTS {
         sleep(BETWEEN_RESTARTS);
-        plugin.daemon.kill();
+        plugin.stop(Stop::Kill, "kill -9");
         if i == RESTARTS / 2 {
             // Rotated while no daemon runs: the next one must serve the new version.
             bao.kv_put(DB, &[("password", V2)]);
         }
-        sleep(DEAD_FOR);
-        plugin = Plugin::start(&node, &bao, &extra);
+        plugin = Plugin::successor(&node, &bao, &extra, &keeper);
         plugins.push((plugin.spawned_at, plugin.probe_after));
-        assert_took_over(&plugin, &node, &keeper);
     }
     sleep(BETWEEN_RESTARTS);
     // Rotated after the restarts: the last daemon serves it once the cache TTL has passed.
@@ -555,26 +579,15 @@ fn kill_9_restarts_with_the_keeper_fail_no_read_and_a_request_in_flight_is_answe
 fn sigterm_restarts_like_an_upgrade_fail_no_read_and_each_daemon_exits_0() {
     let (bao, key) = cluster();
     let node = CsiNode::new("node-restart-term");
-    let keeper = Keeper::start(&node.keeper_socket_path());
-    let mut plugin = Plugin::start(&node, &bao, &[]);
-    let volume = publish(&node, &key, &plugin);
-    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let (keeper, mut plugin, volume) = serve_with_keeper(&node, &bao, &key, &[]);
     let mut readers = start_readers(&node, &volume, &[V1]);
 
     let mut plugins = Vec::new();
     for i in 1..=RESTARTS {
         sleep(BETWEEN_RESTARTS);
-        let status = plugin.daemon.terminate();
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "SIGTERM {i}: vaultfs csi exited with {}; its output:\n{}",
-            describe_status(&status),
-            plugin.daemon.logs()
-        );
-        plugin = Plugin::start(&node, &bao, &[]);
+        plugin.stop(Stop::Term, &format!("SIGTERM {i}"));
+        plugin = Plugin::successor(&node, &bao, &[], &keeper);
         plugins.push((plugin.spawned_at, plugin.probe_after));
-        assert_took_over(&plugin, &node, &keeper);
     }
     sleep(BETWEEN_RESTARTS);
     let summaries = stop_readers(&mut readers);
@@ -591,12 +604,9 @@ fn sigterm_restarts_like_an_upgrade_fail_no_read_and_each_daemon_exits_0() {
 fn sigterm_with_a_read_outlasting_the_drain_leaves_it_to_the_successor() {
     let (bao, key) = cluster();
     let node = CsiNode::new("node-restart-drain");
-    let keeper = Keeper::start(&node.keeper_socket_path());
     // An upgrade while OpenBao is slow: the read waits longer than the drain.
     let extra = ["--vault-timeout", "20s", "--drain-timeout", "1s"];
-    let plugin = Plugin::start(&node, &bao, &extra);
-    let volume = publish(&node, &key, &plugin);
-    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let (keeper, plugin, volume) = serve_with_keeper(&node, &bao, &key, &extra);
     read_in_flight_is_answered_by_the_successor(
         Stop::Term,
         &bao,
@@ -613,18 +623,14 @@ fn sigterm_with_a_read_outlasting_the_drain_leaves_it_to_the_successor() {
 fn a_restarted_keeper_gets_the_connection_again_and_a_later_daemon_kill_loses_nothing() {
     let (bao, key) = cluster();
     let node = CsiNode::new("node-restart-keeper");
-    let socket = node.keeper_socket_path();
-    let mut keeper = Keeper::start(&socket);
-    let mut plugin = Plugin::start(&node, &bao, &[]);
-    let volume = publish(&node, &key, &plugin);
-    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let (mut keeper, mut plugin, volume) = serve_with_keeper(&node, &bao, &key, &[]);
     let mut readers = start_readers(&node, &volume, &[V1]);
 
     // The keeper dies while the daemon serves: nothing a reader notices.
     sleep(BETWEEN_RESTARTS);
     keeper.kill();
     sleep(BETWEEN_RESTARTS);
-    keeper = Keeper::start(&socket);
+    keeper = Keeper::start(&node.keeper_socket_path());
     let handed_in = wait_until_keeper_holds(&keeper, &node, "after the keeper's restart");
     eprintln!(
         "restart: keeper restarted; the running daemon handed it the connection {} ms after it \
@@ -636,11 +642,9 @@ fn a_restarted_keeper_gets_the_connection_again_and_a_later_daemon_kill_loses_no
     let mut plugins = Vec::new();
     for _ in 0..3 {
         sleep(BETWEEN_RESTARTS);
-        plugin.daemon.kill();
-        sleep(DEAD_FOR);
-        plugin = Plugin::start(&node, &bao, &[]);
+        plugin.stop(Stop::Kill, "kill -9");
+        plugin = Plugin::successor(&node, &bao, &[], &keeper);
         plugins.push((plugin.spawned_at, plugin.probe_after));
-        assert_took_over(&plugin, &node, &keeper);
     }
     sleep(BETWEEN_RESTARTS);
     let summaries = stop_readers(&mut readers);
@@ -663,10 +667,7 @@ fn with_keeper_and_daemon_both_killed_a_host_to_container_reader_gets_the_volume
     let (bao, key) = cluster();
     let node = CsiNode::new("node-restart-both");
     node.share_pods_dir();
-    let mut keeper = Keeper::start(&node.keeper_socket_path());
-    let mut plugin = Plugin::start(&node, &bao, &[]);
-    let volume = publish(&node, &key, &plugin);
-    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let (mut keeper, mut plugin, volume) = serve_with_keeper(&node, &bao, &key, &[]);
     let view = node.container_view(&volume.target, "app");
     let in_container = view.join("password");
     assert_eq!(read_string(&in_container), V1);

@@ -410,14 +410,7 @@ mod tests {
             )
         });
         let server = Arc::new(
-            VaultServer::new(&ServerConfig {
-                addr,
-                namespace: None,
-                ca_cert: None,
-                skip_verify: false,
-                timeout: Duration::from_millis(300),
-            })
-            .unwrap(),
+            VaultServer::new(&test_server::config(&addr, Duration::from_millis(300))).unwrap(),
         );
         let auth = Auth::Login {
             method: LoginMethod::Jwt,

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
+use std::ops::{Deref, DerefMut};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -313,9 +314,6 @@ impl CsiDaemonBuilder<'_> {
     pub fn start(self) -> CsiDaemon {
         let node = self.node;
         let index = node.daemons.fetch_add(1, Ordering::SeqCst);
-        let log_path = node.log_path(index);
-        let log = File::create(&log_path).expect("create daemon log");
-        let log2 = log.try_clone().expect("dup daemon log");
         let mut cmd = Command::new(vaultfs_bin());
         cmd.arg("csi")
             .arg("--endpoint")
@@ -326,31 +324,18 @@ impl CsiDaemonBuilder<'_> {
             .arg(node.state_dir())
             .arg("--vault-addr")
             .arg(&self.vault_addr)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
-        for var in VAULT_ENV {
-            cmd.env_remove(var);
-        }
-        cmd.env("RUST_LOG", &self.rust_log).env("NO_COLOR", "1");
+            .args(&self.args);
         // The tests rotate secrets within seconds; the production floor is 5 s.
         if !self.args.iter().any(|a| a == "--min-cache-ttl") {
             cmd.args(["--min-cache-ttl", "1s"]);
         }
-        die_with_parent(&mut cmd, libc::SIGTERM);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", vaultfs_bin()));
         let mut daemon = CsiDaemon {
-            child,
-            log_path,
+            process: Process::spawn("vaultfs csi", cmd, node.log_path(index), &self.rust_log),
             socket: node.socket_path(),
-            exit_status: None,
         };
 
         let served = poll(START_TIMEOUT, Duration::from_millis(50), || {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
+            if let Some(status) = daemon.exited() {
                 panic!(
                     "vaultfs csi exited with {status} before serving; its output:\n{}",
                     daemon.logs()
@@ -365,9 +350,7 @@ impl CsiDaemonBuilder<'_> {
             })
         });
         if let Err(last_error) = served {
-            let _ = daemon.child.kill();
-            let status = daemon.child.wait().expect("wait vaultfs csi");
-            daemon.exit_status = Some(status);
+            daemon.kill();
             panic!(
                 "vaultfs csi did not answer Probe on {} within {START_TIMEOUT:?} \
                  ({last_error}); its output:\n{}",
@@ -379,12 +362,11 @@ impl CsiDaemonBuilder<'_> {
     }
 }
 
-/// A running `vaultfs csi`. On drop it gets SIGTERM (then SIGKILL after 10 s).
+/// A running `vaultfs csi`. On drop it gets SIGTERM (then SIGKILL after 10 s); after
+/// [`Process::kill`] its mounts stay behind, dead. [`Process`] gives its pid, logs and stops.
 pub struct CsiDaemon {
-    child: Child,
-    log_path: PathBuf,
+    process: Process,
     socket: PathBuf,
-    exit_status: Option<ExitStatus>,
 }
 
 impl CsiDaemon {
@@ -398,47 +380,18 @@ impl CsiDaemon {
             )
         })
     }
+}
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Everything this daemon has written to stderr (and stdout) so far.
-    pub fn logs(&self) -> String {
-        read_lossy(&self.log_path)
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.exit_status.is_none() && matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Sends SIGTERM and waits up to 15 s for the exit.
-    pub fn terminate(&mut self) -> ExitStatus {
-        self.stop_with(libc::SIGTERM)
-    }
-
-    /// SIGKILL: the daemon gets no chance to clean up; its mounts stay behind, dead.
-    pub fn kill(&mut self) -> ExitStatus {
-        self.stop_with(libc::SIGKILL)
-    }
-
-    fn stop_with(&mut self, sig: i32) -> ExitStatus {
-        let log_path = self.log_path.clone();
-        stop_child(
-            &mut self.child,
-            &mut self.exit_status,
-            sig,
-            Duration::from_secs(15),
-            "vaultfs csi",
-            || read_lossy(&log_path),
-        )
+impl Deref for CsiDaemon {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
     }
 }
 
-impl Drop for CsiDaemon {
-    fn drop(&mut self) {
-        stop_child_on_drop(&mut self.child, self.exit_status);
+impl DerefMut for CsiDaemon {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
 }
 
@@ -449,12 +402,11 @@ impl Drop for CsiDaemon {
 /// A running `vaultfs keeper --socket PATH`: holds a duplicate of the node daemon's FUSE
 /// connection, so the mounts outlive the daemon. Its output goes to `keeper-<n>.log` beside
 /// the socket. On drop it gets SIGTERM (then SIGKILL after 10 s); it also gets SIGTERM if the
-/// test process dies.
+/// test process dies; after [`Process::kill`] the connections it held are closed with it.
+/// [`Process`] gives its pid, logs and stops.
 pub struct Keeper {
-    child: Child,
+    process: Process,
     socket: PathBuf,
-    log_path: PathBuf,
-    exit_status: Option<ExitStatus>,
 }
 
 impl Keeper {
@@ -466,8 +418,6 @@ impl Keeper {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let index = STARTED.fetch_add(1, Ordering::SeqCst);
         let log_path = socket.with_file_name(format!("keeper-{index}.log"));
-        let log = File::create(&log_path).expect("create keeper log");
-        let log2 = log.try_clone().expect("dup keeper log");
         let identity = |p: &Path| {
             fs::symlink_metadata(p)
                 .ok()
@@ -476,29 +426,13 @@ impl Keeper {
         };
         let before = identity(socket);
         let mut cmd = Command::new(vaultfs_bin());
-        cmd.arg("keeper")
-            .arg("--socket")
-            .arg(socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
-        for var in VAULT_ENV {
-            cmd.env_remove(var);
-        }
-        cmd.env("RUST_LOG", "debug").env("NO_COLOR", "1");
-        die_with_parent(&mut cmd, libc::SIGTERM);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} keeper: {e}", vaultfs_bin()));
+        cmd.arg("keeper").arg("--socket").arg(socket);
         let mut keeper = Keeper {
-            child,
+            process: Process::spawn("vaultfs keeper", cmd, log_path, "debug"),
             socket: socket.to_path_buf(),
-            log_path,
-            exit_status: None,
         };
         let listening = poll(START_TIMEOUT, Duration::from_millis(10), || {
-            if let Ok(Some(status)) = keeper.child.try_wait() {
-                keeper.exit_status = Some(status);
+            if let Some(status) = keeper.exited() {
                 panic!(
                     "vaultfs keeper exited with {status} before listening; its output:\n{}",
                     keeper.logs()
@@ -510,8 +444,7 @@ impl Keeper {
             }
         });
         if listening.is_err() {
-            let _ = keeper.child.kill();
-            keeper.exit_status = Some(keeper.child.wait().expect("wait vaultfs keeper"));
+            keeper.kill();
             panic!(
                 "vaultfs keeper did not listen on {} within {START_TIMEOUT:?}; its output:\n{}",
                 socket.display(),
@@ -521,22 +454,8 @@ impl Keeper {
         keeper
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     pub fn socket(&self) -> &Path {
         &self.socket
-    }
-
-    /// Everything this keeper has written so far.
-    pub fn logs(&self) -> String {
-        read_lossy(&self.log_path)
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.exit_status.is_none() && matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Descriptors this keeper holds open on `/dev/fuse`: the connections handed to it.
@@ -546,31 +465,107 @@ impl Keeper {
         }
         fuse_descriptors(self.pid())
     }
+}
+
+impl Deref for Keeper {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl DerefMut for Keeper {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A child process
+// ---------------------------------------------------------------------------------------------
+
+/// A child `vaultfs` process writing its stdout and stderr to a log file: what a
+/// [`CsiDaemon`] and a [`Keeper`] share. On drop it gets SIGTERM (then SIGKILL after 10 s);
+/// it also gets SIGTERM if the test process dies.
+pub struct Process {
+    /// `vaultfs csi`, `vaultfs keeper`: names the process in panic messages.
+    name: &'static str,
+    child: Child,
+    log_path: PathBuf,
+    exit_status: Option<ExitStatus>,
+}
+
+impl Process {
+    /// Spawns `cmd` with stdin closed, its output to `log_path`, no Vault variables from the
+    /// test's environment and `RUST_LOG=rust_log`.
+    fn spawn(name: &'static str, mut cmd: Command, log_path: PathBuf, rust_log: &str) -> Process {
+        let log = File::create(&log_path).unwrap_or_else(|e| panic!("create {name} log: {e}"));
+        let log2 = log.try_clone().expect("dup log");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        for var in VAULT_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.env("RUST_LOG", rust_log).env("NO_COLOR", "1");
+        die_with_parent(&mut cmd, libc::SIGTERM);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({}): {e}", vaultfs_bin()));
+        Process {
+            name,
+            child,
+            log_path,
+            exit_status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything this process has written to stderr (and stdout) so far.
+    pub fn logs(&self) -> String {
+        read_lossy(&self.log_path)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.exit_status.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its exit status if it has exited (without waiting).
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.exit_status.is_none() {
+            self.exit_status = self.child.try_wait().ok().flatten();
+        }
+        self.exit_status
+    }
 
     /// Sends SIGTERM and waits up to 15 s for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         self.stop_with(libc::SIGTERM)
     }
 
-    /// SIGKILL: the connections it held are closed with it.
+    /// SIGKILL: the process gets no chance to clean up.
     pub fn kill(&mut self) -> ExitStatus {
         self.stop_with(libc::SIGKILL)
     }
 
     fn stop_with(&mut self, sig: i32) -> ExitStatus {
-        let log_path = self.log_path.clone();
+        let log_path = &self.log_path;
         stop_child(
             &mut self.child,
             &mut self.exit_status,
             sig,
             Duration::from_secs(15),
-            "vaultfs keeper",
-            || read_lossy(&log_path),
+            self.name,
+            || read_lossy(log_path),
         )
     }
 }
 
-impl Drop for Keeper {
+impl Drop for Process {
     fn drop(&mut self) {
         stop_child_on_drop(&mut self.child, self.exit_status);
     }

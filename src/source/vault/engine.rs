@@ -134,7 +134,7 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::secret::Token;
-    use crate::source::vault::{test_server, Auth, ServerConfig, VaultServer};
+    use crate::source::vault::{test_server, Auth, VaultServer};
 
     fn identity(server: &Arc<VaultServer>, name: &str) -> VaultSource {
         VaultSource::new(
@@ -155,14 +155,7 @@ mod tests {
             )
         });
         let server = Arc::new(
-            VaultServer::new(&ServerConfig {
-                addr,
-                namespace: None,
-                ca_cert: None,
-                skip_verify: false,
-                timeout: Duration::from_secs(5),
-            })
-            .unwrap(),
+            VaultServer::new(&test_server::config(&addr, Duration::from_secs(5))).unwrap(),
         );
         let path = SecretPath::parse("secret/app/db").unwrap();
         for name in ["a", "b", "c"] {

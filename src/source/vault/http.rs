@@ -707,7 +707,7 @@ pub(super) fn classify(status: StatusCode, body: &Value) -> SourceError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::vault::test_server::{json_answer, serve};
+    use crate::source::vault::test_server::{config, json_answer, serve};
 
     #[test]
     fn json_values_are_counted_outside_strings_and_capped() {
@@ -736,13 +736,7 @@ mod tests {
     }
 
     fn server(addr: &str) -> Result<VaultServer, VaultConfigError> {
-        VaultServer::new(&ServerConfig {
-            addr: addr.into(),
-            namespace: None,
-            ca_cert: None,
-            skip_verify: false,
-            timeout: Duration::from_secs(1),
-        })
+        VaultServer::new(&config(addr, Duration::from_secs(1)))
     }
 
     #[test]
@@ -860,13 +854,7 @@ mod tests {
     }
 
     fn small_server(addr: &str, max: usize) -> VaultServer {
-        let config = ServerConfig {
-            addr: addr.into(),
-            namespace: None,
-            ca_cert: None,
-            skip_verify: false,
-            timeout: Duration::from_secs(5),
-        };
+        let config = config(addr, Duration::from_secs(5));
         let limits = ServerLimits {
             max_response_bytes: max,
             ..ServerLimits::default()
@@ -961,14 +949,7 @@ mod tests {
         use std::sync::atomic::{AtomicU8, Ordering};
         let mode = Arc::new(AtomicU8::new(0));
         let (addr, seen) = stalling_server(mode.clone());
-        let server = VaultServer::new(&ServerConfig {
-            addr: addr.clone(),
-            namespace: None,
-            ca_cert: None,
-            skip_verify: false,
-            timeout: Duration::from_millis(300),
-        })
-        .unwrap();
+        let server = VaultServer::new(&config(&addr, Duration::from_millis(300))).unwrap();
         let gauge = Gauge::default();
         server.set_up_gauge(gauge.clone());
         assert_eq!(gauge.get(), 1);
@@ -1026,16 +1007,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_in_flight_stops_waiting_when_another_finds_the_server_down() {
         let (addr, _) = stalling_server(Arc::new(std::sync::atomic::AtomicU8::new(0)));
-        let server = Arc::new(
-            VaultServer::new(&ServerConfig {
-                addr,
-                namespace: None,
-                ca_cert: None,
-                skip_verify: false,
-                timeout: Duration::from_secs(2),
-            })
-            .unwrap(),
-        );
+        let server = Arc::new(VaultServer::new(&config(&addr, Duration::from_secs(2))).unwrap());
         let first = tokio::spawn({
             let server = server.clone();
             async move { get(&server, "read").await }

@@ -3,6 +3,9 @@
 
 use std::io::{Read, Write};
 use std::sync::Arc;
+use std::time::Duration;
+
+use super::ServerConfig;
 
 /// Request heads a test server received, in arrival order.
 pub type Seen = Arc<parking_lot::Mutex<Vec<String>>>;
@@ -34,6 +37,18 @@ pub fn serve(answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> (Strin
         }
     });
     (addr, seen)
+}
+
+/// A plain configuration for a server at `addr`: no namespace, the built-in CA roots, every
+/// request bounded by `timeout`.
+pub fn config(addr: &str, timeout: Duration) -> ServerConfig {
+    ServerConfig {
+        addr: addr.into(),
+        namespace: None,
+        ca_cert: None,
+        skip_verify: false,
+        timeout,
+    }
 }
 
 /// An HTTP answer with a JSON `body`, sized or chunked.
