@@ -177,6 +177,9 @@ pub struct CsiSettings {
 /// state directory; the next daemon serves them again.
 pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     harden(settings.lock_memory)?;
+    // First: a SIGTERM while starting (taking over, recovering) must not kill the process
+    // before it can stop cleanly.
+    let shutdown = shutdown_signal()?;
     let metrics = Arc::new(Metrics::new());
     let mut servers = std::collections::HashMap::new();
     for (name, config) in &settings.servers {
@@ -203,10 +206,12 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let keeper = match settings.keeper_socket.clone() {
         Some(path) => {
             let (wait, metrics) = (settings.keeper_wait, metrics.clone());
+            let shown = path.display().to_string();
             Some(
                 tokio::task::spawn_blocking(move || KeeperLink::connect(&path, wait, metrics))
                     .await
-                    .context("connecting to the keeper")?,
+                    .context("connecting to the keeper")?
+                    .with_context(|| format!("the keeper at {shown} (--keeper-socket) does not let this daemon in; not mounting over a connection it may hold"))?,
             )
         }
         None => None,
@@ -217,7 +222,11 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         settings.state_dir.join(crate::csi::SESSION_DIR),
         keeper,
     ));
-    let taken_over = mounter.take_over();
+    let taking = mounter.clone();
+    let taken_over = tokio::task::spawn_blocking(move || taking.take_over())
+        .await
+        .context("taking over from the keeper")?
+        .context("taking the node connection from the keeper; not mounting over a connection it may hold")?;
     let manager = Arc::new(crate::csi::VolumeManager::new(
         crate::csi::CsiConfig {
             node_id: settings.node_id,
@@ -236,9 +245,11 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let recovered = manager.recover().await;
     if taken_over {
         // Only now: the kernel may ask about any recorded volume the moment this serves.
-        mounter
-            .serve_taken_over()
-            .context("serving the node connection taken over from the keeper")?;
+        let serving = mounter.clone();
+        tokio::task::spawn_blocking(move || serving.serve_taken_over())
+            .await
+            .context("serving the node connection taken over from the keeper")?
+            .context("serving the node connection taken over from the keeper (released and aborted: the next start mounts anew)")?;
     }
     if recovered > 0 {
         tracing::info!(
@@ -249,7 +260,6 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     }
     let mut background = tokio::task::JoinSet::new();
     spawn_metrics(&mut background, settings.metrics_addr, &metrics).await?;
-    let shutdown = shutdown_signal()?;
     crate::csi::serve(manager.clone(), &socket, shutdown).await?;
     drain(&metrics, settings.drain_timeout).await;
     background.abort_all();

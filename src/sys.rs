@@ -261,6 +261,30 @@ pub fn detach_all_of_type(path: &Path, fstype: &str) -> io::Result<usize> {
     Ok(removed)
 }
 
+/// Aborts the FUSE connection mounted at `path` (`/sys/fs/fuse/connections/<n>/abort`, `n`
+/// the mount's device minor from the mount table, so nothing touches the mount itself): every
+/// request waiting on it fails, and its mounts answer `ENOTCONN` from then on.
+pub fn abort_fuse_connection(path: &Path) -> io::Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let wanted = path.as_os_str().as_bytes();
+    let minor = info
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| unescape_mountinfo(m) == wanted)
+        })
+        .filter_map(|l| {
+            l.split(' ')
+                .nth(2)?
+                .split_once(':')
+                .map(|(_, m)| m.to_string())
+        })
+        .next_back()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no mount there"))?;
+    std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1")
+}
+
 /// `path` with its directory resolved (symlinks, `.`, `..`), the last component kept as is,
 /// so that a dead FUSE mount there (which cannot be stat'ed) still resolves.
 pub fn canonical_target(path: &Path) -> io::Result<PathBuf> {

@@ -638,3 +638,29 @@ async fn an_unanswered_login_holds_publish_for_at_most_two_seconds_then_mounts()
     assert_eq!((calls.logins, reads), (1, 0));
     p.stop().await;
 }
+
+#[tokio::test]
+async fn a_slot_is_never_given_out_twice_even_by_a_successor_after_unpublish() {
+    let mut p = Plugin::start().await;
+    let (a, b) = (p.target("pod-a"), p.target("pod-b"));
+    p.publish(request(&a, "jwt-a")).await.unwrap();
+    let mut second = request(&b, "jwt-b");
+    second.volume_id = "csi-b".into();
+    p.publish(second).await.unwrap();
+    p.unpublish("csi-b", &b).await.unwrap();
+    assert_eq!(p.fake.slots(), vec![1, 2]);
+    let dir = p.stop().await;
+
+    // The successor serves the same connection: the kernel may still know slot 2's inodes.
+    let mut p = Plugin::start_in(dir).await;
+    assert_eq!(p.manager.recover().await, 1);
+    let mut third = request(&p.target("pod-c"), "jwt-c");
+    third.volume_id = "csi-c".into();
+    p.publish(third).await.unwrap();
+    assert_eq!(
+        p.fake.slots(),
+        vec![1, 3],
+        "pod-a keeps slot 1; the new volume must not get the unpublished slot 2"
+    );
+    p.stop().await;
+}

@@ -55,16 +55,58 @@ impl StateRecord {
     }
 }
 
-/// The per-volume records under `<state-dir>/volumes`.
+/// The per-volume records under `<state-dir>/volumes`, and the highest slot ever given out.
 pub(super) struct StateDir {
     volumes: PathBuf,
+    /// `<state-dir>/slots`: the highest slot given to a volume. The node connection can outlive
+    /// a daemon (the keeper holds it), and the kernel may still know an unpublished volume's
+    /// inode numbers, so a slot is never given out twice, by this daemon or a successor.
+    slots: PathBuf,
+    /// The highest slot written to `slots` by this daemon: the file only ever grows.
+    recorded: parking_lot::Mutex<Slot>,
 }
 
 impl StateDir {
     pub(super) fn new(state_dir: &Path) -> Self {
         Self {
             volumes: state_dir.join("volumes"),
+            slots: state_dir.join("slots"),
+            recorded: parking_lot::Mutex::new(0),
         }
+    }
+
+    /// The highest slot ever given out (0: none).
+    pub(super) fn highest_slot(&self) -> Slot {
+        std::fs::read_to_string(&self.slots)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records that `slot` is given out, before anything is served under it. Concurrent
+    /// publishes record in any order; the file keeps the highest.
+    pub(super) fn record_slot(&self, slot: Slot) -> std::io::Result<()> {
+        let mut recorded = self.recorded.lock();
+        if slot <= *recorded {
+            return Ok(());
+        }
+        if let Some(dir) = self.slots.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let tmp = self.slots.with_extension("tmp");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(format!("{slot}\n").as_bytes())?;
+        std::fs::rename(&tmp, &self.slots)?;
+        *recorded = slot;
+        Ok(())
     }
 
     fn file(&self, target: &Path) -> PathBuf {

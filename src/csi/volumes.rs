@@ -191,10 +191,19 @@ impl<S: Identity> VolumeManager<S> {
     /// (restart recovery) the volume is mounted and logs in on first use.
     async fn start(&self, params: Params, strict: bool) -> Result<(), CsiError> {
         let room = self.reserve_room()?;
-        let slot = params
-            .slot
-            .filter(|s| *s != 0)
-            .unwrap_or_else(|| self.next_slot.fetch_add(1, Ordering::AcqRel));
+        let slot = match params.slot.filter(|s| *s != 0) {
+            Some(recorded) => recorded,
+            None => {
+                let slot = self.next_slot.fetch_add(1, Ordering::AcqRel);
+                if let Err(e) = self.state.record_slot(slot) {
+                    return Err(CsiError::Internal(format!(
+                        "cannot record the volume's slot under {}: {e}",
+                        self.config.state_dir.display()
+                    )));
+                }
+                slot
+            }
+        };
         let auth = Auth::Login {
             method: LoginMethod::Kubernetes,
             mount: params.auth_mount.clone(),
@@ -368,8 +377,14 @@ impl<S: Identity> VolumeManager<S> {
     /// fresh one). Volumes whose pod directory is gone are forgotten.
     pub async fn recover(&self) -> usize {
         let records = self.state.load();
-        // New volumes get slots above every recorded one.
-        let highest = records.iter().map(|r| r.slot).max().unwrap_or(0);
+        // New volumes get slots above every one given out before (the connection and the
+        // kernel's caches of unpublished volumes may have outlived their daemon).
+        let highest = records
+            .iter()
+            .map(|r| r.slot)
+            .max()
+            .unwrap_or(0)
+            .max(self.state.highest_slot());
         self.next_slot
             .fetch_max(highest.saturating_add(1), Ordering::AcqRel);
         let mut recovered = 0;

@@ -15,6 +15,8 @@ pub struct FakeMounter<S> {
 
 struct FakeState<S> {
     mounted: std::collections::HashMap<PathBuf, Arc<VaultFs<S>>>,
+    /// Every slot mounted so far, in order.
+    slots: Vec<Slot>,
     mounts: usize,
     unmounts: usize,
 }
@@ -24,6 +26,7 @@ impl<S> Default for FakeMounter<S> {
         Self {
             state: Arc::new(parking_lot::Mutex::new(FakeState {
                 mounted: Default::default(),
+                slots: Vec::new(),
                 mounts: 0,
                 unmounts: 0,
             })),
@@ -46,6 +49,11 @@ impl<S> FakeMounter<S> {
     /// The filesystem mounted at `target`.
     pub fn fs_at(&self, target: &Path) -> Option<Arc<VaultFs<S>>> {
         self.state.lock().mounted.get(target).cloned()
+    }
+
+    /// The slots of every mount so far, in order.
+    pub fn slots(&self) -> Vec<Slot> {
+        self.state.lock().slots.clone()
     }
 
     /// Mount and unmount calls so far.
@@ -78,7 +86,7 @@ impl<S: SecretSource> Mounter<S> for FakeMounter<S> {
     fn mount(
         &self,
         target: &Path,
-        _slot: Slot,
+        slot: Slot,
         fs: Arc<VaultFs<S>>,
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError> {
@@ -90,6 +98,7 @@ impl<S: SecretSource> Mounter<S> for FakeMounter<S> {
         }
         let mut state = self.state.lock();
         state.mounts += 1;
+        state.slots.push(slot);
         state.mounted.insert(target.to_path_buf(), fs);
         Ok(Box::new(FakeMounted {
             state: self.state.clone(),

@@ -236,9 +236,12 @@ impl<S: SecretSource> FuseMounter<S> {
 
     /// Takes the node connection the keeper holds for a predecessor, if any. Volumes are then
     /// adopted into it (not mounted) until `serve_taken_over`.
-    pub fn take_over(&self) -> bool {
-        let Some(connection) = self.keeper.as_ref().and_then(|k| k.take()) else {
-            return false;
+    pub fn take_over(&self) -> std::io::Result<bool> {
+        let Some(keeper) = &self.keeper else {
+            return Ok(false);
+        };
+        let Some(connection) = keeper.take()? else {
+            return Ok(false);
         };
         tracing::info!(init = ?connection.init, "taking over the node connection the keeper held");
         *self.taken.lock() = Some(Taken {
@@ -246,7 +249,7 @@ impl<S: SecretSource> FuseMounter<S> {
             volumes: Volumes::node(),
             detach_later: Vec::new(),
         });
-        true
+        Ok(true)
     }
 
     /// Serves the connection `take_over` took, with the volumes adopted since, and has the
@@ -256,8 +259,11 @@ impl<S: SecretSource> FuseMounter<S> {
         let Some(taken) = self.taken.lock().take() else {
             return Ok(false);
         };
-        let TakenConnection { device, init } = taken.connection;
-        let session = NodeSession::resume(
+        if let Some(keeper) = &self.keeper {
+            keeper.resend_after_predecessor(&taken.connection);
+        }
+        let TakenConnection { device, init, .. } = taken.connection;
+        let resumed = NodeSession::resume(
             &self.root,
             device,
             &init,
@@ -265,13 +271,23 @@ impl<S: SecretSource> FuseMounter<S> {
             self.runtime.clone(),
             self.metrics.clone(),
             &self.kernel,
-        )?;
+        );
+        let session = match resumed {
+            Ok(session) => session,
+            Err(e) => {
+                // Nobody can serve it: let it die, so that the next daemon mounts anew over
+                // dead mounts instead of waiting on live ones.
+                if let Some(keeper) = &self.keeper {
+                    keeper.release();
+                }
+                if let Err(abort) = sys::abort_fuse_connection(&self.root) {
+                    tracing::warn!(error = %abort, "could not abort the node connection");
+                }
+                return Err(e);
+            }
+        };
         self.metrics.takeovers.inc();
         if let Some(keeper) = &self.keeper {
-            keeper.resend_after_predecessor(
-                session.connection().device().try_clone_to_owned()?,
-                init.clone(),
-            );
             keeper.hold(session.connection().device().try_clone_to_owned()?, init);
         }
         *self.session.lock() = Some(Arc::new(session));
