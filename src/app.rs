@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::CacheConfig;
+use crate::fs::Consistency;
 use crate::metrics::{self, Metrics};
 use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
@@ -28,6 +29,7 @@ pub struct MountSettings {
     pub uid: u32,
     pub gid: u32,
     pub file_mode: u16,
+    pub consistency: Consistency,
     pub allow_other: bool,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
@@ -62,6 +64,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
             uid: settings.uid,
             gid: settings.gid,
             file_mode: settings.file_mode,
+            consistency: settings.consistency,
         },
         kernel.for_volume(0),
         &metrics,

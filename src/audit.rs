@@ -1,4 +1,4 @@
-//! The audit trail: one structured event per open, on the `vaultfs::audit` tracing target, and
+//! The audit trail: one structured event per open (cached mode: per file and kernel timeout), on the `vaultfs::audit` tracing target, and
 //! refused accesses aggregated per file, uid and errno. Events name the volume, the pod (under
 //! CSI), file, Vault path, version or errno and caller; never the value. Open events are never
 //! rate-limited.
@@ -36,6 +36,26 @@ pub fn open_event(place: Place<'_>, version: &str, caller: Caller) {
         uid = caller.uid,
         gid = caller.gid,
         "secret file opened"
+    );
+}
+
+/// Records that `caller` reached `place` through the kernel's name or attribute cache lapsing
+/// (`op`: `lookup` or `getattr`) on a cached-mode volume, and will read content `version` until
+/// the next lapse: the first access per timeout per file.
+pub fn access_event(place: Place<'_>, op: &str, version: &str, caller: Caller) {
+    tracing::info!(
+        target: "vaultfs::audit",
+        event = "access",
+        op,
+        volume = place.volume,
+        pod = place.pod.unwrap_or("-"),
+        file = place.file,
+        vault_path = %place.path,
+        version,
+        pid = caller.pid,
+        uid = caller.uid,
+        gid = caller.gid,
+        "secret file accessed"
     );
 }
 

@@ -3,6 +3,8 @@
 //! its errno; the `fuse` adapter only translates them into replies.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,6 +18,54 @@ use crate::logging::FailureLimiter;
 use crate::source::{SecretSource, SourceError};
 use crate::spec::{InodeNo, Node, NodeKind, SecretPath, VolumeSpec};
 
+/// How a volume's files follow Vault, chosen per volume and served by a FUSE connection of the
+/// same mode (the kernel's no-open switch is per connection).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Contents come from the kernel's page cache: opens never reach the daemon, names and
+    /// attributes are cached for the rest of the cache TTL, and the first GETATTR or LOOKUP
+    /// after that re-checks Vault; a changed version (new mtime and size) makes the kernel
+    /// drop the old pages. Audited once per TTL per file.
+    Cached,
+    /// Every open reaches the daemon and is audited; each descriptor reads the version it
+    /// opened, through direct I/O.
+    #[default]
+    Strict,
+}
+
+impl Consistency {
+    pub const CHOICES: [&'static str; 2] = ["cached", "strict"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Cached => "cached",
+            Consistency::Strict => "strict",
+        }
+    }
+}
+
+impl fmt::Display for Consistency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Consistency {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cached" => Ok(Consistency::Cached),
+            "strict" => Ok(Consistency::Strict),
+            other => Err(format!(
+                "unknown consistency {other:?}: expected one of {}",
+                Consistency::CHOICES.join(", ")
+            )),
+        }
+    }
+}
+
 /// Ownership, modes and kernel cache lifetimes of a volume's files.
 #[derive(Clone, Debug)]
 pub struct FsConfig {
@@ -27,8 +77,10 @@ pub struct FsConfig {
     pub gid: u32,
     /// Permission bits of files; directories get the same bits plus `x` wherever `r` is set.
     pub file_mode: u16,
-    /// How long the kernel may cache names and attributes without asking again.
+    /// How long the kernel may cache names and attributes without asking again (files of a
+    /// cached volume: the rest of their cache freshness instead).
     pub kernel_ttl: Duration,
+    pub consistency: Consistency,
 }
 
 /// An error with its errno: the single place where vaultfs errors become kernel errors.
@@ -122,6 +174,8 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+    /// How long the kernel may keep this answer (entry and attribute timeout).
+    pub ttl: Duration,
 }
 
 /// One directory entry of a `readdir` answer; `offset` is where the next call resumes.
@@ -179,6 +233,10 @@ pub struct VaultFs<S> {
     cache: Arc<SecretCache<S>>,
     config: FsConfig,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// Cached mode: the version whose attributes were last answered for each file, which reads
+    /// without a handle of ours serve, so the kernel's pages of a file come from the version
+    /// whose size and mtime it holds.
+    reported: Mutex<HashMap<InodeNo, Arc<Content>>>,
     next_fh: AtomicU64,
     created: SystemTime,
     /// Aggregates repeated refusals in the audit trail (per entry, uid and errno).
@@ -199,6 +257,7 @@ impl<S: SecretSource> VaultFs<S> {
             cache,
             config,
             handles: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashMap::new()),
             refusals: FailureLimiter::default(),
             next_fh: AtomicU64::new(epoch),
             created: SystemTime::now(),
@@ -249,11 +308,28 @@ impl<S: SecretSource> VaultFs<S> {
     }
 
     async fn audited_attr(&self, node: &Node, op: &str, caller: Caller) -> Result<Attr, FsError> {
-        let result = self.attr_of(node).await;
-        if let (Err(err), NodeKind::File(entry)) = (&result, &node.kind) {
-            self.audit_refusal(*entry, op, err, caller);
+        let NodeKind::File(entry) = node.kind else {
+            return self.attr_of(node).await.map(|(attr, _)| attr);
+        };
+        let cached = self.config.consistency == Consistency::Cached;
+        match self.attr_of(node).await {
+            Ok((attr, content)) => {
+                if let (true, Some(content)) = (cached, content) {
+                    // The kernel asks at most once per timeout per file: this is the access
+                    // after the TTL, and the version it will read from now on.
+                    audit::access_event(self.place(entry), op, &version_of(&content), caller);
+                    self.reported.lock().insert(node.ino, content);
+                }
+                Ok(attr)
+            }
+            Err(err) => {
+                if cached {
+                    self.reported.lock().remove(&node.ino);
+                }
+                self.audit_refusal(entry, op, &err, caller);
+                Err(err)
+            }
         }
-        result
     }
 
     /// Audits a refused access, aggregating repeats of the same refusal.
@@ -296,18 +372,29 @@ impl<S: SecretSource> VaultFs<S> {
                 return Err(err);
             }
         };
-        let version = match content.fetched.version {
-            Some(v) => v.0.to_string(),
-            None => format!("g{}", content.generation),
-        };
-        audit::open_event(place, &version, caller);
+        audit::open_event(place, &version_of(&content), caller);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Handle { ino, content });
         Ok(fh)
     }
 
+    /// An open on a connection that does not open files (cached mode: answered `ENOSYS`, after
+    /// which the kernel opens every file of the connection without asking): audited like an
+    /// open, no handle, no version pinned.
+    pub async fn open_unpinned(
+        &self,
+        ino: InodeNo,
+        write: bool,
+        caller: Caller,
+    ) -> Result<(), FsError> {
+        let fh = self.open(ino, write, caller).await?;
+        self.release(fh);
+        Ok(())
+    }
+
     /// Reads from the version `fh` pinned. A handle this process never issued (one opened
-    /// before a daemon restart) reads the current version.
+    /// before a daemon restart, or none: cached mode) reads the version whose attributes were
+    /// last answered for the file (cached mode), else the current version.
     pub async fn read(
         &self,
         ino: InodeNo,
@@ -325,7 +412,8 @@ impl<S: SecretSource> VaultFs<S> {
             .get(&fh)
             .filter(|h| h.ino == ino)
             .map(|h| h.content.clone());
-        let content = match pinned {
+        let reported = || self.reported.lock().get(&ino).cloned();
+        let content = match pinned.or_else(reported) {
             Some(c) => c,
             None => self.content(entry).await?,
         };
@@ -385,29 +473,42 @@ impl<S: SecretSource> VaultFs<S> {
         Ok(content)
     }
 
-    async fn attr_of(&self, node: &Node) -> Result<Attr, FsError> {
+    /// A node's attributes and, for a file, the content version they describe.
+    async fn attr_of(&self, node: &Node) -> Result<(Attr, Option<Arc<Content>>), FsError> {
         let c = &self.config;
         match node.kind {
-            NodeKind::Dir(ref children) => Ok(Attr {
-                ino: node.ino,
-                kind: Kind::Dir,
-                size: 0,
-                perm: c.file_mode | ((c.file_mode & 0o444) >> 2),
-                nlink: 2 + children
-                    .iter()
-                    .filter(|i| {
-                        matches!(self.spec.node(**i).map(|n| &n.kind), Some(NodeKind::Dir(_)))
-                    })
-                    .count() as u32,
-                uid: c.uid,
-                gid: c.gid,
-                mtime: self.created,
-            }),
+            NodeKind::Dir(ref children) => Ok((
+                Attr {
+                    ino: node.ino,
+                    kind: Kind::Dir,
+                    size: 0,
+                    perm: c.file_mode | ((c.file_mode & 0o444) >> 2),
+                    nlink: 2 + children
+                        .iter()
+                        .filter(|i| {
+                            matches!(self.spec.node(**i).map(|n| &n.kind), Some(NodeKind::Dir(_)))
+                        })
+                        .count() as u32,
+                    uid: c.uid,
+                    gid: c.gid,
+                    mtime: self.created,
+                    ttl: c.kernel_ttl,
+                },
+                None,
+            )),
             NodeKind::File(entry) => {
                 let content = self.content(entry).await?;
-                let key = self.spec.entries()[entry].key.as_deref();
-                let size = content.fetched.data.render(key).map_or(0, |b| b.len());
-                Ok(Attr {
+                let e = &self.spec.entries()[entry];
+                let size = content
+                    .fetched
+                    .data
+                    .render(e.key.as_deref())
+                    .map_or(0, |b| b.len());
+                let ttl = match c.consistency {
+                    Consistency::Strict => c.kernel_ttl,
+                    Consistency::Cached => self.cache.remaining(&e.path, &content),
+                };
+                let attr = Attr {
                     ino: node.ino,
                     kind: Kind::File,
                     size: size as u64,
@@ -416,9 +517,20 @@ impl<S: SecretSource> VaultFs<S> {
                     uid: c.uid,
                     gid: c.gid,
                     mtime: content.changed_at,
-                })
+                    ttl,
+                };
+                Ok((attr, Some(content)))
             }
         }
+    }
+}
+
+/// How audit events name a content version: Vault's version number, else the cache's
+/// generation.
+fn version_of(content: &Content) -> String {
+    match content.fetched.version {
+        Some(v) => v.0.to_string(),
+        None => format!("g{}", content.generation),
     }
 }
 
@@ -437,6 +549,10 @@ mod tests {
     }
 
     fn world(args: &[&str]) -> World {
+        world_in(args, Consistency::Strict)
+    }
+
+    fn world_in(args: &[&str], consistency: Consistency) -> World {
         let source = Arc::new(MockSource::new());
         source.put("secret/db", &[("user", "app"), ("password", "pw-1")]);
         source.put("secret/api", &[("token", "t-1")]);
@@ -462,6 +578,7 @@ mod tests {
             gid: 2000,
             file_mode: 0o440,
             kernel_ttl: Duration::from_secs(1),
+            consistency,
         };
         let fs = VaultFs::new(spec, cache, config);
         World {
@@ -564,6 +681,55 @@ mod tests {
         w.fs.release(old);
         w.fs.release(new);
         assert_eq!(w.fs.open_handles(), 0);
+    }
+
+    #[test]
+    fn consistency_parses_and_names_the_choices() {
+        assert_eq!("cached".parse(), Ok(Consistency::Cached));
+        assert_eq!("strict".parse(), Ok(Consistency::Strict));
+        let err = "eventual".parse::<Consistency>().unwrap_err();
+        assert!(err.contains("\"eventual\""), "{err}");
+        assert!(err.contains("cached, strict"), "{err}");
+        let parsed: Consistency = serde_json::from_str("\"cached\"").unwrap();
+        assert_eq!(parsed, Consistency::Cached);
+        assert_eq!(Consistency::default(), Consistency::Strict);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cached_mode_times_attributes_by_freshness_and_reads_the_reported_version() {
+        let w = world_in(&SPEC, Consistency::Cached);
+        let caller = Caller::default();
+        let api = w.fs.lookup(InodeNo::ROOT, "api", caller).await.unwrap();
+        assert_eq!(
+            api.ttl,
+            Duration::from_secs(30),
+            "a fresh value: the whole TTL"
+        );
+        let db = w.fs.lookup(InodeNo::ROOT, "db", caller).await.unwrap();
+        assert_eq!(
+            db.ttl,
+            Duration::from_secs(1),
+            "directories keep the volume's"
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let again = w.fs.getattr(api.ino, caller).await.unwrap();
+        assert_eq!(again.ttl, Duration::from_secs(20), "the rest of the TTL");
+        // Rotated in Vault and re-checked by the cache: reads without a handle keep serving
+        // the version the kernel was last told about until attributes are answered again.
+        w.source.put("secret/api", &[("token", "t-2-longer")]);
+        tokio::time::advance(Duration::from_secs(21)).await;
+        w.fs.open_unpinned(api.ino, false, caller).await.unwrap();
+        assert_eq!(w.fs.open_handles(), 0, "no version pinned");
+        assert_eq!(read_all(&w.fs, api.ino, 0).await, b"t-1");
+        let new = w.fs.getattr(api.ino, caller).await.unwrap();
+        assert_eq!(new.size, 10);
+        assert!(new.mtime > api.mtime);
+        assert_eq!(read_all(&w.fs, api.ino, 0).await, b"t-2-longer");
+        // Deleted in Vault: the next answer is ENOENT and reads stop serving the old version.
+        w.source.delete("secret/api");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(w.fs.getattr(api.ino, caller).await, Err(FsError::NotFound));
+        assert!(w.fs.read(api.ino, 0, 0, 4096).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

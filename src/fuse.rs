@@ -13,13 +13,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::audit::Caller;
-use crate::fs::{Attr, DirEntry, FsError, Kind, VaultFs};
+use crate::fs::{Attr, Consistency, DirEntry, FsError, Kind, VaultFs};
 use crate::logging::FailureLimiter;
 use crate::metrics::{Metrics, Op};
 use crate::source::SecretSource;
@@ -176,6 +176,7 @@ impl<S: SecretSource> Volumes<S> {
             uid: 0,
             gid: 0,
             mtime: self.created,
+            ttl: NODE_ROOT_TTL,
         }
     }
 }
@@ -191,6 +192,11 @@ pub struct FuseAdapter<S> {
     max_background: Option<u16>,
     /// Warnings of failed requests, at most one per (inode, errno) per window.
     failures: Arc<FailureLimiter<(u64, &'static str)>>,
+    /// Cached mode: OPEN is answered `ENOSYS` (FUSE_NO_OPEN_SUPPORT), so the kernel stops
+    /// sending OPEN and RELEASE on this connection and serves file contents from its page
+    /// cache, dropping a file's pages when its mtime or size changes (FUSE_AUTO_INVAL_DATA).
+    /// Per connection: every volume it serves must be of the same mode.
+    no_open: bool,
 }
 
 impl<S: SecretSource> FuseAdapter<S> {
@@ -205,7 +211,20 @@ impl<S: SecretSource> FuseAdapter<S> {
             metrics,
             max_background: None,
             failures: Arc::default(),
+            no_open: false,
         }
+    }
+
+    /// Serves the connection in `consistency` mode (see `no_open`); cached mode falls back to
+    /// strict if the kernel does not offer both capabilities at INIT.
+    pub fn with_consistency(mut self, consistency: Consistency) -> Self {
+        self.no_open = consistency == Consistency::Cached;
+        self
+    }
+
+    /// Whether the connection answers OPEN with `ENOSYS` (cached mode, negotiated at INIT).
+    pub fn no_open(&self) -> bool {
+        self.no_open
     }
 
     /// Asks the kernel to hand the connection up to `n` background requests (reads) at once
@@ -392,6 +411,16 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
             let _ = config.set_max_background(n);
             let _ = config.set_congestion_threshold(n / 4 * 3);
         }
+        if self.no_open {
+            let wanted = InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_AUTO_INVAL_DATA;
+            if let Err(missing) = config.add_capabilities(wanted) {
+                tracing::warn!(
+                    missing = ?missing,
+                    "the kernel does not offer what cached consistency needs; serving this connection in strict mode"
+                );
+                self.no_open = false;
+            }
+        }
         Ok(())
     }
 
@@ -399,61 +428,41 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
         self.count_resent(req);
         let caller = caller_of(req);
         let name = name.to_string_lossy().into_owned();
-        let answer = |ttl: Duration| {
-            move |r: Result<Attr, Errno>| match r {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(e),
-            }
+        // The answer's own timeout (`Attr::ttl`): a cached-mode file's is its remaining
+        // freshness.
+        let answer = move |r: Result<Attr, Errno>| match r {
+            Ok(attr) => reply.entry(&attr.ttl, &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(e),
         };
         match self.volumes.resolve(parent.0) {
             Resolved::NodeRoot => match self.volumes.by_name(&name) {
                 Some((slot, fs)) => {
                     let map = self.mapping(slot);
-                    let ttl = fs.config().kernel_ttl;
                     let about = Some((fs.clone(), InodeNo::ROOT));
                     let work = async move { fs.getattr(InodeNo::ROOT, caller).await };
                     let ino = map.global(InodeNo::ROOT);
-                    self.drive(Op::Lookup, ino, about, map.attr(work), answer(ttl));
+                    self.drive(Op::Lookup, ino, about, map.attr(work), answer);
                 }
-                None => self.refuse(
-                    Op::Lookup,
-                    parent.0,
-                    FsError::NotFound,
-                    answer(NODE_ROOT_TTL),
-                ),
+                None => self.refuse(Op::Lookup, parent.0, FsError::NotFound, answer),
             },
             Resolved::Volume { fs, slot, local } => {
                 let map = self.mapping(slot);
-                let ttl = fs.config().kernel_ttl;
                 // Failures are keyed (and logged) by the file looked up when it exists.
                 let child = fs.child_ino(local, &name).unwrap_or(local);
                 let about = Some((fs.clone(), child));
                 let work = async move { fs.lookup(local, &name, caller).await };
-                self.drive(
-                    Op::Lookup,
-                    map.global(child),
-                    about,
-                    map.attr(work),
-                    answer(ttl),
-                );
+                self.drive(Op::Lookup, map.global(child), about, map.attr(work), answer);
             }
-            Resolved::Gone => self.refuse(
-                Op::Lookup,
-                parent.0,
-                FsError::NotFound,
-                answer(NODE_ROOT_TTL),
-            ),
+            Resolved::Gone => self.refuse(Op::Lookup, parent.0, FsError::NotFound, answer),
         }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.count_resent(req);
         let caller = caller_of(req);
-        let answer = |ttl: Duration| {
-            move |r: Result<Attr, Errno>| match r {
-                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
-                Err(e) => reply.error(e),
-            }
+        let answer = move |r: Result<Attr, Errno>| match r {
+            Ok(attr) => reply.attr(&attr.ttl, &file_attr(&attr)),
+            Err(e) => reply.error(e),
         };
         match self.volumes.resolve(ino.0) {
             Resolved::NodeRoot => {
@@ -463,19 +472,16 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
                     ino.0,
                     None,
                     std::future::ready(Ok(root)),
-                    answer(NODE_ROOT_TTL),
+                    answer,
                 );
             }
             Resolved::Volume { fs, slot, local } => {
                 let map = self.mapping(slot);
-                let ttl = fs.config().kernel_ttl;
                 let about = Some((fs.clone(), local));
                 let work = async move { fs.getattr(local, caller).await };
-                self.drive(Op::Getattr, ino.0, about, map.attr(work), answer(ttl));
+                self.drive(Op::Getattr, ino.0, about, map.attr(work), answer);
             }
-            Resolved::Gone => {
-                self.refuse(Op::Getattr, ino.0, FsError::NotFound, answer(NODE_ROOT_TTL))
-            }
+            Resolved::Gone => self.refuse(Op::Getattr, ino.0, FsError::NotFound, answer),
         }
     }
 
@@ -490,6 +496,17 @@ impl<S: SecretSource> Filesystem for FuseAdapter<S> {
             Err(e) => reply.error(e),
         };
         match self.volumes.resolve(ino.0) {
+            Resolved::Volume { fs, local, .. } if self.no_open => {
+                // Audited as an open; ENOSYS then makes the kernel open this and every later
+                // file of the connection without asking, reading through its page cache.
+                let about = Some((fs.clone(), local));
+                let work = async move { fs.open_unpinned(local, write, caller).await };
+                let answer = move |r: Result<(), Errno>| match r {
+                    Ok(()) => answer(Err(Errno::ENOSYS)),
+                    Err(e) => answer(Err(e)),
+                };
+                self.drive(Op::Open, ino.0, about, work, answer);
+            }
             Resolved::Volume { fs, local, .. } => {
                 let about = Some((fs.clone(), local));
                 let work = async move { fs.open(local, write, caller).await };

@@ -154,6 +154,12 @@ struct MountArgs {
     /// Let other users (pods) use the mount; the kernel still checks owner, group and mode.
     #[arg(long)]
     allow_other: bool,
+    /// cached: reads come from the kernel's page cache and opens never reach vaultfs; the first
+    /// stat or path lookup after --cache-ttl re-checks Vault, and open descriptors then see the
+    /// new version; audited once per TTL per file. strict: every open reaches vaultfs and is
+    /// audited, and each descriptor keeps reading the version it opened.
+    #[arg(long, default_value = "strict", value_name = "cached|strict")]
+    consistency: vaultfs::fs::Consistency,
     #[command(flatten)]
     vault: VaultArgs,
     #[command(flatten)]
@@ -503,6 +509,7 @@ fn mount(args: MountArgs) -> ExitCode {
             // SAFETY: as above.
             gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
             file_mode: args.file_mode,
+            consistency: args.consistency,
             allow_other: args.allow_other,
             lock_memory: args.daemon.lock_memory,
             metrics_addr: args.daemon.metrics_addr,

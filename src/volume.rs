@@ -10,17 +10,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::{CacheConfig, SecretCache};
-use crate::fs::{self, FsConfig, Invalidate, VaultFs};
+use crate::fs::{self, Consistency, FsConfig, Invalidate, VaultFs};
 use crate::metrics::Metrics;
 use crate::mount::Mounted;
 use crate::secret::Token;
 use crate::source::Identity;
 use crate::spec::VolumeSpec;
 
-/// How long the kernel may cache names and attributes: never beyond the cache TTL, and at most
-/// a second, so a re-check of Vault is never hidden behind the kernel's caches for long.
-pub fn kernel_ttl(cache_ttl: Duration) -> Duration {
-    cache_ttl.min(Duration::from_secs(1))
+/// How long the kernel may cache names and attributes. Strict: never beyond the cache TTL, and
+/// at most a second, so a re-check of Vault is never hidden behind the kernel's caches for long.
+/// Cached: the cache TTL (directories; a file's answer carries its own remaining freshness,
+/// capped by its lease and by max-stale while Vault is down), since the first LOOKUP or GETATTR
+/// after it is what re-checks Vault.
+pub fn kernel_ttl(cache_ttl: Duration, consistency: Consistency) -> Duration {
+    match consistency {
+        Consistency::Strict => cache_ttl.min(Duration::from_secs(1)),
+        Consistency::Cached => cache_ttl,
+    }
 }
 
 /// Cache settings of a volume; the back-off constants are defined here once.
@@ -52,6 +58,8 @@ pub struct VolumeConfig {
     pub uid: u32,
     pub gid: u32,
     pub file_mode: u16,
+    /// Must match the mode of the connection that serves the volume.
+    pub consistency: Consistency,
 }
 
 /// A built volume: its identity, cache and filesystem, not yet serving.
@@ -72,7 +80,7 @@ impl<S: Identity> Volume<S> {
         invalidate: Invalidate,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        let kernel_ttl = kernel_ttl(config.cache.ttl);
+        let kernel_ttl = kernel_ttl(config.cache.ttl, config.consistency);
         let spec = Arc::new(spec);
         let cache = Arc::new(
             SecretCache::new(source.clone(), config.cache, metrics.clone())
@@ -88,6 +96,7 @@ impl<S: Identity> Volume<S> {
                 gid: config.gid,
                 file_mode: config.file_mode,
                 kernel_ttl,
+                consistency: config.consistency,
             },
         ));
         Self {

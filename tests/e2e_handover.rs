@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use common::{require_root, within};
 use fuser::{Config, SessionACL};
 use vaultfs::cache::{CacheConfig, SecretCache};
-use vaultfs::fs::{FsConfig, VaultFs};
+use vaultfs::fs::{Consistency, FsConfig, VaultFs};
 use vaultfs::fuse::{FuseAdapter, Volumes};
 use vaultfs::metrics::Metrics;
 use vaultfs::mount::handover::{self, InitRecord};
@@ -58,6 +58,7 @@ fn volume(password: &str, latency: Duration) -> Arc<VaultFs<MockSource>> {
         gid: 0,
         file_mode: 0o440,
         kernel_ttl: Duration::from_secs(1),
+        consistency: Consistency::Strict,
     };
     Arc::new(VaultFs::new(spec, cache, config))
 }

@@ -47,6 +47,11 @@ impl HeldLease {
     pub(super) fn alive(&self) -> bool {
         self.granted.elapsed() < self.period
     }
+
+    /// Time left before the current lease period ends.
+    pub(super) fn left(&self) -> Duration {
+        self.period.saturating_sub(self.granted.elapsed())
+    }
 }
 
 impl<S: SecretSource> SecretCache<S> {

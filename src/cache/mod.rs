@@ -348,6 +348,36 @@ impl<S: SecretSource> SecretCache<S> {
         slots.bytes = 0;
     }
 
+    /// How much longer `content` (an answer of `get` for `path`) may be served without asking
+    /// Vault again: the rest of the TTL, never beyond its lease's end; while Vault is failing
+    /// and a stale value is served, at most the retry back-off and never beyond `max_stale`.
+    /// Zero once `content` is no longer the cached value (a newer version was swapped in).
+    pub fn remaining(&self, path: &SecretPath, content: &Arc<Content>) -> Duration {
+        let Some(slot) = self.slots.lock().lru.peek(path).cloned() else {
+            return Duration::ZERO;
+        };
+        let state = slot.state.lock();
+        let current = state
+            .current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, content));
+        let Some(checked) = state.checked_at.filter(|_| current) else {
+            return Duration::ZERO;
+        };
+        let since = checked.elapsed();
+        if let Some((_, err)) = &state.failure {
+            if err.is_transient() {
+                let stale_left = self.config.max_stale.saturating_sub(since);
+                let lease_left = state.lease.as_ref().map_or(Duration::MAX, HeldLease::left);
+                return self.config.retry_backoff.min(stale_left).min(lease_left);
+            }
+        }
+        match &state.lease {
+            Some(held) => self.config.ttl.min(held.left()),
+            None => self.config.ttl.saturating_sub(since),
+        }
+    }
+
     /// Bytes of every version alive: cached, and older versions still open.
     pub fn held_bytes(&self) -> usize {
         self.held.load(Ordering::Acquire)

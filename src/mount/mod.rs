@@ -173,8 +173,9 @@ pub fn prepare_target(target: &Path, create_missing: bool) -> Result<(), MountEr
     Ok(())
 }
 
-/// Mounts `fs` read-only at `target` on a connection of its own and serves it on a
-/// background thread. `kernel` is the notifier `fs` was built with (`for_volume(0)`).
+/// Mounts `fs` read-only at `target` on a connection of its own, in the volume's consistency
+/// mode, and serves it on a background thread. `kernel` is the notifier `fs` was built with
+/// (`for_volume(0)`).
 pub fn mount<S: SecretSource>(
     fs: Arc<VaultFs<S>>,
     target: &Path,
@@ -183,10 +184,12 @@ pub fn mount<S: SecretSource>(
     metrics: Arc<Metrics>,
     kernel: &KernelNotifier,
 ) -> Result<FuseMount, MountError> {
-    let adapter = FuseAdapter::new(Volumes::single(fs), runtime, metrics.clone());
+    let consistency = fs.config().consistency;
+    let adapter = FuseAdapter::new(Volumes::single(fs), runtime, metrics.clone())
+        .with_consistency(consistency);
     let connection = start_connection(target, config, adapter, kernel)?;
     metrics.active_mounts.inc();
-    tracing::info!(target = %target.display(), "mounted");
+    tracing::info!(target = %target.display(), %consistency, "mounted");
     Ok(FuseMount {
         target: target.to_path_buf(),
         connection: Some(connection),
