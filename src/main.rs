@@ -154,10 +154,7 @@ struct MountArgs {
     /// Let other users (pods) use the mount; the kernel still checks owner, group and mode.
     #[arg(long)]
     allow_other: bool,
-    /// cached: reads come from the kernel's page cache and opens never reach vaultfs; the first
-    /// stat or path lookup after --cache-ttl re-checks Vault, and open descriptors then see the
-    /// new version; audited once per TTL per file. strict: every open reaches vaultfs and is
-    /// audited, and each descriptor keeps reading the version it opened.
+    /// cached: page-cache reads, re-checked and audited once per TTL per file; strict: every open audited, each descriptor keeps its version.
     #[arg(long, default_value = "strict", value_name = "cached|strict")]
     consistency: vaultfs::fs::Consistency,
     #[command(flatten)]
