@@ -426,6 +426,12 @@ impl<S: SecretSource> VaultFs<S> {
         })
     }
 
+    /// Drops the versions kept for reads without a handle (cached mode), so that they are
+    /// zeroized with the cache's at unmount.
+    pub fn forget_reported(&self) {
+        self.reported.lock().clear();
+    }
+
     pub fn release(&self, fh: u64) {
         self.handles.lock().remove(&fh);
     }

@@ -161,6 +161,7 @@ impl<S: Identity> Serving<S> {
         let unmounted = self.mounted.take().map_or(Ok(()), |m| m.unmount());
         self.volume.cache.revoke_leases().await;
         self.volume.source.revoke().await;
+        self.volume.fs.forget_reported();
         self.volume.cache.clear();
         unmounted
     }
