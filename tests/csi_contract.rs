@@ -664,3 +664,39 @@ async fn a_slot_is_never_given_out_twice_even_by_a_successor_after_unpublish() {
     );
     p.stop().await;
 }
+
+#[tokio::test]
+async fn the_consistency_attribute_picks_the_mode_and_names_the_choices_when_wrong() {
+    let mut p = Plugin::start().await;
+    let target = p.target("pod-a");
+    p.publish(request(&target, "jwt-a")).await.unwrap();
+    assert_eq!(
+        p.fake.fs_at(&target).unwrap().config().consistency.as_str(),
+        "strict",
+        "the default mode"
+    );
+    let cached = p.target("pod-b");
+    let mut req = request(&cached, "jwt-b");
+    req.volume_id = "csi-b".into();
+    req.volume_context
+        .insert("consistency".into(), "cached".into());
+    p.publish(req).await.unwrap();
+    assert_eq!(
+        p.fake.fs_at(&cached).unwrap().config().consistency.as_str(),
+        "cached"
+    );
+    let mut bad = request(&p.target("pod-c"), "jwt-c");
+    bad.volume_id = "csi-c".into();
+    bad.volume_context
+        .insert("consistency".into(), "eventual".into());
+    let status = p.publish(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("volumeAttributes.consistency: unknown consistency \"eventual\": expected one of cached, strict"),
+        "{}",
+        status.message()
+    );
+    p.stop().await;
+}

@@ -202,8 +202,21 @@ impl Published {
 
 /// Publishes the pod's volume (cacheTTL 2 s) through `plugin` and reads it once.
 fn publish(node: &CsiNode, key: &SigningKey, plugin: &Plugin) -> Published {
-    let pod = Pod::new("ns", "app-restart", "app");
-    let (request, target) = jwt_publish(node, &pod, key, "app", SECRETS, &[("cacheTTL", "2s")]);
+    publish_as(node, key, plugin, "app-restart", &[])
+}
+
+/// Publishes the volume of pod `name` with `attributes` besides `cacheTTL: 2s`.
+fn publish_as(
+    node: &CsiNode,
+    key: &SigningKey,
+    plugin: &Plugin,
+    name: &str,
+    attributes: &[(&str, &str)],
+) -> Published {
+    let pod = Pod::new("ns", name, "app");
+    let mut attributes = attributes.to_vec();
+    attributes.push(("cacheTTL", "2s"));
+    let (request, target) = jwt_publish(node, &pod, key, "app", SECRETS, &attributes);
     if let Err(s) = plugin.daemon.client().publish(request.clone()) {
         panic!(
             "publish failed with {}; daemon output:\n{}",
@@ -721,5 +734,63 @@ fn with_keeper_and_daemon_both_killed_a_host_to_container_reader_gets_the_volume
         summary.enotconn() > 0,
         "the reader in a private namespace saw no ENOTCONN with keeper and daemon dead: the \
          readers cannot tell a lost connection from a kept one\n{summary}"
+    );
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
+fn strict_and_cached_volumes_live_on_two_connections_and_both_survive_daemon_kills() {
+    let (bao, key) = cluster();
+    let node = CsiNode::new("node-restart-modes");
+    let (keeper, mut plugin, strict) = serve_with_keeper(&node, &bao, &key, &[]);
+    let cached = publish_as(
+        &node,
+        &key,
+        &plugin,
+        "app-cached",
+        &[("consistency", "cached")],
+    );
+    // One connection per consistency mode, both handed to the keeper.
+    let both = poll(
+        HAND_OVER_TIMEOUT,
+        Duration::from_millis(10),
+        || match keeper.fuse_descriptors() {
+            2 => Ok(()),
+            n => Err(n),
+        },
+    );
+    assert!(
+        both.is_ok(),
+        "the keeper holds {both:?} /dev/fuse descriptors; expected 2 (strict and cached \
+         connections)\n--- daemon output:\n{}",
+        tail(&node.all_logs(), 200)
+    );
+    let mut readers = start_readers(&node, &strict, &[V1]);
+    readers.extend(start_readers(&node, &cached, &[V1]));
+
+    let mut plugins = Vec::new();
+    for _ in 0..3 {
+        sleep(BETWEEN_RESTARTS);
+        plugin.stop(Stop::Kill, "kill -9");
+        plugin = Plugin::successor(&node, &bao, &[], &keeper);
+        plugins.push((plugin.spawned_at, plugin.probe_after));
+    }
+    sleep(BETWEEN_RESTARTS);
+    let summaries = stop_readers(&mut readers);
+    report(
+        "strict and cached volumes, 3 daemon kill -9 restarts",
+        &summaries,
+        &plugins,
+    );
+    assert_no_failed_read(
+        "strict and cached volumes across daemon kill -9 restarts",
+        &summaries,
+        &node,
+        &keeper,
+    );
+    assert_eq!(
+        plugin.metric("vaultfs_takeovers_total"),
+        2.0,
+        "the last daemon took over both connections"
     );
 }

@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use super::CsiConfig;
 use crate::config::{format_duration, parse_duration, parse_file_mode};
+use crate::fs::Consistency;
 use crate::fuse::Slot;
 use crate::secret::Token;
 use crate::source::vault::VaultServer;
@@ -28,7 +29,7 @@ const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// The volume attributes a pod may set, with their meaning (README's table).
-pub const ATTRIBUTES: [&str; 7] = [
+pub const ATTRIBUTES: [&str; 8] = [
     "role",
     "secrets",
     "authMount",
@@ -36,6 +37,7 @@ pub const ATTRIBUTES: [&str; 7] = [
     "cacheTTL",
     "fileMode",
     "vaultServer",
+    "consistency",
 ];
 
 /// A CSI request refused or failed, with the gRPC code it maps to at the service boundary.
@@ -100,6 +102,7 @@ pub(super) struct Params {
     pub(super) auth_mount: String,
     pub(super) cache_ttl: Duration,
     pub(super) file_mode: u16,
+    pub(super) consistency: Consistency,
     pub(super) mount_group: Option<u32>,
     pub(super) server: Arc<VaultServer>,
     pub(super) token: Token,
@@ -213,6 +216,12 @@ pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Param
             format_duration(config.min_cache_ttl)
         )));
     }
+    let consistency = match attr("consistency") {
+        Some(c) => c
+            .parse::<Consistency>()
+            .map_err(|e| invalid(format!("volumeAttributes.consistency: {e}")))?,
+        None => Consistency::default(),
+    };
     let file_mode = match attr("fileMode") {
         Some(m) => {
             parse_file_mode(m).map_err(|e| invalid(format!("volumeAttributes.fileMode: {e}")))?
@@ -267,6 +276,7 @@ pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Param
         auth_mount,
         cache_ttl,
         file_mode,
+        consistency,
         mount_group,
         server,
         token,

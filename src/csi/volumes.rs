@@ -15,7 +15,6 @@ use parking_lot::Mutex;
 use super::request::{invalid, validate, CsiError, Params, PublishRequest};
 use super::state::StateDir;
 use super::CsiConfig;
-use crate::fs::Consistency;
 use crate::fuse::Slot;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, Mounter};
@@ -227,10 +226,9 @@ impl<S: Identity> VolumeManager<S> {
                 uid: 0,
                 gid: params.mount_group.unwrap_or(0),
                 file_mode: params.file_mode,
-                // The node connection is strict; cached volumes need a connection of their own.
-                consistency: Consistency::Strict,
+                consistency: params.consistency,
             },
-            self.mounter.invalidate(slot),
+            self.mounter.invalidate(slot, params.consistency),
             &self.metrics,
         );
         if strict {

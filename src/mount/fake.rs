@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{MountConfig, MountError, Mounted, Mounter};
-use crate::fs::{Invalidate, VaultFs};
+use crate::fs::{Consistency, Invalidate, VaultFs};
 use crate::fuse::Slot;
 use crate::source::SecretSource;
 
@@ -79,7 +79,7 @@ impl<S: SecretSource> Mounted for FakeMounted<S> {
 
 impl<S: SecretSource> Mounter<S> for FakeMounter<S> {
     /// Drops the notifications: nothing is mounted.
-    fn invalidate(&self, _slot: Slot) -> Invalidate {
+    fn invalidate(&self, _slot: Slot, _consistency: Consistency) -> Invalidate {
         Box::new(|_| {})
     }
 

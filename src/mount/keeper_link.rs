@@ -12,11 +12,24 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::handover::{self, InitRecord};
+use crate::fs::Consistency;
 use crate::keeper::KeeperClient;
 use crate::metrics::Metrics;
 
-/// The name the node's connection is held under.
-pub const NODE_CONNECTION: &str = "node";
+/// The name a node connection is held under: `node` for strict volumes (the name it had
+/// before cached volumes had a connection of their own), `node-cached` for cached ones.
+pub fn connection_name(consistency: Consistency) -> &'static str {
+    match consistency {
+        Consistency::Strict => "node",
+        Consistency::Cached => "node-cached",
+    }
+}
+
+fn consistency_named(name: &str) -> Option<Consistency> {
+    [Consistency::Strict, Consistency::Cached]
+        .into_iter()
+        .find(|c| connection_name(*c) == name)
+}
 
 /// How often a daemon tries to reach a keeper that is not answering.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
@@ -48,6 +61,10 @@ pub struct KeeperLink {
     /// The link the daemon owns its connections through: the keeper takes a closed link for
     /// a dead daemon.
     client: Mutex<Option<Arc<KeeperClient>>>,
+    /// The connections this daemon serves, handed to every keeper that comes: name, a
+    /// duplicate of the device, the INIT record.
+    held: Mutex<Vec<(&'static str, OwnedFd, InitRecord)>>,
+    holding: std::sync::Once,
     metrics: Arc<Metrics>,
 }
 
@@ -84,6 +101,8 @@ impl KeeperLink {
         Ok(Arc::new(Self {
             path: path.to_path_buf(),
             client: Mutex::new(client),
+            held: Mutex::new(Vec::new()),
+            holding: std::sync::Once::new(),
             metrics,
         }))
     }
@@ -91,41 +110,42 @@ impl KeeperLink {
     /// Takes the node connection the keeper holds, if any (a predecessor served it). The
     /// keeper counts this daemon as its owner from now on. An error means the keeper may hold
     /// a connection that cannot be served (see `connect`).
-    pub fn take(&self) -> io::Result<Option<TakenConnection>> {
+    pub fn take(&self) -> io::Result<Vec<(Consistency, TakenConnection)>> {
         let Some(client) = self.client.lock().clone() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let held = client.take()?;
         let taken_at = Instant::now();
-        let mut taken = None;
+        let mut taken = Vec::new();
         for connection in held {
-            if connection.name != NODE_CONNECTION {
+            let Some(consistency) = consistency_named(&connection.name) else {
                 tracing::warn!(name = %connection.name, "the keeper holds a connection this daemon does not serve; leaving it");
                 continue;
-            }
+            };
             let usable = is_fuse_device(&connection.fd)
                 .and_then(|()| InitRecord::from_bytes(connection.init).map_err(io::Error::other));
             match usable {
-                Ok(init) => {
-                    taken = Some(TakenConnection {
+                Ok(init) => taken.push((
+                    consistency,
+                    TakenConnection {
                         device: connection.fd,
                         init,
                         taken_at,
-                    })
-                }
+                    },
+                )),
                 Err(e) => {
-                    tracing::error!(error = %e, "the keeper's node connection is unusable; releasing it");
-                    client.release(NODE_CONNECTION)?;
+                    tracing::error!(name = %connection.name, error = %e, "a connection the keeper holds is unusable; releasing it");
+                    client.release(&connection.name)?;
                 }
             }
         }
         Ok(taken)
     }
 
-    /// Lets the keeper drop the node connection (it could not be served again).
-    pub fn release(&self) {
+    /// Lets the keeper drop a node connection (it could not be served again).
+    pub fn release(&self, consistency: Consistency) {
         if let Some(client) = self.client.lock().clone() {
-            if let Err(e) = client.release(NODE_CONNECTION) {
+            if let Err(e) = client.release(connection_name(consistency)) {
                 tracing::warn!(error = %e, "could not release the node connection from the keeper");
             }
         }
@@ -164,20 +184,37 @@ impl KeeperLink {
         }
     }
 
-    /// Keeps the keeper holding the node connection for as long as the daemon runs: hands it
-    /// over now, and again to every keeper that takes the socket path later (a keeper pod
-    /// replaced, or one that was not up when the daemon started).
-    pub fn hold(self: &Arc<Self>, device: OwnedFd, init: InitRecord) {
-        let link = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("vaultfs-keeper".into())
-            .spawn(move || link.hold_loop(&device, &init));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "could not start the keeper link thread");
+    /// Keeps the keeper holding the node connection of `consistency` for as long as the
+    /// daemon runs: hands it over now, and again to every keeper that takes the socket path
+    /// later (a keeper pod replaced, or one that was not up when the daemon started).
+    pub fn hold(self: &Arc<Self>, consistency: Consistency, device: OwnedFd, init: InitRecord) {
+        let name = connection_name(consistency);
+        let mut held = self.held.lock();
+        held.push((name, device, init));
+        // Now, if a keeper is there; else (and after any reconnection) from the link thread.
+        if let (Some(client), Some((_, device, init))) = (self.client.lock().clone(), held.last()) {
+            match client.put(name, init.as_bytes(), device.as_fd()) {
+                Ok(()) => {
+                    tracing::info!(keeper = %self.path.display(), name, "the keeper holds the node connection")
+                }
+                Err(e) => {
+                    tracing::warn!(keeper = %self.path.display(), name, error = %e, "could not hand the node connection to the keeper; retrying")
+                }
+            }
         }
+        drop(held);
+        self.holding.call_once(|| {
+            let link = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("vaultfs-keeper".into())
+                .spawn(move || link.hold_loop());
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start the keeper link thread");
+            }
+        });
     }
 
-    fn hold_loop(&self, device: &OwnedFd, init: &InitRecord) {
+    fn hold_loop(&self) {
         let mut announced_missing = false;
         loop {
             let client = self.client.lock().clone();
@@ -191,22 +228,29 @@ impl KeeperLink {
                     }
                     Err(e) => {
                         if !std::mem::replace(&mut announced_missing, true) {
-                            tracing::warn!(keeper = %self.path.display(), error = %e, "no keeper holds the node connection; retrying every second");
+                            tracing::warn!(keeper = %self.path.display(), error = %e, "no keeper holds the node connections; retrying every second");
                         }
                         std::thread::sleep(RECONNECT_EVERY);
                         continue;
                     }
                 },
             };
-            match client.put(NODE_CONNECTION, init.as_bytes(), device.as_fd()) {
+            let put = self
+                .held
+                .lock()
+                .iter()
+                .try_for_each(|(name, device, init)| {
+                    client.put(name, init.as_bytes(), device.as_fd())
+                });
+            match put {
                 Ok(()) => {
                     announced_missing = false;
-                    tracing::info!(keeper = %self.path.display(), "the keeper holds the node connection");
+                    tracing::info!(keeper = %self.path.display(), "the keeper holds the node connections");
                     let _ = client.wait_closed();
-                    tracing::warn!(keeper = %self.path.display(), "the keeper went away; handing the connection to the next one");
+                    tracing::warn!(keeper = %self.path.display(), "the keeper went away; handing the connections to the next one");
                 }
                 Err(e) => {
-                    tracing::warn!(keeper = %self.path.display(), error = %e, "could not hand the node connection to the keeper");
+                    tracing::warn!(keeper = %self.path.display(), error = %e, "could not hand the node connections to the keeper");
                     std::thread::sleep(RECONNECT_EVERY);
                 }
             }

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use fuser::{BackgroundSession, Config, INodeNo, Notifier, SessionACL};
 use thiserror::Error;
 
-use crate::fs::{Invalidate, VaultFs};
+use crate::fs::{Consistency, Invalidate, VaultFs};
 use crate::fuse::{FuseAdapter, Slot, Volumes};
 use crate::metrics::Metrics;
 use crate::source::SecretSource;
@@ -298,7 +298,7 @@ impl Drop for FuseMount {
 pub trait Mounter<S: SecretSource>: Send + Sync + 'static {
     /// Where the kernel notifications of volume `slot` go; the volume is built with it
     /// before it is mounted.
-    fn invalidate(&self, slot: Slot) -> Invalidate;
+    fn invalidate(&self, slot: Slot, consistency: Consistency) -> Invalidate;
 
     /// Serves `fs` as volume `slot` and mounts it at `target` (over a dead mount there, see
     /// `prepare_target`). `slot` is the volume's stable number (see `fuse::Slot`).

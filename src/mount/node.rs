@@ -10,7 +10,7 @@ use super::{
     prepare_target, Connection, InitRecord, KernelNotifier, MountConfig, MountError, Mounted,
     Mounter,
 };
-use crate::fs::{Invalidate, VaultFs};
+use crate::fs::{Consistency, Invalidate, VaultFs};
 use crate::fuse::{FuseAdapter, Slot, Volumes};
 use crate::metrics::Metrics;
 use crate::source::SecretSource;
@@ -41,18 +41,19 @@ impl<S: SecretSource> NodeSession<S> {
     /// it; its kernel notifications go through `kernel`.
     pub fn start(
         root: &Path,
+        consistency: Consistency,
         runtime: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
         kernel: &KernelNotifier,
     ) -> Result<Self, MountError> {
         let volumes = Volumes::node();
-        let adapter = Self::adapter(&volumes, runtime, &metrics);
+        let adapter = Self::adapter(&volumes, consistency, runtime, &metrics);
         let config = MountConfig {
             allow_other: true,
             create_target: true,
         };
         let connection = super::start_connection(root, &config, adapter, kernel)?;
-        tracing::info!(root = %root.display(), "serving every volume of this node on one FUSE connection");
+        tracing::info!(root = %root.display(), %consistency, "serving every volume of this consistency mode on one FUSE connection");
         Ok(Self {
             root: root.to_path_buf(),
             volumes,
@@ -67,8 +68,10 @@ impl<S: SecretSource> NodeSession<S> {
     /// starts, so `volumes` (`Volumes::node()`) must already hold every volume attached
     /// before, with the slots it had. Touches neither `root` nor the binds, which stay as they
     /// were.
+    #[allow(clippy::too_many_arguments)]
     pub fn resume(
         root: &Path,
+        consistency: Consistency,
         device: OwnedFd,
         init: &InitRecord,
         volumes: Arc<Volumes<S>>,
@@ -76,9 +79,9 @@ impl<S: SecretSource> NodeSession<S> {
         metrics: Arc<Metrics>,
         kernel: &KernelNotifier,
     ) -> std::io::Result<Self> {
-        let adapter = Self::adapter(&volumes, runtime, &metrics);
+        let adapter = Self::adapter(&volumes, consistency, runtime, &metrics);
         let connection = super::resume_connection(device, init, true, adapter, kernel)?;
-        tracing::info!(root = %root.display(), volumes = volumes.len(), "serving the node's FUSE connection again");
+        tracing::info!(root = %root.display(), %consistency, volumes = volumes.len(), "serving the node's FUSE connection again");
         Ok(Self {
             root: root.to_path_buf(),
             volumes,
@@ -91,11 +94,13 @@ impl<S: SecretSource> NodeSession<S> {
     /// kernel at INIT, so a resumed connection keeps those it was mounted with.
     fn adapter(
         volumes: &Arc<Volumes<S>>,
+        consistency: Consistency,
         runtime: tokio::runtime::Handle,
         metrics: &Arc<Metrics>,
     ) -> FuseAdapter<S> {
         FuseAdapter::new(volumes.clone(), runtime, metrics.clone())
             .with_max_background(MAX_BACKGROUND)
+            .with_consistency(consistency)
     }
 
     /// The node's connection (to hand it over to another process).
@@ -192,15 +197,23 @@ impl<S: SecretSource> Drop for BindMount<S> {
     }
 }
 
-/// Real mounts for the node plugin: every volume on one `NodeSession`, started on first use,
-/// or taken over from the keeper when a predecessor served it.
+/// Real mounts for the node plugin: the node's volumes on one `NodeSession` per consistency
+/// mode (the no-open flag of cached volumes is per connection), each started on first use, or
+/// taken over from the keeper when a predecessor served it.
 pub struct FuseMounter<S> {
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
-    kernel: KernelNotifier,
+    /// `<state-dir>/fuse` for strict volumes; cached ones use `<state-dir>/fuse-cached`.
     root: PathBuf,
-    session: parking_lot::Mutex<Option<Arc<NodeSession<S>>>>,
+    connections: [NodeConnection<S>; 2],
     keeper: Option<Arc<KeeperLink>>,
+}
+
+/// One of the node's connections, by consistency mode.
+struct NodeConnection<S> {
+    consistency: Consistency,
+    kernel: KernelNotifier,
+    session: parking_lot::Mutex<Option<Arc<NodeSession<S>>>>,
     /// A live connection taken from the keeper and not served yet: recorded volumes are
     /// adopted into its table first (`Mounter::adopt`), then `serve_taken_over` serves it.
     taken: parking_lot::Mutex<Option<Taken<S>>>,
@@ -215,62 +228,99 @@ struct Taken<S> {
 }
 
 impl<S: SecretSource> FuseMounter<S> {
-    /// Mounts the node's connection at `root` when the first volume comes, and hands it to
-    /// `keeper` when there is one.
+    /// Mounts the node's connections under `root` when their first volume comes, and hands
+    /// them to `keeper` when there is one.
     pub fn new(
         runtime: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
         root: PathBuf,
         keeper: Option<Arc<KeeperLink>>,
     ) -> Self {
+        let connection = |consistency| NodeConnection {
+            consistency,
+            kernel: KernelNotifier::new(),
+            session: parking_lot::Mutex::default(),
+            taken: parking_lot::Mutex::default(),
+        };
         Self {
             runtime,
             metrics,
-            kernel: KernelNotifier::new(),
             root,
-            session: parking_lot::Mutex::default(),
+            connections: [
+                connection(Consistency::Strict),
+                connection(Consistency::Cached),
+            ],
             keeper,
-            taken: parking_lot::Mutex::default(),
         }
     }
 
-    /// Takes the node connection the keeper holds for a predecessor, if any. Volumes are then
-    /// adopted into it (not mounted) until `serve_taken_over`.
+    fn connection(&self, consistency: Consistency) -> &NodeConnection<S> {
+        match consistency {
+            Consistency::Strict => &self.connections[0],
+            Consistency::Cached => &self.connections[1],
+        }
+    }
+
+    fn root_of(&self, consistency: Consistency) -> PathBuf {
+        match consistency {
+            Consistency::Strict => self.root.clone(),
+            Consistency::Cached => {
+                let mut name = self.root.file_name().unwrap_or_default().to_os_string();
+                name.push("-cached");
+                self.root.with_file_name(name)
+            }
+        }
+    }
+
+    /// Takes the node connections the keeper holds for a predecessor, if any. Volumes are
+    /// then adopted into them (not mounted) until `serve_taken_over`.
     pub fn take_over(&self) -> std::io::Result<bool> {
         let Some(keeper) = &self.keeper else {
             return Ok(false);
         };
-        let Some(connection) = keeper.take()? else {
-            return Ok(false);
-        };
-        tracing::info!(init = ?connection.init, "taking over the node connection the keeper held");
-        *self.taken.lock() = Some(Taken {
-            connection,
-            volumes: Volumes::node(),
-            detach_later: Vec::new(),
-        });
-        Ok(true)
+        let taken = keeper.take()?;
+        let any = !taken.is_empty();
+        for (consistency, connection) in taken {
+            tracing::info!(%consistency, init = ?connection.init, "taking over a node connection the keeper held");
+            *self.connection(consistency).taken.lock() = Some(Taken {
+                connection,
+                volumes: Volumes::node(),
+                detach_later: Vec::new(),
+            });
+        }
+        Ok(any)
     }
 
-    /// Serves the connection `take_over` took, with the volumes adopted since, and has the
-    /// kernel resend what the predecessor left unanswered once it is gone. `Ok(false)` when
-    /// nothing was taken over.
+    /// Serves the connections `take_over` took, with the volumes adopted since, once the
+    /// predecessor is gone and the kernel was asked to resend what it left unanswered.
+    /// `Ok(false)` when nothing was taken over.
     pub fn serve_taken_over(&self) -> std::io::Result<bool> {
-        let Some(taken) = self.taken.lock().take() else {
-            return Ok(false);
-        };
+        let mut served = false;
+        for node in &self.connections {
+            let Some(taken) = node.taken.lock().take() else {
+                continue;
+            };
+            self.serve_taken(node, taken)?;
+            served = true;
+        }
+        Ok(served)
+    }
+
+    fn serve_taken(&self, node: &NodeConnection<S>, taken: Taken<S>) -> std::io::Result<()> {
         if let Some(keeper) = &self.keeper {
             keeper.resend_after_predecessor(&taken.connection);
         }
+        let root = self.root_of(node.consistency);
         let TakenConnection { device, init, .. } = taken.connection;
         let resumed = NodeSession::resume(
-            &self.root,
+            &root,
+            node.consistency,
             device,
             &init,
             taken.volumes,
             self.runtime.clone(),
             self.metrics.clone(),
-            &self.kernel,
+            &node.kernel,
         );
         let session = match resumed {
             Ok(session) => session,
@@ -278,9 +328,9 @@ impl<S: SecretSource> FuseMounter<S> {
                 // Nobody can serve it: let it die, so that the next daemon mounts anew over
                 // dead mounts instead of waiting on live ones.
                 if let Some(keeper) = &self.keeper {
-                    keeper.release();
+                    keeper.release(node.consistency);
                 }
-                if let Err(abort) = sys::abort_fuse_connection(&self.root) {
+                if let Err(abort) = sys::abort_fuse_connection(&root) {
                     tracing::warn!(error = %abort, "could not abort the node connection");
                 }
                 return Err(e);
@@ -288,32 +338,38 @@ impl<S: SecretSource> FuseMounter<S> {
         };
         self.metrics.takeovers.inc();
         if let Some(keeper) = &self.keeper {
-            keeper.hold(session.connection().device().try_clone_to_owned()?, init);
+            keeper.hold(
+                node.consistency,
+                session.connection().device().try_clone_to_owned()?,
+                init,
+            );
         }
-        *self.session.lock() = Some(Arc::new(session));
+        *node.session.lock() = Some(Arc::new(session));
         for target in taken.detach_later {
             if let Err(e) = sys::detach_all_of_type(&target, sys::FSTYPE) {
                 tracing::warn!(target = %target.display(), error = %e, "could not detach a gone pod's volume");
             }
         }
-        Ok(true)
+        Ok(())
     }
 
-    fn session(&self) -> Result<Arc<NodeSession<S>>, MountError> {
-        let mut slot = self.session.lock();
+    fn session(&self, consistency: Consistency) -> Result<Arc<NodeSession<S>>, MountError> {
+        let node = self.connection(consistency);
+        let mut slot = node.session.lock();
         if let Some(session) = slot.as_ref() {
             return Ok(session.clone());
         }
         let session = Arc::new(NodeSession::start(
-            &self.root,
+            &self.root_of(consistency),
+            consistency,
             self.runtime.clone(),
             self.metrics.clone(),
-            &self.kernel,
+            &node.kernel,
         )?);
         if let Some(keeper) = &self.keeper {
             let connection = session.connection();
             match connection.device().try_clone_to_owned() {
-                Ok(device) => keeper.hold(device, connection.init().clone()),
+                Ok(device) => keeper.hold(consistency, device, connection.init().clone()),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot duplicate the node connection for the keeper")
                 }
@@ -325,8 +381,8 @@ impl<S: SecretSource> FuseMounter<S> {
 }
 
 impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
-    fn invalidate(&self, slot: Slot) -> Invalidate {
-        self.kernel.for_volume(slot)
+    fn invalidate(&self, slot: Slot, consistency: Consistency) -> Invalidate {
+        self.connection(consistency).kernel.for_volume(slot)
     }
 
     fn mount(
@@ -336,13 +392,13 @@ impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
         fs: Arc<VaultFs<S>>,
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError> {
-        let session = self.session()?;
+        let session = self.session(fs.config().consistency)?;
         let mounted = session.attach(target, slot, fs, config)?;
         Ok(Box::new(mounted))
     }
 
     fn adopt(&self, target: &Path, slot: Slot, fs: Arc<VaultFs<S>>) -> Option<Box<dyn Mounted>> {
-        let taken = self.taken.lock();
+        let taken = self.connection(fs.config().consistency).taken.lock();
         let taken = taken.as_ref()?;
         taken.volumes.attach(slot, fs);
         self.metrics.active_mounts.inc();
@@ -366,9 +422,12 @@ impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
-        if let Some(taken) = self.taken.lock().as_mut() {
-            taken.detach_later.push(target);
-            return Ok(true);
+        // While any taken connection is not served yet, the target may be one of its binds.
+        for node in &self.connections {
+            if let Some(taken) = node.taken.lock().as_mut() {
+                taken.detach_later.push(target);
+                return Ok(true);
+            }
         }
         sys::detach_all_of_type(&target, sys::FSTYPE).map(|n| n > 0)
     }
