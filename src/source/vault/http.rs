@@ -227,9 +227,11 @@ impl VaultServer {
     /// Sends one request and reads its JSON answer (`Null` when empty), holding a permit of
     /// `identity` and one of the server's own cap while it is in flight.
     ///
-    /// The exchange runs in its own task, so that it completes even if the caller stops
-    /// waiting: an answer nobody receives any more is cleaned up there, its login token or
-    /// lease revoked, so that nothing Vault granted is left alive unmanaged.
+    /// The exchange is driven by the caller's own task (no hand-off to another task on the
+    /// way there and back), but it owns everything it needs: should the caller stop waiting,
+    /// the exchange is moved to a task of its own and completes there, and an answer nobody
+    /// receives any more is cleaned up, its login token or lease revoked, so that nothing
+    /// Vault granted is left alive unmanaged.
     pub(super) async fn send(
         &self,
         req: Request<'_>,
@@ -248,13 +250,8 @@ impl VaultServer {
         let exchange = self.exchange(req.kind);
         let (method, token) = (req.method, req.token);
         let gauge = gauge.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let pending = Pending {
-            rx: Some(rx),
-            orphan: Some((exchange.clone(), token.clone())),
-            went_down: self.health.subscribe(),
-        };
-        tokio::spawn(async move {
+        let orphan = (exchange.clone(), token.clone());
+        let run = async move {
             gauge.inc();
             // Checked again: the server may have been found down while this request waited
             // for its permits.
@@ -263,14 +260,18 @@ impl VaultServer {
                 Err(down) => Err(down),
             };
             gauge.dec();
-            if let Err(Ok(mut answer)) = tx.send(result) {
-                exchange.clean_up(&answer, token.as_ref()).await;
-                wipe_json(&mut answer);
-            }
-            // Held through any clean-up, so that it counts against the caps too.
-            drop(permits);
-        });
-        pending.wait().await
+            // Handed on with the answer, so that they are held through any clean-up and count
+            // against the caps too.
+            (result, permits)
+        };
+        Pending {
+            run: Some(Box::pin(run)),
+            orphan: Some(orphan),
+            went_down: self.health.subscribe(),
+            runtime: tokio::runtime::Handle::current(),
+        }
+        .wait()
+        .await
     }
 
     /// Revokes `token` in the background (a token replaced by a login that may still be
@@ -418,18 +419,28 @@ pub(super) struct Request<'a> {
     pub token: Option<Token>,
 }
 
-/// The receiving end of an exchange. Dropped before the answer was taken (the caller gave up),
-/// it cleans up an answer that was already delivered; the exchange's task cleans up one that
-/// arrives later. Between them, every answer is either received or cleaned up.
+/// An exchange in flight, and its answer's second home: dropped before the exchange
+/// completed (the caller gave up), it moves the exchange to a task of its own, which cleans up
+/// the answer when it arrives. Between them, every answer is either received or cleaned up.
 struct Pending {
-    rx: Option<tokio::sync::oneshot::Receiver<Result<Value, SourceError>>>,
+    run: Option<InFlight>,
     orphan: Option<(Exchange, Option<Token>)>,
     /// Changes when the server is found down: a request in flight then stops waiting (the
     /// server stopped answering another request, so this one would most likely wait out its
     /// timeout too), and its answer, should one still come, is cleaned up as one nobody
     /// waited for.
     went_down: tokio::sync::watch::Receiver<u64>,
+    /// Where an exchange nobody waits for any more is finished.
+    runtime: tokio::runtime::Handle,
 }
+
+/// The exchange itself: its answer and the permits it holds.
+type InFlight = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (Result<Value, SourceError>, [OwnedSemaphorePermit; 2])>
+            + Send,
+    >,
+>;
 
 impl Pending {
     async fn wait(mut self) -> Result<Value, SourceError> {
@@ -437,13 +448,13 @@ impl Pending {
             let (exchange, _) = self.orphan.as_ref().expect("only `drop` takes it");
             (exchange.kind, exchange.health.clone())
         };
-        let rx = self.rx.as_mut().expect("only `wait` and `drop` take it");
-        let got = tokio::select! {
+        let run = self.run.as_mut().expect("only `wait` and `drop` take it");
+        let (result, permits) = tokio::select! {
             biased;
-            got = rx => got,
+            done = run => done,
             Ok(()) = self.went_down.changed() => {
-                // `self` is dropped with its receiver still in place: a late answer is
-                // cleaned up.
+                // `self` is dropped with the exchange still in it: it finishes on its own and
+                // a late answer is cleaned up.
                 return Err(health.check(kind).err().unwrap_or_else(|| {
                     SourceError::Unavailable(format!(
                         "{kind}: the Vault server stopped answering while this request was in flight"
@@ -451,33 +462,25 @@ impl Pending {
                 }));
             }
         };
-        self.rx = None;
-        got.unwrap_or_else(|_| {
-            Err(SourceError::Unavailable(format!(
-                "{kind} request failed: its task ended without an answer"
-            )))
-        })
+        self.run = None;
+        drop(permits);
+        result
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else {
+        let (Some(run), Some((exchange, token))) = (self.run.take(), self.orphan.take()) else {
             return;
         };
-        // After `close`, a later send fails (the task cleans up); an answer already sent is
-        // still here to take.
-        rx.close();
-        if let (Ok(Ok(mut answer)), Some((exchange, token))) = (rx.try_recv(), self.orphan.take()) {
-            if exchange.grants(&answer) {
-                tokio::spawn(async move {
-                    exchange.clean_up(&answer, token.as_ref()).await;
-                    wipe_json(&mut answer);
-                });
-            } else {
+        self.runtime.spawn(async move {
+            let (result, permits) = run.await;
+            if let Ok(mut answer) = result {
+                exchange.clean_up(&answer, token.as_ref()).await;
                 wipe_json(&mut answer);
             }
-        }
+            drop(permits);
+        });
     }
 }
 
