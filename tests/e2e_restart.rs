@@ -397,6 +397,26 @@ fn serve_with_keeper(
     (keeper, plugin, volume)
 }
 
+/// Stops and replaces the daemon `times` times (`how`), each successor taking over from
+/// `keeper`; returns each successor's spawn time and time to its first Probe answer.
+fn restart(
+    plugin: &mut Plugin,
+    how: Stop,
+    times: usize,
+    node: &CsiNode,
+    bao: &Bao,
+    keeper: &Keeper,
+) -> Vec<(f64, Duration)> {
+    let mut plugins = Vec::new();
+    for i in 1..=times {
+        sleep(BETWEEN_RESTARTS);
+        plugin.stop(how, &format!("stop {i} ({how:?})"));
+        *plugin = Plugin::successor(node, bao, &[], keeper);
+        plugins.push((plugin.spawned_at, plugin.probe_after));
+    }
+    plugins
+}
+
 /// Checks that a restarted daemon took the live connection over from the keeper (rather than
 /// mounting new ones over dead mounts, which the readers would never see).
 fn assert_took_over(plugin: &Plugin, node: &CsiNode, keeper: &Keeper) {
@@ -595,13 +615,7 @@ fn sigterm_restarts_like_an_upgrade_fail_no_read_and_each_daemon_exits_0() {
     let (keeper, mut plugin, volume) = serve_with_keeper(&node, &bao, &key, &[]);
     let mut readers = start_readers(&node, &volume, &[V1]);
 
-    let mut plugins = Vec::new();
-    for i in 1..=RESTARTS {
-        sleep(BETWEEN_RESTARTS);
-        plugin.stop(Stop::Term, &format!("SIGTERM {i}"));
-        plugin = Plugin::successor(&node, &bao, &[], &keeper);
-        plugins.push((plugin.spawned_at, plugin.probe_after));
-    }
+    let plugins = restart(&mut plugin, Stop::Term, RESTARTS, &node, &bao, &keeper);
     sleep(BETWEEN_RESTARTS);
     let summaries = stop_readers(&mut readers);
     report(
@@ -652,13 +666,7 @@ fn a_restarted_keeper_gets_the_connection_again_and_a_later_daemon_kill_loses_no
     );
 
     // The new keeper carries the connection across daemon crashes.
-    let mut plugins = Vec::new();
-    for _ in 0..3 {
-        sleep(BETWEEN_RESTARTS);
-        plugin.stop(Stop::Kill, "kill -9");
-        plugin = Plugin::successor(&node, &bao, &[], &keeper);
-        plugins.push((plugin.spawned_at, plugin.probe_after));
-    }
+    let plugins = restart(&mut plugin, Stop::Kill, 3, &node, &bao, &keeper);
     sleep(BETWEEN_RESTARTS);
     let summaries = stop_readers(&mut readers);
     report(
@@ -768,13 +776,7 @@ fn strict_and_cached_volumes_live_on_two_connections_and_both_survive_daemon_kil
     let mut readers = start_readers(&node, &strict, &[V1]);
     readers.extend(start_readers(&node, &cached, &[V1]));
 
-    let mut plugins = Vec::new();
-    for _ in 0..3 {
-        sleep(BETWEEN_RESTARTS);
-        plugin.stop(Stop::Kill, "kill -9");
-        plugin = Plugin::successor(&node, &bao, &[], &keeper);
-        plugins.push((plugin.spawned_at, plugin.probe_after));
-    }
+    let plugins = restart(&mut plugin, Stop::Kill, 3, &node, &bao, &keeper);
     sleep(BETWEEN_RESTARTS);
     let summaries = stop_readers(&mut readers);
     report(
