@@ -865,6 +865,58 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn remaining_freshness_is_the_ttl_left_capped_by_lease_and_outage_and_zero_once_replaced()
+    {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let config = CacheConfig {
+            ttl: Duration::from_secs(10),
+            ..CacheConfig::default()
+        };
+        let cache = cache(&source, config.clone());
+        let p = path("secret/a");
+        let first = cache.get(&p).await.unwrap();
+        assert_eq!(cache.remaining(&p, &first), Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(cache.remaining(&p, &first), Duration::from_secs(6));
+
+        // Vault fails after the TTL: the stale value is served for at most the back-off.
+        tokio::time::advance(Duration::from_secs(7)).await;
+        source.set_server_down();
+        let stale = cache.get(&p).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &stale), "the stale value is served");
+        tokio::task::yield_now().await;
+        let left = cache.remaining(&p, &stale);
+        assert!(
+            left <= config.retry_backoff,
+            "{left:?} while Vault is down, back-off {:?}",
+            config.retry_backoff
+        );
+        source.set_server_up();
+
+        // A newer version swapped in: the old content has no freshness left.
+        source.put("secret/a", &[("k", "v2")]);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let second = cache.get(&p).await.unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(cache.remaining(&p, &first), Duration::ZERO);
+        assert!(cache.remaining(&p, &second) > Duration::ZERO);
+
+        // A leased secret is never fresh beyond its lease's end.
+        let leased = Arc::new(MockSource::new());
+        leased.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        leased.set_lease(Some(Duration::from_secs(3)), Some(Duration::from_secs(3)));
+        let cache = self::cache(&leased, config);
+        let p = path("database/creds/app");
+        let content = cache.get(&p).await.unwrap();
+        let left = cache.remaining(&p, &content);
+        assert!(
+            left <= Duration::from_secs(3),
+            "{left:?} for a 3 s lease with a 10 s TTL"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn deleted_or_forbidden_secret_is_not_served_stale() {
         let source = Arc::new(MockSource::new());
         source.put("secret/a", &[("k", "v1")]);
