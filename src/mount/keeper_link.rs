@@ -191,8 +191,11 @@ impl KeeperLink {
         let name = connection_name(consistency);
         let mut held = self.held.lock();
         held.push((name, device, init));
-        // Now, if a keeper is there; else (and after any reconnection) from the link thread.
-        if let (Some(client), Some((_, device, init))) = (self.client.lock().clone(), held.last()) {
+        // The link thread hands over everything held when it starts and after every
+        // reconnection; a connection added while it runs goes to the current keeper now.
+        let running = self.holding.is_completed();
+        let client = self.client.lock().clone().filter(|_| running);
+        if let (Some(client), Some((_, device, init))) = (client, held.last()) {
             match client.put(name, init.as_bytes(), device.as_fd()) {
                 Ok(()) => {
                     tracing::info!(keeper = %self.path.display(), name, "the keeper holds the node connection")
