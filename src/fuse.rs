@@ -222,11 +222,6 @@ impl<S: SecretSource> FuseAdapter<S> {
         self
     }
 
-    /// Whether the connection answers OPEN with `ENOSYS` (cached mode, negotiated at INIT).
-    pub fn no_open(&self) -> bool {
-        self.no_open
-    }
-
     /// Asks the kernel to hand the connection up to `n` background requests (reads) at once
     /// before queueing, with the congestion threshold at three quarters of it.
     pub fn with_max_background(mut self, n: u16) -> Self {

@@ -238,12 +238,6 @@ pub fn mount_stack(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The filesystem type of the topmost mount at `path` (e.g. `fuse.vaultfs`); `None` when
-/// nothing is mounted there.
-pub fn top_mount_type(path: &Path) -> Option<String> {
-    mount_stack(path).pop()
-}
-
 /// Detaches the mounts stacked at `path` while the topmost is of type `fstype`; stops at the
 /// first mount of another type (never unmounts what vaultfs did not mount). Reads the mount
 /// table once: its size grows with the node's mounts.

@@ -137,11 +137,6 @@ impl<S: SecretSource> NodeSession<S> {
             attached: true,
         })
     }
-
-    /// Volumes served now.
-    pub fn volumes(&self) -> usize {
-        self.volumes.len()
-    }
 }
 
 /// A volume bound at its target. Unmount it with `unmount`; dropping it also unmounts.
