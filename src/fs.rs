@@ -27,10 +27,10 @@ pub enum Consistency {
     /// attributes are cached for the rest of the cache TTL, and the first GETATTR or LOOKUP
     /// after that re-checks Vault; a changed version (new mtime and size) makes the kernel
     /// drop the old pages. Audited once per TTL per file.
+    #[default]
     Cached,
     /// Every open reaches the daemon and is audited; each descriptor reads the version it
     /// opened, through direct I/O.
-    #[default]
     Strict,
 }
 
@@ -698,7 +698,7 @@ mod tests {
         assert!(err.contains("cached, strict"), "{err}");
         let parsed: Consistency = serde_json::from_str("\"cached\"").unwrap();
         assert_eq!(parsed, Consistency::Cached);
-        assert_eq!(Consistency::default(), Consistency::Strict);
+        assert_eq!(Consistency::default(), Consistency::Cached);
     }
 
     #[tokio::test(start_paused = true)]

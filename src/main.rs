@@ -155,7 +155,7 @@ struct MountArgs {
     #[arg(long)]
     allow_other: bool,
     /// cached: page-cache reads, re-checked and audited once per TTL per file; strict: every open audited, each descriptor keeps its version.
-    #[arg(long, default_value = "strict", value_name = "cached|strict")]
+    #[arg(long, default_value = "cached", value_name = "cached|strict")]
     consistency: vaultfs::fs::Consistency,
     #[command(flatten)]
     vault: VaultArgs,

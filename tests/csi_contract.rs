@@ -672,18 +672,18 @@ async fn the_consistency_attribute_picks_the_mode_and_names_the_choices_when_wro
     p.publish(request(&target, "jwt-a")).await.unwrap();
     assert_eq!(
         p.fake.fs_at(&target).unwrap().config().consistency.as_str(),
-        "strict",
+        "cached",
         "the default mode"
     );
-    let cached = p.target("pod-b");
-    let mut req = request(&cached, "jwt-b");
+    let strict = p.target("pod-b");
+    let mut req = request(&strict, "jwt-b");
     req.volume_id = "csi-b".into();
     req.volume_context
-        .insert("consistency".into(), "cached".into());
+        .insert("consistency".into(), "strict".into());
     p.publish(req).await.unwrap();
     assert_eq!(
-        p.fake.fs_at(&cached).unwrap().config().consistency.as_str(),
-        "cached"
+        p.fake.fs_at(&strict).unwrap().config().consistency.as_str(),
+        "strict"
     );
     let mut bad = request(&p.target("pod-c"), "jwt-c");
     bad.volume_id = "csi-c".into();

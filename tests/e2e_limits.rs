@@ -27,7 +27,8 @@ fn a_looped_forbidden_read_costs_a_bounded_number_of_log_lines_while_every_open_
         .token(&token)
         .secret("denied=secret/app/db#password")
         .secret("allowed=secret/other/ok#value")
-        .args(["--cache-ttl", "1s"])
+        // Every open is audited in strict mode only (cached: once per TTL per file).
+        .args(["--cache-ttl", "1s", "--consistency", "strict"])
         .start();
 
     let run_for = Duration::from_secs(3);

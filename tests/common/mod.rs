@@ -202,6 +202,24 @@ pub fn list_dir(path: impl AsRef<Path>) -> Vec<String> {
     .unwrap_or_else(|e| panic!("read_dir {shown}: {e}"))
 }
 
+/// Reads `path` until a read fails with `errno`, for at most `limit`; returns how long that
+/// took. A `cached` volume keeps serving its kernel-cached pages after its connection is lost,
+/// until the attribute timeout (the cache TTL) sends the kernel back to the dead daemon.
+pub fn wait_for_errno(path: &Path, errno: i32, limit: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    poll(limit, POLL_INTERVAL, || match read(path) {
+        Err(e) if e.raw_os_error() == Some(errno) => Ok(started.elapsed()),
+        Err(e) => Err(format!("the last read failed with {e}")),
+        Ok(bytes) => Err(format!("the last read returned {} bytes", bytes.len())),
+    })
+    .map_err(|last| {
+        format!(
+            "no {} within {limit:?}: {last}",
+            io::Error::from_raw_os_error(errno)
+        )
+    })
+}
+
 /// The errno of an `io::Error`, with its name in the panic message when it is missing.
 pub fn errno_of(err: &io::Error) -> i32 {
     err.raw_os_error()
