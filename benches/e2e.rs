@@ -1,10 +1,12 @@
-//! End-to-end benchmark of a real vaultfs mount against a real OpenBao dev server, with the
-//! baselines measured side by side in the same run:
-//! - warm `open + read 4 KiB + close` through the mount vs the same file on tmpfs;
+//! End-to-end benchmark of real vaultfs mounts against a real OpenBao dev server, with the
+//! baselines measured side by side in the same run, interleaved round by round:
+//! - warm `open + read 4 KiB + close`, warm `stat`, and warm `open + read + close` through a
+//!   bind mount of the file (how kubelet mounts a `subPath`), for a `cached` mount, a `strict`
+//!   mount and the same file on tmpfs;
 //! - cold read (cache miss: the first `open + read 4 KiB + close` of a secret, whose LOOKUP
-//!   fetches it; OPEN and READ are then cache hits) vs a direct HTTP GET of the same KV v2
-//!   secret over a kept-alive connection, one of each per secret, alternating;
-//! - the daemon's resident memory and thread count.
+//!   fetches it) on each mount vs a direct HTTP GET of the same KV v2 secret over a kept-alive
+//!   connection, one of each per secret, in rotating order;
+//! - each daemon's resident memory and thread count.
 //!
 //! Run as root with `cargo bench --bench e2e` (needs /dev/fuse and `bao`). Prints ratios;
 //! asserts nothing about speed.
@@ -12,13 +14,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Bao, Mount, ROOT_TOKEN};
+use common::{lazy_unmount, sys_mount, Bao, Mount, ROOT_TOKEN};
 
 const VALUE_SIZE: usize = 4096;
 
@@ -49,14 +51,59 @@ fn open_read_close(path: &Path, buf: &mut [u8]) -> usize {
     n
 }
 
-/// Mean time of one `open + read + close` over `iterations`.
-fn warm_round(path: &Path, iterations: usize) -> Duration {
+/// A warm operation the benchmark times.
+#[derive(Clone, Copy)]
+enum Op {
+    OpenReadClose,
+    Stat,
+}
+
+/// Mean time of one `op` on `path` over `iterations`.
+fn warm_round(op: Op, path: &Path, iterations: usize) -> Duration {
     let mut buf = vec![0u8; VALUE_SIZE * 2];
     let start = Instant::now();
     for _ in 0..iterations {
-        std::hint::black_box(open_read_close(path, &mut buf));
+        match op {
+            Op::OpenReadClose => {
+                std::hint::black_box(open_read_close(path, &mut buf));
+            }
+            Op::Stat => {
+                let len = fs::metadata(path).expect("stat").len();
+                assert_eq!(len, VALUE_SIZE as u64, "size of {}", path.display());
+            }
+        }
     }
     start.elapsed() / iterations as u32
+}
+
+/// A bind mount of a file onto an empty file, as kubelet mounts a `subPath`; detached on drop.
+struct Bind(PathBuf);
+
+impl Bind {
+    fn new(source: &Path, target: PathBuf) -> Bind {
+        File::create(&target).expect("create the bind target");
+        sys_mount(Some(source), &target, libc::MS_BIND)
+            .unwrap_or_else(|e| panic!("bind {} on {}: {e}", source.display(), target.display()));
+        Bind(target)
+    }
+}
+
+impl Drop for Bind {
+    fn drop(&mut self) {
+        let _ = lazy_unmount(&self.0);
+    }
+}
+
+/// The ways the benchmark reaches one file: through each mode's mount and on tmpfs.
+const WHERE: [&str; 3] = ["cached", "strict", "tmpfs"];
+
+/// What one row of the warm table measures.
+struct Row {
+    label: &'static str,
+    op: Op,
+    /// The file per entry of [`WHERE`].
+    paths: [PathBuf; 3],
+    runs: [Vec<Duration>; 3],
 }
 
 fn median(mut xs: Vec<Duration>) -> Duration {
@@ -164,70 +211,132 @@ fn main() {
             "  - {{name: cold-{i}, path: secret/bench/cold-{i}, key: value}}\n"
         ));
     }
-    std::fs::write(&spec_path, spec).expect("write spec");
-    let mount = Mount::builder(&bao)
-        .rust_log("warn")
-        .args([
-            "--spec",
-            spec_path.to_str().expect("utf-8 path"),
-            "--cache-ttl",
-            "1h",
-        ])
-        .start();
-    let pid = mount.pid();
-    let rss_idle = proc_status(pid, "VmRSS:");
+    fs::write(&spec_path, spec).expect("write spec");
+    let mounts = ["cached", "strict"].map(|mode| {
+        Mount::builder(&bao)
+            .rust_log("warn")
+            .args(["--spec", spec_path.to_str().expect("utf-8 path")])
+            .args(["--cache-ttl", "1h", "--consistency", mode])
+            .start()
+    });
+    let rss_idle = mounts.each_ref().map(|m| proc_status(m.pid(), "VmRSS:"));
 
-    // tmpfs baseline: the same bytes in a file on /dev/shm.
+    // tmpfs baseline: the same bytes in a file on /dev/shm; binds live there too.
     let shm = tempfile::Builder::new()
         .prefix("vaultfs-bench-")
         .tempdir_in("/dev/shm")
         .expect("tmpfs dir");
     let tmpfs_file = shm.path().join("warm");
-    std::fs::write(&tmpfs_file, &value).expect("write tmpfs file");
-    let vaultfs_file = mount.file("warm");
+    fs::write(&tmpfs_file, &value).expect("write tmpfs file");
+    let [cached_file, strict_file] = mounts.each_ref().map(|m| m.file("warm"));
     let mut buf = vec![0u8; VALUE_SIZE * 2];
-    open_read_close(&vaultfs_file, &mut buf); // first access fetches; then it is warm
-
-    let (mut tmpfs_runs, mut vaultfs_runs) = (Vec::new(), Vec::new());
-    for _ in 0..sizes.warm_rounds {
-        tmpfs_runs.push(warm_round(&tmpfs_file, sizes.warm_iterations));
-        vaultfs_runs.push(warm_round(&vaultfs_file, sizes.warm_iterations));
+    for file in [&cached_file, &strict_file] {
+        open_read_close(file, &mut buf); // the first access fetches; then it is warm
     }
-    let (tmpfs_warm, vaultfs_warm) = (median(tmpfs_runs), median(vaultfs_runs));
+    let binds = [&cached_file, &strict_file, &tmpfs_file]
+        .into_iter()
+        .zip(WHERE)
+        .map(|(file, name)| Bind::new(file, shm.path().join(format!("bind-{name}"))))
+        .collect::<Vec<_>>();
+    let direct = [cached_file, strict_file, tmpfs_file];
+    let bound = [0, 1, 2].map(|i| binds[i].0.clone());
+    let mut rows = [
+        ("warm open+read+close", Op::OpenReadClose, direct.clone()),
+        ("warm stat", Op::Stat, direct),
+        (
+            "warm open+read+close, subPath bind",
+            Op::OpenReadClose,
+            bound,
+        ),
+    ]
+    .map(|(label, op, paths)| Row {
+        label,
+        op,
+        paths,
+        runs: Default::default(),
+    });
+    // Round by round, every row and place in turn, starting one further each round, so that
+    // drift in the machine's speed hits all of them alike.
+    let cells = rows.len() * WHERE.len();
+    for round in 0..sizes.warm_rounds {
+        for k in 0..cells {
+            let cell = (k + round) % cells;
+            let row = &mut rows[cell / WHERE.len()];
+            let at = cell % WHERE.len();
+            let took = warm_round(row.op, &row.paths[at], sizes.warm_iterations);
+            row.runs[at].push(took);
+        }
+    }
 
-    // Cold reads, interleaved with direct GETs of the same secrets so drift hits both alike.
-    let mut direct = DirectVault::connect(bao.port());
-    direct.get("secret/data/bench/warm"); // open the connection's first request
-    let (mut cold_direct, mut cold_vaultfs) = (Vec::new(), Vec::new());
+    // Cold reads: per secret a direct GET and a first read through each mount, in rotating
+    // order.
+    let mut get = DirectVault::connect(bao.port());
+    get.get("secret/data/bench/warm"); // open the connection's first request
+    let mut cold: [Vec<Duration>; 3] = Default::default();
     for i in 0..sizes.cold_secrets {
-        let start = Instant::now();
-        direct.get(&format!("secret/data/bench/cold-{i}"));
-        cold_direct.push(start.elapsed());
-        let start = Instant::now();
-        open_read_close(&mount.file(&format!("cold-{i}")), &mut buf);
-        cold_vaultfs.push(start.elapsed());
+        for k in 0..3 {
+            let which = (k + i) % 3;
+            let start = Instant::now();
+            match which {
+                0 | 1 => {
+                    open_read_close(&mounts[which].file(&format!("cold-{i}")), &mut buf);
+                }
+                _ => {
+                    get.get(&format!("secret/data/bench/cold-{i}"));
+                }
+            }
+            cold[which].push(start.elapsed());
+        }
     }
-    let (direct_cold, vaultfs_cold) = (median(cold_direct), median(cold_vaultfs));
-    let rss_loaded = proc_status(pid, "VmRSS:");
-    let threads = proc_status(pid, "Threads:");
+    let rss_loaded = mounts.each_ref().map(|m| proc_status(m.pid(), "VmRSS:"));
+    let threads = mounts.each_ref().map(|m| proc_status(m.pid(), "Threads:"));
+    drop(binds);
 
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
-    println!("vaultfs end-to-end benchmark (medians; value size {VALUE_SIZE} bytes)");
     println!(
-        "warm open+read+close   vaultfs {:>9.1} µs   tmpfs {:>9.1} µs   ratio {:.2}x  (target ≤ 2x)",
-        vaultfs_warm.as_secs_f64() * 1e6,
-        tmpfs_warm.as_secs_f64() * 1e6,
-        ratio(vaultfs_warm, tmpfs_warm)
+        "vaultfs end-to-end benchmark (medians of {} interleaved rounds of {}; value size \
+         {VALUE_SIZE} bytes)",
+        sizes.warm_rounds, sizes.warm_iterations
     );
     println!(
-        "cold read (cache miss) vaultfs {:>9.1} µs   GET   {:>9.1} µs   ratio {:.2}x  (target ≤ 1.2x; p50 of {} interleaved pairs)",
-        vaultfs_cold.as_secs_f64() * 1e6,
-        direct_cold.as_secs_f64() * 1e6,
-        ratio(vaultfs_cold, direct_cold),
+        "{:<36} {:>10} {:>10} {:>10} {:>13} {:>13}",
+        "", "cached", "strict", "tmpfs", "cached/tmpfs", "strict/tmpfs"
+    );
+    for row in rows {
+        let [c, s, t] = row.runs.map(median);
+        println!(
+            "{:<36} {:>7.1} µs {:>7.1} µs {:>7.1} µs {:>12.2}x {:>12.2}x",
+            row.label,
+            us(c),
+            us(s),
+            us(t),
+            ratio(c, t),
+            ratio(s, t)
+        );
+    }
+    println!("  (target for cached open+read+close: ≤ 1.5x tmpfs)");
+    let [c, s, g] = cold.map(median);
+    println!(
+        "{:<36} {:>7.1} µs {:>7.1} µs {:>7.1} µs {:>12.2}x {:>12.2}x",
+        "cold read (cache miss) | direct GET",
+        us(c),
+        us(s),
+        us(g),
+        ratio(c, g),
+        ratio(s, g)
+    );
+    println!(
+        "  (ratios against the direct GET; p50 of {} secrets; target ≤ 1.2x)",
         sizes.cold_secrets
     );
-    println!(
-        "daemon memory          RSS idle {rss_idle}, after {} secrets read {rss_loaded}; threads {threads}",
-        sizes.cold_secrets + 1
-    );
+    for (i, mode) in ["cached", "strict"].iter().enumerate() {
+        println!(
+            "{mode} daemon: RSS idle {}, after {} secrets read {}; threads {}",
+            rss_idle[i],
+            sizes.cold_secrets + 1,
+            rss_loaded[i],
+            threads[i]
+        );
+    }
 }

@@ -31,7 +31,7 @@ use vaultfs::csi::pb::node_client::NodeClient;
 use super::jwt::{rfc3339, ServiceAccountToken, SigningKey};
 use super::{
     die_with_parent, fuse_descriptors, lazy_unmount, mountinfo, poll, read_lossy, stop_child,
-    stop_child_on_drop, vaultfs_bin, Bao, VAULT_ENV,
+    stop_child_on_drop, sys_mount, vaultfs_bin, Bao, VAULT_ENV,
 };
 
 /// The driver name kubelet knows the plugin by.
@@ -242,27 +242,6 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// `mount(2)` without a filesystem type or data: binds and propagation changes.
-fn sys_mount(source: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
-    let source = source.map(c);
-    let target = c(target);
-    // SAFETY: the strings are valid and NUL-terminated for the duration of the call; null
-    // filesystem type and data are allowed for binds and propagation changes.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-            target.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
 
 impl Drop for CsiNode {
     fn drop(&mut self) {

@@ -436,6 +436,34 @@ pub fn is_mounted(path: &Path) -> bool {
     !mounts_at(path).is_empty()
 }
 
+/// `mount(2)` with no filesystem type or data: binds (`MS_BIND`, `MS_REC`) and propagation
+/// changes.
+pub fn sys_mount(
+    source: Option<&Path>,
+    target: &Path,
+    flags: libc::c_ulong,
+) -> std::io::Result<()> {
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
+    let source = source.map(c);
+    let target = c(target);
+    // SAFETY: the strings are valid and NUL-terminated for the duration of the call; null
+    // filesystem type and data are allowed for binds and propagation changes.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Detaches whatever is mounted on top of `path` (`umount2(MNT_DETACH)`).
 pub fn lazy_unmount(path: &Path) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
