@@ -3,7 +3,14 @@
 //! kernel's page cache without OPEN, READ or Vault requests; a rotation is seen within the
 //! TTL (plus a second) through the path, a bind mount of the file and an old descriptor; a
 //! multi-call read is mixed only when it straddles an attribute timeout at which a new version
-//! is discovered.
+//! is discovered; 8 readers cost at most one Vault request per secret per TTL (cached and
+//! strict).
+//!
+//! Cached pages never serve a secret longer than the daemon would: a secret the token may no
+//! longer read gives `EACCES` within the TTL plus a second, and with Vault frozen a stale value
+//! is served until `--max-stale` after its last successful check and fails with `EIO` from
+//! then on, through the path and through a descriptor opened before (`pread` at offset 0);
+//! strict paths behave the same. (The lease-end bound is in `tests/e2e_leases.rs`.)
 
 mod common;
 
@@ -282,16 +289,16 @@ fn cached_rotation_reaches_path_bind_mount_and_old_descriptor_within_ttl_and_del
     lazy_unmount(&bound).unwrap();
 }
 
-#[test]
-#[ignore = "needs root, /dev/fuse and bao"]
-fn cached_concurrent_readers_ask_vault_at_most_once_per_secret_per_ttl() {
-    let bao = setup();
-    bao.kv_put("secret/app/a", &[("value", "aaaa")]);
-    bao.kv_put("secret/app/b", &[("value", "bbbb")]);
+/// 8 readers on two secrets for 3.5 s with `--cache-ttl 1s` in `mode`: each secret costs
+/// Vault at most one request per TTL (plus the first).
+fn concurrent_readers_ask_vault_at_most_once_per_secret_per_ttl(bao: &Bao, mode: &str) {
+    let (a, b) = (format!("secret/{mode}/a"), format!("secret/{mode}/b"));
+    bao.kv_put(&a, &[("value", "aaaa")]);
+    bao.kv_put(&b, &[("value", "bbbb")]);
     let (m, _addr) = mount(
-        &bao,
-        &["a=secret/app/a#value", "b=secret/app/b#value"],
-        &["--consistency", "cached", "--cache-ttl", "1s"],
+        bao,
+        &[&format!("a={a}#value"), &format!("b={b}#value")],
+        &["--consistency", mode, "--cache-ttl", "1s"],
     );
     let run = Duration::from_millis(3500);
     let stop = Arc::new(AtomicBool::new(false));
@@ -321,13 +328,230 @@ fn cached_concurrent_readers_ask_vault_at_most_once_per_secret_per_ttl() {
     let total: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
     let elapsed = began.elapsed();
     let bound = (elapsed.as_secs_f64() / 1.0).ceil() as usize + 1;
-    for p in ["secret/app/a", "secret/app/b"] {
-        let n = vault_requests(&bao, p);
-        eprintln!("{total} reads in {elapsed:?}: {n} Vault requests for {p}");
+    for p in [&a, &b] {
+        let n = vault_requests(bao, p);
+        eprintln!("{mode}: {total} reads in {elapsed:?}: {n} Vault requests for {p}");
         assert!(
             n <= bound,
-            "{n} Vault requests for {p} in {elapsed:?} (at most {bound})"
+            "{mode}: {n} Vault requests for {p} in {elapsed:?} (at most {bound})"
         );
+    }
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao"]
+fn concurrent_readers_ask_vault_at_most_once_per_secret_per_ttl_in_cached_and_strict_mode() {
+    let bao = setup();
+    for mode in ["cached", "strict"] {
+        concurrent_readers_ask_vault_at_most_once_per_secret_per_ttl(&bao, mode);
+    }
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao"]
+fn a_secret_the_token_may_no_longer_read_gives_eacces_within_the_ttl_through_path_and_old_descriptor(
+) {
+    let bao = setup();
+    let ttl = Duration::from_secs(1);
+    let limit = ttl + Duration::from_secs(1);
+    for mode in ["cached", "strict"] {
+        let vault_path = format!("secret/app/{mode}");
+        bao.kv_put(&vault_path, &[("password", "pw")]);
+        let policy = format!("app-reader-{mode}");
+        bao.put_policy(
+            &policy,
+            r#"path "secret/data/app/*" { capabilities = ["read"] }"#,
+        );
+        let token = bao.create_token(&[&policy]);
+        let m = Mount::builder(&bao)
+            .token(&token)
+            .secret(&format!("db={vault_path}#password"))
+            .args(["--consistency", mode, "--cache-ttl", "1s"])
+            .start();
+        let file = m.file("db");
+        assert_eq!(read_string(&file), "pw");
+        let old = Arc::new(File::open(&file).unwrap());
+        assert_eq!(pread_start(&old).unwrap(), b"pw");
+
+        // The policy now covers another path only: Vault refuses the secret from now on.
+        bao.put_policy(
+            &policy,
+            r#"path "secret/data/other/*" { capabilities = ["read"] }"#,
+        );
+        let revoked = Instant::now();
+        let mut probes = vec![Probe::path("the path", &file)];
+        // A strict descriptor keeps the version it opened (documented), so only cached ones.
+        if mode == "cached" {
+            probes.push(Probe::descriptor("the old descriptor", &old));
+        }
+        sample_reads(
+            revoked,
+            limit + Duration::from_millis(500),
+            Duration::from_millis(20),
+            &mut probes,
+        );
+        for p in &probes {
+            let cut = p.cut_off(b"pw", libc::EACCES);
+            let failed = cut.first_failed.unwrap_or_else(|| {
+                panic!(
+                    "{mode}: {} was still served {limit:?} after the policy change; vaultfs \
+                     log:\n{}",
+                    p.what,
+                    m.logs()
+                )
+            });
+            eprintln!(
+                "{mode}: {} refused (EACCES) from the read started {:?} after the policy \
+                 change; last served by the read started at {:?}",
+                p.what,
+                failed.started,
+                cut.last_served.map(|s| s.started)
+            );
+            assert!(
+                failed.started <= limit,
+                "{mode}: {} first refused by the read started {:?} after the policy change \
+                 (TTL {ttl:?})",
+                p.what,
+                failed.started
+            );
+        }
+    }
+}
+
+/// While Vault is frozen, `mode`'s file keeps its value stale for `--max-stale` (4 s) after the
+/// last successful check and fails with `EIO` from then on, through the path and (cached mode)
+/// an old descriptor; reads recover once Vault answers again.
+fn stale_values_are_served_until_max_stale_and_never_after(bao: &Bao, mode: &str) {
+    let (ttl, max_stale, vault_timeout) = (
+        Duration::from_secs(1),
+        Duration::from_secs(4),
+        Duration::from_secs(1),
+    );
+    let vault_path = format!("secret/stale/{mode}");
+    bao.kv_put(&vault_path, &[("password", "pw")]);
+    let m = Mount::builder(bao)
+        .secret(&format!("db={vault_path}#password"))
+        .args(["--consistency", mode])
+        .args([
+            "--cache-ttl",
+            "1s",
+            "--max-stale",
+            "4s",
+            "--vault-timeout",
+            "1s",
+        ])
+        .start();
+    let file = m.file("db");
+    // The first read is the only successful check of Vault: it happens between `origin` and
+    // `checked_by` (mounting reads no secret), and Vault is frozen before the TTL ends.
+    let origin = Instant::now();
+    assert_eq!(read_string(&file), "pw");
+    let checked_by = origin.elapsed();
+    let old = Arc::new(File::open(&file).unwrap());
+    assert_eq!(pread_start(&old).unwrap(), b"pw");
+    let paused = bao.paused();
+    assert!(
+        origin.elapsed() < ttl,
+        "{mode}: Vault was frozen {:?} after the read, past the TTL (another check may have \
+         happened)",
+        origin.elapsed()
+    );
+
+    let mut probes = vec![Probe::path("the path", &file)];
+    // A strict descriptor keeps the version it opened (documented), so only cached ones.
+    if mode == "cached" {
+        probes.push(Probe::descriptor("the old descriptor", &old));
+    }
+    sample_reads(
+        origin,
+        max_stale + vault_timeout + Duration::from_millis(1500),
+        Duration::from_millis(20),
+        &mut probes,
+    );
+    // The kernel's attribute timeout may end a little after the daemon computed it (the reply
+    // is applied when the requesting thread runs again).
+    let timer_slack = Duration::from_millis(250);
+    for p in &probes {
+        let cut = p.cut_off(b"pw", libc::EIO);
+        let (Some(served), Some(failed)) = (cut.last_served, cut.first_failed) else {
+            panic!(
+                "{mode}: {}: last served {:?}, first failure {:?}; vaultfs log:\n{}",
+                p.what,
+                cut.last_served,
+                cut.first_failed,
+                m.logs()
+            );
+        };
+        eprintln!(
+            "{mode}: {} served stale until the read started {:?} (ended {:?}) after the \
+             successful read (started at 0, ended {checked_by:?}), EIO from the read started \
+             {:?} (returned at {:?}); max-stale {max_stale:?}",
+            p.what, served.started, served.ended, failed.started, failed.ended
+        );
+        assert!(
+            served.ended > ttl + vault_timeout,
+            "{mode}: {} was not served stale: last served by the read ended at {:?}",
+            p.what,
+            served.ended
+        );
+        // A failure is answered once more than max-stale has passed since the check, which
+        // was after `origin`.
+        assert!(
+            failed.ended >= max_stale,
+            "{mode}: {} failed at {:?}, before max-stale {max_stale:?} had passed since the \
+             last successful check",
+            p.what,
+            failed.ended
+        );
+        // Nothing is served once max-stale has passed since the check (before `checked_by`).
+        assert!(
+            served.started <= checked_by + max_stale + timer_slack,
+            "{mode}: {} still served by the read started at {:?}, past max-stale \
+             {max_stale:?} after the last successful check (by {checked_by:?})",
+            p.what,
+            served.started
+        );
+        assert!(
+            failed.started <= checked_by + max_stale + Duration::from_secs(1),
+            "{mode}: {} first failed by the read started at {:?}, more than 1 s past \
+             max-stale {max_stale:?} after the last successful check (by {checked_by:?})",
+            p.what,
+            failed.started
+        );
+    }
+
+    drop(paused);
+    let resumed = Instant::now();
+    for p in &mut probes {
+        let back = poll(
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || match p.read() {
+                Ok(v) if v == b"pw" => Ok(resumed.elapsed()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+        match back {
+            Ok(after) => eprintln!(
+                "{mode}: {} served again {after:?} after Vault resumed",
+                p.what
+            ),
+            Err(last) => panic!(
+                "{mode}: {} not served 5 s after Vault resumed: {last}; vaultfs log:\n{}",
+                p.what,
+                m.logs()
+            ),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao"]
+fn with_vault_frozen_a_stale_value_is_served_until_max_stale_then_eio_through_path_and_old_descriptor(
+) {
+    let bao = setup();
+    for mode in ["cached", "strict"] {
+        stale_values_are_served_until_max_stale_and_never_after(&bao, mode);
     }
 }
 

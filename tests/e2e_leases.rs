@@ -9,11 +9,18 @@
 //! renewed with `PUT sys/leases/renew` and revoked with `PUT sys/leases/revoke` (both audited
 //! as `update` requests on those paths).
 //!
+//! Tested: renewal instead of re-issue while mounted, rotation when the lease reaches its max
+//! TTL, revocation at unmount, and, with Vault frozen, cached credentials served through the
+//! path and an old descriptor until their lease ends (even past a shorter `--max-stale`) and
+//! `EIO` from then on.
+//!
 //! Ignored by default (they need root, `/dev/fuse`, `bao` and PostgreSQL); `scripts/test.sh`
 //! runs them with `--include-ignored`.
 
 mod common;
 
+use std::fs::File;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -37,10 +44,16 @@ fn setup(default_ttl: Duration, max_ttl: Duration) -> (Postgres, Bao) {
 /// Mounts the username and password of `database/creds/app` as two files, with a cache TTL far
 /// longer than any lease here, so only lease handling makes vaultfs talk to Vault again.
 fn mount_credentials(bao: &Bao) -> Mount {
+    mount_credentials_with(bao, &[])
+}
+
+/// [`mount_credentials`] with more arguments.
+fn mount_credentials_with(bao: &Bao, args: &[&str]) -> Mount {
     Mount::builder(bao)
         .secret(&format!("{USERNAME}={CREDS_PATH}#username"))
         .secret(&format!("{PASSWORD}={CREDS_PATH}#password"))
         .args(["--cache-ttl", "1h"])
+        .args(args)
         .rust_log("info,vaultfs=debug")
         .start()
 }
@@ -333,4 +346,177 @@ fn unmounting_revokes_the_lease_and_drops_the_database_role() {
         "leases left in OpenBao"
     );
     assert_eq!(creds_reads(&bao), 1, "vaultfs read {CREDS_PATH} again");
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse, bao and postgresql (run by scripts/test.sh)"]
+fn with_vault_frozen_cached_credentials_are_served_until_their_lease_ends_and_never_after() {
+    // 6 s leases: the renewal due 4 s in falls in the outage and fails, so each lease ends 6 s
+    // after it was issued.
+    let lease = Duration::from_secs(6);
+    let (_pg, bao) = setup(lease, Duration::from_secs(12));
+    let vault_timeout = Duration::from_secs(1);
+    // A leased value is fresh (not stale) while its lease lives, so `--max-stale` does not cut
+    // it short: one volume with the default (5 min), one with 2 s, shorter than the lease. Both
+    // must serve their credentials until their lease ends and fail with EIO from then on.
+    let volumes: Vec<(&str, Mount)> = [("max-stale 5m", "5m"), ("max-stale 2s", "2s")]
+        .into_iter()
+        .map(|(name, max_stale)| {
+            let m = mount_credentials_with(
+                &bao,
+                &[
+                    "--consistency",
+                    "cached",
+                    "--vault-timeout",
+                    "1s",
+                    "--max-stale",
+                    max_stale,
+                ],
+            );
+            (name, m)
+        })
+        .collect();
+
+    // Each volume's first read issues its lease: between `issued_from` and `issued_by`.
+    let origin = Instant::now();
+    struct Held {
+        issued_from: Duration,
+        issued_by: Duration,
+        user: Vec<u8>,
+        password: Vec<u8>,
+        old: Arc<File>,
+    }
+    let held: Vec<Held> = volumes
+        .iter()
+        .map(|(_, m)| {
+            let issued_from = origin.elapsed();
+            let user = read_string(m.file(USERNAME));
+            let issued_by = origin.elapsed();
+            let password = read_string(m.file(PASSWORD));
+            let old = Arc::new(File::open(m.file(PASSWORD)).unwrap());
+            assert_eq!(pread_start(&old).unwrap(), password.as_bytes());
+            Held {
+                issued_from,
+                issued_by,
+                user: user.into_bytes(),
+                password: password.into_bytes(),
+                old,
+            }
+        })
+        .collect();
+    assert_eq!(creds_reads(&bao), volumes.len(), "one lease per volume");
+    let paused = bao.paused();
+    assert_eq!(
+        renewals(&bao),
+        0,
+        "a lease was renewed before Vault was frozen"
+    );
+
+    let mut probes: Vec<Probe> = volumes
+        .iter()
+        .zip(&held)
+        .flat_map(|((name, m), h)| {
+            [
+                Probe::path(&format!("{name}: the username path"), &m.file(USERNAME)),
+                Probe::descriptor(&format!("{name}: an old password descriptor"), &h.old),
+            ]
+        })
+        .collect();
+    let last_end = held.iter().map(|h| h.issued_by).max().unwrap() + lease;
+    sample_reads(
+        origin,
+        last_end + vault_timeout + Duration::from_millis(1500),
+        Duration::from_millis(20),
+        &mut probes,
+    );
+    // The kernel's attribute timeout may end a little after the daemon computed it (the reply
+    // is applied when the requesting thread runs again).
+    let timer_slack = Duration::from_millis(250);
+    for (i, p) in probes.iter().enumerate() {
+        let (m, h) = (&volumes[i / 2].1, &held[i / 2]);
+        let value = if i % 2 == 0 { &h.user } else { &h.password };
+        let cut = p.cut_off(value, libc::EIO);
+        let (Some(served), Some(failed)) = (cut.last_served, cut.first_failed) else {
+            panic!(
+                "{}: last served {:?}, first failure {:?}; vaultfs log:\n{}",
+                p.what,
+                cut.last_served,
+                cut.first_failed,
+                m.logs()
+            );
+        };
+        eprintln!(
+            "{}: lease issued {:?}..{:?}, ends by {:?}; served until the read started {:?}, \
+             EIO from the read started {:?} (returned at {:?})",
+            p.what,
+            h.issued_from,
+            h.issued_by,
+            h.issued_by + lease,
+            served.started,
+            failed.started,
+            failed.ended
+        );
+        // Served while the lease lives: the value fails only once the lease (issued after
+        // `issued_from`) has ended, whatever max-stale says.
+        assert!(
+            failed.ended >= h.issued_from + lease,
+            "{}: failed at {:?}, before the lease issued after {:?} ended",
+            p.what,
+            failed.ended,
+            h.issued_from
+        );
+        // Never served past the lease's end (issued before `issued_by`).
+        assert!(
+            served.started <= h.issued_by + lease + timer_slack,
+            "{}: served by the read started at {:?}, past the end of the lease issued by {:?}; \
+             vaultfs log:\n{}",
+            p.what,
+            served.started,
+            h.issued_by,
+            m.logs()
+        );
+        assert!(
+            failed.started <= h.issued_by + lease + Duration::from_secs(1),
+            "{}: first failed by the read started at {:?}, more than 1 s past the end of the \
+             lease issued by {:?}",
+            p.what,
+            failed.started,
+            h.issued_by
+        );
+    }
+
+    // The lease keeper retries (the renewal, then new credentials once the lease has ended)
+    // with a back-off of at least 3 s, not in a loop.
+    let outage = origin.elapsed();
+    for (name, m) in &volumes {
+        let retries = m.logs().matches("could not renew a lease").count();
+        eprintln!(
+            "{name}: {retries} failed lease attempts in {outage:?}, daemon CPU {:?}",
+            cpu_time(m.pid())
+        );
+        let most = (outage.as_secs_f64() / 3.0).ceil() as usize + 1;
+        assert!(
+            retries <= most,
+            "{name}: {retries} failed lease attempts in {outage:?} (at most {most})"
+        );
+    }
+    // Once Vault answers again, each volume reads new credentials (the old lease is over).
+    drop(paused);
+    let resumed = Instant::now();
+    for (i, p) in probes.iter_mut().enumerate() {
+        let old = if i % 2 == 0 {
+            &held[i / 2].user
+        } else {
+            &held[i / 2].password
+        };
+        let after = wait_until(
+            &format!("{} to serve new credentials after Vault resumed", p.what),
+            Duration::from_secs(5),
+            || match p.read() {
+                Ok(v) if !v.is_empty() && &v != old => Ok(resumed.elapsed()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+        eprintln!("{}: new credentials {after:?} after Vault resumed", p.what);
+    }
 }

@@ -430,16 +430,6 @@ fn assert_took_over(plugin: &Plugin, node: &CsiNode, keeper: &Keeper) {
     }
 }
 
-/// Resumes a paused OpenBao when dropped, so that a failed assertion does not leave it frozen
-/// under daemons that are being stopped.
-struct Paused<'a>(&'a Bao);
-
-impl Drop for Paused<'_> {
-    fn drop(&mut self) {
-        self.0.resume();
-    }
-}
-
 /// How a daemon is stopped.
 #[derive(Clone, Copy, Debug)]
 enum Stop {
@@ -462,8 +452,7 @@ fn read_in_flight_is_answered_by_the_successor(
     volume: &Published,
     extra: &[&str],
 ) {
-    let paused = Paused(bao);
-    bao.pause();
+    let paused = bao.paused();
     let mut cold = OnceRead::start(&volume.target.join("cold"));
     let in_flight = plugin.wait_metric(
         "vaultfs_fuse_requests_in_flight",

@@ -187,7 +187,8 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     /// Schedules another attempt with a doubling back-off, never later than the lease's end
-    /// (the last attempt then reads new credentials).
+    /// (the last attempt then reads new credentials). Once the lease has ended (Vault was
+    /// unavailable at its end), the back-off alone paces the attempts to read new credentials.
     fn retry_lease_later(&self, slot: &Slot, lease: &Lease, ends: Instant, reason: &str) {
         tracing::warn!(reason, "could not renew a lease; retrying");
         if let Some(held) = slot
@@ -203,7 +204,12 @@ impl<S: SecretSource> SecretCache<S> {
                 held.failures,
                 self.config.max_retry_backoff,
             );
-            let next = (Instant::now() + wait).min(ends);
+            let now = Instant::now();
+            let next = if now < ends {
+                (now + wait).min(ends)
+            } else {
+                now + wait
+            };
             held.next = Some(next);
             // At the end of the lease a renewal is pointless: rotate instead.
             held.lease.renewable &= next < ends;
@@ -450,5 +456,32 @@ mod tests {
             cache.get(&p).await.is_err(),
             "the lease ended during the outage"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_that_ends_during_an_outage_is_replaced_at_the_back_off_pace_not_in_a_loop() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
+        source.set_lease(Some(Duration::from_secs(9)), None);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("database/creds/app");
+        cache.get(&p).await.unwrap();
+        source.set_server_down();
+        for _ in 0..21 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // The renewal at 6 s fails; new credentials are tried at the lease's end (9 s), then
+        // at the back-off's pace (3 s apart at least), not over and over once it has ended.
+        let reads = source.reads();
+        assert!(
+            (2..=1 + 21 / 3).contains(&reads),
+            "{reads} reads of the credentials in a 21 s outage"
+        );
+        assert!(
+            cache.get(&p).await.is_err(),
+            "the value of an ended lease was served"
+        );
+        source.set_server_up();
+        assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-1");
     }
 }

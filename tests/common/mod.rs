@@ -18,11 +18,12 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -224,6 +225,125 @@ pub fn wait_for_errno(path: &Path, errno: i32, limit: Duration) -> Result<Durati
 pub fn errno_of(err: &io::Error) -> i32 {
     err.raw_os_error()
         .unwrap_or_else(|| panic!("expected an OS error, got {err:?}"))
+}
+
+/// `pread` of up to 64 KiB at offset 0 through an open descriptor, bounded by
+/// [`FS_OP_TIMEOUT`]: what an app that opened the file earlier reads now.
+pub fn pread_start(file: &Arc<File>) -> io::Result<Vec<u8>> {
+    let file = file.clone();
+    within("pread at offset 0", FS_OP_TIMEOUT, move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let n = file.read_at(&mut buf, 0)?;
+        buf.truncate(n);
+        Ok(buf)
+    })
+}
+
+/// One timed read of a [`Probe`]: when it started and ended (since the sampling's origin) and
+/// what it returned, the bytes or the errno.
+#[derive(Debug)]
+pub struct Sample {
+    pub started: Duration,
+    pub ended: Duration,
+    pub got: Result<Vec<u8>, i32>,
+}
+
+/// A file read over and over by [`sample_reads`], through its path or through a descriptor
+/// opened earlier, and what each read returned.
+pub struct Probe<'a> {
+    pub what: String,
+    reader: Box<dyn FnMut() -> io::Result<Vec<u8>> + 'a>,
+    pub samples: Vec<Sample>,
+}
+
+/// Where a [`Probe`]'s reads stopped returning a value: the last read that returned it and the
+/// first that failed.
+#[derive(Debug)]
+pub struct CutOff<'a> {
+    pub last_served: Option<&'a Sample>,
+    pub first_failed: Option<&'a Sample>,
+}
+
+impl<'a> Probe<'a> {
+    /// Reads of the whole file at `path` ([`read`]).
+    pub fn path(what: &str, path: &Path) -> Probe<'a> {
+        let path = path.to_path_buf();
+        Probe {
+            what: what.to_string(),
+            reader: Box::new(move || read(&path)),
+            samples: Vec::new(),
+        }
+    }
+
+    /// `pread`s at offset 0 of a descriptor opened earlier ([`pread_start`]).
+    pub fn descriptor(what: &str, file: &Arc<File>) -> Probe<'a> {
+        let file = file.clone();
+        Probe {
+            what: what.to_string(),
+            reader: Box::new(move || pread_start(&file)),
+            samples: Vec::new(),
+        }
+    }
+
+    /// One read now (not recorded).
+    pub fn read(&mut self) -> io::Result<Vec<u8>> {
+        (self.reader)()
+    }
+
+    /// The last read that returned `value` and the first that failed; panics, naming the read,
+    /// if a read returned anything else, failed with another errno than `errno`, or returned
+    /// `value` again after one had failed (the cut-off is for good).
+    pub fn cut_off(&self, value: &[u8], errno: i32) -> CutOff<'_> {
+        let mut cut = CutOff {
+            last_served: None,
+            first_failed: None,
+        };
+        for s in &self.samples {
+            match &s.got {
+                Ok(bytes) if bytes == value => {
+                    if let Some(failed) = cut.first_failed {
+                        panic!(
+                            "{}: served again by the read started at {:?} after the read \
+                             started at {:?} failed with errno {:?}",
+                            self.what, s.started, failed.started, failed.got
+                        );
+                    }
+                    cut.last_served = Some(s);
+                }
+                Err(e) if *e == errno => {
+                    cut.first_failed = cut.first_failed.or(Some(s));
+                }
+                other => panic!(
+                    "{}: the read started at {:?} returned {:?}, expected {:?} or {}",
+                    self.what,
+                    s.started,
+                    other
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned()),
+                    String::from_utf8_lossy(value),
+                    io::Error::from_raw_os_error(errno)
+                ),
+            }
+        }
+        cut
+    }
+}
+
+/// Reads through every probe in turn, every `every`, until `until` has passed since `origin`;
+/// each read's start and end are recorded relative to `origin`.
+pub fn sample_reads(origin: Instant, until: Duration, every: Duration, probes: &mut [Probe<'_>]) {
+    while origin.elapsed() < until {
+        for p in probes.iter_mut() {
+            let started = origin.elapsed();
+            let got = p.read().map_err(|e| errno_of(&e));
+            p.samples.push(Sample {
+                started,
+                ended: origin.elapsed(),
+                got,
+            });
+        }
+        thread::sleep(every);
+    }
 }
 
 fn send_signal(pid: i32, sig: i32) -> io::Result<()> {
@@ -881,6 +1001,14 @@ impl Bao {
         send_signal(self.server_pid, libc::SIGCONT).expect("SIGCONT the OpenBao server");
     }
 
+    /// Freezes the server ([`Bao::pause`]) until the returned guard is dropped, so that a
+    /// failed assertion does not leave it frozen under daemons that are being stopped.
+    pub fn paused(&self) -> Paused<'_> {
+        let guard = Paused(self);
+        self.pause();
+        guard
+    }
+
     /// Sends one API request with the root token.
     pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> ApiResponse {
         self.api_as(ROOT_TOKEN, method, path, body)
@@ -1046,6 +1174,15 @@ impl Bao {
     /// Number of reads of the secret `path` as vaultfs users write it (see [`Bao::data_path`]).
     pub fn secret_reads(&self, path: &str) -> usize {
         self.audit_reads(&self.data_path(path))
+    }
+}
+
+/// An OpenBao server frozen by [`Bao::paused`]: resumed when dropped.
+pub struct Paused<'a>(&'a Bao);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.resume();
     }
 }
 
