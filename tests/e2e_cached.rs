@@ -14,10 +14,8 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,24 +74,8 @@ fn vault_requests(bao: &Bao, path: &str) -> usize {
 }
 
 fn bind_file(source: &Path, target: &Path) {
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL");
-    let (s, t) = (c(source), c(target));
-    // SAFETY: valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "bind {source:?} on {target:?}: {}",
-        std::io::Error::last_os_error()
-    );
+    sys_mount(Some(source), target, libc::MS_BIND)
+        .unwrap_or_else(|e| panic!("bind {source:?} on {target:?}: {e}"));
 }
 
 fn pread_all(f: &File) -> Vec<u8> {
