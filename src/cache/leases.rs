@@ -280,14 +280,20 @@ mod tests {
     use super::*;
     use crate::source::mock::MockSource;
 
-    #[tokio::test(start_paused = true)]
-    async fn leases_are_renewed_not_reissued_while_the_cache_lives() {
+    /// A cache that has read `database/creds/app`, whose lease lasts 9 s and is renewable.
+    async fn read_a_9s_lease() -> (Arc<MockSource>, Arc<SecretCache<MockSource>>, SecretPath) {
         let source = Arc::new(MockSource::new());
         source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
         source.set_lease(Some(Duration::from_secs(9)), None);
         let cache = cache(&source, CacheConfig::default());
         let p = path("database/creds/app");
         cache.get(&p).await.unwrap();
+        (source, cache, p)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_are_renewed_not_reissued_while_the_cache_lives() {
+        let (source, cache, p) = read_a_9s_lease().await;
         // Idle for a minute: the keeper renews every 6 s; nothing is read again.
         for _ in 0..60 {
             tokio::time::advance(Duration::from_secs(1)).await;
@@ -423,12 +429,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_vault_will_not_renew_for_us_is_replaced_by_new_credentials() {
-        let source = Arc::new(MockSource::new());
-        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
-        source.set_lease(Some(Duration::from_secs(9)), None);
-        let cache = cache(&source, CacheConfig::default());
-        let p = path("database/creds/app");
-        cache.get(&p).await.unwrap();
+        let (source, _cache, _) = read_a_9s_lease().await;
         source.put_unversioned("database/creds/app", &[("password", "gen-2")]);
         source.fail(SourceError::PermissionDenied);
         for _ in 0..7 {
@@ -440,12 +441,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_leased_value_is_never_served_past_its_lease() {
-        let source = Arc::new(MockSource::new());
-        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
-        source.set_lease(Some(Duration::from_secs(9)), None);
-        let cache = cache(&source, CacheConfig::default());
-        let p = path("database/creds/app");
-        cache.get(&p).await.unwrap();
+        let (source, cache, p) = read_a_9s_lease().await;
         source.fail(SourceError::Unavailable("down".into()));
         tokio::time::advance(Duration::from_secs(7)).await;
         assert_eq!(value(&cache.get(&p).await.unwrap(), "password"), "gen-1");
@@ -460,12 +456,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_that_ends_during_an_outage_is_replaced_at_the_back_off_pace_not_in_a_loop() {
-        let source = Arc::new(MockSource::new());
-        source.put_unversioned("database/creds/app", &[("password", "gen-1")]);
-        source.set_lease(Some(Duration::from_secs(9)), None);
-        let cache = cache(&source, CacheConfig::default());
-        let p = path("database/creds/app");
-        cache.get(&p).await.unwrap();
+        let (source, cache, p) = read_a_9s_lease().await;
         source.set_server_down();
         for _ in 0..21 {
             tokio::time::advance(Duration::from_secs(1)).await;

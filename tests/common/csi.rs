@@ -241,8 +241,6 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// `mount(2)` without a filesystem type or data: binds and propagation changes.
-
 impl Drop for CsiNode {
     fn drop(&mut self) {
         // A few rounds: mounts may be stacked on one target, and propagate between binds.
