@@ -3,8 +3,6 @@
 //! CSI), file, Vault path, version or errno and caller; never the value. Open events are never
 //! rate-limited.
 
-use crate::spec::SecretPath;
-
 /// Who opened a file, as the kernel reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Caller {
@@ -19,7 +17,8 @@ pub struct Place<'a> {
     pub volume: &'a str,
     pub pod: Option<&'a str>,
     pub file: &'a str,
-    pub path: &'a SecretPath,
+    /// The Vault path the file shows; a template's are the paths it read, comma-separated.
+    pub path: &'a str,
 }
 
 /// Records that `caller` opened `place` and was served content `version`.
@@ -30,7 +29,7 @@ pub fn open_event(place: Place<'_>, version: &str, caller: Caller) {
         volume = place.volume,
         pod = place.pod.unwrap_or("-"),
         file = place.file,
-        vault_path = %place.path,
+        vault_path = place.path,
         version,
         pid = caller.pid,
         uid = caller.uid,
@@ -50,7 +49,7 @@ pub fn access_event(place: Place<'_>, op: &str, version: &str, caller: Caller) {
         volume = place.volume,
         pod = place.pod.unwrap_or("-"),
         file = place.file,
-        vault_path = %place.path,
+        vault_path = place.path,
         version,
         pid = caller.pid,
         uid = caller.uid,
@@ -72,7 +71,7 @@ pub fn refused(place: Place<'_>, op: &str, errno: &str, caller: Caller, repeats:
         volume = place.volume,
         pod = place.pod.unwrap_or("-"),
         file = place.file,
-        vault_path = %place.path,
+        vault_path = place.path,
         errno,
         pid = caller.pid,
         uid = caller.uid,

@@ -15,8 +15,10 @@ use thiserror::Error;
 use crate::audit::{self, Caller};
 use crate::cache::{Content, SecretCache, SwapHook};
 use crate::logging::FailureLimiter;
+use crate::secret::{SecretBytes, SecretData};
 use crate::source::{SecretSource, SourceError};
-use crate::spec::{InodeNo, Node, NodeKind, SecretPath, VolumeSpec};
+use crate::spec::{InodeNo, Node, NodeKind, SecretPath, Shows, VolumeSpec};
+use crate::template::{self, RenderError, Template};
 
 /// How a volume's files follow Vault, chosen per volume and served by a FUSE connection of the
 /// same mode (the kernel's no-open switch is per connection).
@@ -90,6 +92,12 @@ pub enum FsError {
     NotFound,
     #[error("the secret has no field {0:?}")]
     MissingField(String),
+    /// A template read a secret or field that does not exist.
+    #[error("template: {0}")]
+    TemplateMissing(String),
+    /// A template stopped: out of fuel or depth, past the output cap, or misused.
+    #[error("template: {0}")]
+    TemplateFailed(String),
     #[error("permission denied by Vault")]
     PermissionDenied,
     #[error("Vault unavailable: {0}")]
@@ -110,9 +118,11 @@ pub enum FsError {
 impl FsError {
     pub fn errno(&self) -> i32 {
         match self {
-            FsError::NotFound | FsError::MissingField(_) => libc::ENOENT,
+            FsError::NotFound | FsError::MissingField(_) | FsError::TemplateMissing(_) => {
+                libc::ENOENT
+            }
             FsError::PermissionDenied => libc::EACCES,
-            FsError::Unavailable(_) | FsError::Invalid(_) => libc::EIO,
+            FsError::Unavailable(_) | FsError::Invalid(_) | FsError::TemplateFailed(_) => libc::EIO,
             FsError::TooLarge(_) => libc::EFBIG,
             FsError::ReadOnly => libc::EROFS,
             FsError::NotADirectory => libc::ENOTDIR,
@@ -157,6 +167,21 @@ impl From<SourceError> for FsError {
     }
 }
 
+impl From<RenderError> for FsError {
+    fn from(err: RenderError) -> Self {
+        match err {
+            RenderError::MissingField(m) => FsError::TemplateMissing(format!("no field {m}")),
+            RenderError::Needs(p) => FsError::TemplateFailed(format!(
+                "reads more than {} secrets (stopped at {p})",
+                template::MAX_SECRETS
+            )),
+            RenderError::BadPath(m) | RenderError::Limit(m) | RenderError::Failed(m) => {
+                FsError::TemplateFailed(m)
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Dir,
@@ -187,9 +212,80 @@ pub struct DirEntry {
     pub name: String,
 }
 
-/// The bytes a read returns, borrowed from the content version the handle pinned.
+/// What one file shows at one moment: a version of its secret, or a template's rendering over
+/// the versions it read.
+#[derive(Clone)]
+pub enum Shown {
+    Secret(Arc<Content>),
+    Rendered(Arc<Rendering>),
+}
+
+/// A template's output and the secret versions it was rendered from.
+pub struct Rendering {
+    bytes: SecretBytes,
+    /// In the order the template first read them.
+    sources: Vec<(SecretPath, Arc<Content>)>,
+    /// The newest of the sources' change times (the file's mtime).
+    changed_at: SystemTime,
+}
+
+impl Rendering {
+    /// Whether `have` are exactly the versions this was rendered from.
+    fn rendered_from(&self, have: &[(SecretPath, Arc<Content>)]) -> bool {
+        self.sources.len() == have.len()
+            && self
+                .sources
+                .iter()
+                .all(|(p, c)| have.iter().any(|(q, d)| p == q && Arc::ptr_eq(c, d)))
+    }
+}
+
+impl Shown {
+    /// The file's bytes (`key`: the plain entry's field).
+    fn bytes(&self, key: Option<&str>) -> Option<&[u8]> {
+        match self {
+            Shown::Secret(c) => c.fetched.data.render(key).map(SecretBytes::expose),
+            Shown::Rendered(r) => Some(r.bytes.expose()),
+        }
+    }
+
+    fn changed_at(&self) -> SystemTime {
+        match self {
+            Shown::Secret(c) => c.changed_at,
+            Shown::Rendered(r) => r.changed_at,
+        }
+    }
+
+    /// How audit events name the version: Vault's version (else the cache's generation), one
+    /// per secret read for a template, comma-separated.
+    fn version(&self) -> String {
+        match self {
+            Shown::Secret(c) => version_of(c),
+            Shown::Rendered(r) => r
+                .sources
+                .iter()
+                .map(|(_, c)| version_of(c))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    /// The secrets this shows (for audit events and logs), comma-separated.
+    fn paths(&self, spec_path: Option<&SecretPath>) -> String {
+        match self {
+            Shown::Secret(_) => spec_path.map_or_else(String::new, ToString::to_string),
+            Shown::Rendered(r) => join_paths(r.sources.iter().map(|(p, _)| p)),
+        }
+    }
+}
+
+fn join_paths<'a>(paths: impl Iterator<Item = &'a SecretPath>) -> String {
+    paths.map(SecretPath::as_str).collect::<Vec<_>>().join(",")
+}
+
+/// The bytes a read returns, borrowed from the version the handle pinned.
 pub struct ReadSlice {
-    content: Arc<Content>,
+    shown: Shown,
     spec: Arc<VolumeSpec>,
     entry: usize,
     offset: u64,
@@ -198,13 +294,10 @@ pub struct ReadSlice {
 
 impl ReadSlice {
     pub fn bytes(&self) -> &[u8] {
-        let key = self.spec.entries()[self.entry].key.as_deref();
-        let all = self
-            .content
-            .fetched
-            .data
-            .render(key)
-            .map_or(&[][..], |b| b.expose());
+        let key = self.spec.entries()[self.entry]
+            .secret()
+            .and_then(|(_, k)| k);
+        let all = self.shown.bytes(key).unwrap_or_default();
         let start = usize::try_from(self.offset)
             .unwrap_or(usize::MAX)
             .min(all.len());
@@ -213,10 +306,10 @@ impl ReadSlice {
     }
 }
 
-/// A file handle: which content version an open file reads.
+/// A file handle: which version an open file reads.
 struct Handle {
     ino: InodeNo,
-    content: Arc<Content>,
+    shown: Shown,
 }
 
 /// Called with the inodes whose content changed, to drop the kernel's cached attributes.
@@ -236,7 +329,9 @@ pub struct VaultFs<S> {
     /// Cached mode: the version whose attributes were last answered for each file, which reads
     /// without a handle of ours serve, so the kernel's pages of a file come from the version
     /// whose size and mtime it holds.
-    reported: Mutex<HashMap<InodeNo, Arc<Content>>>,
+    reported: Mutex<HashMap<InodeNo, Shown>>,
+    /// Each template entry's last rendering, reused while the versions it read are current.
+    rendered: Mutex<HashMap<usize, Arc<Rendering>>>,
     next_fh: AtomicU64,
     created: SystemTime,
     /// Aggregates repeated refusals in the audit trail (per entry, uid and errno).
@@ -258,6 +353,7 @@ impl<S: SecretSource> VaultFs<S> {
             config,
             handles: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashMap::new()),
+            rendered: Mutex::new(HashMap::new()),
             refusals: FailureLimiter::default(),
             next_fh: AtomicU64::new(epoch),
             created: SystemTime::now(),
@@ -273,15 +369,23 @@ impl<S: SecretSource> VaultFs<S> {
         self.spec.child(parent, name).map(|n| n.ino)
     }
 
-    /// The file's name and Vault path, for log lines (`None` for directories and unknown
-    /// inodes).
-    pub fn describe(&self, ino: InodeNo) -> Option<(&str, &SecretPath)> {
+    /// The file's name and Vault path (a template's: the paths it read last), for log lines
+    /// (`None` for directories and unknown inodes).
+    pub fn describe(&self, ino: InodeNo) -> Option<(&str, String)> {
         match self.spec.node(ino)?.kind {
             NodeKind::File(entry) => {
                 let e = &self.spec.entries()[entry];
-                Some((e.name.as_str(), &e.path))
+                Some((e.name.as_str(), self.spec_paths(entry)))
             }
             NodeKind::Dir(_) => None,
+        }
+    }
+
+    /// What entry `entry` reads according to the spec (a template: what it read last time).
+    fn spec_paths(&self, entry: usize) -> String {
+        match &self.spec.entries()[entry].shows {
+            Shows::Secret { path, .. } => path.to_string(),
+            Shows::Template(t) => format!("template:{}", join_paths(t.uses().iter())),
         }
     }
 
@@ -313,12 +417,13 @@ impl<S: SecretSource> VaultFs<S> {
         };
         let cached = self.config.consistency == Consistency::Cached;
         match self.attr_of(node).await {
-            Ok((attr, content)) => {
-                if let (true, Some(content)) = (cached, content) {
+            Ok((attr, shown)) => {
+                if let (true, Some(shown)) = (cached, shown) {
                     // The kernel asks at most once per timeout per file: this is the access
                     // after the TTL, and the version it will read from now on.
-                    audit::access_event(self.place(entry), op, &version_of(&content), caller);
-                    self.reported.lock().insert(node.ino, content);
+                    let paths = self.shown_paths(entry, &shown);
+                    audit::access_event(self.place(entry, &paths), op, &shown.version(), caller);
+                    self.reported.lock().insert(node.ino, shown);
                 }
                 Ok(attr)
             }
@@ -339,18 +444,23 @@ impl<S: SecretSource> VaultFs<S> {
         }
         let errno = err.errno_name();
         if let Some(repeats) = self.refusals.admit((entry, caller.uid, errno)) {
-            audit::refused(self.place(entry), op, errno, caller, repeats);
+            let paths = self.spec_paths(entry);
+            audit::refused(self.place(entry, &paths), op, errno, caller, repeats);
         }
     }
 
+    /// The Vault paths `shown` (of entry `entry`) comes from, for audit events.
+    fn shown_paths(&self, entry: usize, shown: &Shown) -> String {
+        shown.paths(self.spec.entries()[entry].secret().map(|(p, _)| p))
+    }
+
     /// Where entry `entry` is, for audit events.
-    fn place(&self, entry: usize) -> audit::Place<'_> {
-        let e = &self.spec.entries()[entry];
+    fn place<'a>(&'a self, entry: usize, paths: &'a str) -> audit::Place<'a> {
         audit::Place {
             volume: &self.config.volume,
             pod: self.config.pod.as_deref(),
-            file: &e.name,
-            path: &e.path,
+            file: &self.spec.entries()[entry].name,
+            path: paths,
         }
     }
 
@@ -364,17 +474,17 @@ impl<S: SecretSource> VaultFs<S> {
         let NodeKind::File(entry) = node.kind else {
             return Err(FsError::IsADirectory);
         };
-        let place = self.place(entry);
-        let content = match self.content(entry).await {
+        let shown = match self.shown(entry).await {
             Ok(c) => c,
             Err(err) => {
                 self.audit_refusal(entry, "open", &err, caller);
                 return Err(err);
             }
         };
-        audit::open_event(place, &version_of(&content), caller);
+        let paths = self.shown_paths(entry, &shown);
+        audit::open_event(self.place(entry, &paths), &shown.version(), caller);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, Handle { ino, content });
+        self.handles.lock().insert(fh, Handle { ino, shown });
         Ok(fh)
     }
 
@@ -411,14 +521,14 @@ impl<S: SecretSource> VaultFs<S> {
             .lock()
             .get(&fh)
             .filter(|h| h.ino == ino)
-            .map(|h| h.content.clone());
+            .map(|h| h.shown.clone());
         let reported = || self.reported.lock().get(&ino).cloned();
-        let content = match pinned.or_else(reported) {
+        let shown = match pinned.or_else(reported) {
             Some(c) => c,
-            None => self.content(entry).await?,
+            None => self.shown(entry).await?,
         };
         Ok(ReadSlice {
-            content,
+            shown,
             spec: self.spec.clone(),
             entry,
             offset,
@@ -469,18 +579,78 @@ impl<S: SecretSource> VaultFs<S> {
         self.handles.lock().len()
     }
 
-    async fn content(&self, entry: usize) -> Result<Arc<Content>, FsError> {
-        let e = &self.spec.entries()[entry];
-        let content = self.cache.get(&e.path).await?;
-        if content.fetched.data.render(e.key.as_deref()).is_none() {
-            // Logged (rate-limited, naming the file) where the request is answered.
-            return Err(FsError::MissingField(e.key.clone().unwrap_or_default()));
+    /// What entry `entry` shows now: its secret's current version, or its template rendered
+    /// over the current versions of the secrets it reads.
+    async fn shown(&self, entry: usize) -> Result<Shown, FsError> {
+        match &self.spec.entries()[entry].shows {
+            Shows::Secret { path, key } => {
+                let content = self.cache.get(path).await?;
+                if content.fetched.data.render(key.as_deref()).is_none() {
+                    // Logged (rate-limited, naming the file) where the request is answered.
+                    return Err(FsError::MissingField(key.clone().unwrap_or_default()));
+                }
+                Ok(Shown::Secret(content))
+            }
+            Shows::Template(t) => self.render(entry, t).await.map(Shown::Rendered),
         }
-        Ok(content)
+    }
+
+    /// Renders template entry `entry`: the secrets it read last time are fetched first (all
+    /// from the cache, so within their TTL they cost Vault nothing), then each secret it asks
+    /// for that it was not given, one rendering per newly found secret. The last rendering is
+    /// reused while every version it read is still current.
+    async fn render(&self, entry: usize, t: &Template) -> Result<Arc<Rendering>, FsError> {
+        let mut have = Vec::new();
+        for path in t.uses() {
+            let content = self.template_secret(&path).await?;
+            have.push((path, content));
+        }
+        loop {
+            if let Some(last) = self.rendered.lock().get(&entry) {
+                if last.rendered_from(&have) {
+                    return Ok(last.clone());
+                }
+            }
+            let given: Vec<(SecretPath, &SecretData)> = have
+                .iter()
+                .map(|(p, c)| (p.clone(), &c.fetched.data))
+                .collect();
+            match t.render(&given) {
+                Ok(mut bytes) => {
+                    let used = t.uses();
+                    have.retain(|(p, _)| used.contains(p));
+                    let changed_at = have
+                        .iter()
+                        .map(|(_, c)| c.changed_at)
+                        .max()
+                        .unwrap_or(self.created);
+                    let rendering = Arc::new(Rendering {
+                        bytes: SecretBytes::new(std::mem::take(&mut *bytes)),
+                        sources: have,
+                        changed_at,
+                    });
+                    self.rendered.lock().insert(entry, rendering.clone());
+                    return Ok(rendering);
+                }
+                Err(RenderError::Needs(path)) if have.len() < template::MAX_SECRETS => {
+                    let content = self.template_secret(&path).await?;
+                    have.push((path, content));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// A secret a template reads: a missing one is named in the error.
+    async fn template_secret(&self, path: &SecretPath) -> Result<Arc<Content>, FsError> {
+        self.cache.get(path).await.map_err(|err| match err {
+            SourceError::NotFound => FsError::TemplateMissing(format!("no secret at {path}")),
+            other => other.into(),
+        })
     }
 
     /// A node's attributes and, for a file, the content version they describe.
-    async fn attr_of(&self, node: &Node) -> Result<(Attr, Option<Arc<Content>>), FsError> {
+    async fn attr_of(&self, node: &Node) -> Result<(Attr, Option<Shown>), FsError> {
         let c = &self.config;
         match node.kind {
             NodeKind::Dir(ref children) => Ok((
@@ -503,16 +673,24 @@ impl<S: SecretSource> VaultFs<S> {
                 None,
             )),
             NodeKind::File(entry) => {
-                let content = self.content(entry).await?;
-                let e = &self.spec.entries()[entry];
-                let size = content
-                    .fetched
-                    .data
-                    .render(e.key.as_deref())
-                    .map_or(0, |b| b.len());
-                let ttl = match c.consistency {
-                    Consistency::Strict => c.kernel_ttl,
-                    Consistency::Cached => self.cache.remaining(&e.path, &content),
+                let shown = self.shown(entry).await?;
+                let key = self.spec.entries()[entry].secret().and_then(|(_, k)| k);
+                let size = shown.bytes(key).map_or(0, <[u8]>::len);
+                let ttl = match (c.consistency, &shown) {
+                    (Consistency::Strict, _) => c.kernel_ttl,
+                    (Consistency::Cached, Shown::Secret(content)) => {
+                        let (path, _) = self.spec.entries()[entry]
+                            .secret()
+                            .expect("a secret is shown by a plain entry");
+                        self.cache.remaining(path, content)
+                    }
+                    // The soonest of its secrets' timeouts; one that reads none: the TTL.
+                    (Consistency::Cached, Shown::Rendered(r)) => r
+                        .sources
+                        .iter()
+                        .map(|(p, content)| self.cache.remaining(p, content))
+                        .min()
+                        .unwrap_or(c.kernel_ttl),
                 };
                 let attr = Attr {
                     ino: node.ino,
@@ -522,10 +700,10 @@ impl<S: SecretSource> VaultFs<S> {
                     nlink: 1,
                     uid: c.uid,
                     gid: c.gid,
-                    mtime: content.changed_at,
+                    mtime: shown.changed_at(),
                     ttl,
                 };
-                Ok((attr, Some(content)))
+                Ok((attr, Some(shown)))
             }
         }
     }
@@ -559,10 +737,14 @@ mod tests {
     }
 
     fn world_in(args: &[&str], consistency: Consistency) -> World {
+        let entries = args.iter().map(|a| parse_secret_arg(a).unwrap()).collect();
+        world_of(entries, consistency)
+    }
+
+    fn world_of(entries: Vec<crate::spec::SecretEntry>, consistency: Consistency) -> World {
         let source = Arc::new(MockSource::new());
         source.put("secret/db", &[("user", "app"), ("password", "pw-1")]);
         source.put("secret/api", &[("token", "t-1")]);
-        let entries = args.iter().map(|a| parse_secret_arg(a).unwrap()).collect();
         let spec = Arc::new(VolumeSpec::new(entries).unwrap());
         let invalidated = Arc::new(Mutex::new(Vec::new()));
         let sink = invalidated.clone();
@@ -792,6 +974,110 @@ mod tests {
                 .unwrap_err()
                 .errno(),
             libc::EIO
+        );
+    }
+
+    fn template(name: &str, text: &str) -> crate::spec::SecretEntry {
+        crate::spec::template_entry(name, text).unwrap()
+    }
+
+    async fn file(w: &World, name: &str) -> Result<Attr, FsError> {
+        w.fs.lookup(InodeNo::ROOT, name, Caller::default()).await
+    }
+
+    async fn text(w: &World, name: &str) -> String {
+        let attr = file(w, name).await.unwrap();
+        let fh = w.fs.open(attr.ino, false, Caller::default()).await.unwrap();
+        let bytes = read_all(&w.fs, attr.ino, fh).await;
+        w.fs.release(fh);
+        assert_eq!(
+            attr.size,
+            bytes.len() as u64,
+            "stat shows the rendered size"
+        );
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_template_over_two_secrets_renders_lazily_and_follows_either_rotation() {
+        let w = world_of(
+            vec![
+                template(
+                    "conn",
+                    "{{ secret('secret/db').user }}:{{ secret('secret/db').password }}/{{ secret('secret/api').token }}",
+                ),
+                parse_secret_arg("pw=secret/db#password").unwrap(),
+            ],
+            Consistency::Strict,
+        );
+        assert_eq!(w.source.reads(), 0, "publishing reads nothing");
+        assert_eq!(text(&w, "conn").await, "app:pw-1/t-1");
+        // The plain entry on the same path shares the cached read.
+        assert_eq!(text(&w, "pw").await, "pw-1");
+        assert_eq!(w.source.reads(), 2, "one read per secret");
+        w.source.put("secret/api", &[("token", "t-2-longer")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(text(&w, "conn").await, "app:pw-1/t-2-longer");
+        let conn = file(&w, "conn").await.unwrap().ino;
+        assert!(
+            w.invalidated.lock().contains(&conn),
+            "the template's inode is invalidated when a secret it reads changes"
+        );
+        w.source
+            .put("secret/db", &[("user", "app"), ("password", "pw-2")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(text(&w, "conn").await, "app:pw-2/t-2-longer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_dynamic_secret_read_twice_in_a_template_is_one_lease() {
+        let w = world_of(
+            vec![template(
+                "creds",
+                "{{ secret('database/creds/app').username }} {{ secret('database/creds/app').password }}",
+            )],
+            Consistency::Strict,
+        );
+        w.source.put_unversioned(
+            "database/creds/app",
+            &[("username", "u-1"), ("password", "p-1")],
+        );
+        w.source.set_lease(Some(Duration::from_secs(60)), None);
+        assert_eq!(text(&w, "creds").await, "u-1 p-1");
+        assert_eq!(
+            w.source.reads(),
+            1,
+            "one read, one lease, both fields from it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_field_or_secret_is_enoent_naming_it_and_an_unchanged_rendering_is_reused() {
+        let w = world_of(
+            vec![
+                template("typo", "{{ secret('secret/db').pasword }}"),
+                template("gone", "{{ secret('secret/nope').x }}"),
+                template("ok", "{{ secret('secret/db').user }}"),
+            ],
+            Consistency::Cached,
+        );
+        let err = file(&w, "typo").await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOENT);
+        assert!(
+            err.to_string().contains("\"pasword\" of secret/db"),
+            "{err}"
+        );
+        let err = file(&w, "gone").await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOENT);
+        assert!(err.to_string().contains("secret/nope"), "{err}");
+        let first = file(&w, "ok").await.unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let again = file(&w, "ok").await.unwrap();
+        assert_eq!(first.mtime, again.mtime, "nothing changed, same rendering");
+        assert_eq!(
+            again.ttl,
+            Duration::from_secs(20),
+            "a cached template's timeout is its secrets' remaining freshness"
         );
     }
 }

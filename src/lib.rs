@@ -30,4 +30,5 @@ pub mod secret;
 pub mod source;
 pub mod spec;
 pub mod sys;
+pub mod template;
 pub mod volume;

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -124,7 +124,10 @@ struct MountArgs {
     /// A file: NAME inside the mount, Vault PATH as for `vault read`, optional field KEY.
     #[arg(long = "secret", value_name = "NAME=PATH[#KEY]")]
     secrets: Vec<String>,
-    /// YAML (or JSON) file: `secrets: [{name, path, key?}, ...]`.
+    /// A file NAME rendered from the template in FILE, e.g. `{{ secret("secret/app/db").password }}`.
+    #[arg(long = "template", value_name = "NAME=FILE")]
+    templates: Vec<String>,
+    /// YAML (or JSON) file: `secrets: [{name, path, key?} or {name, template}, ...]`.
     #[arg(long, value_name = "FILE")]
     spec: Option<PathBuf>,
     /// How long a fetched secret is served before Vault is asked again.
@@ -327,27 +330,14 @@ fn vault_config(args: VaultArgs, timeout: Duration) -> Result<(ServerConfig, Aut
     Ok((server, auth))
 }
 
-fn volume_spec(secrets: &[String], spec_file: Option<&PathBuf>) -> Result<VolumeSpec, String> {
+fn volume_spec(
+    secrets: &[String],
+    templates: &[String],
+    spec_file: Option<&PathBuf>,
+) -> Result<VolumeSpec, String> {
     let mut entries = Vec::new();
     if let Some(path) = spec_file {
-        // Read one byte past the limit, never the whole of an oversized file: the parser
-        // refuses what is over it with the size named.
-        let mut raw = Vec::new();
-        let cannot = |e: std::io::Error| format!("cannot read --spec {}: {e}", path.display());
-        let file = std::fs::File::open(path).map_err(cannot)?;
-        let size = file.metadata().map_err(cannot)?.len();
-        if size > spec::MAX_SPEC_BYTES as u64 {
-            return Err(format!(
-                "--spec {}: the file is {size} bytes, over the limit of {} bytes (64 KiB)",
-                path.display(),
-                spec::MAX_SPEC_BYTES
-            ));
-        }
-        file.take(spec::MAX_SPEC_BYTES as u64 + 1)
-            .read_to_end(&mut raw)
-            .map_err(cannot)?;
-        let text = String::from_utf8(raw)
-            .map_err(|_| format!("--spec {}: the file is not UTF-8 text", path.display()))?;
+        let text = read_text_file("--spec", path)?;
         entries.extend(
             spec::parse_spec_document(&text)
                 .map_err(|e| format!("--spec {}: {e}", path.display()))?,
@@ -356,7 +346,36 @@ fn volume_spec(secrets: &[String], spec_file: Option<&PathBuf>) -> Result<Volume
     for arg in secrets {
         entries.push(spec::parse_secret_arg(arg).map_err(|e| e.to_string())?);
     }
+    for arg in templates {
+        let (name, file) = arg.split_once('=').ok_or_else(|| {
+            format!("invalid --template {arg:?}: missing '='; expected NAME=FILE, e.g. db.env=db.env.tmpl")
+        })?;
+        let text = read_text_file("--template", Path::new(file))?;
+        entries
+            .push(spec::template_entry(name, &text).map_err(|e| format!("--template {arg}: {e}"))?);
+    }
     VolumeSpec::new(entries).map_err(|e| e.to_string())
+}
+
+/// Reads a UTF-8 text file given to `flag`, up to the spec size limit. It reads one byte past
+/// the limit, never the whole of an oversized file.
+fn read_text_file(flag: &str, path: &Path) -> Result<String, String> {
+    let mut raw = Vec::new();
+    let cannot = |e: std::io::Error| format!("cannot read {flag} {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let size = file.metadata().map_err(cannot)?.len();
+    if size > spec::MAX_SPEC_BYTES as u64 {
+        return Err(format!(
+            "{flag} {}: the file is {size} bytes, over the limit of {} bytes (64 KiB)",
+            path.display(),
+            spec::MAX_SPEC_BYTES
+        ));
+    }
+    file.take(spec::MAX_SPEC_BYTES as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(cannot)?;
+    String::from_utf8(raw)
+        .map_err(|_| format!("{flag} {}: the file is not UTF-8 text", path.display()))
 }
 
 fn init_logging(format: LogFormat) {
@@ -486,32 +505,33 @@ fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode 
 
 fn mount(args: MountArgs) -> ExitCode {
     init_logging(args.daemon.log_format);
-    let prepared = volume_spec(&args.secrets, args.spec.as_ref()).and_then(|spec| {
-        let (vault, auth) = vault_config(args.vault, args.vault_timeout)?;
-        Ok(MountSettings {
-            mountpoint: args.mountpoint.clone(),
-            spec,
-            vault,
-            limits: args.daemon.server_limits()?,
-            auth,
-            cache: vaultfs::volume::cache_config(
-                args.cache_ttl,
-                args.max_stale,
-                args.vault_timeout,
-                args.cache_max_entries,
-                args.cache_max_bytes,
-            ),
-            // SAFETY: geteuid/getegid cannot fail and take no arguments.
-            uid: args.uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
-            // SAFETY: as above.
-            gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
-            file_mode: args.file_mode,
-            consistency: args.consistency,
-            allow_other: args.allow_other,
-            lock_memory: args.daemon.lock_memory,
-            metrics_addr: args.daemon.metrics_addr,
-        })
-    });
+    let prepared =
+        volume_spec(&args.secrets, &args.templates, args.spec.as_ref()).and_then(|spec| {
+            let (vault, auth) = vault_config(args.vault, args.vault_timeout)?;
+            Ok(MountSettings {
+                mountpoint: args.mountpoint.clone(),
+                spec,
+                vault,
+                limits: args.daemon.server_limits()?,
+                auth,
+                cache: vaultfs::volume::cache_config(
+                    args.cache_ttl,
+                    args.max_stale,
+                    args.vault_timeout,
+                    args.cache_max_entries,
+                    args.cache_max_bytes,
+                ),
+                // SAFETY: geteuid/getegid cannot fail and take no arguments.
+                uid: args.uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
+                // SAFETY: as above.
+                gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
+                file_mode: args.file_mode,
+                consistency: args.consistency,
+                allow_other: args.allow_other,
+                lock_memory: args.daemon.lock_memory,
+                metrics_addr: args.daemon.metrics_addr,
+            })
+        });
     let settings = match prepared {
         Ok(s) => s,
         Err(message) => {

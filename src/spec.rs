@@ -1,14 +1,17 @@
-//! The volume spec: which files a mount shows and which Vault secret each holds. Parsing
-//! (`--secret NAME=PATH[#KEY]`, YAML/JSON spec documents), validation, and the directory layout
+//! The volume spec: which files a mount shows and which Vault secret (or template over secrets)
+//! each holds. Parsing (`--secret NAME=PATH[#KEY]`, YAML/JSON spec documents, template texts),
+//! validation, and the directory layout
 //! with inode numbers that are a pure function of the spec. No I/O, no Vault, no FUSE.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use thiserror::Error;
 
 use crate::logging::is_control_or_format;
+use crate::template::Template;
 
 /// Inode number of a node in a volume's layout. The root is always 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -129,13 +132,60 @@ fn describe(c: char) -> String {
     }
 }
 
-/// One file of a volume: `name` inside the mount, the Vault `path`, and optionally the `key`
-/// (field) the file holds. Without a key the file holds the whole secret as a JSON object.
+/// One file of a volume: `name` inside the mount and what it shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecretEntry {
     pub name: String,
-    pub path: SecretPath,
-    pub key: Option<String>,
+    pub shows: Shows,
+}
+
+/// What a file shows.
+#[derive(Clone, Debug)]
+pub enum Shows {
+    /// The secret at `path`: the field `key`, or without a key the whole secret as a JSON
+    /// object.
+    Secret {
+        path: SecretPath,
+        key: Option<String>,
+    },
+    /// A template rendered over the secrets it reads.
+    Template(Arc<Template>),
+}
+
+impl PartialEq for Shows {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                Shows::Secret { path, key },
+                Shows::Secret {
+                    path: other_path,
+                    key: other_key,
+                },
+            ) => path == other_path && key == other_key,
+            (Shows::Template(a), Shows::Template(b)) => a.source() == b.source(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Shows {}
+
+impl SecretEntry {
+    /// The Vault path and key of a plain entry (`None` for a template).
+    pub fn secret(&self) -> Option<(&SecretPath, Option<&str>)> {
+        match &self.shows {
+            Shows::Secret { path, key } => Some((path, key.as_deref())),
+            Shows::Template(_) => None,
+        }
+    }
+
+    /// Whether the file shows (or, for a template, last read) the secret at `path`.
+    pub fn reads(&self, path: &SecretPath) -> bool {
+        match &self.shows {
+            Shows::Secret { path: p, .. } => p == path,
+            Shows::Template(t) => t.reads(path),
+        }
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -144,9 +194,9 @@ pub enum SpecError {
     Argument { arg: String, reason: String },
     #[error("secret entry {name:?}: {reason}")]
     Entry { name: String, reason: String },
-    #[error("invalid secrets spec: {0}; expected `secrets: [{{name, path, key?}}, ...]`")]
+    #[error("invalid secrets spec: {0}; expected `secrets: [{{name, path, key?}} or {{name, template}}, ...]`")]
     Document(String),
-    #[error("no secrets declared: give at least one --secret NAME=PATH[#KEY] or --spec FILE")]
+    #[error("no secrets declared: give at least one --secret NAME=PATH[#KEY], --template NAME=FILE or --spec FILE")]
     Empty,
 }
 
@@ -160,9 +210,47 @@ struct SpecDocument {
 #[serde(deny_unknown_fields)]
 struct EntryDocument {
     name: String,
-    path: String,
+    #[serde(default)]
+    path: Option<String>,
     #[serde(default)]
     key: Option<String>,
+    #[serde(default)]
+    template: Option<String>,
+}
+
+impl EntryDocument {
+    fn into_entry(self) -> Result<SecretEntry, SpecError> {
+        let bad = |reason: &str| SpecError::Entry {
+            name: self.name.clone(),
+            reason: reason.to_string(),
+        };
+        match (&self.path, &self.template) {
+            (Some(path), None) => entry(&self.name, path, self.key.clone()),
+            (None, Some(text)) if self.key.is_none() => template_entry(&self.name, text),
+            (None, Some(_)) => Err(bad(
+                "`key` belongs to `path` entries; a template picks fields itself, e.g. {{ secret('secret/app/db').password }}",
+            )),
+            (Some(_), Some(_)) => Err(bad(
+                "give either `path` (one secret) or `template` (a file rendered from secrets), not both",
+            )),
+            (None, None) => Err(bad(
+                "missing `path` (a Vault path, e.g. secret/app/db) or `template`",
+            )),
+        }
+    }
+}
+
+/// A template entry: `text` compiled now, so that a syntax error is refused before mounting,
+/// naming the entry, line and column.
+pub fn template_entry(name: &str, text: &str) -> Result<SecretEntry, SpecError> {
+    let template = Template::compile(text).map_err(|reason| SpecError::Entry {
+        name: name.to_string(),
+        reason,
+    })?;
+    Ok(SecretEntry {
+        name: name.to_string(),
+        shows: Shows::Template(Arc::new(template)),
+    })
 }
 
 /// Parses one `--secret NAME=PATH[#KEY]` argument.
@@ -213,10 +301,7 @@ pub fn parse_spec_document(text: &str) -> Result<Vec<SecretEntry>, SpecError> {
     };
     let docs = serde_saphyr::from_str_with_options::<Document>(text, options)
         .map_err(|e| SpecError::Document(document_error(&e)))?;
-    docs.0
-        .into_iter()
-        .map(|d| entry(&d.name, &d.path, d.key))
-        .collect()
+    docs.0.into_iter().map(EntryDocument::into_entry).collect()
 }
 
 /// Words a YAML error for a user: budget breaches say which construct is not allowed.
@@ -265,7 +350,7 @@ impl<'de> Deserialize<'de> for Document {
         impl<'de> serde::de::Visitor<'de> for Shape {
             type Value = Vec<EntryDocument>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a mapping `secrets: [...]` or a list of {name, path, key?} entries")
+                f.write_str("a mapping `secrets: [...]` or a list of {name, path, key?} or {name, template} entries")
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
@@ -295,8 +380,7 @@ fn entry(name: &str, path: &str, key: Option<String>) -> Result<SecretEntry, Spe
     }
     Ok(SecretEntry {
         name: name.to_string(),
-        path,
-        key,
+        shows: Shows::Secret { path, key },
     })
 }
 
@@ -481,10 +565,10 @@ impl VolumeSpec {
         }
     }
 
-    /// The file inodes that show a given Vault path.
+    /// The file inodes that show a given Vault path (templates: that read it last time).
     pub fn files_of<'a>(&'a self, path: &'a SecretPath) -> impl Iterator<Item = InodeNo> + 'a {
         self.nodes.iter().filter_map(move |n| match n.kind {
-            NodeKind::File(i) if &self.entries[i].path == path => Some(n.ino),
+            NodeKind::File(i) if self.entries[i].reads(path) => Some(n.ino),
             _ => None,
         })
     }
@@ -546,11 +630,11 @@ mod tests {
     fn secret_argument_splits_name_path_and_key() {
         let e = parse_secret_arg("db/password=secret/app/db#password").unwrap();
         assert_eq!(e.name, "db/password");
-        assert_eq!(e.path.as_str(), "secret/app/db");
-        assert_eq!(e.key.as_deref(), Some("password"));
+        assert_eq!(e.secret().unwrap().0.as_str(), "secret/app/db");
+        assert_eq!(e.secret().unwrap().1, Some("password"));
         let e = parse_secret_arg("all=/secret/app/db/").unwrap();
-        assert_eq!(e.path.as_str(), "secret/app/db");
-        assert_eq!(e.key, None);
+        assert_eq!(e.secret().unwrap().0.as_str(), "secret/app/db");
+        assert_eq!(e.secret().unwrap().1, None);
     }
 
     #[test]
@@ -604,7 +688,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(entries.len(), 2);
-        assert_eq!(entries[0].key.as_deref(), Some("password"));
+        assert_eq!(entries[0].secret().unwrap().1, Some("password"));
         let json = parse_spec_document(r#"[{"name":"a","path":"secret/a"}]"#).unwrap();
         assert_eq!(json[0].name, "a");
         let err = parse_spec_document("secrets:\n  - name: a\n    path: secret/a\n    nme: x\n")
@@ -695,8 +779,9 @@ mod tests {
         assert_eq!(
             parse_secret_arg("a=secret/a#user name")
                 .unwrap()
-                .key
-                .as_deref(),
+                .secret()
+                .unwrap()
+                .1,
             Some("user name")
         );
         let long = format!("a=secret/a#{}", "k".repeat(MAX_KEY_BYTES));
@@ -837,9 +922,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(json.len(), 2);
-        assert_eq!(json[0].key.as_deref(), Some("k"));
+        assert_eq!(json[0].secret().unwrap().1, Some("k"));
         let list = parse_spec_document("# a comment\n---\n- name: a\n  path: secret/a\n").unwrap();
-        assert_eq!(list[0].path.as_str(), "secret/a");
+        assert_eq!(list[0].secret().unwrap().0.as_str(), "secret/a");
         let err = parse_spec_document("- name: a\n  path: secret/a\n  extra: 1\n")
             .unwrap_err()
             .to_string();
@@ -870,5 +955,34 @@ mod tests {
         assert!(a.node(InodeNo(99)).is_none());
         let db_path = SecretPath::parse("secret/db").unwrap();
         assert_eq!(a.files_of(&db_path).count(), 2);
+    }
+
+    #[test]
+    fn template_entries_sit_beside_plain_ones_and_bad_ones_are_named() {
+        let entries = parse_spec_document(
+            "secrets:\n  - {name: db/password, path: secret/app/db, key: password}\n  - name: db/url\n    template: \"postgresql://{{ secret('secret/app/db').user }}@db/app\"\n",
+        )
+        .unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(entries[0].secret().is_some());
+        assert!(matches!(entries[1].shows, Shows::Template(_)));
+        let spec = VolumeSpec::new(entries).unwrap();
+        assert_eq!(spec.nodes().len(), 4, "root, db, db/password, db/url");
+
+        let err = |text: &str| parse_spec_document(text).unwrap_err().to_string();
+        let syntax = err("- {name: bad, template: \"line one\\n{{ secret('a/b').x }\"}");
+        assert!(
+            syntax.contains("secret entry \"bad\"") && syntax.contains("line 2, column"),
+            "{syntax}"
+        );
+        let both = err("- {name: x, path: secret/a, template: \"t\"}");
+        assert!(
+            both.contains("either `path`") && both.contains("\"x\""),
+            "{both}"
+        );
+        let keyed = err("- {name: x, template: \"t\", key: k}");
+        assert!(keyed.contains("`key` belongs to `path` entries"), "{keyed}");
+        let neither = err("- {name: x}");
+        assert!(neither.contains("missing `path`"), "{neither}");
     }
 }

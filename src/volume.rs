@@ -125,7 +125,13 @@ impl<S: Identity> Volume<S> {
     /// detection) runs until the volume is torn down.
     pub fn serve(self, mounted: Box<dyn Mounted>) -> Serving<S> {
         let mut tasks = tokio::task::JoinSet::new();
-        let paths = self.spec.entries().iter().map(|e| e.path.clone()).collect();
+        // Templates' secrets are known only once rendered; their engines are found then.
+        let paths = self
+            .spec
+            .entries()
+            .iter()
+            .filter_map(|e| e.secret().map(|(p, _)| p.clone()))
+            .collect();
         tasks.spawn(self.source.clone().serve(paths));
         Serving {
             volume: self,

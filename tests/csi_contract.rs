@@ -700,3 +700,23 @@ async fn the_consistency_attribute_picks_the_mode_and_names_the_choices_when_wro
     );
     p.stop().await;
 }
+
+#[tokio::test]
+async fn a_template_with_a_syntax_error_is_refused_at_publish_naming_entry_line_and_column() {
+    let mut p = Plugin::start().await;
+    let target = p.target("pod-a");
+    let mut req = request(&target, "jwt-a");
+    req.volume_context.insert(
+        "secrets".into(),
+        "- {name: db/password, path: secret/app/db, key: password}\n- name: db/url\n  template: \"postgresql://{{ secret('secret/app/db').user }@db\"\n".into(),
+    );
+    let status = p.publish(req).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(
+        status.message().contains("\"db/url\"") && status.message().contains("line 1, column"),
+        "{}",
+        status.message()
+    );
+    assert!(p.fake.fs_at(&target).is_none(), "nothing was mounted");
+    p.stop().await;
+}
