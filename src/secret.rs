@@ -101,6 +101,13 @@ impl SecretData {
         }
     }
 
+    /// Each field's value as text (fields that are not valid UTF-8 are left out).
+    pub fn field_values(&self) -> impl Iterator<Item = &str> {
+        self.fields
+            .values()
+            .filter_map(|v| std::str::from_utf8(v.expose()).ok())
+    }
+
     /// Bytes held in memory for this secret (for the cache's byte bound).
     pub fn weight(&self) -> usize {
         self.json.len()

@@ -152,7 +152,36 @@ impl Template {
         *self.uses.lock() = uses;
         match result {
             Ok(()) => Ok(out.0),
-            Err(err) => Err(notes.explain(&err)),
+            Err(err) => Err(notes.explain(&err).redacted(given)),
+        }
+    }
+}
+
+/// Secret values this short are left in error messages (redacting them would mangle the
+/// message more than it protects).
+const SHORTEST_REDACTED: usize = 3;
+
+impl RenderError {
+    /// The error with every value of `given` that it quotes replaced: a template can name a
+    /// field or a path with a secret's value (`secret(x)[secret(y).password]`), and the engine's
+    /// messages may quote what they failed on; log lines must never carry values.
+    fn redacted(self, given: &[(SecretPath, &SecretData)]) -> RenderError {
+        let scrub = |mut text: String| {
+            for (_, data) in given {
+                for value in data.field_values() {
+                    if value.len() >= SHORTEST_REDACTED && text.contains(value) {
+                        text = text.replace(value, "<redacted>");
+                    }
+                }
+            }
+            text
+        };
+        // Field names and paths were checked when noted (`Secrets::shows`); engine messages
+        // are scrubbed here.
+        match self {
+            RenderError::Limit(m) => RenderError::Limit(scrub(m)),
+            RenderError::Failed(m) => RenderError::Failed(scrub(m)),
+            other => other,
         }
     }
 }
@@ -233,6 +262,32 @@ impl fmt::Debug for Notes {
     }
 }
 
+impl Secrets {
+    /// `text` as a log line may show it: text holding one of the secrets' values is withheld.
+    fn shown(&self, text: &str) -> String {
+        fn holds(value: &Value, text: &str) -> bool {
+            match value.as_str() {
+                Some(s) => s.len() >= SHORTEST_REDACTED && text.contains(s),
+                None => value.try_iter().is_ok_and(|mut items| {
+                    items.any(|v| {
+                        holds(&v, text) || value.get_item(&v).is_ok_and(|f| holds(&f, text))
+                    })
+                }),
+            }
+        }
+        let quotes = self
+            .data
+            .values()
+            .flat_map(|fields| fields.values())
+            .any(|v| holds(v, text));
+        if quotes {
+            "<text holding a secret value>".to_string()
+        } else {
+            format!("{text:?}")
+        }
+    }
+}
+
 impl Object for Secrets {
     fn repr(self: &Arc<Self>) -> ObjectRepr {
         ObjectRepr::Plain
@@ -259,11 +314,12 @@ impl Object for Fields {
         let found = self.fields.get(name).cloned();
         if found.is_none() {
             if let Some(secrets) = self.secrets.upgrade() {
+                let field = secrets.shown(name);
                 secrets
                     .notes
                     .lock()
                     .missing_fields
-                    .push(format!("{:?} of {}", name, self.path));
+                    .push(format!("{field} of {}", self.path));
             }
         }
         found
@@ -322,7 +378,13 @@ fn secret(state: &State, path: &str) -> Result<Value, Error> {
     let path = match SecretPath::parse(path) {
         Ok(p) => p,
         Err(reason) => {
-            secrets.notes.lock().bad_path = Some(format!("secret({path:?}): {reason}"));
+            let why = if secrets.shown(path).starts_with('"') {
+                format!("secret({path:?}): {reason}")
+            } else {
+                "secret() with a path built from a secret value is not a valid Vault path"
+                    .to_string()
+            };
+            secrets.notes.lock().bad_path = Some(why);
             return Err(stop("bad secret path"));
         }
     };
@@ -558,5 +620,24 @@ mod tests {
         let a = data(&[("k", "very-secret-value")]);
         t.render(&[(path("a/b"), &a)]).unwrap();
         assert!(!format!("{t:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn errors_never_quote_a_secret_value() {
+        let a = data(&[("password", "hunter2-value"), ("user", "app")]);
+        let err = render_all(
+            "{{ secret('a/b')[secret('a/b').password] }}",
+            &[("a/b", a.clone())],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("holding a secret value"), "{text}");
+        let err = render_all(
+            "{{ secret(secret('a/b').password ~ '/..') }}",
+            &[("a/b", a)],
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }
