@@ -822,7 +822,11 @@ fn leak_forms(value: &str) -> Vec<String> {
         .collect::<Vec<_>>()
         .join(", ");
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    vec![value.to_string(), decimal, hex]
+    let b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    vec![value.to_string(), decimal, hex, b64]
 }
 
 /// The versions named by the audit events `event` of file `name` (Vault path `vault_path`),
@@ -875,10 +879,20 @@ fn secret_values_never_reach_the_logs_even_at_trace_level_but_audit_events_do() 
         ("trace", "json", "strict"),
     ] {
         bao.kv_put("secret/app/db", &[("password", password), ("user", user)]);
+        let template = tempfile::NamedTempFile::new().expect("template file");
+        fs::write(
+            template.path(),
+            "{{ secret('secret/app/db').user }}:{{ secret('secret/app/db').password | b64encode }}",
+        )
+        .expect("write the template");
         let mut m = Mount::builder(&bao)
             .rust_log(level)
             .secret("app/password=secret/app/db#password")
             .secret("app/all=secret/app/db")
+            .args([
+                "--template",
+                &format!("app/tpl={}", template.path().display()),
+            ])
             .args(["--cache-ttl", "1s", "--log-format", format])
             .args(["--consistency", consistency])
             .start();
@@ -886,6 +900,11 @@ fn secret_values_never_reach_the_logs_even_at_trace_level_but_audit_events_do() 
         let all: Value =
             serde_json::from_slice(&read(m.file("app/all")).expect("read all")).expect("JSON");
         assert_eq!(all, json!({ "password": password, "user": user }));
+        let b64 = |v: &str| leak_forms(v).pop().expect("the base64 form");
+        assert_eq!(
+            read_string(m.file("app/tpl")),
+            format!("{user}:{}", b64(password))
+        );
 
         bao.kv_put("secret/app/db", &[("password", rotated), ("user", user)]);
         thread::sleep(Duration::from_millis(1500));
@@ -893,6 +912,10 @@ fn secret_values_never_reach_the_logs_even_at_trace_level_but_audit_events_do() 
         let all: Value =
             serde_json::from_slice(&read(m.file("app/all")).expect("read all")).expect("JSON");
         assert_eq!(all, json!({ "password": rotated, "user": user }));
+        assert_eq!(
+            read_string(m.file("app/tpl")),
+            format!("{user}:{}", b64(rotated))
+        );
 
         m.terminate();
         let logs = m.logs();
@@ -914,7 +937,7 @@ fn secret_values_never_reach_the_logs_even_at_trace_level_but_audit_events_do() 
             }
         }
         let json_format = format == "json";
-        for name in ["app/password", "app/all"] {
+        for name in ["app/password", "app/all", "app/tpl"] {
             let versions = |event| audit_versions(&logs, json_format, name, "secret/app/db", event);
             if consistency == "strict" {
                 let opens = versions("open");
