@@ -464,6 +464,34 @@ impl<S: SecretSource> VaultFs<S> {
             .collect())
     }
 
+    /// Re-checks every file as an access would, without a caller and without audit events
+    /// (the background watch of a volume with a reload signal): Vault is asked only about
+    /// secrets whose freshness has run out, and a changed one is swapped in as on access.
+    /// Returns the soonest remaining freshness among the files read (`None`: none could be).
+    pub async fn check_all(&self) -> Option<Duration> {
+        let mut soonest: Option<Duration> = None;
+        let mut failed = 0usize;
+        for node in self.spec.nodes() {
+            let NodeKind::File(entry) = node.kind else {
+                continue;
+            };
+            match self.attr_of(node).await {
+                Ok((_, Some(content))) => {
+                    let left = self
+                        .cache
+                        .remaining(&self.spec.entries()[entry].path, &content);
+                    soonest = Some(soonest.map_or(left, |s| s.min(left)));
+                }
+                Ok((_, None)) => {}
+                Err(_) => failed += 1,
+            }
+        }
+        if failed > 0 {
+            tracing::debug!(volume = %self.config.volume, failed, "watch: files that could not be re-checked");
+        }
+        soonest
+    }
+
     /// Number of open handles (for tests and metrics).
     pub fn open_handles(&self) -> usize {
         self.handles.lock().len()
@@ -792,6 +820,32 @@ mod tests {
                 .unwrap_err()
                 .errno(),
             libc::EIO
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_all_asks_vault_only_once_freshness_runs_out_and_swaps_changes() {
+        let w = world(&SPEC);
+        let first = w.fs.check_all().await.unwrap();
+        let reads = w.source.reads();
+        assert_eq!(reads, 2, "one read per Vault path, not per file");
+        assert_eq!(first, Duration::from_secs(30));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let left = w.fs.check_all().await.unwrap();
+        assert_eq!(left, Duration::from_secs(20));
+        assert_eq!(
+            w.source.reads() + w.source.version_checks(),
+            reads,
+            "fresh: nothing asked"
+        );
+        w.source.put("secret/api", &[("token", "t-2")]);
+        tokio::time::advance(left).await;
+        w.fs.check_all().await.unwrap();
+        let api = w.fs.child_ino(InodeNo::ROOT, "api").unwrap();
+        assert_eq!(
+            *w.invalidated.lock(),
+            vec![api],
+            "the changed file alone is swapped"
         );
     }
 }
