@@ -465,9 +465,10 @@ impl<S: SecretSource> VaultFs<S> {
     }
 
     /// Re-checks every file as an access would, without a caller and without audit events
-    /// (the background watch of a volume with a reload signal): Vault is asked only about
-    /// secrets whose freshness has run out, and a changed one is swapped in as on access.
-    /// Returns the soonest remaining freshness among the files read (`None`: none could be).
+    /// (the background watch of a volume with a reload signal): files whose value is still
+    /// fresh are passed over without touching the cache's order or counters; the others are
+    /// re-checked (Vault is asked, a changed secret swapped in as on access). Returns the
+    /// soonest remaining freshness among the files read (`None`: none could be).
     pub async fn check_all(&self) -> Option<Duration> {
         let mut soonest: Option<Duration> = None;
         let mut failed = 0usize;
@@ -475,16 +476,19 @@ impl<S: SecretSource> VaultFs<S> {
             let NodeKind::File(entry) = node.kind else {
                 continue;
             };
-            match self.attr_of(node).await {
-                Ok((_, Some(content))) => {
-                    let left = self
-                        .cache
-                        .remaining(&self.spec.entries()[entry].path, &content);
-                    soonest = Some(soonest.map_or(left, |s| s.min(left)));
-                }
-                Ok((_, None)) => {}
-                Err(_) => failed += 1,
-            }
+            let path = &self.spec.entries()[entry].path;
+            let left = match self.cache.due_in(path) {
+                Some(left) if !left.is_zero() => left,
+                _ => match self.attr_of(node).await {
+                    Ok((_, Some(content))) => self.cache.remaining(path, &content),
+                    Ok((_, None)) => continue,
+                    Err(_) => {
+                        failed += 1;
+                        continue;
+                    }
+                },
+            };
+            soonest = Some(soonest.map_or(left, |s| s.min(left)));
         }
         if failed > 0 {
             tracing::debug!(volume = %self.config.volume, failed, "watch: files that could not be re-checked");
