@@ -14,6 +14,7 @@ use crate::fs::Consistency;
 use crate::metrics::{self, Metrics};
 use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
+use crate::reload::ReloadConfig;
 use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
 use crate::spec::VolumeSpec;
 use crate::volume::{Volume, VolumeConfig};
@@ -30,6 +31,8 @@ pub struct MountSettings {
     pub gid: u32,
     pub file_mode: u16,
     pub consistency: Consistency,
+    /// `--reload-signal` and `--reload-pid-file`.
+    pub reload: Option<ReloadConfig>,
     pub allow_other: bool,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
@@ -65,6 +68,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
             gid: settings.gid,
             file_mode: settings.file_mode,
             consistency: settings.consistency,
+            reload: settings.reload,
         },
         kernel.for_volume(0),
         &metrics,
@@ -165,6 +169,8 @@ pub struct CsiSettings {
     pub min_cache_ttl: Duration,
     pub max_volumes: usize,
     pub max_entries: usize,
+    /// Volumes may ask for reload signals (`--allow-reload-signals`).
+    pub allow_reload_signals: bool,
     /// The keeper holding the node's FUSE connection across restarts (`--keeper-socket`).
     pub keeper_socket: Option<PathBuf>,
     pub keeper_wait: Duration,
@@ -241,6 +247,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
             min_cache_ttl: settings.min_cache_ttl,
             max_volumes: settings.max_volumes,
             max_entries: settings.max_entries,
+            allow_reload_signals: settings.allow_reload_signals,
         },
         mounter.clone(),
         metrics.clone(),

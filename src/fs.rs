@@ -574,6 +574,49 @@ impl<S: SecretSource> VaultFs<S> {
             .collect())
     }
 
+    /// Re-checks every file as an access would, without a caller and without audit events
+    /// (the background watch of a volume with a reload signal): files whose value is still
+    /// fresh are passed over without touching the cache's order or counters; the others are
+    /// re-checked (Vault is asked, a changed secret swapped in as on access). Returns the
+    /// soonest remaining freshness among the files read (`None`: none could be).
+    pub async fn check_all(&self) -> Option<Duration> {
+        let mut soonest: Option<Duration> = None;
+        let mut failed = 0usize;
+        for node in self.spec.nodes() {
+            let NodeKind::File(entry) = node.kind else {
+                continue;
+            };
+            let paths = match &self.spec.entries()[entry].shows {
+                Shows::Secret { path, .. } => vec![path.clone()],
+                Shows::Template(t) => t.uses(),
+            };
+            // Due when any secret the file shows is due (or not cached, or not known yet).
+            let due_in = paths
+                .iter()
+                .map(|p| self.cache.due_in(p))
+                .try_fold(None::<Duration>, |soonest, left| {
+                    left.map(|l| Some(soonest.map_or(l, |s| s.min(l))))
+                })
+                .flatten();
+            let left = match due_in {
+                Some(left) if !left.is_zero() => left,
+                _ => match self.attr_of(node).await {
+                    Ok((_, Some(shown))) => self.freshness(entry, &shown),
+                    Ok((_, None)) => continue,
+                    Err(_) => {
+                        failed += 1;
+                        continue;
+                    }
+                },
+            };
+            soonest = Some(soonest.map_or(left, |s| s.min(left)));
+        }
+        if failed > 0 {
+            tracing::debug!(volume = %self.config.volume, failed, "watch: files that could not be re-checked");
+        }
+        soonest
+    }
+
     /// Number of open handles (for tests and metrics).
     pub fn open_handles(&self) -> usize {
         self.handles.lock().len()
@@ -676,21 +719,9 @@ impl<S: SecretSource> VaultFs<S> {
                 let shown = self.shown(entry).await?;
                 let key = self.spec.entries()[entry].secret().and_then(|(_, k)| k);
                 let size = shown.bytes(key).map_or(0, <[u8]>::len);
-                let ttl = match (c.consistency, &shown) {
-                    (Consistency::Strict, _) => c.kernel_ttl,
-                    (Consistency::Cached, Shown::Secret(content)) => {
-                        let (path, _) = self.spec.entries()[entry]
-                            .secret()
-                            .expect("a secret is shown by a plain entry");
-                        self.cache.remaining(path, content)
-                    }
-                    // The soonest of its secrets' timeouts; one that reads none: the TTL.
-                    (Consistency::Cached, Shown::Rendered(r)) => r
-                        .sources
-                        .iter()
-                        .map(|(p, content)| self.cache.remaining(p, content))
-                        .min()
-                        .unwrap_or(c.kernel_ttl),
+                let ttl = match c.consistency {
+                    Consistency::Strict => c.kernel_ttl,
+                    Consistency::Cached => self.freshness(entry, &shown),
                 };
                 let attr = Attr {
                     ino: node.ino,
@@ -705,6 +736,27 @@ impl<S: SecretSource> VaultFs<S> {
                 };
                 Ok((attr, Some(shown)))
             }
+        }
+    }
+}
+
+impl<S: SecretSource> VaultFs<S> {
+    /// How long what entry `entry` shows stays fresh: its secret's remaining freshness, or for
+    /// a template the soonest of its secrets' (one that reads none: the kernel TTL).
+    fn freshness(&self, entry: usize, shown: &Shown) -> Duration {
+        match shown {
+            Shown::Secret(content) => {
+                let (path, _) = self.spec.entries()[entry]
+                    .secret()
+                    .expect("a secret is shown by a plain entry");
+                self.cache.remaining(path, content)
+            }
+            Shown::Rendered(r) => r
+                .sources
+                .iter()
+                .map(|(p, content)| self.cache.remaining(p, content))
+                .min()
+                .unwrap_or(self.config.kernel_ttl),
         }
     }
 }
@@ -1078,6 +1130,32 @@ mod tests {
             again.ttl,
             Duration::from_secs(20),
             "a cached template's timeout is its secrets' remaining freshness"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_all_asks_vault_only_once_freshness_runs_out_and_swaps_changes() {
+        let w = world(&SPEC);
+        let first = w.fs.check_all().await.unwrap();
+        let reads = w.source.reads();
+        assert_eq!(reads, 2, "one read per Vault path, not per file");
+        assert_eq!(first, Duration::from_secs(30));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let left = w.fs.check_all().await.unwrap();
+        assert_eq!(left, Duration::from_secs(20));
+        assert_eq!(
+            w.source.reads() + w.source.version_checks(),
+            reads,
+            "fresh: nothing asked"
+        );
+        w.source.put("secret/api", &[("token", "t-2")]);
+        tokio::time::advance(left).await;
+        w.fs.check_all().await.unwrap();
+        let api = w.fs.child_ino(InodeNo::ROOT, "api").unwrap();
+        assert_eq!(
+            *w.invalidated.lock(),
+            vec![api],
+            "the changed file alone is swapped"
         );
     }
 }

@@ -12,6 +12,8 @@
 //! `mount::Mounter`, which is generic over the source: the CSI contract tier runs the whole
 //! lifecycle over `source::mock::MockSource` and `mount::FakeMounter`, which are compiled
 //! only for tests (`cfg(test)` or the `testing` feature).
+//! `reload` (reload signals: signal names, a pod's processes, the debounce) is used by `volume`
+//! and the wiring and uses only `metrics`.
 //! `keeper` (the process that holds FUSE connections across daemon restarts, and its client)
 //! stands beside this chain: it uses only `logging`, and only `main` and the wiring use it.
 
@@ -26,6 +28,7 @@ pub mod keeper;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
+pub mod reload;
 pub mod secret;
 pub mod source;
 pub mod spec;

@@ -88,6 +88,10 @@ struct CsiArgs {
     /// Most files one volume may declare; larger volumes fail with ResourceExhausted.
     #[arg(long, default_value_t = vaultfs::csi::DEFAULT_MAX_ENTRIES, value_name = "N")]
     max_volume_entries: usize,
+    /// Let volumes set reloadSignal/reloadProcess: after a change, signal the pod's processes of
+    /// that name (needs hostPID: true); without it such volumes are refused at publish.
+    #[arg(long)]
+    allow_reload_signals: bool,
     /// Socket of a `vaultfs keeper` that holds the node's FUSE connection across restarts; on
     /// start, a connection it holds is taken over and served at once.
     #[arg(long, value_name = "PATH")]
@@ -160,6 +164,12 @@ struct MountArgs {
     /// cached: page-cache reads, re-checked and audited once per TTL per file; strict: every open audited, each descriptor keeps its version.
     #[arg(long, default_value = "cached", value_name = "cached|strict")]
     consistency: vaultfs::fs::Consistency,
+    /// After a file changes, send this signal (SIGHUP, HUP, SIGUSR1...) to the pid in --reload-pid-file; the secrets are then re-checked every TTL.
+    #[arg(long, value_name = "SIG", requires = "reload_pid_file")]
+    reload_signal: Option<vaultfs::reload::Signal>,
+    /// File holding the pid to signal, read at signal time.
+    #[arg(long, value_name = "FILE", requires = "reload_signal")]
+    reload_pid_file: Option<PathBuf>,
     #[command(flatten)]
     vault: VaultArgs,
     #[command(flatten)]
@@ -472,6 +482,7 @@ fn csi(args: CsiArgs) -> ExitCode {
         min_cache_ttl: args.min_cache_ttl,
         max_volumes: args.max_volumes,
         max_entries: args.max_volume_entries,
+        allow_reload_signals: args.allow_reload_signals,
         keeper_socket: args.keeper_socket,
         keeper_wait: args.keeper_wait,
         drain_timeout: args.drain_timeout,
@@ -529,6 +540,13 @@ fn mount(args: MountArgs) -> ExitCode {
                 gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
                 file_mode: args.file_mode,
                 consistency: args.consistency,
+                reload: args.reload_signal.zip(args.reload_pid_file.clone()).map(
+                    |(signal, file)| vaultfs::reload::ReloadConfig {
+                        signal,
+                        target: vaultfs::reload::Target::PidFile(file),
+                        min_interval: args.cache_ttl,
+                    },
+                ),
                 allow_other: args.allow_other,
                 lock_memory: args.daemon.lock_memory,
                 metrics_addr: args.daemon.metrics_addr,

@@ -58,6 +58,11 @@ fn volume_labels(volume: &str) -> VolumeLabels {
     vec![("volume", volume.to_string())]
 }
 
+/// One more in `volume`'s series of `family`.
+fn count(family: &Family<VolumeLabels, Counter>, volume: &str) {
+    family.get_or_create(&volume_labels(volume)).inc();
+}
+
 fn latency_histogram() -> Histogram {
     // 10 µs .. ~2.6 s
     Histogram::new(exponential_buckets(0.000_01, 4.0, 10))
@@ -82,6 +87,8 @@ pub struct Metrics {
     vault_logins: Family<VolumeLabels, Counter>,
     vault_token_renewals: Family<VolumeLabels, Counter>,
     vault_lease_renewals: Family<VolumeLabels, Counter>,
+    reload_signals: Family<VolumeLabels, Counter>,
+    reload_signal_failures: Family<VolumeLabels, Counter>,
     /// 1 while a Vault server answers, 0 while it is taken as down, by server address.
     vault_server_up: Family<VolumeLabels, Gauge>,
     /// FUSE requests taken from the kernel and not yet answered (a stopping daemon drains them).
@@ -203,6 +210,18 @@ impl Metrics {
             "Vault lease renewals (sys/leases/renew) sent, by volume",
             vault_lease_renewals.clone(),
         );
+        let reload_signals = Family::<VolumeLabels, Counter>::default();
+        let reload_signal_failures = Family::<VolumeLabels, Counter>::default();
+        registry.register(
+            "reload_signals",
+            "Reload signals sent to processes after a volume's secrets changed, by volume",
+            reload_signals.clone(),
+        );
+        registry.register(
+            "reload_signal_failures",
+            "Changes of a volume with a reload signal after which no process could be signalled, by volume",
+            reload_signal_failures.clone(),
+        );
         let fuse_requests_in_flight = Gauge::default();
         let takeovers = Counter::default();
         let resent_requests = Counter::default();
@@ -254,6 +273,8 @@ impl Metrics {
             vault_logins,
             vault_token_renewals,
             vault_lease_renewals,
+            reload_signals,
+            reload_signal_failures,
         }
     }
 
@@ -264,21 +285,31 @@ impl Metrics {
     }
 
     pub fn vault_login(&self, volume: &str) {
-        self.vault_logins
-            .get_or_create(&volume_labels(volume))
-            .inc();
+        count(&self.vault_logins, volume);
     }
 
     pub fn vault_token_renewal(&self, volume: &str) {
-        self.vault_token_renewals
-            .get_or_create(&volume_labels(volume))
-            .inc();
+        count(&self.vault_token_renewals, volume);
     }
 
     pub fn vault_lease_renewal(&self, volume: &str) {
-        self.vault_lease_renewals
+        count(&self.vault_lease_renewals, volume);
+    }
+
+    pub fn reload_signal_sent(&self, volume: &str) {
+        count(&self.reload_signals, volume);
+    }
+
+    pub fn reload_signal_failure(&self, volume: &str) {
+        count(&self.reload_signal_failures, volume);
+    }
+
+    /// Changes of `volume` after which no process could be signalled so far.
+    #[cfg(test)]
+    pub fn reload_signal_failures(&self, volume: &str) -> u64 {
+        self.reload_signal_failures
             .get_or_create(&volume_labels(volume))
-            .inc();
+            .get()
     }
 
     /// Drops a volume's series once the volume is gone, so labels do not pile up.
@@ -288,6 +319,8 @@ impl Metrics {
             &self.vault_logins,
             &self.vault_token_renewals,
             &self.vault_lease_renewals,
+            &self.reload_signals,
+            &self.reload_signal_failures,
         ] {
             family.remove(&labels);
         }
@@ -384,6 +417,8 @@ mod tests {
         m.vault_token_renewal("ns/pod/vol-1");
         m.vault_lease_renewal("ns/pod/vol-1");
         m.vault_server_up("https://vault.example:8200").set(1);
+        m.reload_signal_sent("ns/pod/vol-1");
+        m.reload_signal_failure("ns/pod/vol-1");
         let text = m.render();
         for name in [
             "vaultfs_fuse_requests_total{op=\"read\"} 1",
@@ -396,6 +431,8 @@ mod tests {
             "vaultfs_vault_token_renewals_total{volume=\"ns/pod/vol-1\"} 1",
             "vaultfs_vault_lease_renewals_total{volume=\"ns/pod/vol-1\"} 1",
             "vaultfs_vault_server_up{server=\"https://vault.example:8200\"} 1",
+            "vaultfs_reload_signals_total{volume=\"ns/pod/vol-1\"} 1",
+            "vaultfs_reload_signal_failures_total{volume=\"ns/pod/vol-1\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -1,7 +1,9 @@
 //! One volume's whole life, owned in one place: it is built (cache and filesystem over its
 //! identity, wired to the kernel's invalidations) by `Volume::build`, starts serving with
 //! `Volume::serve` once mounted, and is torn down by `Serving::tear_down` in the one order
-//! every path uses (tasks, mount, leases, token, cache). `vaultfs mount` (`app`) and the CSI
+//! every path uses (tasks, mount, leases, token, cache). A volume with a reload signal also
+//! runs its watch (a re-check of every file each time one's freshness runs out) and its
+//! `reload::Reloader`, both tasks of the volume. `vaultfs mount` (`app`) and the CSI
 //! node plugin (`csi`) both use it; it knows neither the command line, gRPC nor Vault (only
 //! `source::Identity`), and mounts only through what its caller hands it.
 
@@ -13,6 +15,7 @@ use crate::cache::{CacheConfig, SecretCache};
 use crate::fs::{self, Consistency, FsConfig, Invalidate, VaultFs};
 use crate::metrics::Metrics;
 use crate::mount::Mounted;
+use crate::reload::{ReloadConfig, Reloader};
 use crate::secret::Token;
 use crate::source::Identity;
 use crate::spec::VolumeSpec;
@@ -60,6 +63,8 @@ pub struct VolumeConfig {
     pub file_mode: u16,
     /// Must match the mode of the connection that serves the volume.
     pub consistency: Consistency,
+    /// Signal processes after a change, and watch the volume's secrets to find changes.
+    pub reload: Option<ReloadConfig>,
 }
 
 /// A built volume: its identity, cache and filesystem, not yet serving.
@@ -68,11 +73,18 @@ pub struct Volume<S> {
     cache: Arc<SecretCache<S>>,
     fs: Arc<VaultFs<S>>,
     spec: Arc<VolumeSpec>,
+    reloader: Option<Arc<Reloader>>,
+    ttl: Duration,
 }
+
+/// Shortest pause of the watch between two passes (a file whose freshness just ran out may
+/// still be found fresh for an instant).
+const WATCH_MIN_PAUSE: Duration = Duration::from_millis(50);
 
 impl<S: Identity> Volume<S> {
     /// Builds the volume over `source`; files whose secret changes are reported to
-    /// `invalidate` (the mount's kernel notifications). Sends nothing to Vault.
+    /// `invalidate` (the mount's kernel notifications) and then, with a reload signal, to
+    /// the volume's reloader. Sends nothing to Vault.
     pub fn build(
         source: Arc<S>,
         spec: VolumeSpec,
@@ -82,9 +94,21 @@ impl<S: Identity> Volume<S> {
     ) -> Self {
         let kernel_ttl = kernel_ttl(config.cache.ttl, config.consistency);
         let spec = Arc::new(spec);
+        let ttl = config.cache.ttl;
+        let reloader = config
+            .reload
+            .map(|r| Arc::new(Reloader::new(r, config.name.clone(), metrics.clone())));
+        let invalidate_files = fs::swap_hook(spec.clone(), invalidate);
+        let on_swap: crate::cache::SwapHook = match reloader.clone() {
+            // The kernel's invalidations are queued first: the signal follows the new version.
+            Some(reloader) => Box::new(move |path| {
+                invalidate_files(path);
+                reloader.changed();
+            }),
+            None => invalidate_files,
+        };
         let cache = Arc::new(
-            SecretCache::new(source.clone(), config.cache, metrics.clone())
-                .with_swap_hook(fs::swap_hook(spec.clone(), invalidate)),
+            SecretCache::new(source.clone(), config.cache, metrics.clone()).with_swap_hook(on_swap),
         );
         let fs = Arc::new(VaultFs::new(
             spec.clone(),
@@ -104,6 +128,8 @@ impl<S: Identity> Volume<S> {
             cache,
             fs,
             spec,
+            reloader,
+            ttl,
         }
     }
 
@@ -133,6 +159,10 @@ impl<S: Identity> Volume<S> {
             .filter_map(|e| e.secret().map(|(p, _)| p.clone()))
             .collect();
         tasks.spawn(self.source.clone().serve(paths));
+        if let Some(reloader) = &self.reloader {
+            tasks.spawn(reloader.clone().run());
+            tasks.spawn(watch(self.fs.clone(), self.ttl));
+        }
         Serving {
             volume: self,
             mounted: Some(mounted),
@@ -143,6 +173,22 @@ impl<S: Identity> Volume<S> {
     /// Gives up a volume that never served: revokes the token a login may have obtained.
     pub async fn abandon(self) {
         self.source.revoke().await;
+    }
+}
+
+/// The watch of a volume with a reload signal, the one case where vaultfs asks Vault about
+/// secrets nobody reads: every file is re-checked as an access would once its freshness runs
+/// out (one TTL after the volume starts serving, then whenever the soonest file is due), so a
+/// change is found at most a TTL after it, and each secret costs Vault one check per TTL.
+async fn watch<S: Identity>(fs: Arc<VaultFs<S>>, ttl: Duration) {
+    let mut pause = ttl;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = fs
+            .check_all()
+            .await
+            .unwrap_or(ttl)
+            .clamp(WATCH_MIN_PAUSE, ttl.max(WATCH_MIN_PAUSE));
     }
 }
 

@@ -67,6 +67,7 @@ fn config(state_dir: &Path) -> CsiConfig {
         min_cache_ttl: Duration::from_secs(5),
         max_volumes: 4,
         max_entries: 3,
+        allow_reload_signals: false,
     }
 }
 
@@ -305,6 +306,14 @@ async fn every_invalid_publish_is_refused_with_the_field_named_and_nothing_mount
             r.volume_context.remove(key);
         })
     };
+    let reload = |signal: &'static str, process: &'static str| -> Edit {
+        Box::new(move |r| {
+            r.volume_context
+                .insert("reloadSignal".into(), signal.into());
+            r.volume_context
+                .insert("reloadProcess".into(), process.into());
+        })
+    };
     let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|r| r.volume_id.clear()), "volume_id is missing"),
         (
@@ -372,6 +381,26 @@ async fn every_invalid_publish_is_refused_with_the_field_named_and_nothing_mount
             "no token for audience \"other\" (it has: vault)",
         ),
         (set(TOKENS, "not json"), "is not a JSON object"),
+        (
+            reload("SIGHUP", "app-srv"),
+            "volumeAttributes.reloadSignal: this node does not send reload signals; the plugin must run with --allow-reload-signals",
+        ),
+        (
+            reload("9", "app-srv"),
+            "volumeAttributes.reloadSignal: unknown signal \"9\": expected a signal name such as SIGHUP",
+        ),
+        (
+            reload("HUP", "sixteen-bytes-xx"),
+            "volumeAttributes.reloadProcess: \"sixteen-bytes-xx\" is 16 bytes",
+        ),
+        (
+            set("reloadSignal", "SIGHUP"),
+            "volumeAttributes.reloadProcess is missing",
+        ),
+        (
+            set("reloadProcess", "app-srv"),
+            "volumeAttributes.reloadSignal is missing",
+        ),
     ];
     for (edit, expected) in cases {
         let mut req = request(&target, "jwt-a");

@@ -28,6 +28,7 @@ const REQUIRED_KUSTOMIZATIONS: &[&str] = &[
     "deploy/base",
     "deploy/examples/app",
     "deploy/examples/hostpath",
+    "deploy/reload-signals",
 ];
 
 /// The `volumeAttributes` a pod must set.
@@ -733,6 +734,35 @@ fn the_keeper_survives_plugin_rollouts_and_shares_its_socket_with_the_plugin() {
         1,
         "the keeper sees only its socket directory"
     );
+}
+
+#[test]
+#[ignore = "needs kubectl and kubernetes-validate (installed by scripts/install-deps.sh)"]
+fn only_the_reload_signals_variant_shares_the_host_pid_namespace() {
+    for (dir, wanted) in [("deploy/base", false), ("deploy/reload-signals", true)] {
+        let objs = rendered(dir);
+        for (obj, pod) in pods(&objs) {
+            let host_pid = pod["hostPID"] == true;
+            let plugin = vaultfs_containers(pod)
+                .into_iter()
+                .find(|(_, sub)| *sub == "csi");
+            let allows = plugin.is_some_and(|(c, _)| Invocation::of(c).has("allow-reload-signals"));
+            let is_plugin = plugin.is_some();
+            assert_eq!(
+                host_pid,
+                wanted && is_plugin,
+                "{dir}: {} {}: hostPID only on the plugin of the reload-signals variant",
+                kind(obj),
+                name(obj)
+            );
+            assert_eq!(
+                allows,
+                wanted && is_plugin,
+                "{dir}: {}: --allow-reload-signals goes with hostPID: true",
+                name(obj)
+            );
+        }
+    }
 }
 
 #[test]

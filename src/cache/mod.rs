@@ -378,6 +378,19 @@ impl<S: SecretSource> SecretCache<S> {
         }
     }
 
+    /// How long the value cached for `path` may still be served without asking Vault
+    /// (`remaining` of the current value); `None` when no value is cached. Touches neither the
+    /// LRU order nor the hit counters: for a watch that only wants to know what is due.
+    pub fn due_in(&self, path: &SecretPath) -> Option<Duration> {
+        let current = {
+            let slots = self.slots.lock();
+            let slot = slots.lru.peek(path)?;
+            let current = slot.state.lock().current.clone();
+            current
+        }?;
+        Some(self.remaining(path, &current))
+    }
+
     /// Bytes of every version alive: cached, and older versions still open.
     pub fn held_bytes(&self) -> usize {
         self.held.load(Ordering::Acquire)
@@ -600,6 +613,23 @@ mod tests {
 
     pub(super) fn value(c: &Content, key: &str) -> String {
         String::from_utf8(c.fetched.data.render(Some(key)).unwrap().expose().to_vec()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn due_in_tells_the_freshness_left_without_counting_a_hit() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("secret/a");
+        assert_eq!(cache.due_in(&p), None, "nothing cached yet");
+        cache.get(&p).await.unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let hits = cache.metrics.cache_hits.get();
+        assert_eq!(cache.due_in(&p), Some(Duration::from_secs(20)));
+        assert_eq!(cache.metrics.cache_hits.get(), hits);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(cache.due_in(&p), Some(Duration::ZERO), "due now");
+        assert_eq!(source.reads(), 1, "due_in never asks Vault");
     }
 
     #[tokio::test(start_paused = true)]

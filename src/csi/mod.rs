@@ -59,6 +59,9 @@ pub struct CsiConfig {
     pub max_volumes: usize,
     /// Most files one volume may declare (`--max-volume-entries`).
     pub max_entries: usize,
+    /// Volumes may set `reloadSignal` (`--allow-reload-signals`): the daemon then signals
+    /// processes of their pods, which needs the host's PID namespace (`hostPID: true`).
+    pub allow_reload_signals: bool,
 }
 
 /// Defaults of the node-wide limits.

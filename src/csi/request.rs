@@ -13,6 +13,7 @@ use super::CsiConfig;
 use crate::config::{format_duration, parse_duration, parse_file_mode};
 use crate::fs::Consistency;
 use crate::fuse::Slot;
+use crate::reload::{PodUid, ProcessName, Signal};
 use crate::secret::Token;
 use crate::source::vault::VaultServer;
 use crate::spec::{parse_spec_document, VolumeSpec};
@@ -29,7 +30,7 @@ const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// The volume attributes a pod may set, with their meaning (README's table).
-pub const ATTRIBUTES: [&str; 8] = [
+pub const ATTRIBUTES: [&str; 10] = [
     "role",
     "secrets",
     "authMount",
@@ -38,6 +39,8 @@ pub const ATTRIBUTES: [&str; 8] = [
     "fileMode",
     "vaultServer",
     "consistency",
+    "reloadSignal",
+    "reloadProcess",
 ];
 
 /// A CSI request refused or failed, with the gRPC code it maps to at the service boundary.
@@ -110,6 +113,8 @@ pub(super) struct Params {
     pub(super) label: String,
     /// `namespace/name/uid` of the pod, for audit events.
     pub(super) pod: Option<String>,
+    /// `reloadSignal`, `reloadProcess` and the pod's uid: whom to signal after a change.
+    pub(super) reload: Option<(Signal, ProcessName, PodUid)>,
     /// The slot recorded for this volume (restart recovery), if any.
     pub(super) slot: Option<Slot>,
     /// The context without the tokens, as kept in the state file.
@@ -248,6 +253,12 @@ pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Param
             ))
         }
     })?;
+    let reload = reload_signal(
+        attr("reloadSignal"),
+        attr("reloadProcess"),
+        attr(POD_UID),
+        config,
+    )?;
     let token = service_account_token(req, &audience)?;
     let label = format!(
         "{}/{}/{}",
@@ -283,9 +294,50 @@ pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Param
         audience,
         label,
         pod,
+        reload,
         slot: None,
         context,
     })
+}
+
+/// `reloadSignal` and `reloadProcess` (both or neither), allowed only on a daemon started
+/// with `--allow-reload-signals`, with the pod uid kubelet sends (`podInfoOnMount`).
+fn reload_signal(
+    signal: Option<&str>,
+    process: Option<&str>,
+    pod_uid: Option<&str>,
+    config: &CsiConfig,
+) -> Result<Option<(Signal, ProcessName, PodUid)>, CsiError> {
+    let (signal, process) = match (signal, process) {
+        (None, None) => return Ok(None),
+        (Some(s), Some(p)) => (s, p),
+        (Some(_), None) => {
+            return Err(invalid(
+                "volumeAttributes.reloadProcess is missing: reloadSignal needs the name of the pod's processes to signal, as in /proc/PID/comm",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "volumeAttributes.reloadSignal is missing: reloadProcess needs the signal to send, such as SIGHUP",
+            ))
+        }
+    };
+    let signal = signal
+        .parse::<Signal>()
+        .map_err(|e| invalid(format!("volumeAttributes.reloadSignal: {e}")))?;
+    let process = process
+        .parse::<ProcessName>()
+        .map_err(|e| invalid(format!("volumeAttributes.reloadProcess: {e}")))?;
+    if !config.allow_reload_signals {
+        return Err(invalid(
+            "volumeAttributes.reloadSignal: this node does not send reload signals; the plugin must run with --allow-reload-signals and hostPID: true (deploy/reload-signals)",
+        ));
+    }
+    let uid = pod_uid
+        .ok_or_else(|| invalid(format!("{POD_UID} is missing: reloadSignal needs the pod's uid; the CSIDriver must set podInfoOnMount: true")))?
+        .parse::<PodUid>()
+        .map_err(|e| invalid(format!("{POD_UID}: {e}")))?;
+    Ok(Some((signal, process, uid)))
 }
 
 /// The pod's token for `audience` from `csi.storage.k8s.io/serviceAccount.tokens`, looked for

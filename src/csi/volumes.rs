@@ -18,6 +18,7 @@ use super::CsiConfig;
 use crate::fuse::Slot;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, Mounter};
+use crate::reload::{ReloadConfig, Target};
 use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer, VaultSource};
 use crate::source::{Identity, SourceError};
 use crate::volume::{cache_config, Serving, Volume, VolumeConfig};
@@ -227,6 +228,14 @@ impl<S: Identity> VolumeManager<S> {
                 gid: params.mount_group.unwrap_or(0),
                 file_mode: params.file_mode,
                 consistency: params.consistency,
+                reload: params
+                    .reload
+                    .clone()
+                    .map(|(signal, process, uid)| ReloadConfig {
+                        signal,
+                        target: Target::Pod { uid, process },
+                        min_interval: params.cache_ttl,
+                    }),
             },
             self.mounter.invalidate(slot, params.consistency),
             &self.metrics,
