@@ -220,9 +220,9 @@ pub enum Shown {
     Rendered(Arc<Rendering>),
 }
 
-/// A template's output and the secret versions it was rendered from.
+/// A template's output (or why there is none) and the secret versions it was rendered from.
 pub struct Rendering {
-    bytes: SecretBytes,
+    result: Result<SecretBytes, FsError>,
     /// In the order the template first read them.
     sources: Vec<(SecretPath, Arc<Content>)>,
     /// The newest of the sources' change times (the file's mtime).
@@ -245,7 +245,7 @@ impl Shown {
     fn bytes(&self, key: Option<&str>) -> Option<&[u8]> {
         match self {
             Shown::Secret(c) => c.fetched.data.render(key).map(SecretBytes::expose),
-            Shown::Rendered(r) => Some(r.bytes.expose()),
+            Shown::Rendered(r) => r.result.as_ref().ok().map(SecretBytes::expose),
         }
     }
 
@@ -385,7 +385,10 @@ impl<S: SecretSource> VaultFs<S> {
     fn spec_paths(&self, entry: usize) -> String {
         match &self.spec.entries()[entry].shows {
             Shows::Secret { path, .. } => path.to_string(),
-            Shows::Template(t) => format!("template:{}", join_paths(t.uses().iter())),
+            Shows::Template(t) => match t.uses() {
+                uses if uses.is_empty() => "-".to_string(),
+                uses => join_paths(uses.iter()),
+            },
         }
     }
 
@@ -536,10 +539,11 @@ impl<S: SecretSource> VaultFs<S> {
         })
     }
 
-    /// Drops the versions kept for reads without a handle (cached mode), so that they are
-    /// zeroized with the cache's at unmount.
+    /// Drops the versions kept for reads without a handle (cached mode) and the templates'
+    /// renderings, so that they are zeroized with the cache's at unmount.
     pub fn forget_reported(&self) {
         self.reported.lock().clear();
+        self.rendered.lock().clear();
     }
 
     pub fn release(&self, fh: u64) {
@@ -639,48 +643,76 @@ impl<S: SecretSource> VaultFs<S> {
     }
 
     /// Renders template entry `entry`: the secrets it read last time are fetched first (all
-    /// from the cache, so within their TTL they cost Vault nothing), then each secret it asks
-    /// for that it was not given, one rendering per newly found secret. The last rendering is
-    /// reused while every version it read is still current.
-    async fn render(&self, entry: usize, t: &Template) -> Result<Arc<Rendering>, FsError> {
+    /// from the cache, so within their TTL they cost Vault nothing; one that fails is left out
+    /// and fetched again only if the template still asks for it), then each secret it asks for
+    /// that it was not given, one rendering per newly found secret. The last rendering (or
+    /// failure) is reused while every version it was made from is still current. Renderings
+    /// run on the blocking pool: a template running into its fuel limit never holds up the
+    /// FUSE thread.
+    async fn render(&self, entry: usize, t: &Arc<Template>) -> Result<Arc<Rendering>, FsError> {
         let mut have = Vec::new();
         for path in t.uses() {
-            let content = self.template_secret(&path).await?;
-            have.push((path, content));
+            if let Ok(content) = self.cache.get(&path).await {
+                have.push((path, content));
+            }
         }
         loop {
             if let Some(last) = self.rendered.lock().get(&entry) {
                 if last.rendered_from(&have) {
-                    return Ok(last.clone());
+                    return last.result.clone().map(|_| last.clone());
                 }
             }
-            let given: Vec<(SecretPath, &SecretData)> = have
-                .iter()
-                .map(|(p, c)| (p.clone(), &c.fetched.data))
-                .collect();
-            match t.render(&given) {
-                Ok(mut bytes) => {
-                    let used = t.uses();
-                    have.retain(|(p, _)| used.contains(p));
-                    let changed_at = have
-                        .iter()
-                        .map(|(_, c)| c.changed_at)
-                        .max()
-                        .unwrap_or(self.created);
-                    let rendering = Arc::new(Rendering {
-                        bytes: SecretBytes::new(std::mem::take(&mut *bytes)),
-                        sources: have,
-                        changed_at,
-                    });
-                    self.rendered.lock().insert(entry, rendering.clone());
-                    return Ok(rendering);
-                }
+            let (template, inputs) = (t.clone(), have.clone());
+            let rendered = tokio::task::spawn_blocking(move || {
+                let given: Vec<(SecretPath, &SecretData)> = inputs
+                    .iter()
+                    .map(|(p, c)| (p.clone(), &c.fetched.data))
+                    .collect();
+                template.render(&given)
+            })
+            .await
+            .map_err(|e| FsError::TemplateFailed(format!("the rendering stopped: {e}")))?;
+            let (result, sources) = match rendered {
                 Err(RenderError::Needs(path)) if have.len() < template::MAX_SECRETS => {
                     let content = self.template_secret(&path).await?;
                     have.push((path, content));
+                    continue;
                 }
-                Err(err) => return Err(err.into()),
-            }
+                Ok((mut bytes, used)) => {
+                    // Exactly the versions this rendering read, in its order.
+                    let sources = used
+                        .into_iter()
+                        .filter_map(|p| {
+                            let c = have.iter().find(|(q, _)| *q == p)?.1.clone();
+                            Some((p, c))
+                        })
+                        .collect();
+                    (Ok(SecretBytes::new(std::mem::take(&mut *bytes))), sources)
+                }
+                Err(err) => (Err(FsError::from(err)), have),
+            };
+            let newest = sources.iter().map(|(_, c)| c.changed_at).max();
+            // Each new rendering gets a later mtime than the one before, even when no source
+            // is newer (a source fetched mid-rendering, then rotated back): a cached file's
+            // pages are dropped only when mtime or size changes.
+            let after_last = self
+                .rendered
+                .lock()
+                .get(&entry)
+                .map(|r| r.changed_at + Duration::from_nanos(1));
+            let changed_at = match (newest, after_last) {
+                (Some(n), Some(a)) => n.max(a),
+                (Some(n), None) => n,
+                (None, Some(a)) => a,
+                (None, None) => self.created,
+            };
+            let rendering = Arc::new(Rendering {
+                result,
+                sources,
+                changed_at,
+            });
+            self.rendered.lock().insert(entry, rendering.clone());
+            return rendering.result.clone().map(|_| rendering);
         }
     }
 
@@ -1158,4 +1190,24 @@ mod tests {
             "the changed file alone is swapped"
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_template_recovers_once_a_secret_it_no_longer_reads_is_gone() {
+        let w = world_of(
+            vec![template(
+                "pointer",
+                "{{ secret(secret('secret/cfg').target).token }}",
+            )],
+            Consistency::Strict,
+        );
+        w.source.put("secret/cfg", &[("target", "secret/old")]);
+        let err = file(&w, "pointer").await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOENT, "{err}");
+        // The pointer is fixed: the secret the last rendering asked for is still missing, and
+        // must not keep the file failing.
+        w.source.put("secret/cfg", &[("target", "secret/api")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(text(&w, "pointer").await, "t-1");
+    }
 }
+

@@ -496,6 +496,9 @@ fn csi(args: CsiArgs) -> ExitCode {
 fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Template renderings and address lookups: few and short (renderings are bounded by
+        // their fuel), so a handful of threads, never one per volume.
+        .max_blocking_threads(4)
         .thread_name("vaultfs-rt")
         .enable_all()
         .build()

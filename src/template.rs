@@ -42,7 +42,7 @@ const SECRETS_VAR: &str = "__vaultfs_secrets";
 /// A compiled template entry.
 pub struct Template {
     env: Environment<'static>,
-    source: String,
+    source: Arc<str>,
     /// The secrets the last rendering read, fetched up front by the next one.
     uses: Mutex<Vec<SecretPath>>,
 }
@@ -101,9 +101,12 @@ impl Template {
         env.add_filter("fromjson", fromjson);
         env.add_template_owned("template", text.to_string())
             .map_err(|e| describe_syntax_error(&e, text))?;
+        // Debug mode (for the syntax error's column) would also attach a failing rendering's
+        // variables, values included, to its error.
+        env.set_debug(false);
         Ok(Template {
             env,
-            source: text.to_string(),
+            source: Arc::from(text),
             uses: Mutex::new(Vec::new()),
         })
     }
@@ -124,12 +127,14 @@ impl Template {
     }
 
     /// Renders over `given` (the secrets fetched so far). On success returns the output and
-    /// records which of them were read (see [`Template::uses`]).
+    /// the paths it read, in order; either way what it read (and a secret it still needs) is
+    /// added to [`Template::uses`].
     pub fn render(
         &self,
         given: &[(SecretPath, &SecretData)],
-    ) -> Result<Zeroizing<Vec<u8>>, RenderError> {
+    ) -> Result<(Zeroizing<Vec<u8>>, Vec<SecretPath>), RenderError> {
         let secrets = Arc::new(Secrets {
+            source: self.source.clone(),
             data: given
                 .iter()
                 .map(|(p, d)| (p.as_str().to_string(), fields_of(d)))
@@ -145,16 +150,52 @@ impl Template {
         let mut out = Capped(Zeroizing::new(Vec::new()));
         let result = template.render_captured_to(ctx, &mut out).map(drop);
         let mut notes = std::mem::take(&mut *secrets.notes.lock());
-        // What it read, and a secret it still needs: fetched up front next time, and what
-        // log lines and rotations of those secrets name.
-        let mut uses = std::mem::take(&mut notes.used);
-        uses.extend(notes.needed.clone());
-        *self.uses.lock() = uses;
+        let used = std::mem::take(&mut notes.used);
         match result {
-            Ok(()) => Ok(out.0),
-            Err(err) => Err(notes.explain(&err).redacted(given)),
+            Ok(()) => {
+                // Exactly what this rendering read (a concurrent one may have read other
+                // secrets; the filesystem keeps each rendering's own list).
+                *self.uses.lock() = used.clone();
+                Ok((out.0, used))
+            }
+            Err(err) => {
+                // Fetched up front next time, and followed by rotations meanwhile: what it read
+                // and a secret it still needs, added to what is known.
+                let mut uses = self.uses.lock();
+                for p in used.into_iter().chain(notes.needed.clone()) {
+                    if !uses.contains(&p) {
+                        uses.push(p);
+                    }
+                }
+                drop(uses);
+                Err(notes.explain(&err, &self.source).redacted(given))
+            }
         }
     }
+}
+
+/// `detail` with every quoted part that the template `source` does not hold literally replaced:
+/// the engine quotes what it failed on (`template "..." does not exist`), which a template can
+/// compute from a secret value.
+fn literal_quotes_only(detail: &str, source: &str) -> String {
+    let mut out = String::with_capacity(detail.len());
+    let mut rest = detail;
+    while let Some(start) = rest.find(['"', '\'', '`']) {
+        let quote = rest[start..].chars().next().expect("found above");
+        let Some(len) = rest[start + 1..].find(quote) else {
+            break;
+        };
+        let quoted = &rest[start + 1..start + 1 + len];
+        out.push_str(&rest[..start]);
+        if source.contains(quoted) {
+            out.push_str(&rest[start..start + len + 2]);
+        } else {
+            out.push_str("<computed>");
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Secret values this short are left in error messages (redacting them would mangle the
@@ -213,7 +254,8 @@ struct Notes {
 }
 
 impl Notes {
-    fn explain(self, err: &Error) -> RenderError {
+    /// The error a failed rendering of `source` reports.
+    fn explain(self, err: &Error, source: &str) -> RenderError {
         if let Some(path) = self.needed {
             return RenderError::Needs(path);
         }
@@ -243,17 +285,25 @@ impl Notes {
             }
             kind => RenderError::Failed(format!(
                 "{}{line}",
-                err.detail().map_or(kind.to_string(), str::to_string)
+                err.detail()
+                    .map_or(kind.to_string(), |d| literal_quotes_only(d, source))
             )),
         }
     }
 }
 
 /// The secrets a rendering may read, with what it noticed.
-#[derive(Debug)]
 struct Secrets {
+    /// The template's source, to tell literal names from computed ones.
+    source: Arc<str>,
     data: BTreeMap<String, BTreeMap<String, Value>>,
     notes: Mutex<Notes>,
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} secrets>", self.data.len())
+    }
 }
 
 impl fmt::Debug for Notes {
@@ -263,27 +313,14 @@ impl fmt::Debug for Notes {
 }
 
 impl Secrets {
-    /// `text` as a log line may show it: text holding one of the secrets' values is withheld.
+    /// `text` (a field name or path a template used) as a log line may show it: quoted when
+    /// the template's source holds it literally, withheld when it was computed (it may come
+    /// from a secret value, transformed in any way).
     fn shown(&self, text: &str) -> String {
-        fn holds(value: &Value, text: &str) -> bool {
-            match value.as_str() {
-                Some(s) => s.len() >= SHORTEST_REDACTED && text.contains(s),
-                None => value.try_iter().is_ok_and(|mut items| {
-                    items.any(|v| {
-                        holds(&v, text) || value.get_item(&v).is_ok_and(|f| holds(&f, text))
-                    })
-                }),
-            }
-        }
-        let quotes = self
-            .data
-            .values()
-            .flat_map(|fields| fields.values())
-            .any(|v| holds(v, text));
-        if quotes {
-            "<text holding a secret value>".to_string()
-        } else {
+        if self.source.contains(text) {
             format!("{text:?}")
+        } else {
+            "<a computed name>".to_string()
         }
     }
 }
@@ -378,7 +415,7 @@ fn secret(state: &State, path: &str) -> Result<Value, Error> {
     let path = match SecretPath::parse(path) {
         Ok(p) => p,
         Err(reason) => {
-            let why = if secrets.shown(path).starts_with('"') {
+            let why = if secrets.source.contains(path) {
                 format!("secret({path:?}): {reason}")
             } else {
                 "secret() with a path built from a secret value is not a valid Vault path"
@@ -489,7 +526,7 @@ mod tests {
         let mut given: Vec<(SecretPath, &SecretData)> = Vec::new();
         loop {
             match t.render(&given) {
-                Ok(out) => return Ok(String::from_utf8(out.to_vec()).unwrap()),
+                Ok((out, _)) => return Ok(String::from_utf8(out.to_vec()).unwrap()),
                 Err(RenderError::Needs(p)) => {
                     let found = store
                         .iter()
@@ -524,8 +561,9 @@ mod tests {
             vec![path("secret/a")],
             "fetched up front next time"
         );
-        let out = t.render(&[(path("secret/a"), &a)]).unwrap();
+        let (out, used) = t.render(&[(path("secret/a"), &a)]).unwrap();
         assert_eq!(&out[..], b"v");
+        assert_eq!(used, vec![path("secret/a")]);
         assert_eq!(t.uses(), vec![path("secret/a")]);
         assert!(t.reads(&path("secret/a")));
     }
@@ -632,7 +670,7 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         assert!(!text.contains("hunter2"), "{text}");
-        assert!(text.contains("holding a secret value"), "{text}");
+        assert!(text.contains("computed name"), "{text}");
         let err = render_all(
             "{{ secret(secret('a/b').password ~ '/..') }}",
             &[("a/b", a)],
