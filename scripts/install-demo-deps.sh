@@ -22,6 +22,12 @@ if [ ! -c /dev/fuse ]; then
     rm -f /dev/fuse
     mknod -m 0666 /dev/fuse c 10 229 || die "cannot create /dev/fuse"
 fi
+# Normal users mount through fusermount3, which opens /dev/fuse as them: Debian's mode is 0666
+# (containers sometimes make it 0600).
+if [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+    say "chmod 0666 /dev/fuse (Debian's default, so that normal users can mount)"
+    chmod 0666 /dev/fuse || die "cannot chmod /dev/fuse"
+fi
 
 bin=$(bao_binary || true)
 if [ -z "$bin" ] || ! "$bin" version >/dev/null 2>&1; then

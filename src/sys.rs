@@ -90,6 +90,129 @@ pub fn fuse_mount(target: &Path, allow_other: bool) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Whether this process may call mount(2) itself (root, or `CAP_SYS_ADMIN`): otherwise mounts
+/// go through the set-uid `fusermount3`, as for sshfs or rclone.
+pub fn can_mount() -> bool {
+    // SAFETY: geteuid cannot fail and takes no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The helper unprivileged FUSE mounts go through (`fuse3` package).
+pub const FUSERMOUNT: &str = "fusermount3";
+
+/// Mounts like [`fuse_mount`] as an unprivileged user, through `fusermount3`: it opens
+/// `/dev/fuse`, mounts with the same flags (`subtype=vaultfs` keeps the type `fuse.vaultfs`)
+/// and passes the descriptor back over a socket (`_FUSE_COMMFD`). `allow_other` needs
+/// `user_allow_other` in `/etc/fuse.conf`.
+pub fn fusermount(target: &Path, allow_other: bool) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two descriptors.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair just returned these two descriptors, owned by nobody else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let theirs_raw = theirs.as_raw_fd();
+    let options = format!(
+        "ro,nosuid,nodev,noexec,noatime,default_permissions,fsname=vaultfs,subtype=vaultfs{}",
+        if allow_other { ",allow_other" } else { "" }
+    );
+    let mut command = std::process::Command::new(FUSERMOUNT);
+    command
+        .arg("-o")
+        .arg(&options)
+        .arg("--")
+        .arg(target)
+        .env("_FUSE_COMMFD", theirs_raw.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: the closure only calls fcntl, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // The helper inherits its end of the socket (created close-on-exec).
+            let flags = libc::fcntl(theirs_raw, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(theirs_raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = command.output().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot run {FUSERMOUNT} (apt package fuse3) to mount as a normal user: {e}"),
+        )
+    })?;
+    drop(theirs);
+    if !output.status.success() {
+        let said = String::from_utf8_lossy(&output.stderr);
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{FUSERMOUNT} failed: {}", said.trim()),
+        ));
+    }
+    receive_fd(&ours)
+}
+
+/// Receives one descriptor sent with `SCM_RIGHTS` on `socket`.
+fn receive_fd(socket: &OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one descriptor's control message, aligned as cmsghdr needs.
+    let mut control = [0u64; 8];
+    // SAFETY: a zeroed msghdr is a valid empty header; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at valid buffers for the duration of the call.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: CMSG_FIRSTHDR reads within `msg`'s control buffer, filled in by recvmsg.
+    let header = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    // SAFETY: a non-null header from CMSG_FIRSTHDR lies within the control buffer.
+    if header.is_null() || unsafe { (*header).cmsg_type } != libc::SCM_RIGHTS {
+        return Err(io::Error::other(format!(
+            "{FUSERMOUNT} mounted but sent no /dev/fuse descriptor"
+        )));
+    }
+    // SAFETY: an SCM_RIGHTS message's data holds at least one descriptor, now ours.
+    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>()) };
+    // SAFETY: the kernel installed `fd` in this process for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Unmounts what [`fusermount`] mounted at `path`, lazily (`fusermount3 -u -z`).
+pub fn fuser_unmount(path: &Path) -> io::Result<()> {
+    let output = std::process::Command::new(FUSERMOUNT)
+        .args(["-u", "-z", "--"])
+        .arg(path)
+        .output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{FUSERMOUNT} -u failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
 /// Bind-mounts directory `source` at `target`, read-only, `nosuid,nodev,noexec` (a bind copies
 /// the filesystem but not the source mount's flags, so they are set again).
 pub fn bind_mount(source: &Path, target: &Path) -> io::Result<()> {

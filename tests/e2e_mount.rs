@@ -8,7 +8,9 @@ mod common;
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
@@ -978,4 +980,90 @@ fn mountinfo_parsing_finds_the_root_filesystem() {
         "no mount listed at / in /proc/self/mountinfo"
     );
     assert!(root.iter().all(|m| !m.fstype.is_empty()));
+}
+
+/// Runs `args` as the unprivileged user `nobody` (uid and gid 65534, no groups).
+fn as_nobody(program: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(program);
+    c
+}
+
+#[test]
+#[ignore = "needs root (to become an unprivileged user), /dev/fuse, fusermount3 and bao"]
+fn a_normal_user_mounts_through_fusermount3_keeping_the_fuse_vaultfs_type() {
+    let bao = setup();
+    let mode = fs::metadata("/dev/fuse")
+        .expect("/dev/fuse")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        mode, 0o666,
+        "/dev/fuse has mode {mode:o}: normal users cannot open it (scripts/install-deps.sh sets \
+         Debian's 0666)"
+    );
+    bao.kv_put("secret/app/db", &[("password", "user-mounted")]);
+    let dir = tempfile::Builder::new()
+        .prefix("vaultfs-user-")
+        .tempdir()
+        .expect("tempdir");
+    // The user's own directory, reachable by it (tempdirs are 0700 root's).
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mountpoint = dir.path().join("mnt");
+    fs::create_dir(&mountpoint).unwrap();
+    std::os::unix::fs::chown(&mountpoint, Some(65534), Some(65534)).unwrap();
+    let log = dir.path().join("vaultfs.log");
+    let mut daemon = as_nobody(vaultfs_bin())
+        .arg("mount")
+        .arg(&mountpoint)
+        .args(["--secret", "pw=secret/app/db#password"])
+        .env("VAULT_ADDR", bao.addr())
+        .env("VAULT_TOKEN", ROOT_TOKEN)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .expect("start vaultfs as nobody");
+    let logs = || fs::read_to_string(&log).unwrap_or_default();
+    let mounted = poll(
+        Duration::from_secs(10),
+        POLL_INTERVAL,
+        || match mounts_at(&mountpoint).pop() {
+            Some(m) => Ok(m),
+            None => Err("not mounted"),
+        },
+    );
+    let mount = mounted.unwrap_or_else(|e| {
+        let _ = daemon.kill();
+        panic!("{e}; vaultfs output:\n{}", logs())
+    });
+    assert_eq!(mount.fstype, "fuse.vaultfs", "the subtype keeps the type");
+    // Only its user reaches a mount without --allow-other (root included).
+    let out = as_nobody("cat")
+        .arg(mountpoint.join("pw"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "user-mounted",
+        "stderr: {}; vaultfs output:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    send_signal(daemon.id() as i32, libc::SIGTERM).unwrap();
+    let status = daemon.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}; vaultfs output:\n{}",
+        describe_status(&status),
+        logs()
+    );
+    assert!(
+        !is_mounted(&mountpoint),
+        "still mounted after SIGTERM: {:?}",
+        mounts_at(&mountpoint)
+    );
 }

@@ -211,9 +211,14 @@ fn start_connection<S: SecretSource>(
         path: target.to_path_buf(),
         source,
     };
-    let device = sys::fuse_mount(target, config.allow_other).map_err(fuse_error)?;
+    let device = if sys::can_mount() {
+        sys::fuse_mount(target, config.allow_other)
+    } else {
+        sys::fusermount(target, config.allow_other)
+    }
+    .map_err(fuse_error)?;
     serve(adapter, device, config.allow_other, None, kernel).map_err(|e| {
-        let _ = sys::detach_unmount(target);
+        let _ = unmount_ours(target);
         fuse_error(e)
     })
 }
@@ -274,13 +279,23 @@ impl FuseMount {
         let Some(connection) = self.connection.take() else {
             return Ok(());
         };
-        let result = sys::detach_all_of_type(&self.target, sys::FSTYPE).map(|_| ());
+        let result = unmount_ours(&self.target);
         // The session thread ends when the kernel closes the connection (at once, or when the
         // last open file closes).
         drop(connection);
         self.metrics.active_mounts.dec();
         tracing::info!(target = %self.target.display(), "unmounted");
         result
+    }
+}
+
+/// Takes vaultfs's mounts off `target`: with umount2 as root, through `fusermount3 -u` as a
+/// normal user (who may not call umount2).
+fn unmount_ours(target: &Path) -> std::io::Result<()> {
+    if sys::can_mount() {
+        sys::detach_all_of_type(target, sys::FSTYPE).map(|_| ())
+    } else {
+        sys::fuser_unmount(target)
     }
 }
 

@@ -346,7 +346,7 @@ pub fn sample_reads(origin: Instant, until: Duration, every: Duration, probes: &
     }
 }
 
-fn send_signal(pid: i32, sig: i32) -> io::Result<()> {
+pub fn send_signal(pid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: kill has no memory-safety preconditions.
     if unsafe { libc::kill(pid, sig) } == 0 {
         Ok(())
