@@ -660,10 +660,50 @@ fn node_plugin_daemonset_matches_the_binary() {
         host_path(state_vol)
     );
 
-    // kubelet's pod directories, at the same path as on the host, with mounts flowing back.
-    let (kubelet_mount, kubelet_vol) = mount_at(pod, vaultfs, KUBELET_DIR);
-    assert_eq!(host_path(kubelet_vol), KUBELET_DIR);
-    assert_eq!(kubelet_mount["mountPropagation"], "Bidirectional");
+    // kubelet's pod directories (where target paths are), at the same path as on the host,
+    // with mounts flowing back; nothing else of the plugin is Bidirectional.
+    let pods_dir = format!("{KUBELET_DIR}/pods");
+    let (pods_mount, pods_vol) = mount_at(pod, vaultfs, &pods_dir);
+    assert_eq!(host_path(pods_vol), pods_dir);
+    assert_eq!(pods_mount["mountPropagation"], "Bidirectional");
+    for c in containers(pod) {
+        for m in list(&c["volumeMounts"]) {
+            if m["mountPropagation"] == "Bidirectional" {
+                assert!(
+                    std::ptr::eq(c, vaultfs) && m["mountPath"] == pods_dir.as_str(),
+                    "{}: only the plugin's mount of {pods_dir} may be Bidirectional, not {}",
+                    c["name"],
+                    m["mountPath"]
+                );
+            }
+        }
+    }
+    assert_eq!(
+        pod["nodeSelector"]["kubernetes.io/os"], "linux",
+        "the plugin runs on Linux nodes only"
+    );
+
+    // The sidecars: no privilege, no escalation, no capabilities, read-only root.
+    for sidecar in [registrar, probe] {
+        let security = &sidecar["securityContext"];
+        assert_ne!(security["privileged"], true, "{}", sidecar["name"]);
+        assert_eq!(
+            security["allowPrivilegeEscalation"], false,
+            "{}",
+            sidecar["name"]
+        );
+        assert_eq!(
+            security["readOnlyRootFilesystem"], true,
+            "{}",
+            sidecar["name"]
+        );
+        assert_eq!(
+            string_list(&security["capabilities"]["drop"]),
+            vec!["ALL"],
+            "{}",
+            sidecar["name"]
+        );
+    }
     let (_, fuse) = mount_at(pod, vaultfs, "/dev/fuse");
     assert_eq!(host_path(fuse), "/dev/fuse");
 
