@@ -2,9 +2,13 @@
 //! `kubectl kustomize` and passes `kubernetes-validate --strict`, and the rendered objects agree
 //! with the binary and the library: the driver name, the plugin socket and its directories, the
 //! metrics port, the state directory, every flag given to a vaultfs container (checked against
-//! `vaultfs <subcommand> --help`), and the inline volume attributes of the examples.
+//! `vaultfs <subcommand> --help`), and the inline volume attributes of the examples. The Helm
+//! chart (`deploy/helm/vaultfs`) passes `helm lint` and renders, with its defaults and its
+//! options, objects that pass the same validation; its default render equals `deploy/base`.
 //!
-//! Needs `kubectl` and `kubernetes-validate` on PATH (`scripts/install-deps.sh`), so the tests
+//! Needs `kubectl` and `kubernetes-validate` on PATH and a Python with helm-sdkpy
+//! ($VAULTFS_TEST_PYTHON, else `python3`; Helm runs through `scripts/helm-offline.py`), all
+//! installed by `scripts/install-deps.sh`, so the tests
 //! are ignored in the fast tier and run by `scripts/test.sh` (`--include-ignored`); run without
 //! the tools, they fail naming the missing tool and how to install it.
 
