@@ -130,7 +130,7 @@ def render(chart, values):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     # helm-sdkpy takes a kubeconfig's content only as YAML (JSON is taken for a file name).
-    import yaml  # noqa: PLC0415 - PyYAML comes with helm-sdkpy
+    import yaml  # noqa: PLC0415 - PyYAML, installed by scripts/install-deps.sh
     kubeconfig = yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "standin",
         "clusters": [{"name": "standin",
@@ -161,7 +161,7 @@ def lint(chart, values):
         if values:
             # Lint reads the chart's own values.yaml: lint a copy whose values carry the
             # overrides (JSON is YAML).
-            import yaml  # noqa: PLC0415 - only needed here; helm-sdkpy depends on PyYAML
+            import yaml  # noqa: PLC0415 - PyYAML, installed by scripts/install-deps.sh
             copy_dir = os.path.join(tmp, os.path.basename(os.path.normpath(chart)))
             shutil.copytree(chart, copy_dir)
             with open(os.path.join(copy_dir, "values.yaml"), encoding="utf-8") as f:

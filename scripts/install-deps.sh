@@ -34,6 +34,8 @@ fi
 # declares Python >= 3.12 but works on Debian 12's 3.11; pinned, as the script uses its API.
 "$VENV/bin/python" -c 'import helm_sdkpy' >/dev/null 2>&1 \
     || venv_install --ignore-requires-python helm-sdkpy==0.1.32
+# scripts/helm-offline.py also reads YAML (PyYAML, which kubernetes-validate pulls in too).
+"$VENV/bin/python" -c 'import yaml' >/dev/null 2>&1 || venv_install PyYAML
 "$VENV/bin/python" -c 'import helm_sdkpy, yaml' >/dev/null 2>&1 \
     || die "helm_sdkpy does not import with $VENV/bin/python"
 say "ok"
