@@ -15,9 +15,11 @@ section "install test dependencies"
 scripts/install-deps.sh
 
 # The Python tools live in the project's virtual environment; the end-to-end harness finds
-# OpenBao through VAULTFS_TEST_BAO, the manifest tests kubectl and kubernetes-validate on PATH.
+# OpenBao through VAULTFS_TEST_BAO, the manifest tests kubectl and kubernetes-validate on PATH
+# and the Python with helm-sdkpy through VAULTFS_TEST_PYTHON.
 . scripts/lib.sh
 export PATH="$VENV/bin:$PATH"
+export VAULTFS_TEST_PYTHON="$VENV/bin/python"
 VAULTFS_TEST_BAO=$(bao_binary)
 export VAULTFS_TEST_BAO
 

@@ -2,9 +2,13 @@
 //! `kubectl kustomize` and passes `kubernetes-validate --strict`, and the rendered objects agree
 //! with the binary and the library: the driver name, the plugin socket and its directories, the
 //! metrics port, the state directory, every flag given to a vaultfs container (checked against
-//! `vaultfs <subcommand> --help`), and the inline volume attributes of the examples.
+//! `vaultfs <subcommand> --help`), and the inline volume attributes of the examples. The Helm
+//! chart (`deploy/helm/vaultfs`) passes `helm lint` and renders, with its defaults and its
+//! options, objects that pass the same validation; its default render equals `deploy/base`.
 //!
-//! Needs `kubectl` and `kubernetes-validate` on PATH (`scripts/install-deps.sh`), so the tests
+//! Needs `kubectl` and `kubernetes-validate` on PATH and a Python with helm-sdkpy
+//! ($VAULTFS_TEST_PYTHON, else `python3`; Helm runs through `scripts/helm-offline.py`), all
+//! installed by `scripts/install-deps.sh`, so the tests
 //! are ignored in the fast tier and run by `scripts/test.sh` (`--include-ignored`); run without
 //! the tools, they fail naming the missing tool and how to install it.
 
@@ -146,46 +150,71 @@ fn every_kustomization_renders_and_passes_strict_validation() {
     }
     for dir in &dirs {
         let yaml = render(dir);
-        let count = objects(&yaml).len();
-        assert!(count > 0, "{dir} renders no objects");
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        file.write_all(yaml.as_bytes())
-            .expect("write rendered YAML");
-        // Options must precede the file name: everything after it is taken as a file.
-        let mut cmd = Command::new("kubernetes-validate");
-        cmd.arg("--strict");
-        for version in KUBERNETES_VERSIONS {
-            cmd.args(["-k", version]);
-        }
-        let out = cmd
-            .arg(file.path())
-            .output()
-            .expect("run kubernetes-validate");
-        let report = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // kubernetes-validate only warns (and exits 0) for kinds it has no schema for: treat
-        // every line that is not a pass as a failure.
-        let problems: Vec<&str> = report
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.contains(" passed for resource "))
-            .collect();
-        let passed = report
-            .lines()
-            .filter(|l| l.contains(" passed for resource "))
-            .count();
-        assert!(
-            out.status.success()
-                && problems.is_empty()
-                && passed == count * KUBERNETES_VERSIONS.len(),
-            "`kubectl kustomize {dir} | kubernetes-validate --strict` ({} objects, versions \
-             {KUBERNETES_VERSIONS:?}) failed with {}:\n{report}",
-            count,
-            out.status
-        );
+        validate_strictly(&yaml, &format!("kubectl kustomize {dir}"), &[]);
     }
+}
+
+/// `kubernetes-validate --strict` of a rendered stream for every version in
+/// [`KUBERNETES_VERSIONS`]: every object must pass, except those of the `(apiVersion, kind)`s in
+/// `without_schema` (custom resources), which must be exactly the ones it has no schema for.
+fn validate_strictly(yaml: &str, what: &str, without_schema: &[(&str, &str)]) {
+    require_tool("kubernetes-validate", &["--version"], VALIDATE_INSTALL);
+    let objs = objects(yaml);
+    let count = objs.len();
+    assert!(count > 0, "{what} renders no objects");
+    let custom = objs
+        .iter()
+        .filter(|o| {
+            without_schema
+                .iter()
+                .any(|(api, k)| o["apiVersion"] == *api && kind(o) == *k)
+        })
+        .count();
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(yaml.as_bytes())
+        .expect("write rendered YAML");
+    // Options must precede the file name: everything after it is taken as a file.
+    let mut cmd = Command::new("kubernetes-validate");
+    cmd.arg("--strict");
+    for version in KUBERNETES_VERSIONS {
+        cmd.args(["-k", version]);
+    }
+    let out = cmd
+        .arg(file.path())
+        .output()
+        .expect("run kubernetes-validate");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // kubernetes-validate only warns (and exits 0) for kinds it has no schema for: treat
+    // every line that is not a pass as a failure, but for the custom kinds named.
+    let no_schema = |l: &str| {
+        without_schema.iter().any(|(api, k)| {
+            l.contains(&format!(
+                "Couldn't find schema for kind {k} with api version {api} "
+            ))
+        })
+    };
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains(" passed for resource ") && !no_schema(l))
+        .collect();
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    let unchecked = report.lines().filter(|l| no_schema(l)).count();
+    assert!(
+        out.status.success()
+            && problems.is_empty()
+            && passed == (count - custom) * KUBERNETES_VERSIONS.len()
+            && unchecked == custom * KUBERNETES_VERSIONS.len(),
+        "`{what} | kubernetes-validate --strict` ({count} objects, {custom} custom, versions \
+         {KUBERNETES_VERSIONS:?}) failed with {}:\n{report}",
+        out.status
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -660,10 +689,50 @@ fn node_plugin_daemonset_matches_the_binary() {
         host_path(state_vol)
     );
 
-    // kubelet's pod directories, at the same path as on the host, with mounts flowing back.
-    let (kubelet_mount, kubelet_vol) = mount_at(pod, vaultfs, KUBELET_DIR);
-    assert_eq!(host_path(kubelet_vol), KUBELET_DIR);
-    assert_eq!(kubelet_mount["mountPropagation"], "Bidirectional");
+    // kubelet's pod directories (where target paths are), at the same path as on the host,
+    // with mounts flowing back; nothing else of the plugin is Bidirectional.
+    let pods_dir = format!("{KUBELET_DIR}/pods");
+    let (pods_mount, pods_vol) = mount_at(pod, vaultfs, &pods_dir);
+    assert_eq!(host_path(pods_vol), pods_dir);
+    assert_eq!(pods_mount["mountPropagation"], "Bidirectional");
+    for c in containers(pod) {
+        for m in list(&c["volumeMounts"]) {
+            if m["mountPropagation"] == "Bidirectional" {
+                assert!(
+                    std::ptr::eq(c, vaultfs) && m["mountPath"] == pods_dir.as_str(),
+                    "{}: only the plugin's mount of {pods_dir} may be Bidirectional, not {}",
+                    c["name"],
+                    m["mountPath"]
+                );
+            }
+        }
+    }
+    assert_eq!(
+        pod["nodeSelector"]["kubernetes.io/os"], "linux",
+        "the plugin runs on Linux nodes only"
+    );
+
+    // The sidecars: no privilege, no escalation, no capabilities, read-only root.
+    for sidecar in [registrar, probe] {
+        let security = &sidecar["securityContext"];
+        assert_ne!(security["privileged"], true, "{}", sidecar["name"]);
+        assert_eq!(
+            security["allowPrivilegeEscalation"], false,
+            "{}",
+            sidecar["name"]
+        );
+        assert_eq!(
+            security["readOnlyRootFilesystem"], true,
+            "{}",
+            sidecar["name"]
+        );
+        assert_eq!(
+            string_list(&security["capabilities"]["drop"]),
+            vec!["ALL"],
+            "{}",
+            sidecar["name"]
+        );
+    }
     let (_, fuse) = mount_at(pod, vaultfs, "/dev/fuse");
     assert_eq!(host_path(fuse), "/dev/fuse");
 
@@ -1017,4 +1086,332 @@ fn csi_volumes_use_documented_attributes() {
         }
     }
     assert!(volumes > 0, "no example uses a {DRIVER_NAME} volume");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Helm chart
+// ---------------------------------------------------------------------------------------------
+
+const CHART: &str = "deploy/helm/vaultfs";
+const HELM_INSTALL: &str = "run scripts/install-deps.sh (it installs PyPI helm-sdkpy into \
+     .venv, and scripts/test.sh sets VAULTFS_TEST_PYTHON to .venv/bin/python), or `python3 -m \
+     pip install --ignore-requires-python helm-sdkpy` and set VAULTFS_TEST_PYTHON";
+/// Custom resources the chart may render, which kubernetes-validate has no schema for.
+const MONITORING_KINDS: &[(&str, &str)] = &[
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+];
+
+/// The Python that has helm-sdkpy: $VAULTFS_TEST_PYTHON, else `python3`.
+fn helm_python() -> String {
+    std::env::var("VAULTFS_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// `scripts/helm-offline.py ACTION deploy/helm/vaultfs VALUES`: Helm's own lint and render
+/// (through helm-sdkpy's Helm library, no cluster), failing the test with Helm's output.
+fn helm(action: &str, values: &Value) -> String {
+    let python = helm_python();
+    require_tool(&python, &["-c", "import helm_sdkpy"], HELM_INSTALL);
+    let out = Command::new(&python)
+        .arg(root().join("scripts/helm-offline.py"))
+        .arg(action)
+        .arg(root().join(CHART))
+        .arg(values.to_string())
+        .output()
+        .expect("run scripts/helm-offline.py");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 helm output");
+    assert!(
+        out.status.success(),
+        "`helm {action} {CHART}` with values {values} failed ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn chart_render(values: &Value) -> Vec<Value> {
+    objects(&helm("render", values))
+}
+
+/// Value sets the chart is linted, rendered and validated with: its defaults and every
+/// option on (or off, for the keeper).
+fn chart_variants() -> Vec<(&'static str, Value)> {
+    vec![
+        ("defaults", serde_json::json!({})),
+        (
+            "reload signals, metrics, Vault options, another kubelet root, namespace",
+            serde_json::json!({
+                "reloadSignals": {"enabled": true},
+                "metrics": {
+                    "podMonitor": {"enabled": true},
+                    "serviceMonitor": {"enabled": true},
+                    "networkPolicy": {"enabled": true},
+                },
+                "namespace": {"create": true},
+                "vault": {
+                    "servers": {"secondary": "https://vault-2.vault.svc:8200"},
+                    "namespace": "team-a",
+                    "caConfigMap": "vault-ca",
+                },
+                "extraArgs": ["--lock-memory"],
+                "kubeletDir": "/var/lib/k0s/kubelet",
+            }),
+        ),
+        (
+            "no keeper",
+            serde_json::json!({"keeper": {"enabled": false}}),
+        ),
+    ]
+}
+
+#[test]
+#[ignore = "needs helm-sdkpy and kubernetes-validate (installed by scripts/install-deps.sh)"]
+fn helm_chart_lints_renders_and_passes_strict_validation() {
+    for (what, values) in chart_variants() {
+        let lint = helm("lint", &values);
+        assert!(
+            lint.contains("1 chart(s) linted, no warnings or errors"),
+            "helm lint ({what}):\n{lint}"
+        );
+        let yaml = helm("render", &values);
+        validate_strictly(
+            &yaml,
+            &format!("helm template {CHART} ({what})"),
+            MONITORING_KINDS,
+        );
+        let objs = objects(&yaml);
+
+        // Every vaultfs container uses only flags the binary has, with defined variables.
+        for (_, pod) in pods(&objs) {
+            for (c, _) in vaultfs_containers(pod) {
+                Invocation::of(c);
+                assert_arg_variables_defined(c);
+            }
+        }
+        let (_, plugin_pod, plugin) = workload_running(&objs, "csi");
+        let inv = Invocation::of(plugin);
+        let reload = values["reloadSignals"]["enabled"] == true;
+        assert_eq!(plugin_pod["hostPID"] == true, reload, "{what}: hostPID");
+        assert_eq!(inv.has("allow-reload-signals"), reload, "{what}");
+        let keeper = values["keeper"]["enabled"] != false;
+        assert_eq!(
+            objs.iter().any(|o| name(o) == "vaultfs-keeper"),
+            keeper,
+            "{what}: keeper DaemonSet"
+        );
+        assert_eq!(inv.has("keeper-socket"), keeper, "{what}: --keeper-socket");
+
+        // The kubelet root: every kubelet path the plugin uses is under it.
+        let kubelet = values["kubeletDir"].as_str().unwrap_or(KUBELET_DIR);
+        let pods_dir = format!("{kubelet}/pods");
+        let (m, vol) = mount_at(plugin_pod, plugin, &pods_dir);
+        assert_eq!(host_path(vol), pods_dir, "{what}");
+        assert_eq!(m["mountPropagation"], "Bidirectional", "{what}");
+        let registrar = container(plugin_pod, "node-driver-registrar");
+        assert_eq!(
+            sidecar_flag(registrar, "kubelet-registration-path"),
+            format!("{kubelet}/plugins/{DRIVER_NAME}/csi.sock"),
+            "{what}"
+        );
+        let (_, registration) = mount_at(plugin_pod, registrar, "/registration");
+        assert_eq!(
+            host_path(registration),
+            format!("{kubelet}/plugins_registry")
+        );
+
+        // Vault options reach the flags, and the CA file is in a mounted ConfigMap.
+        if let Some(ca_map) = values["vault"]["caConfigMap"].as_str() {
+            let (_, ca_vol, _) = mount_containing(plugin_pod, plugin, inv.value("vault-cacert"));
+            assert_eq!(ca_vol["configMap"]["name"], ca_map, "{what}");
+            assert_eq!(inv.value("vault-namespace"), "team-a");
+            assert_eq!(
+                inv.values("vault-server"),
+                ["secondary=https://vault-2.vault.svc:8200"]
+            );
+            assert!(inv.has("lock-memory"), "{what}: extraArgs");
+        }
+
+        // Monitoring objects select the plugin's pods and its metrics port.
+        let metrics_port = port_of(inv.value("metrics-addr"));
+        for obj in objs
+            .iter()
+            .filter(|o| matches!(kind(o), "PodMonitor" | "ServiceMonitor" | "Service"))
+        {
+            let selector = if kind(obj) == "Service" {
+                &obj["spec"]["selector"]
+            } else {
+                &obj["spec"]["selector"]["matchLabels"]
+            };
+            let selected = selector.as_object().expect("selector");
+            assert!(
+                !selected.is_empty(),
+                "{what}: {} selects every pod",
+                name(obj)
+            );
+            for (k, v) in selected {
+                assert_eq!(
+                    &plugin_pod_labels(&objs)[k],
+                    v,
+                    "{what}: {} {} must select the plugin's pods",
+                    kind(obj),
+                    name(obj)
+                );
+            }
+        }
+        if let Some(pm) = objs.iter().find(|o| kind(o) == "PodMonitor") {
+            let port = pm["spec"]["podMetricsEndpoints"][0]["port"]
+                .as_str()
+                .expect("PodMonitor port name");
+            let p = list(&plugin["ports"])
+                .iter()
+                .find(|p| p["name"] == port)
+                .expect("PodMonitor port is a port of the plugin");
+            assert_eq!(p["containerPort"], metrics_port);
+        }
+        if let Some(np) = objs.iter().find(|o| kind(o) == "NetworkPolicy") {
+            let ports: Vec<u64> = list(&np["spec"]["ingress"][0]["ports"])
+                .iter()
+                .filter_map(|p| p["port"].as_u64())
+                .collect();
+            assert!(
+                ports.contains(&u64::from(metrics_port)),
+                "{what}: NetworkPolicy must admit the metrics port: {ports:?}"
+            );
+        }
+        if let Some(ns) = objs.iter().find(|o| kind(o) == "Namespace") {
+            assert_eq!(
+                ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+                "{what}: the plugin is privileged"
+            );
+        }
+    }
+}
+
+fn plugin_pod_labels(objs: &[Value]) -> &Value {
+    &workload_running(objs, "csi").0["spec"]["template"]["metadata"]["labels"]
+}
+
+/// A pod spec with what the chart and kustomize legitimately name differently made equal: the
+/// ConfigMap references (kustomize appends a content hash to the name) are replaced by the
+/// ConfigMap's data, and `imagePullPolicy` (the chart sets it explicitly) is dropped.
+fn comparable_pod_spec(objs: &[Value], pod: &Value) -> Value {
+    let mut pod = pod.clone();
+    for field in ["containers", "initContainers"] {
+        for c in pod[field].as_array_mut().into_iter().flatten() {
+            c.as_object_mut()
+                .expect("container")
+                .remove("imagePullPolicy");
+            for e in c["env"].as_array_mut().into_iter().flatten() {
+                let reference = &mut e["valueFrom"]["configMapKeyRef"];
+                if let Some(cm_name) = reference["name"].as_str() {
+                    let cm = objs
+                        .iter()
+                        .find(|o| kind(o) == "ConfigMap" && name(o) == cm_name)
+                        .unwrap_or_else(|| panic!("ConfigMap {cm_name} is not rendered"));
+                    let key = reference["key"].as_str().expect("configMapKeyRef key");
+                    *reference = serde_json::json!({"data": cm["data"][key].clone()});
+                }
+            }
+        }
+    }
+    pod
+}
+
+#[test]
+#[ignore = "needs kubectl and helm-sdkpy (installed by scripts/install-deps.sh)"]
+fn helm_chart_defaults_match_deploy_base() {
+    let chart = chart_render(&serde_json::json!({}));
+    let base = rendered("deploy/base");
+
+    // The same objects, but for the namespace (a Helm release needs it beforehand; the chart
+    // renders it only on request, with the same Pod Security label) and kustomize's hashed
+    // ConfigMap name.
+    let key = |o: &Value| (kind(o).to_owned(), name(o).to_owned());
+    let chart_objects: BTreeSet<_> = chart.iter().map(key).collect();
+    let base_objects: BTreeSet<_> = base
+        .iter()
+        .filter(|o| kind(o) != "Namespace")
+        .map(|o| {
+            let (k, n) = key(o);
+            let n = if k == "ConfigMap" {
+                n.rsplit_once('-')
+                    .expect("hashed ConfigMap name")
+                    .0
+                    .to_owned()
+            } else {
+                n
+            };
+            (k, n)
+        })
+        .collect();
+    assert_eq!(
+        chart_objects, base_objects,
+        "objects of the chart and deploy/base"
+    );
+    let namespace = chart_render(&serde_json::json!({"namespace": {"create": true}}))
+        .into_iter()
+        .find(|o| kind(o) == "Namespace")
+        .expect("namespace.create renders the Namespace");
+    let base_namespace = base
+        .iter()
+        .find(|o| kind(o) == "Namespace")
+        .expect("Namespace");
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        base_namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+    );
+
+    // Every object's spec: the CSIDriver (driver name, token requests...), the DaemonSets'
+    // selectors, update strategies and whole pod specs (flags, sockets, ports, probes,
+    // volumes, hostPaths, propagation, security contexts, resources, scheduling), the
+    // service account.
+    for c in &chart {
+        let b = base
+            .iter()
+            .find(|b| kind(b) == kind(c) && name(b).starts_with(name(c)))
+            .expect("same object in deploy/base");
+        let what = format!("{} {}", kind(c), name(c));
+        match kind(c) {
+            "CSIDriver" => assert_eq!(c["spec"], b["spec"], "{what}"),
+            "ServiceAccount" => assert_eq!(
+                c["automountServiceAccountToken"], b["automountServiceAccountToken"],
+                "{what}"
+            ),
+            "ConfigMap" => assert_eq!(c["data"], b["data"], "{what}"),
+            "DaemonSet" => {
+                for field in ["selector", "updateStrategy"] {
+                    assert_eq!(c["spec"][field], b["spec"][field], "{what}: {field}");
+                }
+                let labels = &c["spec"]["template"]["metadata"]["labels"];
+                for (k, v) in b["spec"]["template"]["metadata"]["labels"]
+                    .as_object()
+                    .expect("labels")
+                {
+                    assert_eq!(&labels[k], v, "{what}: pod label {k}");
+                }
+                let annotations = &c["spec"]["template"]["metadata"]["annotations"];
+                for (k, v) in b["spec"]["template"]["metadata"]["annotations"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                {
+                    assert_eq!(&annotations[k], v, "{what}: pod annotation {k}");
+                }
+                assert_eq!(
+                    comparable_pod_spec(&chart, &c["spec"]["template"]["spec"]),
+                    comparable_pod_spec(&base, &b["spec"]["template"]["spec"]),
+                    "{what}: pod spec of the chart's default render differs from deploy/base"
+                );
+            }
+            other => panic!("{what}: the chart's default render has an unexpected {other}"),
+        }
+    }
+
+    // The chart's default image is the one deploy/base runs: the crate version.
+    let chart_yaml: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join(CHART).join("Chart.yaml")).expect("Chart.yaml"),
+    )
+    .expect("Chart.yaml is YAML");
+    assert_eq!(chart_yaml["apiVersion"], "v2");
+    assert_eq!(chart_yaml["appVersion"], env!("CARGO_PKG_VERSION"));
 }
