@@ -1210,4 +1210,3 @@ mod tests {
         assert_eq!(text(&w, "pointer").await, "t-1");
     }
 }
-

@@ -82,17 +82,24 @@ impl Default for ServerLimits {
 /// A `ServerConfig` that cannot be used, with what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultConfigError {
-    #[error("cannot read VAULT_CACERT file {path}: {source}")]
-    CaCert {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("VAULT_CACERT file {0} holds no usable PEM certificate")]
+    // The OS error is part of the message, not a `source`, so that it is printed once.
+    #[error(
+        "cannot read the CA certificate file {path} (--vault-cacert or VAULT_CACERT): {error}"
+    )]
+    CaCert { path: String, error: std::io::Error },
+    #[error("the CA certificate file {0} (--vault-cacert or VAULT_CACERT) holds no usable PEM certificate")]
     CaCertPem(String),
-    #[error("invalid VAULT_ADDR {0:?}: expected http://HOST:PORT or https://HOST:PORT, optionally with a path prefix, without credentials, query or fragment")]
+    #[error("invalid Vault address {0:?} (--vault-addr, --vault-server or VAULT_ADDR): expected http://HOST:PORT or https://HOST:PORT, optionally with a path prefix, without credentials, query or fragment")]
     Addr(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+}
+
+impl VaultConfigError {
+    /// Whether the error is in what the user gave (an address, a CA file), not in this host.
+    pub fn is_bad_argument(&self) -> bool {
+        !matches!(self, Self::Client(_))
+    }
 }
 
 /// One Vault server: its address and an HTTP client (connection pool, TLS settings) shared by
@@ -138,9 +145,9 @@ impl VaultServer {
             .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(config.skip_verify);
         if let Some(path) = &config.ca_cert {
-            let pem = std::fs::read(path).map_err(|source| VaultConfigError::CaCert {
+            let pem = std::fs::read(path).map_err(|error| VaultConfigError::CaCert {
                 path: path.display().to_string(),
-                source,
+                error,
             })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .ok()
