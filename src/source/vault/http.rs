@@ -533,10 +533,15 @@ impl Exchange {
         // 5xx and 429 included, do not mark it down: the server answered (fast), a 5xx or
         // 429 may concern one path or one client, and the cache's back-off already paces
         // retries of those.
+        // The base address only, never the request's URL: it is what to check (and a path
+        // may name a secret). It carries no credentials or query (`parse_addr`).
         let unavailable = |e: reqwest::Error| {
             let cause = describe(e);
             self.health.mark_down(&cause);
-            SourceError::Unavailable(format!("{kind} request failed: {cause}"))
+            SourceError::Unavailable(format!(
+                "{kind} request to {} failed: {cause}",
+                self.base.as_str().trim_end_matches('/')
+            ))
         };
         let mut response = request.send().await.map_err(unavailable)?;
         let status = response.status();
@@ -653,6 +658,9 @@ impl Exchange {
 
 /// A reqwest error with its causes (the TLS or connection failure is only in the chain),
 /// without the URL.
+/// A transport failure with its whole cause chain, each part once (`error sending request:
+/// client error (Connect): tcp connect error: Connection refused (os error 111)`), without the
+/// request's URL.
 pub(super) fn describe(err: reqwest::Error) -> String {
     let err = err.without_url();
     let mut text = err.to_string();
@@ -1175,5 +1183,36 @@ mod tests {
         }
         assert_eq!(most.load(Ordering::SeqCst), 3, "the server's cap");
         assert_eq!(gauge.get(), 0, "nothing left in flight");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_the_address_and_the_cause() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("local address").port()
+        };
+        let addr = format!("http://127.0.0.1:{port}");
+        let err = get(&small_server(&addr, 1000), "read").await.unwrap_err();
+        let SourceError::Unavailable(message) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(message.contains(&addr), "{message}");
+        assert!(message.contains("Connection refused"), "{message}");
+        assert!(!message.contains("tok"), "no token: {message}");
+    }
+
+    #[tokio::test]
+    async fn an_unresolvable_host_names_the_address_and_the_lookup_failure() {
+        let addr = "http://vaultfs-test.invalid:8200";
+        let err = get(&small_server(addr, 1000), "read").await.unwrap_err();
+        let SourceError::Unavailable(message) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(message.contains(addr), "{message}");
+        assert!(message.contains("dns error"), "{message}");
+        assert!(
+            !message.contains("secret/data"),
+            "only the server's address: {message}"
+        );
     }
 }
