@@ -186,7 +186,7 @@ struct DaemonArgs {
     #[arg(long)]
     lock_memory: bool,
     /// Serve Prometheus /metrics and /healthz on this address.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_parser = vaultfs::metrics::resolve_listen_addr)]
     metrics_addr: Option<SocketAddr>,
     /// Log line format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value = "text")]

@@ -364,6 +364,29 @@ impl Metrics {
     }
 }
 
+/// The address `--metrics-addr HOST:PORT` listens on: an IP address with its port
+/// (`0.0.0.0:9100`, `[::1]:9100`), or a host name resolved to its first address
+/// (`localhost:9100`). The error says what was expected.
+pub fn resolve_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let expected = "expected HOST:PORT, e.g. 0.0.0.0:9100, [::1]:9100 or localhost:9100";
+    let well_formed = text
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !well_formed {
+        return Err(format!("{text:?}: {expected}"));
+    }
+    let mut found = text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}; {expected}"))?;
+    found
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address; {expected}"))
+}
+
 /// Serves `GET /metrics` and `GET /healthz` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
@@ -440,6 +463,35 @@ mod tests {
         assert!(
             !m.render().contains("ns/pod/vol-1"),
             "a gone volume's series are dropped"
+        );
+    }
+
+    #[test]
+    fn listen_addresses_may_name_a_host_and_must_name_a_port() {
+        assert_eq!(
+            resolve_listen_addr("0.0.0.0:9100"),
+            Ok("0.0.0.0:9100".parse().unwrap())
+        );
+        assert_eq!(
+            resolve_listen_addr("[::1]:9100"),
+            Ok("[::1]:9100".parse().unwrap())
+        );
+        let local = resolve_listen_addr("localhost:9100").expect("localhost resolves");
+        assert!(local.ip().is_loopback() && local.port() == 9100, "{local}");
+        for bad in [
+            "localhost",
+            "localhost:",
+            ":9100",
+            "localhost:99999",
+            "9100",
+        ] {
+            let err = resolve_listen_addr(bad).unwrap_err();
+            assert!(err.contains("expected HOST:PORT"), "{bad}: {err}");
+        }
+        let err = resolve_listen_addr("vaultfs-test.invalid:9100").unwrap_err();
+        assert!(
+            err.contains("cannot resolve \"vaultfs-test.invalid:9100\""),
+            "{err}"
         );
     }
 }

@@ -296,3 +296,48 @@ fn every_bad_argument_exits_2_before_mounting() {
         );
     }
 }
+
+#[test]
+fn a_metrics_port_in_use_fails_before_mounting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let addr = taken.local_addr().expect("local address").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().to_str().expect("utf-8 path");
+    let out = vaultfs(&[
+        "mount",
+        mnt,
+        "--secret",
+        "a=secret/a",
+        "--metrics-addr",
+        &addr,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        lines(&stderr),
+        [format!(
+            "vaultfs: cannot listen on --metrics-addr {addr}: Address already in use (os error 98)"
+        )],
+        "one line, and nothing mounted or served first"
+    );
+}
+
+#[test]
+fn metrics_addresses_need_a_port_and_a_host_that_resolves() {
+    for (bad, expected) in [
+        ("localhost", "expected HOST:PORT"),
+        ("vaultfs-test.invalid:9100", "cannot resolve"),
+    ] {
+        let out = vaultfs(&[
+            "mount",
+            "/tmp",
+            "--secret",
+            "a=secret/a",
+            "--metrics-addr",
+            bad,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains(expected), "{bad}: {stderr}");
+    }
+}
