@@ -979,3 +979,38 @@ fn mountinfo_parsing_finds_the_root_filesystem() {
     );
     assert!(root.iter().all(|m| !m.fstype.is_empty()));
 }
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao"]
+fn ioctls_are_refused_with_enotty_and_not_logged() {
+    let bao = setup();
+    bao.kv_put("secret/app/py", &[("value", "python-reads-me")]);
+    let mut m = Mount::start(&bao, &["py=secret/app/py#value"], &[]);
+    let path = m.file("py");
+    let path = path.to_str().expect("utf-8 path");
+    // `open()` asks whether the file is a terminal (an ioctl), as do `isatty` and TCGETS.
+    let script = "import fcntl, os, sys, termios\n\
+        print(open(sys.argv[1]).read())\n\
+        fd = os.open(sys.argv[1], os.O_RDONLY)\n\
+        assert not os.isatty(fd)\n\
+        try:\n    fcntl.ioctl(fd, termios.TCGETS, bytes(64))\n    raise SystemExit('TCGETS succeeded')\n\
+        except OSError as e:\n    print(e.errno)\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, path])
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        format!("python-reads-me\n{}\n", libc::ENOTTY),
+        "the value, then TCGETS refused with ENOTTY"
+    );
+    m.terminate();
+    let logs = m.logs();
+    assert!(!logs.contains("ioctl"), "ioctls are not logged:\n{logs}");
+}
