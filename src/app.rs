@@ -96,11 +96,48 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     let serving = volume.serve(Box::new(mounted));
     let mut background = tokio::task::JoinSet::new();
     spawn_metrics(&mut background, metrics_listener, &metrics);
-    shutdown.await;
-    background.abort_all();
+    let gone = tokio::select! {
+        () = shutdown => None,
+        reason = mount_gone(settings.mountpoint.clone()) => Some(reason),
+    };
+    if let Some(reason) = &gone {
+        // Seen by a probe of /healthz until the process is gone.
+        metrics.set_unhealthy(reason.clone());
+    }
     let unmounted = serving.tear_down().await;
+    background.abort_all();
+    if let Some(reason) = gone {
+        anyhow::bail!("{reason}; stopped");
+    }
     unmounted.context("unmounting")?;
     Ok(())
+}
+
+/// How often `vaultfs mount` checks that its mount is still there.
+const MOUNT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Completes, with what happened, once the mount at `mountpoint` (mounted just before) is no
+/// longer the one this process mounted: unmounted from outside (`umount`, `umount -l`), or
+/// another mount's id in its place. Never completes where the kernel reports no mount ids.
+async fn mount_gone(mountpoint: PathBuf) -> String {
+    let target = crate::sys::canonical_target(&mountpoint).unwrap_or(mountpoint);
+    let probe = target.clone();
+    let id = tokio::task::spawn_blocking(move || crate::sys::mount_id(&probe))
+        .await
+        .ok()
+        .flatten();
+    let Some(id) = id else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(MOUNT_CHECK_INTERVAL).await;
+        if crate::sys::is_mounted_as(&target, id) == Some(false) {
+            return format!(
+                "the mount at {} is gone (unmounted from outside)",
+                target.display()
+            );
+        }
+    }
 }
 
 /// The listener of `--metrics-addr`, if given, bound at once.

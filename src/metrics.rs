@@ -100,6 +100,8 @@ pub struct Metrics {
     pub resent_requests: Counter,
     /// How long the last connection taken over had no daemon serving it, in seconds.
     pub takeover_unserved_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Why `/healthz` answers 503, once something this daemon serves is broken for good.
+    unhealthy: parking_lot::Mutex<Option<String>>,
 }
 
 impl Default for Metrics {
@@ -275,7 +277,18 @@ impl Metrics {
             vault_lease_renewals,
             reload_signals,
             reload_signal_failures,
+            unhealthy: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// From now on `/healthz` answers 503 with `reason` (the first reason given is kept).
+    pub fn set_unhealthy(&self, reason: String) {
+        self.unhealthy.lock().get_or_insert(reason);
+    }
+
+    /// `Err(reason)` once `set_unhealthy` was called.
+    pub fn health(&self) -> Result<(), String> {
+        self.unhealthy.lock().clone().map_or(Ok(()), Err)
     }
 
     /// The `vaultfs_vault_server_up` series of the server at `addr`.
@@ -411,7 +424,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     metrics.render(),
                 ),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/healthz" => match metrics.health() {
+                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    Err(reason) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("unhealthy: {reason}\n"),
+                    ),
+                },
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
             let head = format!(
@@ -493,5 +513,37 @@ mod tests {
             err.contains("cannot resolve \"vaultfs-test.invalid:9100\""),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_503_with_the_reason_once_unhealthy() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let server = tokio::spawn(serve(listener, metrics.clone()));
+        let get = || async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        let ok = get().await;
+        assert!(
+            ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ok\n"),
+            "{ok}"
+        );
+        metrics.set_unhealthy("the mount at /mnt/s is gone".into());
+        metrics.set_unhealthy("a later reason".into());
+        let bad = get().await;
+        assert!(bad.starts_with("HTTP/1.1 503 "), "{bad}");
+        assert!(
+            bad.ends_with("unhealthy: the mount at /mnt/s is gone\n"),
+            "{bad}"
+        );
+        server.abort();
     }
 }

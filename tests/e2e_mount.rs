@@ -1014,3 +1014,37 @@ fn ioctls_are_refused_with_enotty_and_not_logged() {
     let logs = m.logs();
     assert!(!logs.contains("ioctl"), "ioctls are not logged:\n{logs}");
 }
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao"]
+fn an_external_unmount_stops_the_daemon_with_a_failure_naming_it() {
+    let bao = setup();
+    bao.kv_put("secret/app/one", &[("value", "v1")]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut m = Mount::start(
+        &bao,
+        &["one=secret/app/one#value"],
+        &["--metrics-addr", &addr],
+    );
+    assert_eq!(http_get(&addr, "/healthz"), "ok\n");
+    assert_eq!(read_string(m.file("one")), "v1");
+    lazy_unmount(m.path()).expect("umount -l");
+    let status = m
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running after the unmount:\n{}", m.logs()));
+    assert_eq!(status.code(), Some(1), "{}", m.logs());
+    let logs = m.logs();
+    let gone = format!(
+        "vaultfs: the mount at {} is gone (unmounted from outside); stopped",
+        m.path().display()
+    );
+    assert_eq!(
+        logs.lines()
+            .filter(|l| l.contains("is gone"))
+            .collect::<Vec<_>>(),
+        [gone.as_str()],
+        "one line naming the mount point:\n{logs}"
+    );
+    assert!(!is_mounted(m.path()), "nothing left mounted");
+}
