@@ -75,6 +75,8 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     );
 
     let shutdown = shutdown_signal()?;
+    // Before mounting: a port in use fails at once, with nothing mounted.
+    let metrics_listener = bind_metrics(settings.metrics_addr).await?;
     let mounted = mount::mount(
         volume.fs(),
         &settings.mountpoint,
@@ -93,28 +95,74 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     );
     let serving = volume.serve(Box::new(mounted));
     let mut background = tokio::task::JoinSet::new();
-    spawn_metrics(&mut background, settings.metrics_addr, &metrics).await?;
-    shutdown.await;
-    background.abort_all();
+    spawn_metrics(&mut background, metrics_listener, &metrics);
+    let gone = tokio::select! {
+        () = shutdown => None,
+        reason = mount_gone(settings.mountpoint.clone()) => Some(reason),
+    };
+    if let Some(reason) = &gone {
+        // Seen by a probe of /healthz until the process is gone.
+        metrics.set_unhealthy(reason.clone());
+    }
     let unmounted = serving.tear_down().await;
+    background.abort_all();
+    if let Some(reason) = gone {
+        anyhow::bail!("{reason}; stopped");
+    }
     unmounted.context("unmounting")?;
     Ok(())
 }
 
-/// Serves `/metrics` and `/healthz` on `addr`, if given, as a task of `background`.
-async fn spawn_metrics(
+/// How often `vaultfs mount` checks that its mount is still there.
+const MOUNT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Completes, with what happened, once the mount at `mountpoint` (mounted just before) is no
+/// longer the one this process mounted: unmounted from outside (`umount`, `umount -l`), or
+/// another mount's id in its place. Never completes where the kernel reports no mount ids.
+async fn mount_gone(mountpoint: PathBuf) -> String {
+    let target = crate::sys::canonical_target(&mountpoint).unwrap_or(mountpoint);
+    let probe = target.clone();
+    let id = tokio::task::spawn_blocking(move || crate::sys::mount_id(&probe))
+        .await
+        .ok()
+        .flatten();
+    let Some(id) = id else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(MOUNT_CHECK_INTERVAL).await;
+        if crate::sys::is_mounted_as(&target, id) == Some(false) {
+            return format!(
+                "the mount at {} is gone (unmounted from outside)",
+                target.display()
+            );
+        }
+    }
+}
+
+/// The listener of `--metrics-addr`, if given, bound at once.
+async fn bind_metrics(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {addr}"))?;
+    Ok(Some(listener))
+}
+
+/// Serves `/metrics` and `/healthz` on `listener`, if any, as a task of `background`.
+fn spawn_metrics(
     background: &mut tokio::task::JoinSet<()>,
-    addr: Option<SocketAddr>,
+    listener: Option<tokio::net::TcpListener>,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<()> {
-    if let Some(addr) = addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding --metrics-addr {addr}"))?;
-        tracing::info!(%addr, "serving /metrics and /healthz");
+) {
+    if let Some(listener) = listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving /metrics and /healthz");
+        }
         background.spawn(metrics::serve(listener, metrics.clone()));
     }
-    Ok(())
 }
 
 /// Completes on the first SIGTERM or SIGINT. Installs the handlers at once, so a signal that
@@ -201,6 +249,8 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         server.set_up_gauge(metrics.vault_server_up(server.addr()));
         servers.insert(name.clone(), Arc::new(server));
     }
+    // Before taking over or recovering any mount: a port in use fails at once.
+    let metrics_listener = bind_metrics(settings.metrics_addr).await?;
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("creating --state-dir {}", settings.state_dir.display()))?;
     if !crate::sys::is_tmpfs(&settings.state_dir) {
@@ -269,7 +319,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         );
     }
     let mut background = tokio::task::JoinSet::new();
-    spawn_metrics(&mut background, settings.metrics_addr, &metrics).await?;
+    spawn_metrics(&mut background, metrics_listener, &metrics);
     crate::csi::serve(manager.clone(), &socket, shutdown).await?;
     drain(&metrics, settings.drain_timeout).await;
     background.abort_all();

@@ -12,8 +12,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use vaultfs::app::{self, MountSettings};
 use vaultfs::config::{parse_duration, parse_file_mode};
+use vaultfs::mount::MountError;
 use vaultfs::secret::Token;
-use vaultfs::source::vault::{Auth, Credential, LoginMethod, ServerConfig, ServerLimits};
+use vaultfs::source::vault::{
+    Auth, Credential, LoginMethod, ServerConfig, ServerLimits, VaultConfigError,
+};
 use vaultfs::spec::{self, VolumeSpec};
 
 #[derive(Parser)]
@@ -183,7 +186,7 @@ struct DaemonArgs {
     #[arg(long)]
     lock_memory: bool,
     /// Serve Prometheus /metrics and /healthz on this address.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_parser = vaultfs::metrics::resolve_listen_addr)]
     metrics_addr: Option<SocketAddr>,
     /// Log line format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value = "text")]
@@ -420,11 +423,7 @@ fn keeper(args: KeeperArgs) -> ExitCode {
     init_logging(args.log_format);
     match vaultfs::keeper::run_keeper(&args.socket) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("vaultfs: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(args.log_format, &e),
     }
 }
 
@@ -490,10 +489,10 @@ fn csi(args: CsiArgs) -> ExitCode {
         lock_memory: args.daemon.lock_memory,
         metrics_addr: args.daemon.metrics_addr,
     };
-    run(app::run_csi(settings))
+    run(args.daemon.log_format, app::run_csi(settings))
 }
 
-fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn run(format: LogFormat, work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         // Template renderings and address lookups: few and short (renderings are bounded by
@@ -511,12 +510,38 @@ fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode 
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("vaultfs: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(format, &e),
     }
+}
+
+/// Reports the error that stops the daemon, once, on one line with each cause once: `vaultfs:
+/// <message>: <cause>...` with text logs, one JSON log line with `--log-format json` (so that a
+/// log collector reads it as any other line). Returns the exit status of such a failure.
+fn fail(format: LogFormat, error: &anyhow::Error) -> ExitCode {
+    let message = format!("{error:#}");
+    match format {
+        LogFormat::Text => eprintln!("vaultfs: {message}"),
+        LogFormat::Json => tracing::error!(error = %message, "vaultfs stopped"),
+    }
+    if is_bad_argument(error) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Whether `error` comes from an argument found bad only once the daemon started (a Vault
+/// address or CA file, a mount point that is not a directory): exit 2, as for any bad argument.
+fn is_bad_argument(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<VaultConfigError>()
+            .is_some_and(VaultConfigError::is_bad_argument)
+            || matches!(
+                cause.downcast_ref::<MountError>(),
+                Some(MountError::NotADirectory(_))
+            )
+    })
 }
 
 fn mount(args: MountArgs) -> ExitCode {
@@ -562,5 +587,5 @@ fn mount(args: MountArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    run(app::run_mount(settings))
+    run(args.daemon.log_format, app::run_mount(settings))
 }

@@ -100,6 +100,8 @@ pub struct Metrics {
     pub resent_requests: Counter,
     /// How long the last connection taken over had no daemon serving it, in seconds.
     pub takeover_unserved_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Why `/healthz` answers 503, once something this daemon serves is broken for good.
+    unhealthy: parking_lot::Mutex<Option<String>>,
 }
 
 impl Default for Metrics {
@@ -275,7 +277,18 @@ impl Metrics {
             vault_lease_renewals,
             reload_signals,
             reload_signal_failures,
+            unhealthy: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// From now on `/healthz` answers 503 with `reason` (the first reason given is kept).
+    pub fn set_unhealthy(&self, reason: String) {
+        self.unhealthy.lock().get_or_insert(reason);
+    }
+
+    /// `Err(reason)` once `set_unhealthy` was called.
+    pub fn health(&self) -> Result<(), String> {
+        self.unhealthy.lock().clone().map_or(Ok(()), Err)
     }
 
     /// The `vaultfs_vault_server_up` series of the server at `addr`.
@@ -364,6 +377,29 @@ impl Metrics {
     }
 }
 
+/// The address `--metrics-addr HOST:PORT` listens on: an IP address with its port
+/// (`0.0.0.0:9100`, `[::1]:9100`), or a host name resolved to its first address
+/// (`localhost:9100`). The error says what was expected.
+pub fn resolve_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let expected = "expected HOST:PORT, e.g. 0.0.0.0:9100, [::1]:9100 or localhost:9100";
+    let well_formed = text
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !well_formed {
+        return Err(format!("{text:?}: {expected}"));
+    }
+    let mut found = text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}; {expected}"))?;
+    found
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address; {expected}"))
+}
+
 /// Serves `GET /metrics` and `GET /healthz` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
@@ -388,7 +424,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     metrics.render(),
                 ),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/healthz" => match metrics.health() {
+                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    Err(reason) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("unhealthy: {reason}\n"),
+                    ),
+                },
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
             let head = format!(
@@ -441,5 +484,66 @@ mod tests {
             !m.render().contains("ns/pod/vol-1"),
             "a gone volume's series are dropped"
         );
+    }
+
+    #[test]
+    fn listen_addresses_may_name_a_host_and_must_name_a_port() {
+        assert_eq!(
+            resolve_listen_addr("0.0.0.0:9100"),
+            Ok("0.0.0.0:9100".parse().unwrap())
+        );
+        assert_eq!(
+            resolve_listen_addr("[::1]:9100"),
+            Ok("[::1]:9100".parse().unwrap())
+        );
+        let local = resolve_listen_addr("localhost:9100").expect("localhost resolves");
+        assert!(local.ip().is_loopback() && local.port() == 9100, "{local}");
+        for bad in [
+            "localhost",
+            "localhost:",
+            ":9100",
+            "localhost:99999",
+            "9100",
+        ] {
+            let err = resolve_listen_addr(bad).unwrap_err();
+            assert!(err.contains("expected HOST:PORT"), "{bad}: {err}");
+        }
+        let err = resolve_listen_addr("vaultfs-test.invalid:9100").unwrap_err();
+        assert!(
+            err.contains("cannot resolve \"vaultfs-test.invalid:9100\""),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_503_with_the_reason_once_unhealthy() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let server = tokio::spawn(serve(listener, metrics.clone()));
+        let get = || async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        let ok = get().await;
+        assert!(
+            ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ok\n"),
+            "{ok}"
+        );
+        metrics.set_unhealthy("the mount at /mnt/s is gone".into());
+        metrics.set_unhealthy("a later reason".into());
+        let bad = get().await;
+        assert!(bad.starts_with("HTTP/1.1 503 "), "{bad}");
+        assert!(
+            bad.ends_with("unhealthy: the mount at /mnt/s is gone\n"),
+            "{bad}"
+        );
+        server.abort();
     }
 }

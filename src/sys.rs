@@ -361,6 +361,20 @@ pub fn mount_stack(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Whether the mount with id `id` (as `mount_id` reports it) is still mounted at `path`, per
+/// `/proc/self/mountinfo`. `None` if the table cannot be read.
+pub fn is_mounted_as(path: &Path, id: u64) -> Option<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (id, wanted) = (id.to_string(), path.as_os_str().as_bytes());
+    Some(info.lines().any(|l| {
+        let mut fields = l.split(' ');
+        fields.next() == Some(id.as_str())
+            && fields
+                .nth(3)
+                .is_some_and(|m| unescape_mountinfo(m) == wanted)
+    }))
+}
+
 /// Detaches the mounts stacked at `path` while the topmost is of type `fstype`; stops at the
 /// first mount of another type (never unmounts what vaultfs did not mount). Reads the mount
 /// table once: its size grows with the node's mounts.
@@ -433,6 +447,17 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mount_is_found_by_its_id_and_path_only() {
+        let root = Path::new("/");
+        let Some(id) = mount_id(root) else {
+            return; // A kernel without STATX_MNT_ID: nothing to compare with.
+        };
+        assert_eq!(is_mounted_as(root, id), Some(true));
+        assert_eq!(is_mounted_as(root, id + 1_000_000), Some(false));
+        assert_eq!(is_mounted_as(Path::new("/nonexistent"), id), Some(false));
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

@@ -122,3 +122,222 @@ fn missing_vault_address_is_named() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("VAULT_ADDR"), "{stderr}");
 }
+
+/// The lines of `stderr` that are not empty.
+fn lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+#[test]
+fn a_failure_is_one_line_naming_each_cause_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().to_str().expect("utf-8 path");
+    let missing_ca = dir.path().join("missing-ca.pem");
+    let missing_ca = missing_ca.to_str().expect("utf-8 path");
+    let cases: &[(&[&str], &str, &str)] = &[
+        (
+            &["mount", "/nonexistent/mnt", "--secret", "a=secret/a"],
+            "mount point /nonexistent/mnt does not exist",
+            "/nonexistent/mnt",
+        ),
+        (
+            &[
+                "mount",
+                mnt,
+                "--secret",
+                "a=secret/a",
+                "--vault-addr",
+                "vault:8200",
+            ],
+            "invalid Vault address \"vault:8200\"",
+            "vault:8200",
+        ),
+        (
+            &[
+                "mount",
+                mnt,
+                "--secret",
+                "a=secret/a",
+                "--vault-cacert",
+                missing_ca,
+            ],
+            "missing-ca.pem",
+            "(os error 2)",
+        ),
+    ];
+    for (args, expected, once) in cases {
+        let out = vaultfs(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines = lines(&stderr);
+        assert_eq!(lines.len(), 1, "{args:?}: one line expected:\n{stderr}");
+        assert!(lines[0].starts_with("vaultfs: "), "{args:?}: {stderr}");
+        assert!(lines[0].contains(expected), "{args:?}: {stderr}");
+        assert_eq!(lines[0].matches(once).count(), 1, "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn with_json_logs_a_failure_is_one_json_line() {
+    let out = vaultfs(&[
+        "mount",
+        "/nonexistent/mnt",
+        "--secret",
+        "a=secret/a",
+        "--log-format",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines = lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert_eq!(line["level"], "ERROR", "{stderr}");
+    assert!(
+        line["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/nonexistent/mnt does not exist")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn every_bad_argument_exits_2_before_mounting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().to_str().expect("utf-8 path");
+    let file = dir.path().join("file");
+    std::fs::write(&file, "not a directory").expect("write a file");
+    let file = file.to_str().expect("utf-8 path");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "mount",
+                mnt,
+                "--secret",
+                "a=secret/a",
+                "--max-stale",
+                "soon",
+            ],
+            "--max-stale",
+        ),
+        (
+            &[
+                "mount",
+                mnt,
+                "--secret",
+                "a=secret/a",
+                "--vault-timeout=-1s",
+            ],
+            "--vault-timeout",
+        ),
+        (
+            &["mount", mnt, "--spec", "/nonexistent/spec.yaml"],
+            "/nonexistent/spec.yaml",
+        ),
+        (
+            &[
+                "mount",
+                mnt,
+                "--secret",
+                "a=secret/a",
+                "--metrics-addr",
+                "nohost",
+            ],
+            "--metrics-addr",
+        ),
+        (
+            &["mount", mnt, "--secret", "a=secret/a", "--file-mode", "999"],
+            "--file-mode",
+        ),
+        (
+            &["mount", "/nonexistent/mnt", "--secret", "a=secret/a"],
+            "does not exist",
+        ),
+        (
+            &["mount", file, "--secret", "a=secret/a"],
+            "not a directory",
+        ),
+        (
+            &[
+                "mount",
+                mnt,
+                "--secret",
+                "a=secret/a",
+                "--vault-addr",
+                "ftp://v:1",
+            ],
+            "ftp://v:1",
+        ),
+        (
+            &[
+                "mount",
+                mnt,
+                "--secret",
+                "a=secret/a",
+                "--max-secret-bytes",
+                "0",
+            ],
+            "--max-secret-bytes",
+        ),
+        (
+            &["csi", "--node-id", "n1", "--vault-addr", "vault:8200"],
+            "vault:8200",
+        ),
+        (
+            &["csi", "--node-id", "n1", "--drain-timeout", "1d"],
+            "--drain-timeout",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = vaultfs(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_metrics_port_in_use_fails_before_mounting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let addr = taken.local_addr().expect("local address").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().to_str().expect("utf-8 path");
+    let out = vaultfs(&[
+        "mount",
+        mnt,
+        "--secret",
+        "a=secret/a",
+        "--metrics-addr",
+        &addr,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        lines(&stderr),
+        [format!(
+            "vaultfs: cannot listen on --metrics-addr {addr}: Address already in use (os error 98)"
+        )],
+        "one line, and nothing mounted or served first"
+    );
+}
+
+#[test]
+fn metrics_addresses_need_a_port_and_a_host_that_resolves() {
+    for (bad, expected) in [
+        ("localhost", "expected HOST:PORT"),
+        ("vaultfs-test.invalid:9100", "cannot resolve"),
+    ] {
+        let out = vaultfs(&[
+            "mount",
+            "/tmp",
+            "--secret",
+            "a=secret/a",
+            "--metrics-addr",
+            bad,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains(expected), "{bad}: {stderr}");
+    }
+}

@@ -1067,3 +1067,72 @@ fn a_normal_user_mounts_through_fusermount3_keeping_the_fuse_vaultfs_type() {
         mounts_at(&mountpoint)
     );
 }
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao"]
+fn ioctls_are_refused_with_enotty_and_not_logged() {
+    let bao = setup();
+    bao.kv_put("secret/app/py", &[("value", "python-reads-me")]);
+    let mut m = Mount::start(&bao, &["py=secret/app/py#value"], &[]);
+    let path = m.file("py");
+    let path = path.to_str().expect("utf-8 path");
+    // `open()` asks whether the file is a terminal (an ioctl), as do `isatty` and TCGETS.
+    let script = "import fcntl, os, sys, termios\n\
+        print(open(sys.argv[1]).read())\n\
+        fd = os.open(sys.argv[1], os.O_RDONLY)\n\
+        assert not os.isatty(fd)\n\
+        try:\n    fcntl.ioctl(fd, termios.TCGETS, bytes(64))\n    raise SystemExit('TCGETS succeeded')\n\
+        except OSError as e:\n    print(e.errno)\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, path])
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        format!("python-reads-me\n{}\n", libc::ENOTTY),
+        "the value, then TCGETS refused with ENOTTY"
+    );
+    m.terminate();
+    let logs = m.logs();
+    assert!(!logs.contains("ioctl"), "ioctls are not logged:\n{logs}");
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao"]
+fn an_external_unmount_stops_the_daemon_with_a_failure_naming_it() {
+    let bao = setup();
+    bao.kv_put("secret/app/one", &[("value", "v1")]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut m = Mount::start(
+        &bao,
+        &["one=secret/app/one#value"],
+        &["--metrics-addr", &addr],
+    );
+    assert_eq!(http_get(&addr, "/healthz"), "ok\n");
+    assert_eq!(read_string(m.file("one")), "v1");
+    lazy_unmount(m.path()).expect("umount -l");
+    let status = m
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running after the unmount:\n{}", m.logs()));
+    assert_eq!(status.code(), Some(1), "{}", m.logs());
+    let logs = m.logs();
+    let gone = format!(
+        "vaultfs: the mount at {} is gone (unmounted from outside); stopped",
+        m.path().display()
+    );
+    assert_eq!(
+        logs.lines()
+            .filter(|l| l.contains("is gone"))
+            .collect::<Vec<_>>(),
+        [gone.as_str()],
+        "one line naming the mount point:\n{logs}"
+    );
+    assert!(!is_mounted(m.path()), "nothing left mounted");
+}

@@ -41,15 +41,17 @@ pub enum MountError {
     NotADirectory(PathBuf),
     #[error("{0} is already a mount point (another vaultfs or filesystem is mounted there)")]
     Busy(PathBuf),
-    #[error("cannot clear the dead mount at {path}: {source}")]
+    // The OS error is part of the message, not a `source`: printed with its cause chain
+    // (`{:#}`), it would otherwise appear twice.
+    #[error("cannot clear the dead mount at {path}: {error}")]
     Stale {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot mount FUSE at {path}: {source} (is /dev/fuse present and are we root?)")]
+    #[error("cannot mount FUSE at {path}: {error} (is /dev/fuse present and are we root?)")]
     Fuse {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -207,9 +209,9 @@ fn start_connection<S: SecretSource>(
     kernel: &KernelNotifier,
 ) -> Result<Connection, MountError> {
     prepare_target(target, config.create_target)?;
-    let fuse_error = |source| MountError::Fuse {
+    let fuse_error = |error| MountError::Fuse {
         path: target.to_path_buf(),
-        source,
+        error,
     };
     let device = if sys::can_mount() {
         sys::fuse_mount(target, config.allow_other)

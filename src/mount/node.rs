@@ -123,7 +123,7 @@ impl<S: SecretSource> NodeSession<S> {
             self.volumes.retire(slot);
             return Err(MountError::Fuse {
                 path: target.to_path_buf(),
-                source: source_err,
+                error: source_err,
             });
         }
         self.metrics.active_mounts.inc();

@@ -82,6 +82,8 @@ pub struct VaultSource {
     undetectable: Mutex<HashMap<SecretPath, Engine>>,
     /// KV v2 paths whose metadata this identity may not read: no cheap version check.
     no_metadata: Mutex<HashSet<SecretPath>>,
+    /// KV v2 paths written with the API's `data/` and not found, already warned about.
+    data_prefix_warned: Mutex<HashSet<SecretPath>>,
     /// Set by `revoke`: no further logins (an unpublished volume stays dead).
     closed: AtomicBool,
     /// This identity's policy refuses `auth/token/lookup-self`: a 403 cannot be told apart from
@@ -156,6 +158,7 @@ impl VaultSource {
             mounts: Mutex::new(Vec::new()),
             undetectable: Mutex::new(HashMap::new()),
             no_metadata: Mutex::new(HashSet::new()),
+            data_prefix_warned: Mutex::new(HashSet::new()),
             closed: AtomicBool::new(false),
             lookup_forbidden: AtomicBool::new(false),
             last_login: Mutex::new(None),
@@ -284,15 +287,45 @@ impl Identity for VaultSource {
     }
 }
 
+/// The path to write instead of `path`, a KV v2 path of mount `prefix` given as the API path
+/// (`secret/data/app/db`, whose `rest` below the mount starts with `data/`): vaultfs adds
+/// `data/` itself, as `vault kv get` does, so it is to be written `secret/app/db`.
+fn without_data_prefix(prefix: &str, rest: &str) -> Option<String> {
+    rest.strip_prefix("data/")
+        .filter(|r| !r.is_empty())
+        .map(|r| format!("{prefix}{r}"))
+}
+
+impl VaultSource {
+    /// A KV v2 read of `path` was not found: if it was written with the API's `data/`, says
+    /// how to write it, once per path.
+    fn warn_of_data_prefix(&self, path: &SecretPath, prefix: &str, rest: &str) {
+        let Some(instead) = without_data_prefix(prefix, rest) else {
+            return;
+        };
+        if self.data_prefix_warned.lock().insert(path.clone()) {
+            tracing::warn!(
+                volume = %self.volume,
+                vault_path = path.as_str(),
+                "not found: {prefix} is a KV v2 mount and vaultfs adds `data/` to its paths itself; write the path {instead}, as for `vault kv get`"
+            );
+        }
+    }
+}
+
 impl SecretSource for VaultSource {
     async fn read(&self, path: &SecretPath) -> Result<Fetched, SourceError> {
         let (engine, prefix) = self.engine(path).await?;
         let rest = &path.as_str()[prefix.len()..];
         match engine {
             Engine::KvV2 => {
-                let body = self
+                let answer = self
                     .authed("read", Method::GET, &format!("{prefix}data/{rest}"), None)
-                    .await?;
+                    .await;
+                if matches!(answer, Err(SourceError::NotFound)) {
+                    self.warn_of_data_prefix(path, &prefix, rest);
+                }
+                let body = answer?;
                 let version = body
                     .pointer("/data/metadata/version")
                     .and_then(Value::as_u64)
@@ -469,6 +502,84 @@ mod tests {
         assert!(now.checked_add(Duration::from_secs(ttl)).is_some());
         assert_eq!(ttl_from(&json!(3600)), 3600);
         assert_eq!(ttl_from(&json!("junk")), 0);
+    }
+
+    #[test]
+    fn kv2_paths_written_with_data_are_told_the_path_without_it() {
+        assert_eq!(
+            without_data_prefix("secret/", "data/app/db").as_deref(),
+            Some("secret/app/db")
+        );
+        assert_eq!(
+            without_data_prefix("kv/team/", "data/x").as_deref(),
+            Some("kv/team/x")
+        );
+        assert_eq!(without_data_prefix("secret/", "app/data/db"), None);
+        assert_eq!(without_data_prefix("secret/", "data/"), None);
+        assert_eq!(without_data_prefix("secret/", "database"), None);
+    }
+
+    /// Log lines written while it is the thread's subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kv2_path_written_with_data_that_is_not_found_is_warned_of_once() {
+        let (addr, _) = test_server::serve(|head| {
+            if head.contains("/sys/internal/ui/mounts/") {
+                test_server::json_answer(
+                    "200 OK",
+                    r#"{"data":{"path":"secret/","type":"kv","options":{"version":"2"}}}"#,
+                    false,
+                )
+            } else {
+                test_server::json_answer("404 Not Found", r#"{"errors":[]}"#, false)
+            }
+        });
+        let server = Arc::new(
+            VaultServer::new(&test_server::config(&addr, Duration::from_secs(5))).unwrap(),
+        );
+        let source = VaultSource::new(
+            server,
+            Auth::Token(Token::new("s.sometoken".into())),
+            "test-volume".into(),
+            Arc::new(Metrics::new()),
+        );
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish(),
+        );
+        let doubled = SecretPath::parse("secret/data/app/db").unwrap();
+        let plain = SecretPath::parse("secret/app/missing").unwrap();
+        for path in [&doubled, &doubled, &plain] {
+            let Err(err) = source.read(path).await else {
+                panic!("{path} found");
+            };
+            assert_eq!(err, SourceError::NotFound);
+        }
+        let logs = String::from_utf8(logs.0.lock().clone()).unwrap();
+        let hints: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("adds `data/`"))
+            .collect();
+        assert_eq!(hints.len(), 1, "once, for the doubled path only:\n{logs}");
+        assert!(hints[0].contains("write the path secret/app/db"), "{logs}");
+        assert!(hints[0].contains("secret/data/app/db"), "{logs}");
+        assert!(!logs.contains("sometoken"), "{logs}");
     }
 
     #[test]

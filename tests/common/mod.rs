@@ -1531,6 +1531,16 @@ impl Mount {
         self.stop_with(libc::SIGTERM, Duration::from_secs(15))
     }
 
+    /// Waits up to `limit` for the daemon to exit on its own; its exit status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        while self.exit_status.is_none() && started.elapsed() < limit {
+            self.exit_status = self.child.try_wait().expect("wait for vaultfs");
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.exit_status
+    }
+
     /// Sends SIGKILL and reaps the daemon; its mount stays behind (dead).
     pub fn kill(&mut self) -> ExitStatus {
         self.stop_with(libc::SIGKILL, Duration::from_secs(15))

@@ -82,17 +82,24 @@ impl Default for ServerLimits {
 /// A `ServerConfig` that cannot be used, with what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultConfigError {
-    #[error("cannot read VAULT_CACERT file {path}: {source}")]
-    CaCert {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("VAULT_CACERT file {0} holds no usable PEM certificate")]
+    // The OS error is part of the message, not a `source`, so that it is printed once.
+    #[error(
+        "cannot read the CA certificate file {path} (--vault-cacert or VAULT_CACERT): {error}"
+    )]
+    CaCert { path: String, error: std::io::Error },
+    #[error("the CA certificate file {0} (--vault-cacert or VAULT_CACERT) holds no usable PEM certificate")]
     CaCertPem(String),
-    #[error("invalid VAULT_ADDR {0:?}: expected http://HOST:PORT or https://HOST:PORT, optionally with a path prefix, without credentials, query or fragment")]
+    #[error("invalid Vault address {0:?} (--vault-addr, --vault-server or VAULT_ADDR): expected http://HOST:PORT or https://HOST:PORT, optionally with a path prefix, without credentials, query or fragment")]
     Addr(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+}
+
+impl VaultConfigError {
+    /// Whether the error is in what the user gave (an address, a CA file), not in this host.
+    pub fn is_bad_argument(&self) -> bool {
+        !matches!(self, Self::Client(_))
+    }
 }
 
 /// One Vault server: its address and an HTTP client (connection pool, TLS settings) shared by
@@ -138,9 +145,9 @@ impl VaultServer {
             .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(config.skip_verify);
         if let Some(path) = &config.ca_cert {
-            let pem = std::fs::read(path).map_err(|source| VaultConfigError::CaCert {
+            let pem = std::fs::read(path).map_err(|error| VaultConfigError::CaCert {
                 path: path.display().to_string(),
-                source,
+                error,
             })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .ok()
@@ -526,10 +533,15 @@ impl Exchange {
         // 5xx and 429 included, do not mark it down: the server answered (fast), a 5xx or
         // 429 may concern one path or one client, and the cache's back-off already paces
         // retries of those.
+        // The base address only, never the request's URL: it is what to check (and a path
+        // may name a secret). It carries no credentials or query (`parse_addr`).
         let unavailable = |e: reqwest::Error| {
             let cause = describe(e);
             self.health.mark_down(&cause);
-            SourceError::Unavailable(format!("{kind} request failed: {cause}"))
+            SourceError::Unavailable(format!(
+                "{kind} request to {} failed: {cause}",
+                self.base.as_str().trim_end_matches('/')
+            ))
         };
         let mut response = request.send().await.map_err(unavailable)?;
         let status = response.status();
@@ -646,6 +658,9 @@ impl Exchange {
 
 /// A reqwest error with its causes (the TLS or connection failure is only in the chain),
 /// without the URL.
+/// A transport failure with its whole cause chain, each part once (`error sending request:
+/// client error (Connect): tcp connect error: Connection refused (os error 111)`), without the
+/// request's URL.
 pub(super) fn describe(err: reqwest::Error) -> String {
     let err = err.without_url();
     let mut text = err.to_string();
@@ -1168,5 +1183,36 @@ mod tests {
         }
         assert_eq!(most.load(Ordering::SeqCst), 3, "the server's cap");
         assert_eq!(gauge.get(), 0, "nothing left in flight");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_the_address_and_the_cause() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("local address").port()
+        };
+        let addr = format!("http://127.0.0.1:{port}");
+        let err = get(&small_server(&addr, 1000), "read").await.unwrap_err();
+        let SourceError::Unavailable(message) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(message.contains(&addr), "{message}");
+        assert!(message.contains("Connection refused"), "{message}");
+        assert!(!message.contains("tok"), "no token: {message}");
+    }
+
+    #[tokio::test]
+    async fn an_unresolvable_host_names_the_address_and_the_lookup_failure() {
+        let addr = "http://vaultfs-test.invalid:8200";
+        let err = get(&small_server(addr, 1000), "read").await.unwrap_err();
+        let SourceError::Unavailable(message) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(message.contains(addr), "{message}");
+        assert!(message.contains("dns error"), "{message}");
+        assert!(
+            !message.contains("secret/data"),
+            "only the server's address: {message}"
+        );
     }
 }
