@@ -82,13 +82,7 @@ fn bad_specs_exit_2_naming_the_entry() {
     for (args, expected) in cases {
         let mut all = vec!["mount", mnt];
         all.extend_from_slice(args);
-        let out = vaultfs(&all);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: expected {expected:?} in {stderr}"
-        );
+        expect_bad_argument(&all, expected);
     }
 }
 
@@ -287,13 +281,7 @@ fn every_bad_argument_exits_2_before_mounting() {
         ),
     ];
     for (args, expected) in cases {
-        let out = vaultfs(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: expected {expected:?} in {stderr}"
-        );
+        expect_bad_argument(args, expected);
     }
 }
 
@@ -340,4 +328,15 @@ fn metrics_addresses_need_a_port_and_a_host_that_resolves() {
         assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
         assert!(stderr.contains(expected), "{bad}: {stderr}");
     }
+}
+
+/// Runs `vaultfs args` and checks it exits 2 with `expected` in its error.
+fn expect_bad_argument(args: &[&str], expected: &str) {
+    let out = vaultfs(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected {expected:?} in {stderr}"
+    );
 }
