@@ -550,7 +550,10 @@ fn mount(args: MountArgs) -> ExitCode {
         volume_spec(&args.secrets, &args.templates, args.spec.as_ref()).and_then(|spec| {
             let (vault, auth) = vault_config(args.vault, args.vault_timeout)?;
             Ok(MountSettings {
-                mountpoint: args.mountpoint.clone(),
+                // One mount point however it is written (relative, trailing `/`, a symlink):
+                // a live vaultfs mount there is then refused instead of stacked on.
+                mountpoint: vaultfs::sys::canonical_target(&args.mountpoint)
+                    .unwrap_or_else(|_| args.mountpoint.clone()),
                 spec,
                 vault,
                 limits: args.daemon.server_limits()?,

@@ -416,11 +416,22 @@ pub fn abort_fuse_connection(path: &Path) -> io::Result<()> {
     std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1")
 }
 
-/// `path` with its directory resolved (symlinks, `.`, `..`), the last component kept as is,
-/// so that a dead FUSE mount there (which cannot be stat'ed) still resolves.
+/// `path` resolved (symlinks, `.`, `..`, trailing `/`), so that one mount point written two
+/// ways is one path. Where the path itself cannot be resolved (a dead FUSE mount there cannot be
+/// stat'ed, or it does not exist yet), its directory is resolved and the last component kept.
 pub fn canonical_target(path: &Path) -> io::Result<PathBuf> {
+    if let Ok(resolved) = std::fs::canonicalize(path) {
+        return Ok(resolved);
+    }
     match (path.parent(), path.file_name()) {
-        (Some(dir), Some(name)) => Ok(std::fs::canonicalize(dir)?.join(name)),
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            Ok(std::fs::canonicalize(dir)?.join(name))
+        }
         _ => std::fs::canonicalize(path),
     }
 }

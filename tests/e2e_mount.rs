@@ -1136,3 +1136,46 @@ fn an_external_unmount_stops_the_daemon_with_a_failure_naming_it() {
     );
     assert!(!is_mounted(m.path()), "nothing left mounted");
 }
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao"]
+fn a_live_mount_is_refused_however_its_mount_point_is_written() {
+    let bao = setup();
+    bao.kv_put("secret/app/db", &[("password", "only-once")]);
+    let first = Mount::start(&bao, &["pw=secret/app/db#password"], &[]);
+    let dir = first.path().to_path_buf();
+    let link = dir.with_extension("link");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    let trailing = format!("{}/", dir.display());
+    let relative = format!(
+        "{}/../{}",
+        dir.display(),
+        dir.file_name().unwrap().to_string_lossy()
+    );
+    for written in [link.display().to_string(), trailing, relative] {
+        let out = Command::new(vaultfs_bin())
+            .args(["mount", &written, "--secret", "pw=secret/app/db#password"])
+            .env("VAULT_ADDR", bao.addr())
+            .env("VAULT_TOKEN", ROOT_TOKEN)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{written}: accepted; {stderr}");
+        assert!(
+            stderr.contains("already") || stderr.contains("mounted"),
+            "{written}: {stderr}"
+        );
+        assert_eq!(
+            mounts_at(&dir).len(),
+            1,
+            "{written}: a second mount was stacked: {:?}",
+            mounts_at(&dir)
+        );
+    }
+    assert_eq!(
+        read_string(first.file("pw")),
+        "only-once",
+        "the first still serves"
+    );
+    let _ = fs::remove_file(&link);
+}
