@@ -25,9 +25,16 @@ mkdir -p "$mnt"
 bao() { HOME=$work "$BAO" "$@"; }
 bao_pid="" vaultfs_pid=""
 cleanup() {
-    [ -n "$vaultfs_pid" ] && kill -TERM "$vaultfs_pid" 2>/dev/null && wait "$vaultfs_pid" 2>/dev/null
+    # Each step may find its process gone already: none of them fails the demo.
+    if [ -n "$vaultfs_pid" ]; then
+        kill -TERM "$vaultfs_pid" 2>/dev/null || true
+        wait "$vaultfs_pid" 2>/dev/null || true
+    fi
     umount -l "$mnt" 2>/dev/null || true
-    [ -n "$bao_pid" ] && kill "$bao_pid" 2>/dev/null && wait "$bao_pid" 2>/dev/null
+    if [ -n "$bao_pid" ]; then
+        kill "$bao_pid" 2>/dev/null || true
+        wait "$bao_pid" 2>/dev/null || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -37,7 +44,7 @@ export VAULT_ADDR=http://127.0.0.1:$port VAULT_TOKEN=demo-root
 export BAO_ADDR=$VAULT_ADDR BAO_TOKEN=$VAULT_TOKEN
 
 step "starting an OpenBao dev server on $VAULT_ADDR"
-bao server -dev -dev-root-token-id="$VAULT_TOKEN" -dev-listen-address="127.0.0.1:$port" \
+HOME=$work "$BAO" server -dev -dev-root-token-id="$VAULT_TOKEN" -dev-listen-address="127.0.0.1:$port" \
     >"$work/bao.log" 2>&1 &
 bao_pid=$!
 for _ in $(seq 100); do
@@ -97,4 +104,3 @@ wait "$vaultfs_pid" && echo "vaultfs exited with status 0"
 vaultfs_pid=""
 grep -q " $mnt fuse.vaultfs " /proc/self/mounts && { echo "still mounted!"; exit 1; }
 echo "unmounted; demo done"
-exit 0
