@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::CacheConfig;
 use crate::fs::Consistency;
+use crate::health::{Health, Watched, Watchlist};
 use crate::metrics::{self, Metrics};
 use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
@@ -94,16 +95,19 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
         "serving secrets; nothing is fetched until a file is read"
     );
     let serving = volume.serve(Box::new(mounted));
+    let health = Arc::new(Health::stopping_when_gone());
     let mut background = tokio::task::JoinSet::new();
-    spawn_metrics(&mut background, metrics_listener, &metrics);
+    spawn_metrics(&mut background, metrics_listener, &metrics, &health);
+    background.spawn(watch_mount(
+        health.clone(),
+        metrics.clone(),
+        settings.mountpoint.clone(),
+    ));
     let gone = tokio::select! {
         () = shutdown => None,
-        reason = mount_gone(settings.mountpoint.clone()) => Some(reason),
-    };
-    if let Some(reason) = &gone {
         // Seen by a probe of /healthz until the process is gone.
-        metrics.set_unhealthy(reason.clone());
-    }
+        reason = health.gone() => Some(reason),
+    };
     let unmounted = serving.tear_down().await;
     background.abort_all();
     if let Some(reason) = gone {
@@ -113,31 +117,26 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often `vaultfs mount` checks that its mount is still there.
-const MOUNT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Completes, with what happened, once the mount at `mountpoint` (mounted just before) is no
-/// longer the one this process mounted: unmounted from outside (`umount`, `umount -l`), or
-/// another mount's id in its place. Never completes where the kernel reports no mount ids.
-async fn mount_gone(mountpoint: PathBuf) -> String {
+/// Checks the mount at `mountpoint` (mounted just before) for `/healthz`: gone once it is not
+/// the one this process mounted (unmounted from outside, `umount -l`, or another mount's id in
+/// its place), unhealthy while it does not answer.
+async fn watch_mount(health: Arc<Health>, metrics: Arc<Metrics>, mountpoint: PathBuf) {
     let target = crate::sys::canonical_target(&mountpoint).unwrap_or(mountpoint);
     let probe = target.clone();
     let id = tokio::task::spawn_blocking(move || crate::sys::mount_id(&probe))
         .await
         .ok()
         .flatten();
-    let Some(id) = id else {
-        return std::future::pending().await;
+    let watched = Watched {
+        name: String::new(),
+        target: target.clone(),
+        id,
     };
-    loop {
-        tokio::time::sleep(MOUNT_CHECK_INTERVAL).await;
-        if crate::sys::is_mounted_as(&target, id) == Some(false) {
-            return format!(
-                "the mount at {} is gone (unmounted from outside)",
-                target.display()
-            );
-        }
-    }
+    crate::health::monitor(health, metrics.health_problems.clone(), move || Watchlist {
+        mounts: vec![watched.clone()],
+        connections: vec![target.clone()],
+    })
+    .await;
 }
 
 /// The listener of `--metrics-addr`, if given, bound at once.
@@ -156,12 +155,13 @@ fn spawn_metrics(
     background: &mut tokio::task::JoinSet<()>,
     listener: Option<tokio::net::TcpListener>,
     metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
 ) {
     if let Some(listener) = listener {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving /metrics and /healthz");
         }
-        background.spawn(metrics::serve(listener, metrics.clone()));
+        background.spawn(metrics::serve(listener, metrics.clone(), health.clone()));
     }
 }
 
@@ -318,8 +318,18 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
             "serving volumes recorded by an earlier daemon again"
         );
     }
+    let health = Arc::new(Health::new());
     let mut background = tokio::task::JoinSet::new();
-    spawn_metrics(&mut background, metrics_listener, &metrics);
+    spawn_metrics(&mut background, metrics_listener, &metrics, &health);
+    let (watched, connections) = (manager.clone(), mounter.clone());
+    background.spawn(crate::health::monitor(
+        health,
+        metrics.health_problems.clone(),
+        move || Watchlist {
+            mounts: watched.watched(),
+            connections: connections.served_roots(),
+        },
+    ));
     crate::csi::serve(manager.clone(), &socket, shutdown).await?;
     drain(&metrics, settings.drain_timeout).await;
     background.abort_all();

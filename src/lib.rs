@@ -24,6 +24,7 @@ pub mod config;
 pub mod csi;
 pub mod fs;
 pub mod fuse;
+pub mod health;
 pub mod keeper;
 pub mod logging;
 pub mod metrics;

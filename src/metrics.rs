@@ -5,14 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+use crate::health::Health;
 
 /// FUSE operations that are counted and timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,8 +102,8 @@ pub struct Metrics {
     pub resent_requests: Counter,
     /// How long the last connection taken over had no daemon serving it, in seconds.
     pub takeover_unserved_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
-    /// Why `/healthz` answers 503, once something this daemon serves is broken for good.
-    unhealthy: parking_lot::Mutex<Option<String>>,
+    /// Problems the last health check found (`/healthz` answers 503 while there are any).
+    pub health_problems: Gauge,
 }
 
 impl Default for Metrics {
@@ -248,6 +250,12 @@ impl Metrics {
             "How long the last connection taken over had no daemon serving it",
             takeover_unserved_seconds.clone(),
         );
+        let health_problems = Gauge::default();
+        registry.register(
+            "health_problems",
+            "Mounts gone and FUSE connections not answering, found by the last health check (/healthz answers 503 while above 0)",
+            health_problems.clone(),
+        );
         let vault_server_up = Family::<VolumeLabels, Gauge>::default();
         registry.register(
             "vault_server_up",
@@ -277,18 +285,8 @@ impl Metrics {
             vault_lease_renewals,
             reload_signals,
             reload_signal_failures,
-            unhealthy: parking_lot::Mutex::new(None),
+            health_problems,
         }
-    }
-
-    /// From now on `/healthz` answers 503 with `reason` (the first reason given is kept).
-    pub fn set_unhealthy(&self, reason: String) {
-        self.unhealthy.lock().get_or_insert(reason);
-    }
-
-    /// `Err(reason)` once `set_unhealthy` was called.
-    pub fn health(&self) -> Result<(), String> {
-        self.unhealthy.lock().clone().map_or(Ok(()), Err)
     }
 
     /// The `vaultfs_vault_server_up` series of the server at `addr`.
@@ -400,47 +398,36 @@ pub fn resolve_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
         .ok_or_else(|| format!("{text:?} resolves to no address; {expected}"))
 }
 
-/// Serves `GET /metrics` and `GET /healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            // Out of descriptors or similar: wait instead of spinning.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let target = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, content_type, body) = match target {
-                "/metrics" => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+/// Serves `GET /metrics` and `GET /healthz` (HTTP/1.1, keep-alive) on `listener` until the
+/// task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+    let routes = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     metrics.render(),
-                ),
-                "/healthz" => match metrics.health() {
-                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
-                    Err(reason) => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        format!("unhealthy: {reason}\n"),
+                )
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || async move {
+                match health.status() {
+                    Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                    Err(problems) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("unhealthy: {problems}\n"),
                     ),
-                },
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-        });
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, routes).await {
+        tracing::warn!(error = %e, "the metrics endpoint stopped");
     }
 }
 
@@ -516,34 +503,48 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn healthz_answers_503_with_the_reason_once_unhealthy() {
+    async fn one_connection_serves_metrics_and_health_until_unhealthy() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let server = tokio::spawn(serve(listener, metrics.clone()));
-        let get = || async move {
+        let (metrics, health) = (Arc::new(Metrics::new()), Arc::new(Health::new()));
+        let server = tokio::spawn(serve(listener, metrics.clone(), health.clone()));
+        // Requests pipelined on one kept-alive connection; the last one closes it.
+        let get = |paths: &'static [&'static str]| async move {
             let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream
-                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-                .await
-                .unwrap();
+            let mut requests = String::new();
+            for (i, path) in paths.iter().enumerate() {
+                let close = if i + 1 == paths.len() {
+                    "connection: close\r\n"
+                } else {
+                    ""
+                };
+                requests.push_str(&format!("GET {path} HTTP/1.1\r\nhost: x\r\n{close}\r\n"));
+            }
+            stream.write_all(requests.as_bytes()).await.unwrap();
             let mut answer = String::new();
             stream.read_to_string(&mut answer).await.unwrap();
             answer
         };
-        let ok = get().await;
+        let both = get(&["/healthz", "/metrics"]).await;
+        assert!(both.starts_with("HTTP/1.1 200 OK"), "{both}");
+        assert!(both.contains("\r\n\r\nok\nHTTP/1.1 200 OK"), "{both}");
         assert!(
-            ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ok\n"),
-            "{ok}"
+            both.contains("# TYPE vaultfs_health_problems gauge"),
+            "{both}"
         );
-        metrics.set_unhealthy("the mount at /mnt/s is gone".into());
-        metrics.set_unhealthy("a later reason".into());
-        let bad = get().await;
+        assert!(both.ends_with("# EOF\n"), "{both}");
+        health.publish(vec![crate::health::Problem::Gone(
+            "v: the mount at /mnt/s is gone".into(),
+        )]);
+        let bad = get(&["/healthz"]).await;
         assert!(bad.starts_with("HTTP/1.1 503 "), "{bad}");
         assert!(
-            bad.ends_with("unhealthy: the mount at /mnt/s is gone\n"),
+            bad.ends_with("unhealthy: v: the mount at /mnt/s is gone\n"),
             "{bad}"
         );
+        let missing = get(&["/secret"]).await;
+        assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
         server.abort();
     }
 }

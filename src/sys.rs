@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 fn cstring(path: &Path) -> io::Result<CString> {
@@ -270,32 +270,32 @@ pub fn detach_all(path: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// Whether `path` is a FUSE mount whose daemon is gone ("Transport endpoint is not
-/// connected"). Asks with `statfs`, which always reaches the filesystem: `stat` may be
-/// answered from the kernel's attribute cache for a while after the daemon died.
-pub fn is_disconnected(path: &Path) -> bool {
-    let Ok(c) = cstring(path) else {
-        return false;
-    };
+/// `statfs(2)` of `path`. On a FUSE mount it always reaches the filesystem's daemon (it is never
+/// answered from a kernel cache), so it blocks while the daemon does not answer.
+fn statfs_of(path: &Path) -> io::Result<libc::statfs> {
+    let c = cstring(path)?;
     let mut out = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `c` is a valid path and `out` is writable memory of the right size.
-    let rc = unsafe { libc::statfs(c.as_ptr(), out.as_mut_ptr()) };
-    rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+    check(unsafe { libc::statfs(c.as_ptr(), out.as_mut_ptr()) })?;
+    // SAFETY: statfs succeeded, so it filled `out`.
+    Ok(unsafe { out.assume_init() })
+}
+
+/// Whether the filesystem at `path` answers `statfs`: a FUSE mount's daemon must answer it.
+pub fn statfs(path: &Path) -> io::Result<()> {
+    statfs_of(path).map(|_| ())
+}
+
+/// Whether `path` is a FUSE mount whose daemon is gone ("Transport endpoint is not
+/// connected"). Asks with `statfs`: `stat` may be answered from the kernel's attribute cache
+/// for a while after the daemon died.
+pub fn is_disconnected(path: &Path) -> bool {
+    statfs_of(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
 }
 
 /// Whether `path` lives on a tmpfs (memory-backed, never written to disk).
 pub fn is_tmpfs(path: &Path) -> bool {
-    let Ok(c) = cstring(path) else {
-        return false;
-    };
-    let mut out = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `c` is a valid path and `out` is writable memory of the right size.
-    if unsafe { libc::statfs(c.as_ptr(), out.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: statfs succeeded, so it filled `out`.
-    let stat = unsafe { out.assume_init() };
-    stat.f_type == libc::TMPFS_MAGIC
+    statfs_of(path).is_ok_and(|stat| stat.f_type == libc::TMPFS_MAGIC)
 }
 
 /// Whether `path` is a mount point: asked of the kernel with `statx` (its mount-root
@@ -361,18 +361,20 @@ pub fn mount_stack(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Whether the mount with id `id` (as `mount_id` reports it) is still mounted at `path`, per
+/// Every mount of this process's namespace as (mount id, mount point), per
 /// `/proc/self/mountinfo`. `None` if the table cannot be read.
-pub fn is_mounted_as(path: &Path, id: u64) -> Option<bool> {
+pub fn mount_table() -> Option<std::collections::HashSet<(u64, PathBuf)>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let (id, wanted) = (id.to_string(), path.as_os_str().as_bytes());
-    Some(info.lines().any(|l| {
-        let mut fields = l.split(' ');
-        fields.next() == Some(id.as_str())
-            && fields
-                .nth(3)
-                .is_some_and(|m| unescape_mountinfo(m) == wanted)
-    }))
+    Some(
+        info.lines()
+            .filter_map(|l| {
+                let mut fields = l.split(' ');
+                let id = fields.next()?.parse().ok()?;
+                let point = unescape_mountinfo(fields.nth(3)?);
+                Some((id, PathBuf::from(std::ffi::OsString::from_vec(point))))
+            })
+            .collect(),
+    )
 }
 
 /// Detaches the mounts stacked at `path` while the topmost is of type `fstype`; stops at the
@@ -461,13 +463,19 @@ mod tests {
 
     #[test]
     fn a_mount_is_found_by_its_id_and_path_only() {
-        let root = Path::new("/");
-        let Some(id) = mount_id(root) else {
-            return; // A kernel without STATX_MNT_ID: nothing to compare with.
-        };
-        assert_eq!(is_mounted_as(root, id), Some(true));
-        assert_eq!(is_mounted_as(root, id + 1_000_000), Some(false));
-        assert_eq!(is_mounted_as(Path::new("/nonexistent"), id), Some(false));
+        let proc = Path::new("/proc");
+        let id = mount_id(proc).expect("Linux 5.8+ reports mount ids");
+        let table = mount_table().expect("/proc/self/mountinfo");
+        assert!(table.contains(&(id, proc.to_path_buf())));
+        assert!(!table.contains(&(id + 1_000_000, proc.to_path_buf())));
+        assert!(!table.contains(&(id, PathBuf::from("/nonexistent"))));
+    }
+
+    #[test]
+    fn statfs_names_a_missing_path() {
+        assert!(statfs(Path::new("/proc")).is_ok());
+        let missing = statfs(Path::new("/nonexistent/vaultfs")).unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

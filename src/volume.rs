@@ -200,6 +200,11 @@ pub struct Serving<S> {
 }
 
 impl<S: Identity> Serving<S> {
+    /// The id of the volume's mount, if it was looked up when mounting.
+    pub fn mount_id(&self) -> Option<u64> {
+        self.mounted.as_ref().and_then(|m| m.mount_id())
+    }
+
     /// Hands a fresh login credential to the volume (a CSI republish's token).
     pub fn set_credential(&self, credential: Token) {
         self.volume.source.set_credential(credential);

@@ -841,6 +841,75 @@ fn unpublish_unmounts_revokes_the_volume_token_and_is_idempotent() {
     assert_eq!(read_string(target.join("db/username")), A_USER);
 }
 
+#[test]
+#[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
+fn healthz_names_a_volume_whose_mount_vanished_until_it_is_unpublished() {
+    let Cluster { bao, key } = cluster();
+    let node = CsiNode::new("node-health");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let daemon = node.daemon(&bao).args(["--metrics-addr", &addr]).start();
+    let client = daemon.client();
+    let publish = |pod: &Pod, role: &str, secrets: &str| {
+        let target = node.target_path(pod, "secrets");
+        let (jwt, exp) = pod.signed_token(&key);
+        let request = publish_request(
+            pod,
+            "secrets",
+            &target,
+            &[("role", role), ("authMount", "jwt"), ("secrets", secrets)],
+            &jwt,
+            exp,
+        );
+        expect_ok(client.publish(request.clone()), "publish", &daemon);
+        (target, request.volume_id)
+    };
+    let (target_a, volume_a) = publish(&pod_a(), "team-a", A_SECRETS_YAML);
+    let (target_b, _) = publish(
+        &pod_b(),
+        "team-b",
+        "- name: api/key\n  path: secret/team-b/api\n  key: key\n",
+    );
+    assert_eq!(read_string(target_a.join("db/password")), A_PASSWORD);
+    assert_eq!(read_string(target_b.join("api/key")), B_API_KEY);
+    assert_eq!(http_status(&addr, "/healthz"), (200, "ok\n".to_string()));
+
+    lazy_unmount(&target_a).expect("umount -l the volume of pod a");
+    let expected = format!(
+        "unhealthy: volume {volume_a}: the mount at {} is gone (unmounted from outside)\n",
+        target_a.display()
+    );
+    wait_until(
+        "/healthz to name the vanished mount",
+        Duration::from_secs(5),
+        || match http_status(&addr, "/healthz") {
+            (503, body) if body == expected => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let metrics = http_get(&addr, "/metrics");
+    assert_eq!(metric_value(&metrics, "vaultfs_health_problems"), 1.0);
+    assert_eq!(
+        read_string(target_b.join("api/key")),
+        B_API_KEY,
+        "the other volume is served on"
+    );
+
+    expect_ok(client.unpublish(&volume_a, &target_a), "unpublish", &daemon);
+    wait_until(
+        "/healthz to be ok again",
+        Duration::from_secs(5),
+        || match http_status(&addr, "/healthz") {
+            (200, body) if body == "ok\n" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let logs = node.all_logs();
+    assert!(
+        logs.contains("unhealthy") && logs.contains("healthy again"),
+        "the change is logged both ways:\n{logs}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Restart
 // ---------------------------------------------------------------------------------------------

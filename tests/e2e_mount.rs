@@ -1179,3 +1179,66 @@ fn a_live_mount_is_refused_however_its_mount_point_is_written() {
     );
     let _ = fs::remove_file(&link);
 }
+
+#[test]
+#[ignore = "needs root and /dev/fuse"]
+fn a_fuse_connection_that_never_answers_is_unhealthy_and_holds_one_probe_thread() {
+    require_root();
+    let scratch = tempfile::Builder::new()
+        .prefix("vaultfs-unanswered")
+        .tempdir()
+        .unwrap();
+    let dir = scratch.path().to_path_buf();
+    // A real FUSE mount nobody serves: every request to it waits, as on a stuck daemon.
+    let device = vaultfs::sys::fuse_mount(&dir, false).expect("mount a FUSE connection");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let health = Arc::new(vaultfs::health::Health::new());
+    let problems = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    let watched = dir.clone();
+    let monitor = runtime.spawn(vaultfs::health::monitor(
+        health.clone(),
+        problems.clone(),
+        move || vaultfs::health::Watchlist {
+            mounts: vec![],
+            connections: vec![watched.clone()],
+        },
+    ));
+    let not_answering = format!(
+        "the FUSE connection at {} has not answered statfs for",
+        dir.display()
+    );
+    wait_until(
+        "the connection to count as not answering",
+        vaultfs::health::ANSWER_DEADLINE * 3,
+        || match health.status() {
+            Err(text) if text.starts_with(&not_answering) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(problems.get(), 1);
+    // Several checks later, still one probe waiting on it.
+    thread::sleep(vaultfs::health::ANSWER_DEADLINE + vaultfs::health::CHECK_INTERVAL * 2);
+    assert_eq!(threads_named("vaultfs-health"), 1);
+    // The connection dies: the probe returns, naming the error.
+    drop(device);
+    wait_until(
+        "the probe to see the dead connection",
+        vaultfs::health::ANSWER_DEADLINE * 2,
+        || match health.status() {
+            Err(text) if text.contains("answers statfs with an error") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(threads_named("vaultfs-health"), 0);
+    monitor.abort();
+    lazy_unmount(&dir).expect("detach the dead mount");
+}
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}

@@ -16,6 +16,7 @@ use super::request::{invalid, validate, CsiError, Params, PublishRequest};
 use super::state::StateDir;
 use super::CsiConfig;
 use crate::fuse::Slot;
+use crate::health::Watched;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, Mounter};
 use crate::reload::{ReloadConfig, Target};
@@ -128,6 +129,19 @@ impl<S: Identity> VolumeManager<S> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The mounts of the volumes served now, for the health check.
+    pub fn watched(&self) -> Vec<Watched> {
+        self.volumes
+            .lock()
+            .iter()
+            .map(|(target, served)| Watched {
+                name: served.volume_id.clone(),
+                target: target.clone(),
+                id: served.serving.mount_id(),
+            })
+            .collect()
     }
 
     fn target_lock(&self, target: &Path) -> Arc<tokio::sync::Mutex<()>> {

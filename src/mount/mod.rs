@@ -343,6 +343,11 @@ pub trait Mounter<S: SecretSource>: Send + Sync + 'static {
 pub trait Mounted: Send + Sync {
     /// Unmounts lazily; an already-gone mount is success.
     fn unmount(self: Box<Self>) -> std::io::Result<()>;
+
+    /// The mount's id (`sys::mount_id`) as looked up when it was mounted, if it was.
+    fn mount_id(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl Mounted for FuseMount {

@@ -182,6 +182,10 @@ impl<S: SecretSource> Mounted for BindMount<S> {
     fn unmount(mut self: Box<Self>) -> std::io::Result<()> {
         self.detach()
     }
+
+    fn mount_id(&self) -> Option<u64> {
+        self.mount_id
+    }
 }
 
 impl<S: SecretSource> Drop for BindMount<S> {
@@ -346,6 +350,15 @@ impl<S: SecretSource> FuseMounter<S> {
             }
         }
         Ok(())
+    }
+
+    /// The mount roots of the node connections being served, for the health check.
+    pub fn served_roots(&self) -> Vec<PathBuf> {
+        self.connections
+            .iter()
+            .filter(|node| node.session.lock().is_some())
+            .map(|node| self.root_of(node.consistency))
+            .collect()
     }
 
     fn session(&self, consistency: Consistency) -> Result<Arc<NodeSession<S>>, MountError> {

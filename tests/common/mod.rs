@@ -388,12 +388,18 @@ fn read_lossy(path: &Path) -> String {
 
 /// The body of `GET path` from a plain HTTP server on `addr` (a daemon's `/metrics`).
 pub fn http_get(addr: &str, path: &str) -> String {
+    match http_status(addr, path) {
+        (200, body) => body,
+        (status, body) => panic!("GET {path} from {addr} answered {status}:\n{body}"),
+    }
+}
+
+/// `GET path` from the HTTP server at `addr`: the status code and the body.
+pub fn http_status(addr: &str, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("set a read timeout");
-    // One write: the daemon reads the request once and answers, so a request sent in pieces
-    // could meet a closed socket (EPIPE).
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
@@ -402,9 +408,13 @@ pub fn http_get(addr: &str, path: &str) -> String {
     stream
         .read_to_string(&mut answer)
         .unwrap_or_else(|e| panic!("read GET {path} from {addr}: {e}"));
-    match answer.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_string(),
-        _ => panic!("GET {path} from {addr} failed:\n{answer}"),
+    let status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    match (status, answer.split_once("\r\n\r\n")) {
+        (Some(status), Some((_, body))) => (status, body.to_string()),
+        _ => panic!("GET {path} from {addr}: not an HTTP answer:\n{answer}"),
     }
 }
 
