@@ -275,6 +275,9 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let sessions = keeper
+        .clone()
+        .map(|k| k as Arc<dyn crate::source::SessionStore>);
     let mounter = Arc::new(crate::mount::FuseMounter::new(
         tokio::runtime::Handle::current(),
         metrics.clone(),
@@ -286,22 +289,25 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         .await
         .context("taking over from the keeper")?
         .context("taking the node connection from the keeper; not mounting over a connection it may hold")?;
-    let manager = Arc::new(crate::csi::VolumeManager::new(
-        crate::csi::CsiConfig {
-            node_id: settings.node_id,
-            state_dir: settings.state_dir,
-            servers,
-            vault_timeout: settings.vault_timeout,
-            cache_max_entries: settings.cache_max_entries,
-            cache_max_bytes: settings.cache_max_bytes,
-            min_cache_ttl: settings.min_cache_ttl,
-            max_volumes: settings.max_volumes,
-            max_entries: settings.max_entries,
-            allow_reload_signals: settings.allow_reload_signals,
-        },
-        mounter.clone(),
-        metrics.clone(),
-    ));
+    let manager = Arc::new(
+        crate::csi::VolumeManager::new(
+            crate::csi::CsiConfig {
+                node_id: settings.node_id,
+                state_dir: settings.state_dir,
+                servers,
+                vault_timeout: settings.vault_timeout,
+                cache_max_entries: settings.cache_max_entries,
+                cache_max_bytes: settings.cache_max_bytes,
+                min_cache_ttl: settings.min_cache_ttl,
+                max_volumes: settings.max_volumes,
+                max_entries: settings.max_entries,
+                allow_reload_signals: settings.allow_reload_signals,
+            },
+            mounter.clone(),
+            metrics.clone(),
+        )
+        .with_sessions(sessions),
+    );
     let recovered = manager.recover().await;
     if taken_over {
         // Only now: the kernel may ask about any recorded volume the moment this serves.

@@ -1,7 +1,9 @@
 //! The keeper (`vaultfs keeper`): a small long-lived process that holds duplicates of live FUSE
 //! connections handed to it over a unix socket, so that a mount outlives the daemon serving it
 //! and a successor daemon can take the connection and serve it again. It never reads FUSE
-//! requests and holds no secret and no token. Also the blocking client the daemon uses.
+//! requests and never sees a secret value. It also holds, in memory only, each volume's Vault
+//! session (token and its schedule) as an opaque record the daemon stashes, so that a
+//! successor reuses it instead of logging in again. Also the blocking client the daemon uses.
 //! Uses std, libc, serde/serde_json, thiserror, tracing (and anyhow for `run_keeper`'s error
 //! chain) and, in vaultfs, `logging` only.
 //!
@@ -16,6 +18,9 @@
 //! | `take` | none | `held {connections: [{name, init}]}` + one descriptor per connection, in order |
 //! | `wait_predecessor` | none | `predecessor_gone {unserved_ms}`, once the predecessor hung up |
 //! | `release {name}` | none | `done` |
+//! | `stash {name, record}` | none | `done` |
+//! | `unstash {name}` | none | `stashed {record}` (`null` if none; the record stays) |
+//! | `forget {name}` | none | `done` |
 //!
 //! Any refusal is `error {message}`. `init` is the kernel's INIT record as hex (opaque here).
 //! The keeper ignores fields it does not know, so a later version may add optional ones; a
@@ -36,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
 use crate::logging::FailureLimiter;
@@ -56,6 +61,10 @@ pub const MAX_NAME_BYTES: usize = 64;
 pub const MAX_HELD: usize = 4;
 /// Most clients connected at once; one more is told so and disconnected.
 pub const MAX_CLIENTS: usize = 16;
+/// Largest stashed record (a volume's token and its schedule take a few hundred bytes).
+pub const MAX_RECORD_BYTES: usize = 4096;
+/// Most records stashed at once: more than a node serves volumes.
+pub const MAX_STASHED: usize = 16 * 1024;
 
 /// Why a message was refused. The text goes back to the sender in an `error` reply.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -86,6 +95,10 @@ pub enum KeeperError {
     Full,
     #[error("a wait_predecessor is still pending on this connection; wait for its reply")]
     Pending,
+    #[error("record of {0} bytes is over the limit of {MAX_RECORD_BYTES} bytes")]
+    RecordTooLarge(usize),
+    #[error("the keeper already stashes {MAX_STASHED} records; forget one first")]
+    StashFull,
 }
 
 /// A request, client to keeper.
@@ -106,6 +119,12 @@ pub enum Request {
     WaitPredecessor,
     /// Stop holding `name` (its mount is gone for good).
     Release { name: String },
+    /// Keep `record` under `name` in memory, replacing any record kept under that name.
+    Stash { name: String, record: Sealed },
+    /// Send the record kept under `name`, if any; it stays kept.
+    Unstash { name: String },
+    /// Drop the record kept under `name`.
+    Forget { name: String },
 }
 
 /// A reply, keeper to client.
@@ -119,8 +138,43 @@ pub enum Reply {
     /// The predecessors are gone; `unserved_ms` is how long the taken connections had no
     /// owner connected before the take (0 if their owner was still there).
     PredecessorGone { unserved_ms: u64 },
+    /// The record asked for, if one is kept.
+    Stashed { record: Option<Sealed> },
     /// The request was refused.
     Error { message: String },
+}
+
+/// A stashed record: opaque to the keeper, wiped from memory when dropped, and never shown by
+/// `Debug` (it holds a Vault token).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sealed(zeroize::Zeroizing<String>);
+
+impl Serialize for Sealed {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sealed {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::new)
+    }
+}
+
+impl Sealed {
+    pub fn new(record: String) -> Self {
+        Self(zeroize::Zeroizing::new(record))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sealed(<{} bytes redacted>)", self.0.len())
+    }
 }
 
 /// A held connection as it travels in a `held` reply, without its descriptor.
@@ -194,16 +248,23 @@ fn clip(mut text: String) -> String {
     text
 }
 
-/// Checks what a `put` names and carries.
-pub fn check_connection(name: &str, init: &[u8]) -> Result<(), KeeperError> {
+/// Checks a connection's or a record's name.
+pub fn check_name(name: &str) -> Result<(), KeeperError> {
     let valid = !name.is_empty()
         && name.len() <= MAX_NAME_BYTES
         && name
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
-    if !valid {
-        return Err(KeeperError::Name(name.to_string()));
+    if valid {
+        Ok(())
+    } else {
+        Err(KeeperError::Name(name.to_string()))
     }
+}
+
+/// Checks what a `put` names and carries.
+pub fn check_connection(name: &str, init: &[u8]) -> Result<(), KeeperError> {
+    check_name(name)?;
     if init.len() > MAX_INIT_BYTES {
         return Err(KeeperError::InitTooLarge(init.len()));
     }
@@ -250,6 +311,7 @@ struct Successor {
 struct State {
     held: BTreeMap<String, Held>,
     successors: BTreeMap<ClientId, Successor>,
+    stashed: BTreeMap<String, Sealed>,
 }
 
 impl State {
@@ -353,6 +415,24 @@ impl State {
                 );
                 Ok(Some(Reply::Done))
             }
+            Request::Stash { name, record } => {
+                check_name(&name)?;
+                if record.expose().len() > MAX_RECORD_BYTES {
+                    return Err(KeeperError::RecordTooLarge(record.expose().len()));
+                }
+                if !self.stashed.contains_key(&name) && self.stashed.len() >= MAX_STASHED {
+                    return Err(KeeperError::StashFull);
+                }
+                self.stashed.insert(name, record);
+                Ok(Some(Reply::Done))
+            }
+            Request::Unstash { name } => Ok(Some(Reply::Stashed {
+                record: self.stashed.get(&name).cloned(),
+            })),
+            Request::Forget { name } => {
+                self.stashed.remove(&name);
+                Ok(Some(Reply::Done))
+            }
         }
     }
 
@@ -399,6 +479,9 @@ impl Request {
             Request::Take => "take",
             Request::WaitPredecessor => "wait_predecessor",
             Request::Release { .. } => "release",
+            Request::Stash { .. } => "stash",
+            Request::Unstash { .. } => "unstash",
+            Request::Forget { .. } => "forget",
         }
     }
 }
@@ -746,7 +829,7 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
     let own_uid = unsafe { libc::geteuid() };
     tracing::info!(
         socket = %socket.display(),
-        "keeper listening; holds FUSE connections across daemon restarts, reads no requests, holds no secrets"
+        "keeper listening; holds FUSE connections and the volumes' Vault sessions across daemon restarts, in memory; reads no requests and no secret values"
     );
     let refusals = FailureLimiter::<&'static str>::default();
     let mut state = State::default();
@@ -794,6 +877,8 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Ok(Received::Message(message)) => {
                     let answer = message.and_then(|(bytes, fds)| {
+                        // A stash carries a token: no copy outlives the request.
+                        let bytes = zeroize::Zeroizing::new(bytes);
                         let request = decode::<Request>(&bytes)?;
                         state.handle(client.id, request, fds, now)
                     });
@@ -835,7 +920,8 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
                     continue;
                 }
                 let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-                if let Err(e) = send_message(client.fd.as_fd(), &encode(&reply), &fds, true) {
+                let message = zeroize::Zeroizing::new(encode(&reply));
+                if let Err(e) = send_message(client.fd.as_fd(), &message, &fds, true) {
                     // Replies are small: a client whose buffer is full is not reading them.
                     tracing::warn!(
                         client = id,
@@ -996,6 +1082,7 @@ impl KeeperError {
             KeeperError::Descriptors { .. } => "descriptors",
             KeeperError::Full => "full",
             KeeperError::Pending => "pending",
+            KeeperError::RecordTooLarge(_) | KeeperError::StashFull => "stash",
         }
     }
 }
@@ -1129,6 +1216,34 @@ impl KeeperClient {
         self.expect_done("release", &request, &[])
     }
 
+    /// Has the keeper keep `record` under `name` in memory (replacing what it kept there).
+    pub fn stash(&self, name: &str, record: &Sealed) -> io::Result<()> {
+        let request = Request::Stash {
+            name: name.to_string(),
+            record: record.clone(),
+        };
+        self.expect_done("stash", &request, &[])
+    }
+
+    /// The record the keeper keeps under `name`, if any.
+    pub fn unstash(&self, name: &str) -> io::Result<Option<Sealed>> {
+        let request = Request::Unstash {
+            name: name.to_string(),
+        };
+        match self.exchange(&request, &[])?.0 {
+            Reply::Stashed { record } => Ok(record),
+            other => Err(self.unexpected("unstash", "stashed", &other)),
+        }
+    }
+
+    /// Has the keeper drop the record under `name`.
+    pub fn forget(&self, name: &str) -> io::Result<()> {
+        let request = Request::Forget {
+            name: name.to_string(),
+        };
+        self.expect_done("forget", &request, &[])
+    }
+
     /// Blocks until the keeper goes away (its end of the socket is closed).
     pub fn wait_closed(&self) -> io::Result<()> {
         let mut p = libc::pollfd {
@@ -1168,7 +1283,8 @@ impl KeeperClient {
             .exchange
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        send_message(self.socket.as_fd(), &encode(request), fds, false)
+        let message = zeroize::Zeroizing::new(encode(request));
+        send_message(self.socket.as_fd(), &message, fds, false)
             .map_err(|e| self.error(e.kind(), format!("sending {what}: {e}")))?;
         let received = recv_message(self.socket.as_fd(), false)
             .map_err(|e| self.error(e.kind(), format!("reading the reply to {what}: {e}")))?;
@@ -1186,6 +1302,7 @@ impl KeeperClient {
                 )
             })?,
         };
+        let bytes = zeroize::Zeroizing::new(bytes);
         let reply = decode::<Reply>(&bytes).map_err(|e| {
             self.error(
                 io::ErrorKind::InvalidData,
@@ -1203,6 +1320,7 @@ impl KeeperClient {
             Reply::Done => "done",
             Reply::Held { .. } => "held",
             Reply::PredecessorGone { .. } => "predecessor_gone",
+            Reply::Stashed { .. } => "stashed",
             Reply::Error { .. } => "error",
         };
         self.error(
@@ -1370,6 +1488,85 @@ mod tests {
             })
         ));
         assert!(state.held.is_empty());
+    }
+
+    #[test]
+    fn records_are_stashed_outlive_their_client_and_are_forgotten_on_request() {
+        let mut state = State::default();
+        let now = Instant::now();
+        let record = Sealed::new(r#"{"token":"s.kept-in-memory"}"#.into());
+        let stash = Request::Stash {
+            name: "v-7".into(),
+            record: record.clone(),
+        };
+        assert_eq!(state.handle(1, stash, vec![], now), Ok(Some(Reply::Done)));
+        let unstash = || Request::Unstash { name: "v-7".into() };
+        assert!(state.hung_up(1, now).is_empty());
+        assert_eq!(
+            state.handle(2, unstash(), vec![], now),
+            Ok(Some(Reply::Stashed {
+                record: Some(record.clone())
+            })),
+            "a record outlives the daemon that stashed it"
+        );
+        assert_eq!(
+            state.handle(2, unstash(), vec![], now),
+            Ok(Some(Reply::Stashed {
+                record: Some(record)
+            })),
+            "reading a record keeps it"
+        );
+        let forget = Request::Forget { name: "v-7".into() };
+        assert_eq!(state.handle(2, forget, vec![], now), Ok(Some(Reply::Done)));
+        assert_eq!(
+            state.handle(2, unstash(), vec![], now),
+            Ok(Some(Reply::Stashed { record: None }))
+        );
+    }
+
+    #[test]
+    fn stashed_records_are_bounded_and_never_shown() {
+        let mut state = State::default();
+        let now = Instant::now();
+        let stash = |name: &str, len: usize| Request::Stash {
+            name: name.into(),
+            record: Sealed::new("t".repeat(len)),
+        };
+        assert_eq!(
+            state.handle(1, stash("v-1", MAX_RECORD_BYTES + 1), vec![], now),
+            Err(KeeperError::RecordTooLarge(MAX_RECORD_BYTES + 1))
+        );
+        assert!(matches!(
+            state.handle(1, stash("../v", 10), vec![], now),
+            Err(KeeperError::Name(_))
+        ));
+        for i in 0..MAX_STASHED {
+            state
+                .handle(1, stash(&format!("v-{i}"), 1), vec![], now)
+                .unwrap();
+        }
+        assert_eq!(
+            state.handle(1, stash("one-more", 1), vec![], now),
+            Err(KeeperError::StashFull)
+        );
+        assert_eq!(
+            state.handle(1, stash("v-0", 2), vec![], now),
+            Ok(Some(Reply::Done)),
+            "a name kept can always be replaced"
+        );
+        let secret = Request::Stash {
+            name: "v-1".into(),
+            record: Sealed::new("s.hunter2-token".into()),
+        };
+        let shown = format!("{secret:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("15 bytes redacted"), "{shown}");
+        let wire = String::from_utf8(encode(&secret)).unwrap();
+        assert_eq!(
+            decode::<Request>(wire.as_bytes()).unwrap(),
+            secret,
+            "the record travels as a JSON string"
+        );
     }
 
     #[test]

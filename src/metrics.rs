@@ -97,6 +97,10 @@ pub struct Metrics {
     pub fuse_requests_in_flight: Gauge,
     /// Live FUSE connections this daemon took over from a predecessor (through the keeper).
     pub takeovers: Counter,
+    /// Vault tokens this daemon took over from a predecessor instead of logging in.
+    pub vault_tokens_taken_over: Counter,
+    /// Volumes' Vault sessions the keeper holds for this daemon's successor.
+    pub stashed_sessions: Gauge,
     /// Requests the kernel queued again after a takeover (FUSE_NOTIFY_RESEND): they were in
     /// flight when the predecessor died.
     pub resent_requests: Counter,
@@ -228,6 +232,18 @@ impl Metrics {
         );
         let fuse_requests_in_flight = Gauge::default();
         let takeovers = Counter::default();
+        let vault_tokens_taken_over = Counter::default();
+        let stashed_sessions = Gauge::default();
+        registry.register(
+            "keeper_stashed_sessions",
+            "Volumes' Vault sessions (token and renewal plan) the keeper holds in memory for the next daemon",
+            stashed_sessions.clone(),
+        );
+        registry.register(
+            "vault_tokens_taken_over",
+            "Vault tokens taken over from the previous daemon (through the keeper) instead of logging in again",
+            vault_tokens_taken_over.clone(),
+        );
         let resent_requests = Counter::default();
         let takeover_unserved_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
@@ -266,6 +282,8 @@ impl Metrics {
             vault_server_up,
             fuse_requests_in_flight,
             takeovers,
+            vault_tokens_taken_over,
+            stashed_sessions,
             resent_requests,
             takeover_unserved_seconds,
             registry,

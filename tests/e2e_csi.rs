@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -92,18 +91,6 @@ fn logins(bao: &Bao, mount: &str) -> (usize, usize) {
         .filter(|e| e["response"]["auth"]["client_token"].is_string())
         .count();
     (responses.len(), ok)
-}
-
-/// The accessors of every token the server knows.
-fn token_accessors(bao: &Bao) -> BTreeSet<String> {
-    let resp = bao.api("LIST", "auth/token/accessors", None);
-    assert_eq!(resp.status, 200, "list accessors: {}", resp.body);
-    resp.json()["data"]["keys"]
-        .as_array()
-        .expect("accessor list")
-        .iter()
-        .map(|k| k.as_str().expect("accessor").to_string())
-        .collect()
 }
 
 /// Whether the token behind `accessor` is still valid.
@@ -1220,23 +1207,6 @@ fn a_publish_while_vault_is_unreachable_succeeds_and_the_volume_works_once_vault
 // ---------------------------------------------------------------------------------------------
 // Logs
 // ---------------------------------------------------------------------------------------------
-
-/// Whether `text` holds something shaped like a Vault service token (`s.` + 24 characters).
-fn find_vault_token(text: &str) -> Option<&str> {
-    let bytes = text.as_bytes();
-    (0..bytes.len().saturating_sub(26)).find_map(|i| {
-        let starts_word = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
-        let body = &bytes[i + 2..i + 26];
-        let ends_word = bytes.get(i + 26).is_none_or(|c| !c.is_ascii_alphanumeric());
-        (starts_word
-            && &bytes[i..i + 2] == b"s."
-            && ends_word
-            && body.iter().all(u8::is_ascii_alphanumeric)
-            && body.iter().any(u8::is_ascii_digit)
-            && body.iter().any(u8::is_ascii_uppercase))
-        .then(|| &text[i..i + 26])
-    })
-}
 
 #[test]
 #[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]

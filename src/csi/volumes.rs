@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::mount::{MountConfig, Mounter};
 use crate::reload::{ReloadConfig, Target};
 use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer, VaultSource};
-use crate::source::{Identity, SourceError};
+use crate::source::{Identity, SessionStore, SourceError};
 use crate::volume::{cache_config, Serving, Volume, VolumeConfig};
 
 /// Longest a publish waits for the pod's Vault login before mounting anyway.
@@ -71,6 +71,13 @@ pub struct VolumeManager<S> {
     next_slot: AtomicU32,
     /// One publish/unpublish at a time per target.
     target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where the volumes' Vault sessions are kept for the next daemon (the keeper), if anywhere.
+    sessions: Option<Arc<dyn SessionStore>>,
+}
+
+/// The name a volume's session is stashed under: by slot, which no other volume gets.
+fn session_key(slot: Slot) -> String {
+    format!("volume-{slot}")
 }
 
 impl VolumeManager<VaultSource> {
@@ -111,7 +118,15 @@ impl<S: Identity> VolumeManager<S> {
             room_taken: Arc::default(),
             next_slot: AtomicU32::new(1),
             target_locks: Mutex::new(HashMap::new()),
+            sessions: None,
         }
+    }
+
+    /// Keeps the volumes' Vault sessions in `store` for the next daemon, and takes over the
+    /// ones an earlier daemon kept there when recovering its volumes.
+    pub fn with_sessions(mut self, store: Option<Arc<dyn SessionStore>>) -> Self {
+        self.sessions = store;
+        self
     }
 
     pub fn node_id(&self) -> &str {
@@ -254,6 +269,21 @@ impl<S: Identity> VolumeManager<S> {
             self.mounter.invalidate(slot, params.consistency),
             &self.metrics,
         );
+        if let Some(store) = &self.sessions {
+            let key = session_key(slot);
+            if !strict {
+                let (from, name) = (store.clone(), key.clone());
+                let session = tokio::task::spawn_blocking(move || from.take(&name))
+                    .await
+                    .ok()
+                    .flatten();
+                if session.is_some_and(|s| volume.source().resume(s)) {
+                    self.metrics.vault_tokens_taken_over.inc();
+                    tracing::info!(volume = %params.label, "took over the previous daemon's Vault token");
+                }
+            }
+            volume.source().on_session_change(store.sink(&key));
+        }
         if strict {
             // A pod must not wait long on an unreachable Vault: give the login a short bound
             // and mount anyway when it runs out (the first read logs in).
@@ -418,6 +448,9 @@ impl<S: Identity> VolumeManager<S> {
                 tracing::info!(target = %target.display(), "pod is gone; forgetting its volume");
                 let _ = self.mounter.unmount_target(&target);
                 self.state.forget(&target);
+                if let Some(store) = &self.sessions {
+                    store.forget(&session_key(record.slot));
+                }
                 continue;
             }
             // A dead mount at the target stays: the new one is stacked on it (see

@@ -1,20 +1,27 @@
 //! The node daemon's side of the keeper (`crate::keeper`): handing the node's FUSE connection
 //! to it, again whenever a keeper comes back, and taking a connection it holds when the daemon
 //! starts. The keeper keeps the connection alive while no daemon serves it; the successor
-//! serves it with the same inode numbers and handles.
+//! serves it with the same inode numbers and handles. The volumes' Vault sessions are stashed
+//! in the keeper as they change (`SessionStore`), so that a successor takes them over instead
+//! of logging in again.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{mpsc, Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
+use serde_json::{json, Value};
 
 use super::handover::{self, InitRecord};
 use crate::fs::Consistency;
-use crate::keeper::KeeperClient;
+use crate::keeper::{KeeperClient, Sealed};
+use crate::logging::FailureLimiter;
 use crate::metrics::Metrics;
+use crate::secret::{wipe_json, Token};
+use crate::source::{Session, SessionSink, SessionStep, SessionStore};
 
 /// The name a node connection is held under: `node` for strict volumes (the name it had
 /// before cached volumes had a connection of their own), `node-cached` for cached ones.
@@ -66,6 +73,12 @@ pub struct KeeperLink {
     held: Mutex<Vec<(&'static str, OwnedFd, InitRecord)>>,
     holding: std::sync::Once,
     metrics: Arc<Metrics>,
+    /// The volumes' sessions as stashed, by volume key, to stash again in every keeper that
+    /// comes. Held while a stash is sent, so that the keeper never gets an older one last.
+    sessions: Mutex<BTreeMap<String, Sealed>>,
+    /// Session changes, for the thread that stashes them (off the async runtime).
+    updates: mpsc::Sender<(String, Option<Sealed>)>,
+    stash_failures: FailureLimiter<&'static str>,
 }
 
 impl KeeperLink {
@@ -98,13 +111,59 @@ impl KeeperLink {
                 Err(e) => return Err(e),
             }
         };
-        Ok(Arc::new(Self {
+        let (updates, changes) = mpsc::channel();
+        let link = Arc::new(Self {
             path: path.to_path_buf(),
             client: Mutex::new(client),
             held: Mutex::new(Vec::new()),
             holding: std::sync::Once::new(),
             metrics,
-        }))
+            sessions: Mutex::new(BTreeMap::new()),
+            updates,
+            stash_failures: FailureLimiter::default(),
+        });
+        let writer = Arc::downgrade(&link);
+        std::thread::Builder::new()
+            .name("vaultfs-sessions".into())
+            .spawn(move || stash_changes(writer, changes))?;
+        Ok(link)
+    }
+
+    /// Stashes `record` (or forgets it) under `key` in the current keeper, if one answers.
+    fn stash(&self, key: String, record: Option<Sealed>) {
+        let mut sessions = self.sessions.lock();
+        let client = self.client.lock().clone();
+        let sent = match &record {
+            Some(record) => {
+                sessions.insert(key.clone(), record.clone());
+                client.map(|c| c.stash(&key, record))
+            }
+            None => {
+                sessions.remove(&key);
+                client.map(|c| c.forget(&key))
+            }
+        };
+        match sent {
+            Some(Ok(())) => {
+                self.metrics.stashed_sessions.set(sessions.len() as i64);
+            }
+            Some(Err(e)) => {
+                if let Some(suppressed) = self.stash_failures.admit("stash") {
+                    tracing::warn!(keeper = %self.path.display(), error = %e, suppressed, "could not stash a volume's Vault session in the keeper; a restart logs that volume in again");
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Stashes every session in `client`'s keeper (one that just came).
+    fn stash_all(&self, client: &KeeperClient) -> io::Result<()> {
+        let sessions = self.sessions.lock();
+        sessions
+            .iter()
+            .try_for_each(|(key, record)| client.stash(key, record))?;
+        self.metrics.stashed_sessions.set(sessions.len() as i64);
+        Ok(())
     }
 
     /// Takes the node connection the keeper holds, if any (a predecessor served it). The
@@ -245,6 +304,7 @@ impl KeeperLink {
                 .try_for_each(|(name, device, init)| {
                     client.put(name, init.as_bytes(), device.as_fd())
                 });
+            let put = put.and_then(|()| self.stash_all(&client));
             match put {
                 Ok(()) => {
                     announced_missing = false;
@@ -258,6 +318,141 @@ impl KeeperLink {
                 }
             }
             self.client.lock().take();
+        }
+    }
+}
+
+/// Stashes session changes in the order they come, until the link is gone.
+fn stash_changes(link: Weak<KeeperLink>, changes: mpsc::Receiver<(String, Option<Sealed>)>) {
+    while let Ok((key, record)) = changes.recv() {
+        let Some(link) = link.upgrade() else {
+            return;
+        };
+        link.stash(key, record);
+    }
+}
+
+impl SessionStore for KeeperLink {
+    fn take(&self, key: &str) -> Option<Session> {
+        let client = self.client.lock().clone()?;
+        match client.unstash(key) {
+            Ok(record) => {
+                let session = unseal(record.as_ref()?);
+                if session.is_none() {
+                    tracing::warn!(key, "the keeper's session record is unreadable; logging in");
+                }
+                session
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "could not take the previous daemon's Vault session from the keeper; logging in");
+                None
+            }
+        }
+    }
+
+    fn sink(&self, key: &str) -> SessionSink {
+        let (key, updates) = (key.to_string(), self.updates.clone());
+        Arc::new(move |session: Option<Session>| {
+            let _ = updates.send((key.clone(), session.as_ref().map(seal)));
+        })
+    }
+
+    fn forget(&self, key: &str) {
+        let _ = self.updates.send((key.to_string(), None));
+    }
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().try_into().unwrap_or(u64::MAX))
+}
+
+fn from_unix_ms(value: &Value) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_millis(value.as_u64()?))
+}
+
+/// `session` as the keeper stashes it: a JSON object, opaque to the keeper.
+fn seal(session: &Session) -> Sealed {
+    let (next, at) = match session.next {
+        SessionStep::LookUp(at) => ("look_up", Some(at)),
+        SessionStep::Renew(at) => ("renew", Some(at)),
+        SessionStep::Replace(at) => ("replace", Some(at)),
+        SessionStep::Idle => ("idle", None),
+    };
+    let mut record = json!({
+        "token": session.token.expose(),
+        "expires_at_ms": session.expires_at.map(unix_ms),
+        "full_ttl_ms": u64::try_from(session.full_ttl.as_millis()).unwrap_or(u64::MAX),
+        "next": next,
+        "next_at_ms": at.map(unix_ms),
+    });
+    let sealed = Sealed::new(record.to_string());
+    wipe_json(&mut record);
+    sealed
+}
+
+/// A stashed session, if the record is one.
+fn unseal(record: &Sealed) -> Option<Session> {
+    let mut value: Value = serde_json::from_str(record.expose()).ok()?;
+    let session = (|| {
+        let at = from_unix_ms(&value["next_at_ms"]);
+        Some(Session {
+            token: Token::new(value["token"].as_str()?.to_string()),
+            expires_at: match &value["expires_at_ms"] {
+                Value::Null => None,
+                ms => Some(from_unix_ms(ms)?),
+            },
+            full_ttl: Duration::from_millis(value["full_ttl_ms"].as_u64()?),
+            next: match value["next"].as_str()? {
+                "look_up" => SessionStep::LookUp(at?),
+                "renew" => SessionStep::Renew(at?),
+                "replace" => SessionStep::Replace(at?),
+                "idle" => SessionStep::Idle,
+                _ => return None,
+            },
+        })
+    })();
+    wipe_json(&mut value);
+    session
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_survives_its_record_to_the_millisecond() {
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        for next in [
+            SessionStep::LookUp(at(1_700_000_000_001)),
+            SessionStep::Renew(at(1_700_000_000_002)),
+            SessionStep::Replace(at(1_700_000_000_003)),
+            SessionStep::Idle,
+        ] {
+            for expires_at in [None, Some(at(1_700_000_003_600))] {
+                let session = Session {
+                    token: Token::new("s.handed-over".into()),
+                    expires_at,
+                    full_ttl: Duration::from_secs(3600),
+                    next,
+                };
+                let record = seal(&session);
+                assert_eq!(unseal(&record), Some(session));
+                assert!(!format!("{record:?}").contains("handed-over"));
+            }
+        }
+    }
+
+    #[test]
+    fn records_that_are_no_session_are_refused() {
+        for text in [
+            "not json",
+            "{}",
+            r#"{"token":"s.x","expires_at_ms":null,"full_ttl_ms":1,"next":"renew"}"#,
+            r#"{"token":"s.x","expires_at_ms":null,"full_ttl_ms":1,"next":"dance","next_at_ms":1}"#,
+            r#"{"token":7,"expires_at_ms":null,"full_ttl_ms":1,"next":"idle"}"#,
+        ] {
+            assert_eq!(unseal(&Sealed::new(text.into())), None, "{text}");
         }
     }
 }

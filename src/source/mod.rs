@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 
@@ -119,6 +119,44 @@ pub trait SecretSource: Send + Sync + 'static {
     }
 }
 
+/// A volume's session at its secret store: its token and the renewer's plan for it, on the
+/// wall clock so that it means the same in a successor daemon, which takes it over (through
+/// the keeper, in memory only) instead of logging in again. `Debug` never shows the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub token: Token,
+    /// When the token expires; `None` if it never does.
+    pub expires_at: Option<SystemTime>,
+    /// The TTL a fresh token of this identity gets (a renewal granting less has reached the max
+    /// TTL).
+    pub full_ttl: Duration,
+    pub next: SessionStep,
+}
+
+/// What the renewer does next with a session's token, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionStep {
+    LookUp(SystemTime),
+    Renew(SystemTime),
+    Replace(SystemTime),
+    Idle,
+}
+
+/// Told every change of a volume's session; `None` once it has none (revoked, or refused and
+/// not replaced yet).
+pub type SessionSink = Arc<dyn Fn(Option<Session>) + Send + Sync>;
+
+/// Where a daemon keeps its volumes' sessions for its successor (the keeper), by volume key.
+/// Calls may block briefly (a local socket); `take` is called before a volume serves.
+pub trait SessionStore: Send + Sync {
+    /// The session kept for `key` by a predecessor, if any.
+    fn take(&self, key: &str) -> Option<Session>;
+    /// Keeps `key`'s session up to date from now on (`None`: forget it).
+    fn sink(&self, key: &str) -> SessionSink;
+    /// Forgets `key`'s session (its volume is gone).
+    fn forget(&self, key: &str);
+}
+
 /// A volume's identity at its secret store, beyond reading: what a volume does with it when it
 /// is published, while it serves and when it is torn down. `vault::VaultSource` is the real
 /// one; the volume lifecycle (`volume`, `csi`) knows only this trait.
@@ -137,4 +175,18 @@ pub trait Identity: SecretSource {
 
     /// Gives up what this identity obtained (its token); later calls fail.
     fn revoke(&self) -> impl Future<Output = ()> + Send;
+
+    /// From now on, tells `sink` every change of the session (at once too, if there is one).
+    /// Identities without sessions never call it.
+    fn on_session_change(&self, sink: SessionSink) {
+        let _ = sink;
+    }
+
+    /// Takes over `session` (a predecessor daemon's) instead of logging in: it is used until
+    /// it expires or Vault refuses it, then the identity logs in as usual. Identities without
+    /// sessions ignore it; `false` means it was not taken (expired, or not a login identity).
+    fn resume(&self, session: Session) -> bool {
+        let _ = session;
+        false
+    }
 }

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::{Fetched, Identity, Lease, SecretSource, SourceError, Version};
+use super::{Fetched, Identity, Lease, SecretSource, Session, SessionSink, SourceError, Version};
 use crate::metrics::Metrics;
 use crate::secret::{wipe_json, SecretData, Token};
 use crate::spec::SecretPath;
@@ -99,6 +99,8 @@ pub struct VaultSource {
     in_flight: Arc<Semaphore>,
     /// Wakes the renewer when the token is replaced or its schedule changes.
     token_changed: tokio::sync::Notify,
+    /// Told every change of the token (`Identity::on_session_change`).
+    session_sink: Mutex<Option<SessionSink>>,
     /// The volume this identity serves, as named in logs and metric labels.
     volume: String,
     metrics: Arc<Metrics>,
@@ -165,6 +167,7 @@ impl VaultSource {
             failed_login: Mutex::new(None),
             in_flight,
             token_changed: tokio::sync::Notify::new(),
+            session_sink: Mutex::new(None),
             volume,
             metrics,
         }
@@ -237,6 +240,7 @@ impl Identity for VaultSource {
             Auth::Token(_) => Ok(()),
             Auth::Login { .. } => {
                 let old = self.token.lock().take().map(|t| t.token);
+                self.session_changed();
                 self.relogin(None, false).await?;
                 if let Some(old) = old {
                     self.server.revoke_in_background(old, &self.in_flight);
@@ -257,6 +261,24 @@ impl Identity for VaultSource {
         tokio::join!(self.clone().run_renewer(), detect);
     }
 
+    fn on_session_change(&self, sink: SessionSink) {
+        *self.session_sink.lock() = Some(sink);
+        self.session_changed();
+    }
+
+    fn resume(&self, session: Session) -> bool {
+        if self.is_static_token() || self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let Some(state) = TokenState::resumed(session) else {
+            return false;
+        };
+        *self.token.lock() = Some(state);
+        self.token_changed.notify_one();
+        self.session_changed();
+        true
+    }
+
     /// Revokes a token this process obtained by logging in (never a token it was given).
     async fn revoke(&self) {
         self.closed.store(true, Ordering::SeqCst);
@@ -267,6 +289,7 @@ impl Identity for VaultSource {
         let Some(token) = self.token.lock().take().map(|t| t.token) else {
             return;
         };
+        self.session_changed();
         let revoke = self.send(
             "revoke",
             Method::POST,

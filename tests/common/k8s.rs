@@ -15,6 +15,35 @@ use serde_json::{json, Value};
 use super::jwt::{unverified_claims, SigningKey, ISSUER};
 use super::Bao;
 
+/// Whether `text` holds something shaped like a Vault service token (`s.` + 24 characters).
+pub fn find_vault_token(text: &str) -> Option<&str> {
+    let bytes = text.as_bytes();
+    (0..bytes.len().saturating_sub(26)).find_map(|i| {
+        let starts_word = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+        let body = &bytes[i + 2..i + 26];
+        let ends_word = bytes.get(i + 26).is_none_or(|c| !c.is_ascii_alphanumeric());
+        (starts_word
+            && &bytes[i..i + 2] == b"s."
+            && ends_word
+            && body.iter().all(u8::is_ascii_alphanumeric)
+            && body.iter().any(u8::is_ascii_digit)
+            && body.iter().any(u8::is_ascii_uppercase))
+        .then(|| &text[i..i + 26])
+    })
+}
+
+/// The accessors of every token the server knows (the root token's among them).
+pub fn token_accessors(bao: &Bao) -> std::collections::BTreeSet<String> {
+    let resp = bao.api("LIST", "auth/token/accessors", None);
+    assert_eq!(resp.status, 200, "list accessors: {}", resp.body);
+    resp.json()["data"]["keys"]
+        .as_array()
+        .expect("accessor list")
+        .iter()
+        .map(|k| k.as_str().expect("accessor").to_string())
+        .collect()
+}
+
 /// Enables the `jwt` auth method at `mount`, trusting tokens signed by `key` and issued by
 /// [`ISSUER`] (how a cluster's service-account tokens are verified offline).
 /// JWT auth at `jwt` trusting a fresh signing key (returned), and a role `app` for the service

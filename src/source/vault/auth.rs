@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 use super::{ttl_from, Auth, Credential, LoginMethod, VaultSource};
 use crate::secret::{wipe_json, Token};
 use crate::source::{pacing, SourceError};
+use crate::source::{Session, SessionStep};
 
 /// First wait after a failed renewal or re-login; doubles per failure up to the max.
 const RENEW_RETRY: Duration = Duration::from_secs(5);
@@ -63,6 +64,57 @@ impl TokenState {
 
     fn valid(&self) -> bool {
         self.expires_at.is_none_or(|e| e > Instant::now())
+    }
+
+    /// This state as a session a successor can take over.
+    fn session(&self) -> Session {
+        Session {
+            token: self.token.clone(),
+            expires_at: self.expires_at.map(wall_clock),
+            full_ttl: self.full_ttl,
+            next: match self.next {
+                TokenStep::LookUp(at) => SessionStep::LookUp(wall_clock(at)),
+                TokenStep::Renew(at) => SessionStep::Renew(wall_clock(at)),
+                TokenStep::Replace(at) => SessionStep::Replace(wall_clock(at)),
+                TokenStep::Idle => SessionStep::Idle,
+            },
+        }
+    }
+
+    /// A predecessor's session, with its plan; `None` once its token has expired.
+    pub(super) fn resumed(session: Session) -> Option<Self> {
+        let state = Self {
+            token: session.token,
+            expires_at: session.expires_at.map(monotonic),
+            full_ttl: session.full_ttl,
+            next: match session.next {
+                SessionStep::LookUp(at) => TokenStep::LookUp(monotonic(at)),
+                SessionStep::Renew(at) => TokenStep::Renew(monotonic(at)),
+                SessionStep::Replace(at) => TokenStep::Replace(monotonic(at)),
+                SessionStep::Idle => TokenStep::Idle,
+            },
+            failures: 0,
+        };
+        state.valid().then_some(state)
+    }
+}
+
+/// `at` on the wall clock.
+fn wall_clock(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+/// `at` on this process's monotonic clock.
+fn monotonic(at: SystemTime) -> Instant {
+    let now = Instant::now();
+    match at.duration_since(SystemTime::now()) {
+        Ok(ahead) => now + ahead,
+        Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
     }
 }
 
@@ -126,6 +178,8 @@ impl VaultSource {
             TokenStep::Renew(_) if refused && !self.is_static_token() => {
                 tracing::warn!(volume = %self.volume, error = %err, "Vault refused to renew the token; the next request logs in again");
                 slot.take();
+                drop(slot);
+                self.session_changed();
             }
             TokenStep::LookUp(_) | TokenStep::Renew(_) if refused => {
                 tracing::warn!(volume = %self.volume, error = %err, "Vault will not renew or describe the given token; it is used as it is until it expires");
@@ -219,6 +273,19 @@ impl VaultSource {
         });
         drop(slot);
         self.token_changed.notify_one();
+        self.session_changed();
+    }
+
+    /// Tells the session sink, if any, the current session.
+    pub(super) fn session_changed(&self) {
+        let Some(sink) = self.session_sink.lock().clone() else {
+            return;
+        };
+        if self.is_static_token() {
+            return;
+        }
+        let session = self.token.lock().as_ref().map(TokenState::session);
+        sink(session);
     }
 
     /// A token to use now: the current one while it is valid, else a fresh login.
@@ -273,6 +340,7 @@ impl VaultSource {
         if self.closed.load(Ordering::SeqCst) {
             // Unpublished while the login was in flight: nobody will use or revoke it.
             self.token.lock().take();
+            self.session_changed();
             self.server.revoke_in_background(fresh, &self.in_flight);
             return Err(closed_error());
         }
