@@ -94,17 +94,11 @@ struct Plugin {
 impl Plugin {
     fn start(node: &CsiNode, bao: &Bao, extra: &[&str]) -> Plugin {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let keeper_socket = node.keeper_socket_path().display().to_string();
         let spawned_at = unix_now();
         let started = Instant::now();
         let daemon = node
             .daemon(bao)
-            .args([
-                "--keeper-socket",
-                &keeper_socket,
-                "--metrics-addr",
-                &metrics_addr,
-            ])
+            .with_keeper(&metrics_addr)
             .args(extra)
             .start();
         Plugin {

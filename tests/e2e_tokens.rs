@@ -34,16 +34,7 @@ struct Plugin {
 impl Plugin {
     fn start(node: &CsiNode, bao: &Bao) -> Plugin {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let keeper_socket = node.keeper_socket_path().display().to_string();
-        let daemon = node
-            .daemon(bao)
-            .args([
-                "--keeper-socket",
-                &keeper_socket,
-                "--metrics-addr",
-                &metrics_addr,
-            ])
-            .start();
+        let daemon = node.daemon(bao).with_keeper(&metrics_addr).start();
         Plugin {
             daemon,
             metrics_addr,

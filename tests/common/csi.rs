@@ -275,6 +275,18 @@ impl CsiDaemonBuilder<'_> {
         self
     }
 
+    /// `--keeper-socket` at the node's keeper socket (whether a keeper listens there or not)
+    /// and `--metrics-addr` at `metrics_addr`.
+    pub fn with_keeper(self, metrics_addr: &str) -> Self {
+        let keeper_socket = self.node.keeper_socket_path().display().to_string();
+        self.args([
+            "--keeper-socket",
+            &keeper_socket,
+            "--metrics-addr",
+            metrics_addr,
+        ])
+    }
+
     /// Extra command-line arguments after the standard ones.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
