@@ -61,10 +61,14 @@ pub const MAX_NAME_BYTES: usize = 64;
 pub const MAX_HELD: usize = 4;
 /// Most clients connected at once; one more is told so and disconnected.
 pub const MAX_CLIENTS: usize = 16;
-/// Largest stashed record (a volume's token and its schedule take a few hundred bytes).
-pub const MAX_RECORD_BYTES: usize = 4096;
-/// Most records stashed at once: more than a node serves volumes.
-pub const MAX_STASHED: usize = 16 * 1024;
+/// Largest stashed record: a volume's token and its schedule take a few hundred bytes, its
+/// leased values (database credentials, certificates) more; escaped in a message, a record
+/// this size still fits in [`MAX_MESSAGE_BYTES`].
+pub const MAX_RECORD_BYTES: usize = 28 * 1024;
+/// Most records stashed at once: two per volume, more than a node serves.
+pub const MAX_STASHED: usize = 32 * 1024;
+/// Most bytes of records stashed at once.
+pub const MAX_STASHED_BYTES: usize = 64 * 1024 * 1024;
 
 /// Why a message was refused. The text goes back to the sender in an `error` reply.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -97,7 +101,7 @@ pub enum KeeperError {
     Pending,
     #[error("record of {0} bytes is over the limit of {MAX_RECORD_BYTES} bytes")]
     RecordTooLarge(usize),
-    #[error("the keeper already stashes {MAX_STASHED} records; forget one first")]
+    #[error("the keeper already stashes {MAX_STASHED} records or {MAX_STASHED_BYTES} bytes; forget one first")]
     StashFull,
 }
 
@@ -312,6 +316,8 @@ struct State {
     held: BTreeMap<String, Held>,
     successors: BTreeMap<ClientId, Successor>,
     stashed: BTreeMap<String, Sealed>,
+    /// Bytes of the records in `stashed`.
+    stashed_bytes: usize,
 }
 
 impl State {
@@ -420,9 +426,13 @@ impl State {
                 if record.expose().len() > MAX_RECORD_BYTES {
                     return Err(KeeperError::RecordTooLarge(record.expose().len()));
                 }
-                if !self.stashed.contains_key(&name) && self.stashed.len() >= MAX_STASHED {
+                let replaced = self.stashed.get(&name).map_or(0, |r| r.expose().len());
+                let bytes = self.stashed_bytes - replaced + record.expose().len();
+                let count = self.stashed.len() + usize::from(!self.stashed.contains_key(&name));
+                if count > MAX_STASHED || bytes > MAX_STASHED_BYTES {
                     return Err(KeeperError::StashFull);
                 }
+                self.stashed_bytes = bytes;
                 self.stashed.insert(name, record);
                 Ok(Some(Reply::Done))
             }
@@ -430,7 +440,9 @@ impl State {
                 record: self.stashed.get(&name).cloned(),
             })),
             Request::Forget { name } => {
-                self.stashed.remove(&name);
+                if let Some(record) = self.stashed.remove(&name) {
+                    self.stashed_bytes -= record.expose().len();
+                }
                 Ok(Some(Reply::Done))
             }
         }

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub takeovers: Counter,
     /// Vault tokens this daemon took over from a predecessor instead of logging in.
     pub vault_tokens_taken_over: Counter,
+    /// Leased values (with their leases) taken over from a predecessor instead of read anew.
+    pub vault_leases_taken_over: Counter,
     /// Volumes' Vault sessions the keeper holds for this daemon's successor.
     pub stashed_sessions: Gauge,
     /// Requests the kernel queued again after a takeover (FUSE_NOTIFY_RESEND): they were in
@@ -233,6 +235,12 @@ impl Metrics {
         let fuse_requests_in_flight = Gauge::default();
         let takeovers = Counter::default();
         let vault_tokens_taken_over = Counter::default();
+        let vault_leases_taken_over = Counter::default();
+        registry.register(
+            "vault_leases_taken_over",
+            "Leased values taken over with their leases from the previous daemon (through the keeper) instead of read anew",
+            vault_leases_taken_over.clone(),
+        );
         let stashed_sessions = Gauge::default();
         registry.register(
             "keeper_stashed_sessions",
@@ -283,6 +291,7 @@ impl Metrics {
             fuse_requests_in_flight,
             takeovers,
             vault_tokens_taken_over,
+            vault_leases_taken_over,
             stashed_sessions,
             resent_requests,
             takeover_unserved_seconds,

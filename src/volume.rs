@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::mount::Mounted;
 use crate::reload::{ReloadConfig, Reloader};
 use crate::secret::Token;
-use crate::source::Identity;
+use crate::source::{HandedLease, Identity, LeaseSink};
 use crate::spec::VolumeSpec;
 
 /// How long the kernel may cache names and attributes. Strict: never beyond the cache TTL, and
@@ -131,6 +131,17 @@ impl<S: Identity> Volume<S> {
             reloader,
             ttl,
         }
+    }
+
+    /// Serves the leased values a predecessor daemon held and keeps renewing their leases;
+    /// returns how many were taken.
+    pub fn adopt_leases(&self, handed: Vec<HandedLease>) -> usize {
+        self.cache.adopt_leases(handed)
+    }
+
+    /// Tells `sink` the volume's leased values whenever they or their leases change.
+    pub fn on_leases_change(&self, sink: LeaseSink) {
+        self.cache.on_leases_change(sink);
     }
 
     /// The volume's identity (to log in ahead of mounting, say).

@@ -520,3 +520,90 @@ fn with_vault_frozen_cached_credentials_are_served_until_their_lease_ends_and_ne
         eprintln!("{}: new credentials {after:?} after Vault resumed", p.what);
     }
 }
+
+#[test]
+#[ignore = "needs root, /dev/fuse, bao and PostgreSQL"]
+fn a_node_plugin_restart_keeps_the_credentials_and_the_lease_and_reads_no_new_ones() {
+    use common::csi::{describe, jwt_publish, CsiNode, Keeper, Pod};
+    use common::k8s::{enable_jwt_auth, jwt_role};
+    // Leases of 6 s: only renewals by the successor keep them alive past the check below.
+    let (pg, bao) = setup(Duration::from_secs(6), Duration::from_secs(3600));
+    let key = common::jwt::SigningKey::generate();
+    enable_jwt_auth(&bao, "jwt", &key);
+    bao.put_policy(
+        "db",
+        &format!(
+            r#"path "{CREDS_PATH}" {{ capabilities = ["read"] }}
+path "sys/leases/renew" {{ capabilities = ["update"] }}
+path "sys/leases/revoke" {{ capabilities = ["update"] }}"#
+        ),
+    );
+    jwt_role(&bao, "jwt", "db", "ns", "app", &["db"], "1h");
+    let node = CsiNode::new("node-lease-handover");
+    let _keeper = Keeper::start(&node.keeper_socket_path());
+    let metrics = |addr: &str| http_get(addr, "/metrics");
+    let start = || {
+        let addr = format!("127.0.0.1:{}", free_port());
+        (node.daemon(&bao).with_keeper(&addr).start(), addr)
+    };
+    let (mut daemon, addr) = start();
+    let pod = Pod::new("ns", "app-db", "app");
+    let secrets = format!(
+        "- {{name: {USERNAME}, path: {CREDS_PATH}, key: username}}\n\
+         - {{name: {PASSWORD}, path: {CREDS_PATH}, key: password}}\n"
+    );
+    let (request, target) = jwt_publish(&node, &pod, &key, "db", &secrets, &[("cacheTTL", "1h")]);
+    if let Err(s) = daemon.client().publish(request) {
+        panic!(
+            "publish: {}; daemon output:\n{}",
+            describe(&s),
+            daemon.logs()
+        );
+    }
+    let user = read_string(target.join(USERNAME));
+    let password = read_string(target.join(PASSWORD));
+    pg.try_login(&user, &password)
+        .expect("the issued credentials log in");
+    assert_eq!(creds_reads(&bao), 1);
+    // The token and the leased values: two records in the keeper.
+    wait_until(
+        "the keeper to hold the session and the lease",
+        Duration::from_secs(10),
+        || {
+            let stashed = metric_value(&metrics(&addr), "vaultfs_keeper_stashed_sessions");
+            if stashed == 2.0 {
+                Ok(())
+            } else {
+                Err(stashed)
+            }
+        },
+    );
+
+    daemon.kill();
+    let (daemon, addr) = start();
+    assert_eq!(
+        read_string(target.join(USERNAME)),
+        user,
+        "the same credentials"
+    );
+    assert_eq!(read_string(target.join(PASSWORD)), password);
+    let text = metrics(&addr);
+    assert_eq!(
+        metric_value(&text, "vaultfs_vault_leases_taken_over_total"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&text, "vaultfs_vault_tokens_taken_over_total"),
+        1.0
+    );
+    // Past the 6 s lease: alive only if the successor renews the same lease.
+    thread::sleep(Duration::from_secs(8));
+    assert_eq!(read_string(target.join(USERNAME)), user);
+    pg.try_login(&user, &password)
+        .expect("the credentials still log in after the successor renewed their lease");
+    assert_eq!(creds_reads(&bao), 1, "no new credentials were read");
+    assert_eq!(live_leases(&bao).len(), 1, "one lease, the same one");
+    assert!(renewals(&bao) >= 1, "the successor renewed the lease");
+    let logs = daemon.logs();
+    assert!(!logs.contains(&password), "the password reached the logs");
+}

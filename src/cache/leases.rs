@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{SecretCache, Slot};
-use crate::source::{pacing, Lease, SecretSource, SourceError};
+use super::{LeaseSink, SecretCache, Slot};
+use crate::source::{
+    monotonic, pacing, wall_clock, Fetched, HandedLease, Lease, SecretSource, SourceError,
+};
 use crate::spec::SecretPath;
 
 /// A lease held for a cached value, kept alive by the cache's lease keeper.
@@ -52,6 +54,18 @@ impl HeldLease {
     pub(super) fn left(&self) -> Duration {
         self.period.saturating_sub(self.granted.elapsed())
     }
+
+    /// A lease a predecessor daemon held, with its timing.
+    fn handed(handed: &HandedLease, lease: Lease) -> Self {
+        let ends = monotonic(handed.ends_at);
+        Self {
+            granted: ends.checked_sub(handed.period).unwrap_or(ends),
+            period: handed.period,
+            next: handed.next_at.map(monotonic),
+            lease,
+            failures: 0,
+        }
+    }
 }
 
 impl<S: SecretSource> SecretCache<S> {
@@ -75,6 +89,8 @@ impl<S: SecretSource> SecretCache<S> {
             }
             let orphans = std::mem::take(&mut *this.orphaned_leases.lock());
             if !orphans.is_empty() {
+                // `orphan` runs under the cache's locks: the successor hears of it here.
+                this.leases_changed();
                 this.revoke_all(orphans).await;
             }
             let mut due = this.held_leases();
@@ -162,6 +178,7 @@ impl<S: SecretSource> SecretCache<S> {
                             held.next = Some(held.granted + after);
                             held.failures = 0;
                         }
+                        self.leases_changed();
                         tracing::debug!(path = %path, ?period, "lease renewed");
                         return;
                     }
@@ -216,6 +233,76 @@ impl<S: SecretSource> SecretCache<S> {
         }
     }
 
+    /// From now on, tells `sink` the leased values this cache holds whenever they or their
+    /// leases change (at once too).
+    pub fn on_leases_change(&self, sink: LeaseSink) {
+        *self.lease_sink.lock() = Some(sink);
+        self.leases_changed();
+    }
+
+    pub(super) fn leases_changed(&self) {
+        let Some(sink) = self.lease_sink.lock().clone() else {
+            return;
+        };
+        sink(self.handed_leases());
+    }
+
+    /// The values held under a live lease, for a successor daemon.
+    pub fn handed_leases(&self) -> Vec<HandedLease> {
+        if self.closing.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let slots = self.slots.lock();
+        slots
+            .lru
+            .iter()
+            .filter_map(|(path, slot)| {
+                let state = slot.state.lock();
+                let (held, content) = (state.lease.as_ref()?, state.current.as_ref()?);
+                held.alive().then(|| HandedLease {
+                    path: path.clone(),
+                    fetched: Fetched {
+                        lease: Some(held.lease.clone()),
+                        ..content.fetched.clone()
+                    },
+                    period: held.period,
+                    ends_at: wall_clock(held.granted + held.period),
+                    next_at: held.next.map(wall_clock),
+                    changed_at: content.changed_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Serves the leased values a predecessor daemon held, and keeps renewing their leases;
+    /// leases that have ended are skipped. Returns how many were taken.
+    pub fn adopt_leases(self: &Arc<Self>, handed: Vec<HandedLease>) -> usize {
+        let mut adopted = 0;
+        for handed in handed {
+            let Some(lease) = handed.fetched.lease.clone() else {
+                continue;
+            };
+            let held = HeldLease::handed(&handed, lease);
+            if !held.alive() {
+                continue;
+            }
+            let slot = self.slot(&handed.path);
+            self.store_with(
+                &handed.path,
+                &slot,
+                handed.fetched,
+                Some(held),
+                handed.changed_at,
+            );
+            adopted += 1;
+        }
+        if adopted > 0 {
+            self.ensure_lease_keeper();
+            self.lease_added.notify_one();
+        }
+        adopted
+    }
+
     /// Revokes every lease this cache holds (unmount), so their credentials stop working, and
     /// stops the lease keeper. Waits for reads and rotations in flight, then revokes all leases
     /// at once within one `vault_timeout`.
@@ -234,6 +321,7 @@ impl<S: SecretSource> SecretCache<S> {
             let _flight = slot.refresh.lock().await;
             leases.extend(slot.state.lock().lease.take().map(|h| h.lease));
         }
+        self.leases_changed();
         self.revoke_all(leases).await;
     }
 
@@ -310,6 +398,42 @@ mod tests {
         assert_eq!(
             source.revoked(),
             vec!["database/creds/app/lease-1".to_string()]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successor_serves_the_handed_values_and_renews_their_leases_without_reading() {
+        let (source, first, p) = read_a_9s_lease().await;
+        let told = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = told.clone();
+        first.on_leases_change(Arc::new(move |leases| *sink.lock() = leases));
+        let handed = told.lock().clone();
+        assert_eq!(handed.len(), 1, "told at once");
+        drop(first);
+        let successor = cache(&source, CacheConfig::default());
+        let mut ended = handed[0].clone();
+        ended.ends_at = std::time::SystemTime::now() - Duration::from_secs(1);
+        assert_eq!(
+            successor.adopt_leases(vec![ended]),
+            0,
+            "an ended lease is not taken"
+        );
+        assert_eq!(successor.adopt_leases(handed), 1);
+        assert_eq!(
+            value(&successor.get(&p).await.unwrap(), "password"),
+            "gen-1"
+        );
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(source.reads(), 1, "the successor read no new credentials");
+        assert!(source.renewals() >= 2, "{} renewals", source.renewals());
+        assert!(source.revoked().is_empty(), "{:?}", source.revoked());
+        successor.revoke_leases().await;
+        assert_eq!(
+            source.revoked(),
+            vec!["database/creds/app/lease-1".to_string()],
+            "the same lease, revoked by the successor"
         );
     }
 

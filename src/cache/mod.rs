@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::source::{Fetched, Lease, SecretSource, SourceError};
+use crate::source::{Fetched, Lease, LeaseSink, SecretSource, SourceError};
 
 use crate::spec::SecretPath;
 use leases::HeldLease;
@@ -147,6 +147,8 @@ pub struct SecretCache<S> {
     orphaned_leases: Mutex<Vec<Lease>>,
     /// Set once leases are being revoked (unmount): nothing new is stored.
     closing: AtomicBool,
+    /// Told the leased values whenever they or their leases change (`on_leases_change`).
+    lease_sink: Mutex<Option<LeaseSink>>,
 }
 
 impl<S: SecretSource> SecretCache<S> {
@@ -168,6 +170,7 @@ impl<S: SecretSource> SecretCache<S> {
             lease_added: Arc::default(),
             orphaned_leases: Mutex::new(Vec::new()),
             closing: AtomicBool::new(false),
+            lease_sink: Mutex::new(None),
         }
     }
 
@@ -514,13 +517,27 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     fn store(&self, path: &SecretPath, slot: &Arc<Slot>, fetched: Fetched) -> Arc<Content> {
-        let weight = fetched.data.weight();
         let lease = fetched.lease.clone().map(HeldLease::new);
+        self.store_with(path, slot, fetched, lease, SystemTime::now())
+    }
+
+    /// Stores `fetched` as the current value of `path`, held under `lease`, first seen at
+    /// `changed_at`.
+    fn store_with(
+        &self,
+        path: &SecretPath,
+        slot: &Arc<Slot>,
+        fetched: Fetched,
+        lease: Option<HeldLease>,
+        changed_at: SystemTime,
+    ) -> Arc<Content> {
+        let weight = fetched.data.weight();
+        let leased = lease.is_some();
         let content = Arc::new(Content {
             _charge: Charge::new(&self.held, weight),
             fetched,
             generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
-            changed_at: SystemTime::now(),
+            changed_at,
         });
         let replaced = {
             // Lock order everywhere: `slots`, then a slot's `state`.
@@ -531,8 +548,11 @@ impl<S: SecretSource> SecretCache<S> {
                 state.checked_at = Some(Instant::now());
                 state.failure = None;
                 state.failures = 0;
-                state.lease = lease;
-                (replaced, std::mem::replace(&mut state.weight, weight))
+                let had_lease = std::mem::replace(&mut state.lease, lease).is_some();
+                (
+                    (replaced, had_lease || leased),
+                    std::mem::replace(&mut state.weight, weight),
+                )
             };
             let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
             if cached {
@@ -558,6 +578,10 @@ impl<S: SecretSource> SecretCache<S> {
             }
             replaced
         };
+        let (replaced, leases_changed) = replaced;
+        if leases_changed {
+            self.leases_changed();
+        }
         if replaced {
             self.metrics.cache_swaps.inc();
             tracing::info!(path = %path, generation = content.generation, "secret changed in Vault, new version swapped in");

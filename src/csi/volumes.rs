@@ -273,16 +273,21 @@ impl<S: Identity> VolumeManager<S> {
             let key = session_key(slot);
             if !strict {
                 let (from, name) = (store.clone(), key.clone());
-                let session = tokio::task::spawn_blocking(move || from.take(&name))
-                    .await
-                    .ok()
-                    .flatten();
-                if session.is_some_and(|s| volume.source().resume(s)) {
+                let (session, leases) = tokio::task::spawn_blocking(move || {
+                    (from.take(&name), from.take_leases(&name))
+                })
+                .await
+                .unwrap_or_default();
+                let token = session.is_some_and(|s| volume.source().resume(s));
+                let leases = volume.adopt_leases(leases);
+                if token {
                     self.metrics.vault_tokens_taken_over.inc();
-                    tracing::info!(volume = %params.label, "took over the previous daemon's Vault token");
                 }
+                self.metrics.vault_leases_taken_over.inc_by(leases as u64);
+                tracing::info!(volume = %params.label, token, leases, "took over the previous daemon's Vault session");
             }
             volume.source().on_session_change(store.sink(&key));
+            volume.on_leases_change(store.lease_sink(&key));
         }
         if strict {
             // A pod must not wait long on an unreachable Vault: give the login a short bound

@@ -17,11 +17,18 @@ use serde_json::{json, Value};
 
 use super::handover::{self, InitRecord};
 use crate::fs::Consistency;
+use crate::keeper::MAX_RECORD_BYTES;
 use crate::keeper::{KeeperClient, Sealed};
 use crate::logging::FailureLimiter;
 use crate::metrics::Metrics;
+use crate::secret::SecretData;
 use crate::secret::{wipe_json, Token};
-use crate::source::{Session, SessionSink, SessionStep, SessionStore};
+use crate::source::{
+    Fetched, HandedLease, Lease, LeaseSink, Session, SessionSink, SessionStep, SessionStore,
+    Version,
+};
+use crate::spec::SecretPath;
+use zeroize::Zeroizing;
 
 /// The name a node connection is held under: `node` for strict volumes (the name it had
 /// before cached volumes had a connection of their own), `node-cached` for cached ones.
@@ -357,9 +364,116 @@ impl SessionStore for KeeperLink {
         })
     }
 
+    fn take_leases(&self, key: &str) -> Vec<HandedLease> {
+        let Some(client) = self.client.lock().clone() else {
+            return Vec::new();
+        };
+        match client.unstash(&leases_key(key)) {
+            Ok(None) => Vec::new(),
+            Ok(Some(record)) => unseal_leases(&record).unwrap_or_else(|| {
+                tracing::warn!(
+                    key,
+                    "the keeper's record of leased values is unreadable; reading new ones"
+                );
+                Vec::new()
+            }),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "could not take the previous daemon's leased values from the keeper; reading new ones");
+                Vec::new()
+            }
+        }
+    }
+
+    fn lease_sink(&self, key: &str) -> LeaseSink {
+        let (key, updates) = (leases_key(key), self.updates.clone());
+        Arc::new(move |leases: Vec<HandedLease>| {
+            let record = (!leases.is_empty()).then(|| seal_leases(&leases)).flatten();
+            if record.is_none() && !leases.is_empty() {
+                tracing::warn!(key, leases = leases.len(), "the volume's leased values are over the keeper's record limit; a restart reads new credentials");
+            }
+            let _ = updates.send((key.clone(), record));
+        })
+    }
+
     fn forget(&self, key: &str) {
         let _ = self.updates.send((key.to_string(), None));
+        let _ = self.updates.send((leases_key(key), None));
     }
+}
+
+/// The name a volume's leased values are stashed under, beside its session under `key`.
+fn leases_key(key: &str) -> String {
+    format!("{key}.leases")
+}
+
+/// Leased values as the keeper stashes them; `None` if over its record limit.
+fn seal_leases(leases: &[HandedLease]) -> Option<Sealed> {
+    let records: Vec<Value> = leases
+        .iter()
+        .filter_map(|l| {
+            let lease = l.fetched.lease.as_ref()?;
+            let data: Value = serde_json::from_slice(l.fetched.data.render(None)?.expose()).ok()?;
+            Some(json!({
+                "path": l.path.to_string(),
+                "lease_id": lease.id,
+                "duration_ms": millis(lease.duration),
+                "renewable": lease.renewable,
+                "period_ms": millis(l.period),
+                "ends_at_ms": unix_ms(l.ends_at),
+                "next_at_ms": l.next_at.map(unix_ms),
+                "changed_at_ms": unix_ms(l.changed_at),
+                "version": l.fetched.version.map(|v| v.0),
+                "data": data,
+            }))
+        })
+        .collect();
+    let mut records = Value::Array(records);
+    let text = Zeroizing::new(records.to_string());
+    wipe_json(&mut records);
+    (text.len() <= MAX_RECORD_BYTES).then(|| Sealed::new(text.to_string()))
+}
+
+/// Stashed leased values, if the record is a list of them.
+fn unseal_leases(record: &Sealed) -> Option<Vec<HandedLease>> {
+    let mut value: Value = serde_json::from_str(record.expose()).ok()?;
+    let leases = value.as_array_mut()?.iter_mut().map(unseal_lease).collect();
+    wipe_json(&mut value);
+    leases
+}
+
+fn unseal_lease(value: &mut Value) -> Option<HandedLease> {
+    let lease = Lease {
+        id: value["lease_id"].as_str()?.to_string(),
+        duration: Duration::from_millis(value["duration_ms"].as_u64()?),
+        renewable: value["renewable"].as_bool()?,
+    };
+    let version = match &value["version"] {
+        Value::Null => None,
+        v => Some(Version(v.as_u64()?)),
+    };
+    let next_at = match &value["next_at_ms"] {
+        Value::Null => None,
+        ms => Some(from_unix_ms(ms)?),
+    };
+    let Value::Object(data) = value["data"].take() else {
+        return None;
+    };
+    Some(HandedLease {
+        path: SecretPath::parse(value["path"].as_str()?).ok()?,
+        period: Duration::from_millis(value["period_ms"].as_u64()?),
+        ends_at: from_unix_ms(&value["ends_at_ms"])?,
+        next_at,
+        changed_at: from_unix_ms(&value["changed_at_ms"])?,
+        fetched: Fetched {
+            version,
+            data: SecretData::from_json(data),
+            lease: Some(lease),
+        },
+    })
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -382,7 +496,7 @@ fn seal(session: &Session) -> Sealed {
     let mut record = json!({
         "token": session.token.expose(),
         "expires_at_ms": session.expires_at.map(unix_ms),
-        "full_ttl_ms": u64::try_from(session.full_ttl.as_millis()).unwrap_or(u64::MAX),
+        "full_ttl_ms": millis(session.full_ttl),
         "next": next,
         "next_at_ms": at.map(unix_ms),
     });
@@ -441,6 +555,41 @@ mod tests {
                 assert!(!format!("{record:?}").contains("handed-over"));
             }
         }
+    }
+
+    #[test]
+    fn leased_values_survive_their_record_and_oversized_ones_are_not_stashed() {
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        let lease = |password: &str| HandedLease {
+            path: SecretPath::parse("database/creds/app").unwrap(),
+            fetched: Fetched {
+                version: Some(Version(3)),
+                data: SecretData::from_pairs([("username", "v-app-1"), ("password", password)]),
+                lease: Some(Lease {
+                    id: "database/creds/app/abc".into(),
+                    duration: Duration::from_secs(60),
+                    renewable: true,
+                }),
+            },
+            period: Duration::from_secs(45),
+            ends_at: at(1_700_000_045_000),
+            next_at: Some(at(1_700_000_030_000)),
+            changed_at: at(1_700_000_000_123),
+        };
+        let record = seal_leases(&[lease("p@ss\"w\nord")]).expect("small enough");
+        assert!(!format!("{record:?}").contains("p@ss"));
+        let back = unseal_leases(&record).expect("a list of leases");
+        assert_eq!(back.len(), 1);
+        let (a, b) = (&back[0], lease("p@ss\"w\nord"));
+        assert_eq!(
+            (&a.path, a.period, a.ends_at, a.next_at, a.changed_at),
+            (&b.path, b.period, b.ends_at, b.next_at, b.changed_at)
+        );
+        assert_eq!(a.fetched.version, b.fetched.version);
+        assert_eq!(a.fetched.lease, b.fetched.lease);
+        assert_eq!(a.fetched.data, b.fetched.data);
+        let huge = "x".repeat(MAX_RECORD_BYTES);
+        assert!(seal_leases(&[lease(&huge)]).is_none());
     }
 
     #[test]

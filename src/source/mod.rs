@@ -146,6 +146,45 @@ pub enum SessionStep {
 /// not replaced yet).
 pub type SessionSink = Arc<dyn Fn(Option<Session>) + Send + Sync>;
 
+/// A leased value handed from a daemon to its successor with its lease, so that the successor
+/// serves the same credentials and keeps renewing the same lease instead of reading new ones.
+/// Times are on the wall clock. `Debug` shows no value and no lease id.
+#[derive(Clone, Debug)]
+pub struct HandedLease {
+    pub path: SecretPath,
+    /// The value as read, with its lease (`lease.duration`: the period asked for at renewals).
+    pub fetched: Fetched,
+    /// The current lease period (renewals move it) and when it ends.
+    pub period: Duration,
+    pub ends_at: SystemTime,
+    /// When the lease is next renewed or its value replaced; `None`: never (too short).
+    pub next_at: Option<SystemTime>,
+    /// When the value was first served (the files' mtime).
+    pub changed_at: SystemTime,
+}
+
+/// Told the leased values a volume holds whenever they or their leases change.
+pub type LeaseSink = Arc<dyn Fn(Vec<HandedLease>) + Send + Sync>;
+
+/// `at` on the wall clock.
+pub(crate) fn wall_clock(at: tokio::time::Instant) -> SystemTime {
+    let now = tokio::time::Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+/// `at` on this process's monotonic clock.
+pub(crate) fn monotonic(at: SystemTime) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match at.duration_since(SystemTime::now()) {
+        Ok(ahead) => now + ahead,
+        Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+    }
+}
+
 /// Where a daemon keeps its volumes' sessions for its successor (the keeper), by volume key.
 /// Calls may block briefly (a local socket); `take` is called before a volume serves.
 pub trait SessionStore: Send + Sync {
@@ -153,7 +192,11 @@ pub trait SessionStore: Send + Sync {
     fn take(&self, key: &str) -> Option<Session>;
     /// Keeps `key`'s session up to date from now on (`None`: forget it).
     fn sink(&self, key: &str) -> SessionSink;
-    /// Forgets `key`'s session (its volume is gone).
+    /// The leased values kept for `key` by a predecessor.
+    fn take_leases(&self, key: &str) -> Vec<HandedLease>;
+    /// Keeps `key`'s leased values up to date from now on.
+    fn lease_sink(&self, key: &str) -> LeaseSink;
+    /// Forgets `key`'s session and leased values (its volume is gone).
     fn forget(&self, key: &str);
 }
 

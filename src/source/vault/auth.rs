@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -13,8 +13,8 @@ use zeroize::Zeroizing;
 
 use super::{ttl_from, Auth, Credential, LoginMethod, VaultSource};
 use crate::secret::{wipe_json, Token};
+use crate::source::{monotonic, wall_clock, Session, SessionStep};
 use crate::source::{pacing, SourceError};
-use crate::source::{Session, SessionStep};
 
 /// First wait after a failed renewal or re-login; doubles per failure up to the max.
 const RENEW_RETRY: Duration = Duration::from_secs(5);
@@ -96,25 +96,6 @@ impl TokenState {
             failures: 0,
         };
         state.valid().then_some(state)
-    }
-}
-
-/// `at` on the wall clock.
-fn wall_clock(at: Instant) -> SystemTime {
-    let now = Instant::now();
-    if at >= now {
-        SystemTime::now() + (at - now)
-    } else {
-        SystemTime::now() - (now - at)
-    }
-}
-
-/// `at` on this process's monotonic clock.
-fn monotonic(at: SystemTime) -> Instant {
-    let now = Instant::now();
-    match at.duration_since(SystemTime::now()) {
-        Ok(ahead) => now + ahead,
-        Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
     }
 }
 
