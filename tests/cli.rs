@@ -1,6 +1,6 @@
-//! The command-line contract, without root or Vault: the README quotes the `--help` of every
-//! subcommand verbatim, and bad arguments exit with status 2 and a message naming what is wrong, before
-//! anything is mounted.
+//! The command-line contract, without root or Vault: the documentation (README.md and
+//! docs/*.md) quotes the `--help` of every subcommand verbatim, and bad arguments exit with
+//! status 2 and a message naming what is wrong, before anything is mounted.
 
 use std::process::{Command, Output};
 
@@ -13,10 +13,29 @@ fn vaultfs(args: &[&str]) -> Output {
         .expect("run vaultfs")
 }
 
+/// README.md and every docs/*.md, by path relative to the repository, in a stable order.
+fn documentation() -> Vec<(String, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs: Vec<_> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .map(|entry| entry.expect("docs/ entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+        .collect();
+    docs.sort();
+    std::iter::once(root.join("README.md"))
+        .chain(docs)
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let name = path.strip_prefix(root).expect("under the repository");
+            (name.display().to_string(), text)
+        })
+        .collect()
+}
+
 #[test]
-fn readme_quotes_the_current_help_of_every_command() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+fn the_docs_quote_the_current_help_of_every_command() {
+    let docs = documentation();
+    assert!(docs.len() > 1, "README.md and docs/*.md expected");
     let top = String::from_utf8(vaultfs(&["--help"]).stdout).expect("utf-8 help");
     let commands: Vec<&str> = top
         .lines()
@@ -27,11 +46,27 @@ fn readme_quotes_the_current_help_of_every_command() {
         .filter(|c| *c != "help")
         .collect();
     assert_eq!(commands, ["mount", "csi", "keeper"], "{top}");
+    // Where each command's help is expected: the file marked `<!-- vaultfs CMD --help ... -->`,
+    // else the file that documents the command.
+    let expected = |command: &str| {
+        let marker = format!("<!-- vaultfs {command} --help");
+        docs.iter()
+            .find(|(_, text)| text.contains(&marker))
+            .map(|(name, _)| name.as_str())
+            .unwrap_or(match command {
+                "mount" => "docs/configuration.md",
+                _ => "docs/kubernetes.md",
+            })
+    };
+    let searched: Vec<&str> = docs.iter().map(|(name, _)| name.as_str()).collect();
     for command in commands {
         let help = String::from_utf8(vaultfs(&[command, "--help"]).stdout).expect("utf-8 help");
         assert!(
-            readme.contains(help.trim_end()),
-            "README.md must quote `vaultfs {command} --help` verbatim; current text:\n{help}"
+            docs.iter().any(|(_, text)| text.contains(help.trim_end())),
+            "`vaultfs {command} --help` must be quoted verbatim in the documentation, \
+             expected in {} (searched {}); current text:\n{help}",
+            expected(command),
+            searched.join(", ")
         );
     }
 }
