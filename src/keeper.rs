@@ -1,9 +1,10 @@
 //! The keeper (`vaultfs keeper`): a small long-lived process that holds duplicates of live FUSE
 //! connections handed to it over a unix socket, so that a mount outlives the daemon serving it
 //! and a successor daemon can take the connection and serve it again. It never reads FUSE
-//! requests and never sees a secret value. It also holds, in memory only, each volume's Vault
-//! session (token and its schedule) as an opaque record the daemon stashes, so that a
-//! successor reuses it instead of logging in again. Also the blocking client the daemon uses.
+//! requests. It also holds, in memory only, each volume's Vault session (token and its renewal
+//! plan) and leased values (dynamic credentials with their leases) as opaque records the daemon
+//! stashes, so that a successor reuses them instead of logging in and reading new credentials.
+//! Also the blocking client the daemon uses.
 //! Uses std, libc, serde/serde_json, thiserror, tracing (and anyhow for `run_keeper`'s error
 //! chain) and, in vaultfs, `logging` only.
 //!
@@ -841,7 +842,7 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
     let own_uid = unsafe { libc::geteuid() };
     tracing::info!(
         socket = %socket.display(),
-        "keeper listening; holds FUSE connections and the volumes' Vault sessions across daemon restarts, in memory; reads no requests and no secret values"
+        "keeper listening; holds FUSE connections and the volumes' Vault sessions (tokens, leased values) across daemon restarts, in memory only; reads no FUSE request"
     );
     let refusals = FailureLimiter::<&'static str>::default();
     let mut state = State::default();

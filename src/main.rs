@@ -36,7 +36,7 @@ enum Command {
     Mount(MountArgs),
     /// Serve the Kubernetes CSI node plugin (Identity + Node) on a unix socket.
     Csi(CsiArgs),
-    /// Hold the node's live FUSE connections and the volumes' Vault tokens across daemon restarts, in memory only; reads no requests and no secret values.
+    /// Hold the node's live FUSE connections and the volumes' Vault sessions (tokens, leased values) across daemon restarts, in memory only; reads no FUSE request.
     Keeper(KeeperArgs),
 }
 
