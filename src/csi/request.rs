@@ -29,7 +29,7 @@ const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 /// `cacheTTL` when a volume does not say.
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 
-/// The volume attributes a pod may set, with their meaning (README's table).
+/// The volume attributes a pod may set (their meaning: docs/configuration.md).
 pub const ATTRIBUTES: [&str; 10] = [
     "role",
     "secrets",
