@@ -20,10 +20,26 @@ import copy
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Helm keeps a cache, a config and a data directory under $HOME by default: give it throw-away
+# ones, so that nothing is written outside the project and temporary files. Helm's Go library
+# reads the environment the process started with, so this runs itself again with them set, and
+# removes them afterwards.
+if "VAULTFS_HELM_HOME" not in os.environ:
+    _home = tempfile.mkdtemp(prefix="vaultfs-helm-")
+    _env = dict(os.environ, VAULTFS_HELM_HOME=_home)
+    for _name in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
+        _env[_name] = os.path.join(_home, _name.split("_")[1].lower())
+    try:
+        _rc = subprocess.call([sys.executable] + sys.argv, env=_env)
+    finally:
+        shutil.rmtree(_home, ignore_errors=True)
+    sys.exit(_rc)
 
 try:
     import helm_sdkpy

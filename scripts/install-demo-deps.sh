@@ -14,6 +14,12 @@ command -v git >/dev/null 2>&1 || apt_install git
 
 command -v fusermount3 >/dev/null 2>&1 || apt_install fuse3
 command -v fusermount3 >/dev/null 2>&1 || die "fusermount3 is still missing after installing fuse3"
+# fusermount3 records mounts in /etc/mtab; a booted Debian links it to /proc/self/mounts
+# (systemd-tmpfiles), a bare container or chroot may lack it.
+if [ ! -e /etc/mtab ]; then
+    say "linking /etc/mtab to ../proc/self/mounts (as a booted Debian has it)"
+    ln -s ../proc/self/mounts /etc/mtab || die "cannot create /etc/mtab"
+fi
 if [ ! -c /dev/fuse ]; then
     modprobe fuse >/dev/null 2>&1 || true
 fi

@@ -275,6 +275,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let link = keeper.clone();
     let sessions = keeper
         .clone()
         .map(|k| k as Arc<dyn crate::source::SessionStore>);
@@ -340,6 +341,10 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     drain(&metrics, settings.drain_timeout).await;
     background.abort_all();
     let kept = manager.release_for_restart();
+    if let Some(link) = &link {
+        // The successor takes the sessions as they are now.
+        link.flush(Duration::from_secs(1));
+    }
     tracing::info!(
         volumes = kept,
         "stopped; published volumes are recorded for the next start"

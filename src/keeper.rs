@@ -63,13 +63,14 @@ pub const MAX_HELD: usize = 4;
 /// Most clients connected at once; one more is told so and disconnected.
 pub const MAX_CLIENTS: usize = 16;
 /// Largest stashed record: a volume's token and its schedule take a few hundred bytes, its
-/// leased values (database credentials, certificates) more; escaped in a message, a record
-/// this size still fits in [`MAX_MESSAGE_BYTES`].
+/// leased values (database credentials, certificates) more; as hex in a message, a record this
+/// size still fits in [`MAX_MESSAGE_BYTES`].
 pub const MAX_RECORD_BYTES: usize = 28 * 1024;
 /// Most records stashed at once: two per volume, more than a node serves.
 pub const MAX_STASHED: usize = 32 * 1024;
-/// Most bytes of records stashed at once.
-pub const MAX_STASHED_BYTES: usize = 64 * 1024 * 1024;
+/// Most bytes of records stashed at once: well inside the keeper's memory limit (32 MiB in
+/// `deploy/base`); 1,000 volumes with a token and a database credential each take about 1 MiB.
+pub const MAX_STASHED_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why a message was refused. The text goes back to the sender in an `error` reply.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -102,6 +103,8 @@ pub enum KeeperError {
     Pending,
     #[error("record of {0} bytes is over the limit of {MAX_RECORD_BYTES} bytes")]
     RecordTooLarge(usize),
+    #[error("a later daemon took this client's connections over: its records are no longer kept")]
+    Superseded,
     #[error("the keeper already stashes {MAX_STASHED} records or {MAX_STASHED_BYTES} bytes; forget one first")]
     StashFull,
 }
@@ -156,13 +159,18 @@ pub struct Sealed(zeroize::Zeroizing<String>);
 
 impl Serialize for Sealed {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        hex::serialize(self.0.as_bytes(), s)
     }
 }
 
 impl<'de> Deserialize<'de> for Sealed {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Self::new)
+        let bytes = hex::deserialize(d)?;
+        String::from_utf8(bytes).map(Self::new).map_err(|e| {
+            let mut bytes = e.into_bytes();
+            zeroize::Zeroize::zeroize(&mut bytes);
+            serde::de::Error::custom("the record is not UTF-8")
+        })
     }
 }
 
@@ -190,25 +198,35 @@ pub struct ConnectionInfo {
     pub init: Vec<u8>,
 }
 
+/// Bytes as hex text (INIT records, stashed records): no escaping, so no unescaped copy of a
+/// record is left in a parser's buffers; the text is wiped once used.
 mod hex {
     use serde::{de, Deserialize, Deserializer, Serializer};
+    use zeroize::{Zeroize, Zeroizing};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = Zeroizing::new(String::with_capacity(bytes.len() * 2));
+        for b in bytes {
+            text.push(char::from(DIGITS[usize::from(b >> 4)]));
+            text.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        }
         s.serialize_str(&text)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(d)?;
-        if text.len() % 2 != 0 || !text.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(de::Error::custom(
-                "init is not hex: expected an even number of 0-9 a-f characters",
-            ));
-        }
-        Ok((0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("checked hex digits"))
-            .collect())
+        let mut text = String::deserialize(d)?;
+        let valid = text.len() % 2 == 0 && text.bytes().all(|c| c.is_ascii_hexdigit());
+        let bytes = valid.then(|| {
+            (0..text.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("checked hex digits"))
+                .collect()
+        });
+        text.zeroize();
+        bytes.ok_or_else(|| {
+            de::Error::custom("not hex: expected an even number of 0-9 a-f characters")
+        })
     }
 }
 
@@ -218,7 +236,10 @@ pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
     if let serde_json::Value::Object(map) = &mut value {
         map.insert("version".into(), PROTOCOL_VERSION.into());
     }
-    serde_json::to_vec(&value).expect("a JSON value serializes")
+    // Sized once (no copies left behind by growing); the value may hold a record: wiped.
+    let bytes = crate::secret::to_vec_exact(&value);
+    crate::secret::wipe_json(&mut value);
+    bytes
 }
 
 /// A message: checks its size and version before anything else, then its shape.
@@ -316,6 +337,9 @@ struct Successor {
 struct State {
     held: BTreeMap<String, Held>,
     successors: BTreeMap<ClientId, Successor>,
+    /// Clients whose connections a later client took: their stashes would overwrite the
+    /// records of the daemon that now serves.
+    superseded: BTreeSet<ClientId>,
     stashed: BTreeMap<String, Sealed>,
     /// Bytes of the records in `stashed`.
     stashed_bytes: usize,
@@ -373,6 +397,7 @@ impl State {
                     match (held.owner, held.unowned_since) {
                         (Some(owner), _) if owner != client => {
                             taken.predecessors.insert(owner);
+                            self.superseded.insert(owner);
                         }
                         (None, Some(since)) => {
                             taken.unserved =
@@ -422,6 +447,9 @@ impl State {
                 );
                 Ok(Some(Reply::Done))
             }
+            Request::Stash { .. } | Request::Forget { .. } if self.superseded.contains(&client) => {
+                Err(KeeperError::Superseded)
+            }
             Request::Stash { name, record } => {
                 check_name(&name)?;
                 if record.expose().len() > MAX_RECORD_BYTES {
@@ -469,6 +497,7 @@ impl State {
             }
         }
         self.successors.remove(&client);
+        self.superseded.remove(&client);
         let mut due = Vec::new();
         for (id, s) in &mut self.successors {
             if s.predecessors.remove(&client) && s.predecessors.is_empty() && s.waiting {
@@ -1095,7 +1124,9 @@ impl KeeperError {
             KeeperError::Descriptors { .. } => "descriptors",
             KeeperError::Full => "full",
             KeeperError::Pending => "pending",
-            KeeperError::RecordTooLarge(_) | KeeperError::StashFull => "stash",
+            KeeperError::RecordTooLarge(_) | KeeperError::StashFull | KeeperError::Superseded => {
+                "stash"
+            }
         }
     }
 }
@@ -1409,11 +1440,19 @@ mod tests {
             ),
             (
                 br#"{"version":1,"type":"put","name":"n","init":"abc"}"#,
-                "init is not hex",
+                "not hex: expected an even number of 0-9 a-f characters",
             ),
             (
                 br#"{"version":1,"type":"put","name":"n","init":"zz"}"#,
-                "init is not hex",
+                "not hex",
+            ),
+            (
+                br#"{"version":1,"type":"stash","name":"n","record":"s.plain"}"#,
+                "not hex",
+            ),
+            (
+                br#"{"version":1,"type":"stash","name":"n","record":"ff"}"#,
+                "the record is not UTF-8",
             ),
         ];
         for (bytes, expected) in cases {
@@ -1535,6 +1574,40 @@ mod tests {
             state.handle(2, unstash(), vec![], now),
             Ok(Some(Reply::Stashed { record: None }))
         );
+    }
+
+    #[test]
+    fn a_daemon_whose_connections_were_taken_may_no_longer_stash() {
+        let mut state = State::default();
+        let now = Instant::now();
+        let (r, _w) = pipe();
+        let put = Request::Put {
+            name: "node".into(),
+            init: vec![1],
+        };
+        assert_eq!(state.handle(1, put, vec![r], now), Ok(Some(Reply::Done)));
+        let stash = || Request::Stash {
+            name: "volume-1".into(),
+            record: Sealed::new("r".into()),
+        };
+        assert_eq!(state.handle(1, stash(), vec![], now), Ok(Some(Reply::Done)));
+        assert!(matches!(
+            state.handle(2, Request::Take, vec![], now),
+            Ok(Some(Reply::Held { .. }))
+        ));
+        assert_eq!(
+            state.handle(1, stash(), vec![], now),
+            Err(KeeperError::Superseded),
+            "the predecessor's later records would overwrite the successor's"
+        );
+        let forget = Request::Forget {
+            name: "volume-1".into(),
+        };
+        assert_eq!(
+            state.handle(1, forget, vec![], now),
+            Err(KeeperError::Superseded)
+        );
+        assert_eq!(state.handle(2, stash(), vec![], now), Ok(Some(Reply::Done)));
     }
 
     #[test]

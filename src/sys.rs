@@ -20,6 +20,17 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// `CLOCK_MONOTONIC` now: the clock `Instant` reads, shared by every process on the machine.
+pub fn monotonic_now() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is writable; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Disables core dumps (and ptrace by non-root) so secret bytes in memory never reach disk
 /// through a crash dump.
 pub fn disable_core_dumps() -> io::Result<()> {

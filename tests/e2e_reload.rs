@@ -161,14 +161,22 @@ impl Listener {
     fn start(program: &Program, file: &Path, cgroup: Option<&Cgroup>) -> Listener {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("signals");
-        let child = Command::new(&program.path)
+        let mut command = Command::new(&program.path);
+        command
             .args(["-c", LISTENER, "listener"])
             .arg(file)
             .arg(&log)
             .stdin(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("starting a listener");
+            .process_group(0);
+        // A shell cannot trap a signal that was ignored when it started, as under `nohup`.
+        // SAFETY: signal(2) is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("starting a listener");
         let ready = PathBuf::from(format!("{}.ready", log.display()));
         wait_until("the listener's trap", Duration::from_secs(10), || {
             if ready.exists() {

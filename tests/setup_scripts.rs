@@ -3,7 +3,7 @@
 //! test installer adds the rest, Python tools go into the project's `.venv` and never into the
 //! system's Python, and no OpenBao server the project starts writes the user's
 //! `~/.vault-token`. The whole proof, both README commands in a fresh Debian 12 chroot with
-//! only the Rust toolchain, is described in `docs/internals.md`.
+//! only the Rust toolchain, is described in `docs/internals.md` ("A fresh machine").
 
 mod common;
 
@@ -125,4 +125,29 @@ fn the_test_servers_never_write_the_users_vault_token() {
     drop(bao);
     let after = fs::metadata(&token).ok().map(|m| m.modified().unwrap());
     assert_eq!(before, after, "{} was written", token.display());
+}
+
+#[test]
+#[ignore = "needs helm-sdkpy (VAULTFS_TEST_PYTHON, installed by scripts/install-deps.sh)"]
+fn helm_runs_leave_nothing_in_home() {
+    let python = std::env::var("VAULTFS_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let home = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(python)
+        .arg(root.join("scripts/helm-offline.py"))
+        .arg("lint")
+        .arg(root.join("deploy/helm/vaultfs"))
+        .env("HOME", home.path())
+        .output()
+        .expect("run helm-offline.py");
+    assert!(
+        out.status.success(),
+        "helm lint failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<_> = fs::read_dir(home.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "helm wrote {left:?} into HOME");
 }

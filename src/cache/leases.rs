@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{LeaseSink, SecretCache, Slot};
-use crate::source::{
-    monotonic, pacing, wall_clock, Fetched, HandedLease, Lease, SecretSource, SourceError,
-};
+use super::{LeaseSink, SecretCache, Slot, Slots};
+use crate::source::{pacing, Fetched, HandedLease, Lease, NodeTime, SecretSource, SourceError};
 use crate::spec::SecretPath;
 
 /// A lease held for a cached value, kept alive by the cache's lease keeper.
@@ -57,11 +55,11 @@ impl HeldLease {
 
     /// A lease a predecessor daemon held, with its timing.
     fn handed(handed: &HandedLease, lease: Lease) -> Self {
-        let ends = monotonic(handed.ends_at);
+        let ends = handed.ends_at.instant();
         Self {
             granted: ends.checked_sub(handed.period).unwrap_or(ends),
             period: handed.period,
-            next: handed.next_at.map(monotonic),
+            next: handed.next_at.map(NodeTime::instant),
             lease,
             failures: 0,
         }
@@ -244,15 +242,20 @@ impl<S: SecretSource> SecretCache<S> {
         let Some(sink) = self.lease_sink.lock().clone() else {
             return;
         };
-        sink(self.handed_leases());
+        // Read and told under the table's lock: of two calls, the later tells the later state.
+        let slots = self.slots.lock();
+        sink(self.handed_from(&slots));
     }
 
     /// The values held under a live lease, for a successor daemon.
     pub fn handed_leases(&self) -> Vec<HandedLease> {
+        self.handed_from(&self.slots.lock())
+    }
+
+    fn handed_from(&self, slots: &Slots) -> Vec<HandedLease> {
         if self.closing.load(Ordering::Acquire) {
             return Vec::new();
         }
-        let slots = self.slots.lock();
         slots
             .lru
             .iter()
@@ -266,8 +269,8 @@ impl<S: SecretSource> SecretCache<S> {
                         ..content.fetched.clone()
                     },
                     period: held.period,
-                    ends_at: wall_clock(held.granted + held.period),
-                    next_at: held.next.map(wall_clock),
+                    ends_at: NodeTime::of(held.granted + held.period),
+                    next_at: held.next.map(NodeTime::of),
                     changed_at: content.changed_at,
                 })
             })
@@ -412,7 +415,7 @@ mod tests {
         drop(first);
         let successor = cache(&source, CacheConfig::default());
         let mut ended = handed[0].clone();
-        ended.ends_at = std::time::SystemTime::now() - Duration::from_secs(1);
+        ended.ends_at = crate::source::NodeTime::now() - Duration::from_secs(1);
         assert_eq!(
             successor.adopt_leases(vec![ended]),
             0,

@@ -278,13 +278,18 @@ impl<S: Identity> VolumeManager<S> {
                 })
                 .await
                 .unwrap_or_default();
-                let token = session.is_some_and(|s| volume.source().resume(s));
-                let leases = volume.adopt_leases(leases);
-                if token {
+                let resumed = session.is_some_and(|s| volume.source().resume(s));
+                // Vault revokes a token's leases with it: without the token they may be dead.
+                let leases = if resumed {
+                    volume.adopt_leases(leases)
+                } else {
+                    0
+                };
+                if resumed {
                     self.metrics.vault_tokens_taken_over.inc();
                 }
                 self.metrics.vault_leases_taken_over.inc_by(leases as u64);
-                tracing::info!(volume = %params.label, token, leases, "took over the previous daemon's Vault session");
+                tracing::info!(volume = %params.label, resumed, leases, "took over the previous daemon's Vault session");
             }
             volume.source().on_session_change(store.sink(&key));
             volume.on_leases_change(store.lease_sink(&key));
@@ -482,6 +487,10 @@ impl<S: Identity> VolumeManager<S> {
             match result {
                 Ok(()) => recovered += 1,
                 Err(e) => {
+                    // Its stashed session is no one's now (slots are never given out again).
+                    if let Some(store) = &self.sessions {
+                        store.forget(&session_key(record.slot));
+                    }
                     tracing::warn!(target = %target.display(), error = %e, "could not recover a volume; kubelet's next republish will retry")
                 }
             }

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -24,8 +25,8 @@ use crate::metrics::Metrics;
 use crate::secret::SecretData;
 use crate::secret::{wipe_json, Token};
 use crate::source::{
-    Fetched, HandedLease, Lease, LeaseSink, Session, SessionSink, SessionStep, SessionStore,
-    Version,
+    Fetched, HandedLease, Lease, LeaseSink, NodeTime, Session, SessionSink, SessionStep,
+    SessionStore, Version,
 };
 use crate::spec::SecretPath;
 use zeroize::Zeroizing;
@@ -80,12 +81,32 @@ pub struct KeeperLink {
     held: Mutex<Vec<(&'static str, OwnedFd, InitRecord)>>,
     holding: std::sync::Once,
     metrics: Arc<Metrics>,
-    /// The volumes' sessions as stashed, by volume key, to stash again in every keeper that
-    /// comes. Held while a stash is sent, so that the keeper never gets an older one last.
+    /// The volumes' records as stashed, by key, to stash again in every keeper that comes.
+    /// Held while a record is sent, so that a keeper that comes meanwhile gets the latest.
     sessions: Mutex<BTreeMap<String, Sealed>>,
-    /// Session changes, for the thread that stashes them (off the async runtime).
-    updates: mpsc::Sender<(String, Option<Sealed>)>,
+    /// Records changed and not sent yet, for the thread that sends them.
+    outbox: Arc<Outbox>,
     stash_failures: FailureLimiter<&'static str>,
+}
+
+/// The latest record of each key not sent to the keeper yet (`None`: forget it). A producer
+/// puts its record while holding the lock its state changes under, so the last record put for
+/// a key is the latest state; one entry per key, so a keeper that does not answer holds back
+/// one record per volume at most.
+#[derive(Default)]
+struct Outbox {
+    pending: Mutex<BTreeMap<String, Option<Sealed>>>,
+    /// Signalled when a record is put, and when the sender has sent everything.
+    changed: parking_lot::Condvar,
+    /// The sender is sending records it took from `pending` (changed under `pending`'s lock).
+    sending: std::sync::atomic::AtomicBool,
+}
+
+impl Outbox {
+    fn put(&self, key: String, record: Option<Sealed>) {
+        self.pending.lock().insert(key, record);
+        self.changed.notify_all();
+    }
 }
 
 impl KeeperLink {
@@ -118,7 +139,6 @@ impl KeeperLink {
                 Err(e) => return Err(e),
             }
         };
-        let (updates, changes) = mpsc::channel();
         let link = Arc::new(Self {
             path: path.to_path_buf(),
             client: Mutex::new(client),
@@ -126,14 +146,32 @@ impl KeeperLink {
             holding: std::sync::Once::new(),
             metrics,
             sessions: Mutex::new(BTreeMap::new()),
-            updates,
+            outbox: Arc::default(),
             stash_failures: FailureLimiter::default(),
         });
-        let writer = Arc::downgrade(&link);
+        let (sender, outbox) = (Arc::downgrade(&link), link.outbox.clone());
         std::thread::Builder::new()
             .name("vaultfs-sessions".into())
-            .spawn(move || stash_changes(writer, changes))?;
+            .spawn(move || send_records(sender, outbox))?;
         Ok(link)
+    }
+
+    /// Waits up to `limit` until every record put so far has been sent (a daemon about to
+    /// exit leaves the latest to its successor).
+    pub fn flush(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut pending = self.outbox.pending.lock();
+        while !pending.is_empty() || self.outbox.sending.load(Ordering::Acquire) {
+            if self
+                .outbox
+                .changed
+                .wait_until(&mut pending, deadline)
+                .timed_out()
+            {
+                tracing::warn!("stopping with Vault sessions not stashed in the keeper yet");
+                return;
+            }
+        }
     }
 
     /// Stashes `record` (or forgets it) under `key` in the current keeper, if one answers.
@@ -154,23 +192,31 @@ impl KeeperLink {
             Some(Ok(())) => {
                 self.metrics.stashed_sessions.set(sessions.len() as i64);
             }
-            Some(Err(e)) => {
-                if let Some(suppressed) = self.stash_failures.admit("stash") {
-                    tracing::warn!(keeper = %self.path.display(), error = %e, suppressed, "could not stash a volume's Vault session in the keeper; a restart logs that volume in again");
-                }
-            }
+            Some(Err(e)) => self.stash_failed(&e),
             None => {}
         }
     }
 
-    /// Stashes every session in `client`'s keeper (one that just came).
-    fn stash_all(&self, client: &KeeperClient) -> io::Result<()> {
+    /// Stashes every record in `client`'s keeper (one that just came). A refusal (an older
+    /// keeper that knows no `stash`, a full one) is logged, not a reason to hand the
+    /// connections over again.
+    fn stash_all(&self, client: &KeeperClient) {
         let sessions = self.sessions.lock();
-        sessions
+        let sent = sessions
             .iter()
-            .try_for_each(|(key, record)| client.stash(key, record))?;
-        self.metrics.stashed_sessions.set(sessions.len() as i64);
-        Ok(())
+            .try_for_each(|(key, record)| client.stash(key, record));
+        match sent {
+            Ok(()) => {
+                self.metrics.stashed_sessions.set(sessions.len() as i64);
+            }
+            Err(e) => self.stash_failed(&e),
+        }
+    }
+
+    fn stash_failed(&self, e: &io::Error) {
+        if let Some(suppressed) = self.stash_failures.admit("stash") {
+            tracing::warn!(keeper = %self.path.display(), error = %e, suppressed, "could not stash a volume's Vault session in the keeper; a restart logs that volume in again and reads its leased values anew");
+        }
     }
 
     /// Takes the node connection the keeper holds, if any (a predecessor served it). The
@@ -311,9 +357,9 @@ impl KeeperLink {
                 .try_for_each(|(name, device, init)| {
                     client.put(name, init.as_bytes(), device.as_fd())
                 });
-            let put = put.and_then(|()| self.stash_all(&client));
             match put {
                 Ok(()) => {
+                    self.stash_all(&client);
                     announced_missing = false;
                     tracing::info!(keeper = %self.path.display(), "the keeper holds the node connections");
                     let _ = client.wait_closed();
@@ -329,13 +375,27 @@ impl KeeperLink {
     }
 }
 
-/// Stashes session changes in the order they come, until the link is gone.
-fn stash_changes(link: Weak<KeeperLink>, changes: mpsc::Receiver<(String, Option<Sealed>)>) {
-    while let Ok((key, record)) = changes.recv() {
+/// Sends the records put in `outbox` to the keeper, until the link is gone.
+fn send_records(link: Weak<KeeperLink>, outbox: Arc<Outbox>) {
+    loop {
+        let records = {
+            let mut pending = outbox.pending.lock();
+            while pending.is_empty() {
+                outbox.changed.wait(&mut pending);
+            }
+            outbox.sending.store(true, Ordering::Release);
+            std::mem::take(&mut *pending)
+        };
         let Some(link) = link.upgrade() else {
             return;
         };
-        link.stash(key, record);
+        for (key, record) in records {
+            link.stash(key, record);
+        }
+        drop(link);
+        let _pending = outbox.pending.lock();
+        outbox.sending.store(false, Ordering::Release);
+        outbox.changed.notify_all();
     }
 }
 
@@ -358,9 +418,9 @@ impl SessionStore for KeeperLink {
     }
 
     fn sink(&self, key: &str) -> SessionSink {
-        let (key, updates) = (key.to_string(), self.updates.clone());
+        let (key, outbox) = (key.to_string(), self.outbox.clone());
         Arc::new(move |session: Option<Session>| {
-            let _ = updates.send((key.clone(), session.as_ref().map(seal)));
+            outbox.put(key.clone(), session.as_ref().map(seal));
         })
     }
 
@@ -385,19 +445,19 @@ impl SessionStore for KeeperLink {
     }
 
     fn lease_sink(&self, key: &str) -> LeaseSink {
-        let (key, updates) = (leases_key(key), self.updates.clone());
+        let (key, outbox) = (leases_key(key), self.outbox.clone());
         Arc::new(move |leases: Vec<HandedLease>| {
             let record = (!leases.is_empty()).then(|| seal_leases(&leases)).flatten();
             if record.is_none() && !leases.is_empty() {
                 tracing::warn!(key, leases = leases.len(), "the volume's leased values are over the keeper's record limit; a restart reads new credentials");
             }
-            let _ = updates.send((key.clone(), record));
+            outbox.put(key.clone(), record);
         })
     }
 
     fn forget(&self, key: &str) {
-        let _ = self.updates.send((key.to_string(), None));
-        let _ = self.updates.send((leases_key(key), None));
+        self.outbox.put(key.to_string(), None);
+        self.outbox.put(leases_key(key), None);
     }
 }
 
@@ -419,8 +479,8 @@ fn seal_leases(leases: &[HandedLease]) -> Option<Sealed> {
                 "duration_ms": millis(lease.duration),
                 "renewable": lease.renewable,
                 "period_ms": millis(l.period),
-                "ends_at_ms": unix_ms(l.ends_at),
-                "next_at_ms": l.next_at.map(unix_ms),
+                "ends_at_node_ms": node_ms(l.ends_at),
+                "next_at_node_ms": l.next_at.map(node_ms),
                 "changed_at_ms": unix_ms(l.changed_at),
                 "version": l.fetched.version.map(|v| v.0),
                 "data": data,
@@ -428,9 +488,9 @@ fn seal_leases(leases: &[HandedLease]) -> Option<Sealed> {
         })
         .collect();
     let mut records = Value::Array(records);
-    let text = Zeroizing::new(records.to_string());
+    let mut text = Zeroizing::new(records.to_string());
     wipe_json(&mut records);
-    (text.len() <= MAX_RECORD_BYTES).then(|| Sealed::new(text.to_string()))
+    (text.len() <= MAX_RECORD_BYTES).then(|| Sealed::new(std::mem::take(&mut *text)))
 }
 
 /// Stashed leased values, if the record is a list of them.
@@ -451,19 +511,24 @@ fn unseal_lease(value: &mut Value) -> Option<HandedLease> {
         Value::Null => None,
         v => Some(Version(v.as_u64()?)),
     };
-    let next_at = match &value["next_at_ms"] {
+    let next_at = match &value["next_at_node_ms"] {
         Value::Null => None,
-        ms => Some(from_unix_ms(ms)?),
+        ms => Some(from_node_ms(ms)?),
     };
+    let path = SecretPath::parse(value["path"].as_str()?).ok()?;
+    let period = Duration::from_millis(value["period_ms"].as_u64()?);
+    let ends_at = from_node_ms(&value["ends_at_node_ms"])?;
+    let changed_at = from_unix_ms(&value["changed_at_ms"])?;
+    // Last: nothing fails once the data is taken out (`from_json` wipes it).
     let Value::Object(data) = value["data"].take() else {
         return None;
     };
     Some(HandedLease {
-        path: SecretPath::parse(value["path"].as_str()?).ok()?,
-        period: Duration::from_millis(value["period_ms"].as_u64()?),
-        ends_at: from_unix_ms(&value["ends_at_ms"])?,
+        path,
+        period,
+        ends_at,
         next_at,
-        changed_at: from_unix_ms(&value["changed_at_ms"])?,
+        changed_at,
         fetched: Fetched {
             version,
             data: SecretData::from_json(data),
@@ -474,6 +539,16 @@ fn unseal_lease(value: &mut Value) -> Option<HandedLease> {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn node_ms(at: NodeTime) -> u64 {
+    millis(at.as_duration())
+}
+
+fn from_node_ms(value: &Value) -> Option<NodeTime> {
+    Some(NodeTime::from_duration(Duration::from_millis(
+        value.as_u64()?,
+    )))
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -495,10 +570,10 @@ fn seal(session: &Session) -> Sealed {
     };
     let mut record = json!({
         "token": session.token.expose(),
-        "expires_at_ms": session.expires_at.map(unix_ms),
+        "expires_at_node_ms": session.expires_at.map(node_ms),
         "full_ttl_ms": millis(session.full_ttl),
         "next": next,
-        "next_at_ms": at.map(unix_ms),
+        "next_at_node_ms": at.map(node_ms),
     });
     let sealed = Sealed::new(record.to_string());
     wipe_json(&mut record);
@@ -509,12 +584,12 @@ fn seal(session: &Session) -> Sealed {
 fn unseal(record: &Sealed) -> Option<Session> {
     let mut value: Value = serde_json::from_str(record.expose()).ok()?;
     let session = (|| {
-        let at = from_unix_ms(&value["next_at_ms"]);
+        let at = from_node_ms(&value["next_at_node_ms"]);
         Some(Session {
             token: Token::new(value["token"].as_str()?.to_string()),
-            expires_at: match &value["expires_at_ms"] {
+            expires_at: match &value["expires_at_node_ms"] {
                 Value::Null => None,
-                ms => Some(from_unix_ms(ms)?),
+                ms => Some(from_node_ms(ms)?),
             },
             full_ttl: Duration::from_millis(value["full_ttl_ms"].as_u64()?),
             next: match value["next"].as_str()? {
@@ -536,7 +611,7 @@ mod tests {
 
     #[test]
     fn a_session_survives_its_record_to_the_millisecond() {
-        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        let at = |ms| NodeTime::from_duration(Duration::from_millis(ms));
         for next in [
             SessionStep::LookUp(at(1_700_000_000_001)),
             SessionStep::Renew(at(1_700_000_000_002)),
@@ -559,7 +634,8 @@ mod tests {
 
     #[test]
     fn leased_values_survive_their_record_and_oversized_ones_are_not_stashed() {
-        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        let at = |ms| NodeTime::from_duration(Duration::from_millis(ms));
+        let wall = |ms| UNIX_EPOCH + Duration::from_millis(ms);
         let lease = |password: &str| HandedLease {
             path: SecretPath::parse("database/creds/app").unwrap(),
             fetched: Fetched {
@@ -574,7 +650,7 @@ mod tests {
             period: Duration::from_secs(45),
             ends_at: at(1_700_000_045_000),
             next_at: Some(at(1_700_000_030_000)),
-            changed_at: at(1_700_000_000_123),
+            changed_at: wall(1_700_000_000_123),
         };
         let record = seal_leases(&[lease("p@ss\"w\nord")]).expect("small enough");
         assert!(!format!("{record:?}").contains("p@ss"));

@@ -120,13 +120,13 @@ pub trait SecretSource: Send + Sync + 'static {
 }
 
 /// A volume's session at its secret store: its token and the renewer's plan for it, on the
-/// wall clock so that it means the same in a successor daemon, which takes it over (through
+/// node's clock so that it means the same in a successor daemon, which takes it over (through
 /// the keeper, in memory only) instead of logging in again. `Debug` never shows the token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
     pub token: Token,
     /// When the token expires; `None` if it never does.
-    pub expires_at: Option<SystemTime>,
+    pub expires_at: Option<NodeTime>,
     /// The TTL a fresh token of this identity gets (a renewal granting less has reached the max
     /// TTL).
     pub full_ttl: Duration,
@@ -136,9 +136,9 @@ pub struct Session {
 /// What the renewer does next with a session's token, and when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SessionStep {
-    LookUp(SystemTime),
-    Renew(SystemTime),
-    Replace(SystemTime),
+    LookUp(NodeTime),
+    Renew(NodeTime),
+    Replace(NodeTime),
     Idle,
 }
 
@@ -148,7 +148,7 @@ pub type SessionSink = Arc<dyn Fn(Option<Session>) + Send + Sync>;
 
 /// A leased value handed from a daemon to its successor with its lease, so that the successor
 /// serves the same credentials and keeps renewing the same lease instead of reading new ones.
-/// Times are on the wall clock. `Debug` shows no value and no lease id.
+/// Times are on the node's clock. `Debug` shows no value and no lease id.
 #[derive(Clone, Debug)]
 pub struct HandedLease {
     pub path: SecretPath,
@@ -156,9 +156,9 @@ pub struct HandedLease {
     pub fetched: Fetched,
     /// The current lease period (renewals move it) and when it ends.
     pub period: Duration,
-    pub ends_at: SystemTime,
+    pub ends_at: NodeTime,
     /// When the lease is next renewed or its value replaced; `None`: never (too short).
-    pub next_at: Option<SystemTime>,
+    pub next_at: Option<NodeTime>,
     /// When the value was first served (the files' mtime).
     pub changed_at: SystemTime,
 }
@@ -166,22 +166,51 @@ pub struct HandedLease {
 /// Told the leased values a volume holds whenever they or their leases change.
 pub type LeaseSink = Arc<dyn Fn(Vec<HandedLease>) + Send + Sync>;
 
-/// `at` on the wall clock.
-pub(crate) fn wall_clock(at: tokio::time::Instant) -> SystemTime {
-    let now = tokio::time::Instant::now();
-    if at >= now {
-        SystemTime::now() + (at - now)
-    } else {
-        SystemTime::now() - (now - at)
+/// A moment on the node's monotonic clock (`CLOCK_MONOTONIC`, which `Instant` reads): every
+/// process on the node shares it and no clock step (NTP, an operator) moves it, so times handed
+/// to a successor daemon mean the same there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeTime(Duration);
+
+impl NodeTime {
+    pub fn now() -> Self {
+        Self(crate::sys::monotonic_now())
+    }
+
+    /// Since the clock's origin (the node's boot, give or take).
+    pub fn as_duration(self) -> Duration {
+        self.0
+    }
+
+    pub fn from_duration(since_origin: Duration) -> Self {
+        Self(since_origin)
+    }
+
+    /// `at` of this process's clock (tokio's, which may be paused in tests).
+    pub(crate) fn of(at: tokio::time::Instant) -> Self {
+        let (now, node) = (tokio::time::Instant::now(), Self::now().0);
+        if at >= now {
+            Self(node + (at - now))
+        } else {
+            Self(node.saturating_sub(now - at))
+        }
+    }
+
+    /// This moment on this process's clock.
+    pub(crate) fn instant(self) -> tokio::time::Instant {
+        let (now, node) = (tokio::time::Instant::now(), Self::now().0);
+        if self.0 >= node {
+            now + (self.0 - node)
+        } else {
+            now.checked_sub(node - self.0).unwrap_or(now)
+        }
     }
 }
 
-/// `at` on this process's monotonic clock.
-pub(crate) fn monotonic(at: SystemTime) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    match at.duration_since(SystemTime::now()) {
-        Ok(ahead) => now + ahead,
-        Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+impl std::ops::Sub<Duration> for NodeTime {
+    type Output = NodeTime;
+    fn sub(self, d: Duration) -> NodeTime {
+        NodeTime(self.0.saturating_sub(d))
     }
 }
 

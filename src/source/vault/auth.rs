@@ -13,8 +13,8 @@ use zeroize::Zeroizing;
 
 use super::{ttl_from, Auth, Credential, LoginMethod, VaultSource};
 use crate::secret::{wipe_json, Token};
-use crate::source::{monotonic, wall_clock, Session, SessionStep};
 use crate::source::{pacing, SourceError};
+use crate::source::{NodeTime, Session, SessionStep};
 
 /// First wait after a failed renewal or re-login; doubles per failure up to the max.
 const RENEW_RETRY: Duration = Duration::from_secs(5);
@@ -70,12 +70,12 @@ impl TokenState {
     fn session(&self) -> Session {
         Session {
             token: self.token.clone(),
-            expires_at: self.expires_at.map(wall_clock),
+            expires_at: self.expires_at.map(NodeTime::of),
             full_ttl: self.full_ttl,
             next: match self.next {
-                TokenStep::LookUp(at) => SessionStep::LookUp(wall_clock(at)),
-                TokenStep::Renew(at) => SessionStep::Renew(wall_clock(at)),
-                TokenStep::Replace(at) => SessionStep::Replace(wall_clock(at)),
+                TokenStep::LookUp(at) => SessionStep::LookUp(NodeTime::of(at)),
+                TokenStep::Renew(at) => SessionStep::Renew(NodeTime::of(at)),
+                TokenStep::Replace(at) => SessionStep::Replace(NodeTime::of(at)),
                 TokenStep::Idle => SessionStep::Idle,
             },
         }
@@ -85,12 +85,12 @@ impl TokenState {
     pub(super) fn resumed(session: Session) -> Option<Self> {
         let state = Self {
             token: session.token,
-            expires_at: session.expires_at.map(monotonic),
+            expires_at: session.expires_at.map(NodeTime::instant),
             full_ttl: session.full_ttl,
             next: match session.next {
-                SessionStep::LookUp(at) => TokenStep::LookUp(monotonic(at)),
-                SessionStep::Renew(at) => TokenStep::Renew(monotonic(at)),
-                SessionStep::Replace(at) => TokenStep::Replace(monotonic(at)),
+                SessionStep::LookUp(at) => TokenStep::LookUp(at.instant()),
+                SessionStep::Renew(at) => TokenStep::Renew(at.instant()),
+                SessionStep::Replace(at) => TokenStep::Replace(at.instant()),
                 SessionStep::Idle => TokenStep::Idle,
             },
             failures: 0,
@@ -265,8 +265,9 @@ impl VaultSource {
         if self.is_static_token() {
             return;
         }
-        let session = self.token.lock().as_ref().map(TokenState::session);
-        sink(session);
+        // Read and told under the token's lock: of two calls, the later tells the later state.
+        let slot = self.token.lock();
+        sink(slot.as_ref().map(TokenState::session));
     }
 
     /// A token to use now: the current one while it is valid, else a fresh login.
