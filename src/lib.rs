@@ -15,7 +15,9 @@
 //! `reload` (reload signals: signal names, a pod's processes, the debounce) is used by `volume`
 //! and the wiring and uses only `metrics`.
 //! `keeper` (the process that holds FUSE connections across daemon restarts, and its client)
-//! stands beside this chain: it uses only `logging`, and only `main` and the wiring use it.
+//! stands beside this chain: it uses only `logging` and `secret` (to wipe what it held), and
+//! only `main`, the wiring and `mount::keeper_link` (which also stashes the volumes' Vault
+//! sessions there, through `source::SessionStore`) use it.
 
 pub mod app;
 pub mod audit;
