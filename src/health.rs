@@ -178,7 +178,7 @@ fn gone_mounts(mounts: &[Watched]) -> Vec<Problem> {
         .iter()
         .filter(|m| {
             let id = m.id.or_else(|| crate::sys::mount_id(&m.target));
-            !id.is_some_and(|id| table.contains(&(id, m.target.clone())))
+            id.is_none_or(|id| table.get(&id) != Some(&m.target))
         })
         .map(|m| {
             let volume = if m.name.is_empty() {

@@ -235,6 +235,11 @@ impl Metrics {
         let fuse_requests_in_flight = Gauge::default();
         let takeovers = Counter::default();
         let vault_tokens_taken_over = Counter::default();
+        registry.register(
+            "vault_tokens_taken_over",
+            "Vault tokens taken over from the previous daemon (through the keeper) instead of logging in again",
+            vault_tokens_taken_over.clone(),
+        );
         let vault_leases_taken_over = Counter::default();
         registry.register(
             "vault_leases_taken_over",
@@ -246,11 +251,6 @@ impl Metrics {
             "keeper_stashed_sessions",
             "Volumes' Vault sessions (token and renewal plan) the keeper holds in memory for the next daemon",
             stashed_sessions.clone(),
-        );
-        registry.register(
-            "vault_tokens_taken_over",
-            "Vault tokens taken over from the previous daemon (through the keeper) instead of logging in again",
-            vault_tokens_taken_over.clone(),
         );
         let resent_requests = Counter::default();
         let takeover_unserved_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();

@@ -372,9 +372,9 @@ pub fn mount_stack(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Every mount of this process's namespace as (mount id, mount point), per
+/// Every mount of this process's namespace: mount id → mount point, per
 /// `/proc/self/mountinfo`. `None` if the table cannot be read.
-pub fn mount_table() -> Option<std::collections::HashSet<(u64, PathBuf)>> {
+pub fn mount_table() -> Option<std::collections::HashMap<u64, PathBuf>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     Some(
         info.lines()
@@ -477,9 +477,9 @@ mod tests {
         let proc = Path::new("/proc");
         let id = mount_id(proc).expect("Linux 5.8+ reports mount ids");
         let table = mount_table().expect("/proc/self/mountinfo");
-        assert!(table.contains(&(id, proc.to_path_buf())));
-        assert!(!table.contains(&(id + 1_000_000, proc.to_path_buf())));
-        assert!(!table.contains(&(id, PathBuf::from("/nonexistent"))));
+        assert_eq!(table.get(&id), Some(&proc.to_path_buf()));
+        assert_eq!(table.get(&(id + 1_000_000)), None);
+        assert_ne!(table.get(&id), Some(&PathBuf::from("/nonexistent")));
     }
 
     #[test]

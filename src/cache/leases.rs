@@ -248,10 +248,6 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     /// The values held under a live lease, for a successor daemon.
-    pub fn handed_leases(&self) -> Vec<HandedLease> {
-        self.handed_from(&self.slots.lock())
-    }
-
     fn handed_from(&self, slots: &Slots) -> Vec<HandedLease> {
         if self.closing.load(Ordering::Acquire) {
             return Vec::new();

@@ -532,7 +532,8 @@ impl<S: SecretSource> SecretCache<S> {
         changed_at: SystemTime,
     ) -> Arc<Content> {
         let weight = fetched.data.weight();
-        let leased = lease.is_some();
+        // A leased value stored, or one replaced: the successor's record changes.
+        let mut leases_changed = lease.is_some();
         let content = Arc::new(Content {
             _charge: Charge::new(&self.held, weight),
             fetched,
@@ -548,11 +549,8 @@ impl<S: SecretSource> SecretCache<S> {
                 state.checked_at = Some(Instant::now());
                 state.failure = None;
                 state.failures = 0;
-                let had_lease = std::mem::replace(&mut state.lease, lease).is_some();
-                (
-                    (replaced, had_lease || leased),
-                    std::mem::replace(&mut state.weight, weight),
-                )
+                leases_changed |= std::mem::replace(&mut state.lease, lease).is_some();
+                (replaced, std::mem::replace(&mut state.weight, weight))
             };
             let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
             if cached {
@@ -578,7 +576,6 @@ impl<S: SecretSource> SecretCache<S> {
             }
             replaced
         };
-        let (replaced, leases_changed) = replaced;
         if leases_changed {
             self.leases_changed();
         }

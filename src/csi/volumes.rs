@@ -281,13 +281,11 @@ impl<S: Identity> VolumeManager<S> {
                 let resumed = session.is_some_and(|s| volume.source().resume(s));
                 // Vault revokes a token's leases with it: without the token they may be dead.
                 let leases = if resumed {
+                    self.metrics.vault_tokens_taken_over.inc();
                     volume.adopt_leases(leases)
                 } else {
                     0
                 };
-                if resumed {
-                    self.metrics.vault_tokens_taken_over.inc();
-                }
                 self.metrics.vault_leases_taken_over.inc_by(leases as u64);
                 tracing::info!(volume = %params.label, resumed, leases, "took over the previous daemon's Vault session");
             }

@@ -15,21 +15,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 use super::handover::{self, InitRecord};
 use crate::fs::Consistency;
-use crate::keeper::MAX_RECORD_BYTES;
-use crate::keeper::{KeeperClient, Sealed};
+use crate::keeper::{KeeperClient, Sealed, MAX_RECORD_BYTES};
 use crate::logging::FailureLimiter;
 use crate::metrics::Metrics;
-use crate::secret::SecretData;
-use crate::secret::{wipe_json, Token};
+use crate::secret::{wipe_json, SecretData, Token};
 use crate::source::{
     Fetched, HandedLease, Lease, LeaseSink, NodeTime, Session, SessionSink, SessionStep,
     SessionStore, Version,
 };
 use crate::spec::SecretPath;
-use zeroize::Zeroizing;
 
 /// The name a node connection is held under: `node` for strict volumes (the name it had
 /// before cached volumes had a connection of their own), `node-cached` for cached ones.
@@ -399,22 +397,35 @@ fn send_records(link: Weak<KeeperLink>, outbox: Arc<Outbox>) {
     }
 }
 
-impl SessionStore for KeeperLink {
-    fn take(&self, key: &str) -> Option<Session> {
+impl KeeperLink {
+    /// The record stashed under `name`, read with `unseal`; a failure is logged naming `what`
+    /// the successor does without it.
+    fn unstash<T>(
+        &self,
+        name: &str,
+        unseal: impl FnOnce(&Sealed) -> Option<T>,
+        instead: &str,
+    ) -> Option<T> {
         let client = self.client.lock().clone()?;
-        match client.unstash(key) {
+        match client.unstash(name) {
             Ok(record) => {
-                let session = unseal(record.as_ref()?);
-                if session.is_none() {
-                    tracing::warn!(key, "the keeper's session record is unreadable; logging in");
+                let value = unseal(record.as_ref()?);
+                if value.is_none() {
+                    tracing::warn!(name, "the keeper's record is unreadable; {instead}");
                 }
-                session
+                value
             }
             Err(e) => {
-                tracing::warn!(key, error = %e, "could not take the previous daemon's Vault session from the keeper; logging in");
+                tracing::warn!(name, error = %e, "could not take the previous daemon's record from the keeper; {instead}");
                 None
             }
         }
+    }
+}
+
+impl SessionStore for KeeperLink {
+    fn take(&self, key: &str) -> Option<Session> {
+        self.unstash(key, unseal, "logging in")
     }
 
     fn sink(&self, key: &str) -> SessionSink {
@@ -425,23 +436,8 @@ impl SessionStore for KeeperLink {
     }
 
     fn take_leases(&self, key: &str) -> Vec<HandedLease> {
-        let Some(client) = self.client.lock().clone() else {
-            return Vec::new();
-        };
-        match client.unstash(&leases_key(key)) {
-            Ok(None) => Vec::new(),
-            Ok(Some(record)) => unseal_leases(&record).unwrap_or_else(|| {
-                tracing::warn!(
-                    key,
-                    "the keeper's record of leased values is unreadable; reading new ones"
-                );
-                Vec::new()
-            }),
-            Err(e) => {
-                tracing::warn!(key, error = %e, "could not take the previous daemon's leased values from the keeper; reading new ones");
-                Vec::new()
-            }
-        }
+        self.unstash(&leases_key(key), unseal_leases, "reading new credentials")
+            .unwrap_or_default()
     }
 
     fn lease_sink(&self, key: &str) -> LeaseSink {
