@@ -20,8 +20,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -140,25 +138,9 @@ impl Plugin {
 
     /// `/metrics`, or why it could not be read.
     fn metrics(&self) -> Result<String, String> {
-        let mut stream = TcpStream::connect(&self.metrics_addr)
-            .map_err(|e| format!("connect {}: {e}", self.metrics_addr))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        let request = format!(
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.metrics_addr
-        );
-        stream
-            .write_all(request.as_bytes())
-            .map_err(|e| format!("send: {e}"))?;
-        let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .map_err(|e| format!("read: {e}"))?;
-        match answer.split_once("\r\n\r\n") {
-            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
-            _ => Err(format!("GET /metrics: {answer}")),
+        match try_http_status(&self.metrics_addr, "/metrics")? {
+            (200, body) => Ok(body),
+            (status, body) => Err(format!("GET /metrics answered {status}: {body}")),
         }
     }
 

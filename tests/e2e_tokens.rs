@@ -125,20 +125,52 @@ fn keeper_holds(keeper: &Keeper) {
     );
 }
 
-#[test]
-#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
-fn restarts_with_the_keeper_alive_take_over_every_token_and_log_nothing_in() {
+/// `VOLUMES` volumes published and read once through a daemon whose connection the keeper
+/// holds. Destructure it in field order: locals drop in reverse, so the daemon and the keeper
+/// go before the node's directories and the server.
+struct Served {
+    bao: Bao,
+    node: CsiNode,
+    keeper: Keeper,
+    /// The server's token accessors before the daemon started (the root token's).
+    before: BTreeSet<String>,
+    plugin: Plugin,
+    files: Vec<PathBuf>,
+}
+
+fn serve(node_id: &str) -> Served {
     require_root();
     let bao = Bao::start();
     let key = jwt_app(&bao);
     bao.kv_put(SECRET, &[("password", "v1")]);
-    let node = CsiNode::new("node-tokens");
+    let node = CsiNode::new(node_id);
     let keeper = Keeper::start(&node.keeper_socket_path());
     let before = token_accessors(&bao);
-    let mut plugin = Plugin::start(&node, &bao);
+    let plugin = Plugin::start(&node, &bao);
     let files = publish_all(&node, &key, &plugin);
     all_read(&files, "v1", "after publishing", &node);
     keeper_holds(&keeper);
+    Served {
+        bao,
+        node,
+        keeper,
+        before,
+        plugin,
+        files,
+    }
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
+fn restarts_with_the_keeper_alive_take_over_every_token_and_log_nothing_in() {
+    let Served {
+        bao,
+        node,
+        keeper,
+        before,
+        mut plugin,
+        files,
+    } = serve("node-tokens");
     let tokens: BTreeSet<String> = token_accessors(&bao).difference(&before).cloned().collect();
     assert_eq!(
         tokens.len(),
@@ -208,17 +240,14 @@ fn restarts_with_the_keeper_alive_take_over_every_token_and_log_nothing_in() {
 #[test]
 #[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
 fn with_keeper_and_daemon_both_killed_each_volume_logs_in_once_more_at_most() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put(SECRET, &[("password", "v1")]);
-    let node = CsiNode::new("node-tokens-both");
-    let mut keeper = Keeper::start(&node.keeper_socket_path());
-    let before = token_accessors(&bao);
-    let mut plugin = Plugin::start(&node, &bao);
-    let files = publish_all(&node, &key, &plugin);
-    all_read(&files, "v1", "after publishing", &node);
-    keeper_holds(&keeper);
+    let Served {
+        bao,
+        node,
+        mut keeper,
+        before,
+        mut plugin,
+        files,
+    } = serve("node-tokens-both");
     plugin.stashed_all(&node);
 
     keeper.kill();

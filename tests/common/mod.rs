@@ -396,25 +396,32 @@ pub fn http_get(addr: &str, path: &str) -> String {
 
 /// `GET path` from the HTTP server at `addr`: the status code and the body.
 pub fn http_status(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    try_http_status(addr, path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`http_status`], or why the server could not be asked (not listening yet, say).
+pub fn try_http_status(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set a read timeout");
+        .map_err(|e| e.to_string())?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
-        .expect("send the request");
+        .map_err(|e| format!("send GET {path} to {addr}: {e}"))?;
     let mut answer = String::new();
     stream
         .read_to_string(&mut answer)
-        .unwrap_or_else(|e| panic!("read GET {path} from {addr}: {e}"));
+        .map_err(|e| format!("read GET {path} from {addr}: {e}"))?;
     let status = answer
         .strip_prefix("HTTP/1.1 ")
         .and_then(|rest| rest.get(..3))
         .and_then(|code| code.parse().ok());
     match (status, answer.split_once("\r\n\r\n")) {
-        (Some(status), Some((_, body))) => (status, body.to_string()),
-        _ => panic!("GET {path} from {addr}: not an HTTP answer:\n{answer}"),
+        (Some(status), Some((_, body))) => Ok((status, body.to_string())),
+        _ => Err(format!(
+            "GET {path} from {addr}: not an HTTP answer:\n{answer}"
+        )),
     }
 }
 
