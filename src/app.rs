@@ -209,6 +209,8 @@ pub struct CsiSettings {
     pub endpoint: String,
     pub node_id: String,
     pub state_dir: PathBuf,
+    /// Where the node's FUSE connections are mounted (`--connections-dir`).
+    pub connections_dir: PathBuf,
     /// Vault servers by name (`""`: the default).
     pub servers: Vec<(String, ServerConfig)>,
     pub vault_timeout: Duration,
@@ -228,6 +230,17 @@ pub struct CsiSettings {
     pub limits: ServerLimits,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Creates `dir` if missing, owner-only (only the daemon goes there: pods see bind mounts),
+/// and returns it resolved. An existing directory keeps its mode.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::canonicalize(dir)
 }
 
 /// Serves the CSI node plugin until SIGINT or SIGTERM. Published volumes stay recorded in the
@@ -259,6 +272,9 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
             "the state directory is not on tmpfs: service-account tokens recorded there may reach disk; use a tmpfs host directory such as /run/vaultfs"
         );
     }
+    // Resolved, so that the mount table (which shows resolved paths) finds the mounts there.
+    let connections_dir = create_private_dir(&settings.connections_dir)
+        .with_context(|| format!("--connections-dir {}", settings.connections_dir.display()))?;
     let socket = crate::csi::socket_path(&settings.endpoint)
         .map_err(anyhow::Error::msg)?
         .to_path_buf();
@@ -282,7 +298,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let mounter = Arc::new(crate::mount::FuseMounter::new(
         tokio::runtime::Handle::current(),
         metrics.clone(),
-        settings.state_dir.join(crate::csi::SESSION_DIR),
+        connections_dir.join(crate::csi::SESSION_DIR),
         keeper,
     ));
     let taking = mounter.clone();

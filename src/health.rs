@@ -220,6 +220,11 @@ impl Probes {
         let left = ANSWER_DEADLINE.saturating_sub(pending.since.elapsed());
         match tokio::time::timeout(left, &mut pending.answer).await {
             Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(Problem::NotAnswering(format!(
+                    "{e}: the FUSE connection served there cannot be reached through it, so no new volume can be published on it"
+                )))
+            }
             Ok(Ok(Err(e))) => Some(Problem::NotAnswering(format!(
                 "the FUSE connection at {} answers statfs with an error: {e}",
                 path.display()
@@ -251,7 +256,7 @@ fn spawn_statfs(path: PathBuf) -> Option<oneshot::Receiver<std::io::Result<()>>>
     let spawned = std::thread::Builder::new()
         .name("vaultfs-health".into())
         .spawn(move || {
-            let _ = send.send(crate::sys::statfs(&path));
+            let _ = send.send(crate::sys::statfs_fuse(&path));
         });
     match spawned {
         Ok(_) => Some(receive),

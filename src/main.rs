@@ -61,6 +61,12 @@ struct CsiArgs {
     /// Directory for per-volume state (must be tmpfs-backed, e.g. /run/vaultfs).
     #[arg(long, default_value = vaultfs::csi::DEFAULT_STATE_DIR, value_name = "DIR")]
     state_dir: PathBuf,
+    /// Directory the node's FUSE connections are mounted under (default: --state-dir). Must
+    /// outlive the plugin's container and share mounts with the host: in Kubernetes a hostPath
+    /// mounted with Bidirectional propagation, so that a restarted plugin still publishes new
+    /// volumes on the connection it takes over.
+    #[arg(long, value_name = "DIR")]
+    connections_dir: Option<PathBuf>,
     /// Default Vault server for volumes (default: $VAULT_ADDR).
     #[arg(long, value_name = "URL")]
     vault_addr: Option<String>,
@@ -473,6 +479,9 @@ fn csi(args: CsiArgs) -> ExitCode {
     let settings = app::CsiSettings {
         endpoint: args.endpoint,
         node_id: args.node_id,
+        connections_dir: args
+            .connections_dir
+            .unwrap_or_else(|| args.state_dir.clone()),
         state_dir: args.state_dir,
         servers,
         vault_timeout: args.vault_timeout,

@@ -292,9 +292,28 @@ fn statfs_of(path: &Path) -> io::Result<libc::statfs> {
     Ok(unsafe { out.assume_init() })
 }
 
-/// Whether the filesystem at `path` answers `statfs`: a FUSE mount's daemon must answer it.
-pub fn statfs(path: &Path) -> io::Result<()> {
-    statfs_of(path).map(|_| ())
+/// `f_type` of every FUSE filesystem (`FUSE_SUPER_MAGIC`, linux/magic.h).
+const FUSE_SUPER_MAGIC: u32 = 0x6573_5546;
+
+/// Whether a FUSE filesystem is mounted at `path` in this mount namespace and answers
+/// `statfs` (its daemon must answer it). A path that answers but is no FUSE mount is an
+/// error of kind `NotFound`, as is a missing path: the mount it should be lives in another
+/// mount namespace, or was never made.
+pub fn statfs_fuse(path: &Path) -> io::Result<()> {
+    let found = match statfs_of(path) {
+        // `f_type`'s width differs between targets; the magic fits in 32 bits.
+        Ok(stat) if stat.f_type as u32 == FUSE_SUPER_MAGIC => return Ok(()),
+        Ok(stat) => format!("a filesystem of type {:#x} is there", stat.f_type),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::from("the path does not exist"),
+        Err(e) => return Err(e),
+    };
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "no FUSE mount at {} in this mount namespace ({found})",
+            path.display()
+        ),
+    ))
 }
 
 /// Whether `path` is a FUSE mount whose daemon is gone ("Transport endpoint is not
@@ -483,10 +502,21 @@ mod tests {
     }
 
     #[test]
-    fn statfs_names_a_missing_path() {
-        assert!(statfs(Path::new("/proc")).is_ok());
-        let missing = statfs(Path::new("/nonexistent/vaultfs")).unwrap_err();
+    fn statfs_fuse_names_a_missing_path_and_a_mount_of_another_type() {
+        let missing = statfs_fuse(Path::new("/nonexistent/vaultfs")).unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        assert!(
+            missing.to_string().contains("/nonexistent/vaultfs")
+                && missing.to_string().contains("does not exist"),
+            "{missing}"
+        );
+        let proc = statfs_fuse(Path::new("/proc")).unwrap_err();
+        assert_eq!(proc.kind(), io::ErrorKind::NotFound);
+        assert!(
+            proc.to_string()
+                .contains("no FUSE mount at /proc in this mount namespace (a filesystem of type 0x9fa0 is there)"),
+            "{proc}"
+        );
     }
 
     #[test]

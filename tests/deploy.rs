@@ -690,17 +690,18 @@ fn node_plugin_daemonset_matches_the_binary() {
     );
 
     // kubelet's pod directories (where target paths are), at the same path as on the host,
-    // with mounts flowing back; nothing else of the plugin is Bidirectional.
+    // and the node connections' directory, under kubelet's root (a shared mount on every
+    // node), with mounts flowing back; nothing else of the plugin is Bidirectional.
     let pods_dir = format!("{KUBELET_DIR}/pods");
-    let (pods_mount, pods_vol) = mount_at(pod, vaultfs, &pods_dir);
-    assert_eq!(host_path(pods_vol), pods_dir);
-    assert_eq!(pods_mount["mountPropagation"], "Bidirectional");
+    let connections_dir = shared_dirs_of_the_plugin(pod, vaultfs, &inv, KUBELET_DIR, "base");
     for c in containers(pod) {
         for m in list(&c["volumeMounts"]) {
             if m["mountPropagation"] == "Bidirectional" {
                 assert!(
-                    std::ptr::eq(c, vaultfs) && m["mountPath"] == pods_dir.as_str(),
-                    "{}: only the plugin's mount of {pods_dir} may be Bidirectional, not {}",
+                    std::ptr::eq(c, vaultfs)
+                        && (m["mountPath"] == pods_dir.as_str()
+                            || m["mountPath"] == connections_dir.as_str()),
+                    "{}: only the plugin's mounts of {pods_dir} and {connections_dir} may be Bidirectional, not {}",
                     c["name"],
                     m["mountPath"]
                 );
@@ -1203,10 +1204,7 @@ fn helm_chart_lints_renders_and_passes_strict_validation() {
 
         // The kubelet root: every kubelet path the plugin uses is under it.
         let kubelet = values["kubeletDir"].as_str().unwrap_or(KUBELET_DIR);
-        let pods_dir = format!("{kubelet}/pods");
-        let (m, vol) = mount_at(plugin_pod, plugin, &pods_dir);
-        assert_eq!(host_path(vol), pods_dir, "{what}");
-        assert_eq!(m["mountPropagation"], "Bidirectional", "{what}");
+        shared_dirs_of_the_plugin(plugin_pod, plugin, &inv, kubelet, what);
         let registrar = container(plugin_pod, "node-driver-registrar");
         assert_eq!(
             sidecar_flag(registrar, "kubelet-registration-path"),
@@ -1414,4 +1412,33 @@ fn helm_chart_defaults_match_deploy_base() {
     .expect("Chart.yaml is YAML");
     assert_eq!(chart_yaml["apiVersion"], "v2");
     assert_eq!(chart_yaml["appVersion"], env!("CARGO_PKG_VERSION"));
+}
+
+/// Checks the plugin's two Bidirectional mounts under kubelet's root `kubelet`: the pods'
+/// directories at the host's path, and `--connections-dir` (returned), a host directory of
+/// its own (not the socket's, which the sidecars mount), so that the node's FUSE connections
+/// outlive the plugin's container.
+fn shared_dirs_of_the_plugin(
+    pod: &Value,
+    plugin: &Value,
+    inv: &Invocation,
+    kubelet: &str,
+    what: &str,
+) -> String {
+    let pods_dir = format!("{kubelet}/pods");
+    let (m, vol) = mount_at(pod, plugin, &pods_dir);
+    assert_eq!(host_path(vol), pods_dir, "{what}");
+    assert_eq!(m["mountPropagation"], "Bidirectional", "{what}: {pods_dir}");
+    let connections_dir = inv.value("connections-dir").to_string();
+    let (m, vol) = mount_at(pod, plugin, &connections_dir);
+    assert_eq!(
+        m["mountPropagation"], "Bidirectional",
+        "{what}: --connections-dir {connections_dir} must reach the host"
+    );
+    let host = host_path(vol);
+    assert!(
+        host.starts_with(&format!("{kubelet}/")) && !host.starts_with(&format!("{kubelet}/plugins/")),
+        "{what}: the connections' host directory {host} must be under {kubelet} (shared by kubelet) and not in a plugin directory the sidecars mount"
+    );
+    connections_dir
 }

@@ -91,14 +91,23 @@ struct Plugin {
 
 impl Plugin {
     fn start(node: &CsiNode, bao: &Bao, extra: &[&str]) -> Plugin {
+        Plugin::spawn(node, bao, extra, false)
+    }
+
+    /// Starts the daemon in a mount namespace of its own, as in a container of its own.
+    fn start_in_container(node: &CsiNode, bao: &Bao, extra: &[&str]) -> Plugin {
+        Plugin::spawn(node, bao, extra, true)
+    }
+
+    fn spawn(node: &CsiNode, bao: &Bao, extra: &[&str], container: bool) -> Plugin {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let spawned_at = unix_now();
         let started = Instant::now();
-        let daemon = node
-            .daemon(bao)
-            .with_keeper(&metrics_addr)
-            .args(extra)
-            .start();
+        let mut builder = node.daemon(bao).with_keeper(&metrics_addr).args(extra);
+        if container {
+            builder = builder.in_own_mount_namespace();
+        }
+        let daemon = builder.start();
         Plugin {
             daemon,
             metrics_addr,
@@ -759,5 +768,173 @@ fn strict_and_cached_volumes_live_on_two_connections_and_both_survive_daemon_kil
         plugin.metric("vaultfs_takeovers_total"),
         2.0,
         "the last daemon took over both connections"
+    );
+}
+
+/// Restarts as Kubernetes makes them, each daemon in a container (mount namespace) of its own,
+/// with `--connections-dir` shared with the host like the manifests' Bidirectional hostPath:
+/// after every takeover (kill -9, SIGTERM, chained) a new pod's volume publishes and reads,
+/// earlier volumes keep reading without a failed read, and /healthz stays healthy; after
+/// keeper and daemon die together, the next daemon replaces the dead connection's mount
+/// instead of stacking on it.
+#[test]
+#[ignore = "needs root, /dev/fuse, unshare and bao (VAULTFS_TEST_BAO)"]
+fn daemons_in_containers_of_their_own_publish_new_volumes_after_every_takeover() {
+    let (bao, key) = cluster();
+    let node = CsiNode::new("node-restart-containers");
+    node.share_pods_dir();
+    node.share_connections_dir();
+    let connections = node.connections_dir().display().to_string();
+    let extra = ["--connections-dir", connections.as_str()];
+    let mut keeper = Keeper::start(&node.keeper_socket_path());
+    let mut plugin = Plugin::start_in_container(&node, &bao, &extra);
+    let first = publish_as(&node, &key, &plugin, "app-first", &[]);
+    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    let mut readers = start_readers(&node, &first, &[V1]);
+    let mut published = vec![first];
+
+    for (i, how) in [Stop::Kill, Stop::Term, Stop::Kill, Stop::Term]
+        .into_iter()
+        .enumerate()
+    {
+        let what = format!("restart {} ({how:?})", i + 1);
+        sleep(BETWEEN_RESTARTS);
+        plugin.stop(how, &what);
+        plugin = Plugin::start_in_container(&node, &bao, &extra);
+        assert_took_over(&plugin, &node, &keeper);
+        let started = Instant::now();
+        let new = publish_as(&node, &key, &plugin, &format!("app-after-{}", i + 1), &[]);
+        eprintln!(
+            "restart: {what} in containers of their own: a new pod's volume published and read \
+             {} ms after its publish started",
+            started.elapsed().as_millis()
+        );
+        for volume in &published {
+            assert_eq!(
+                read_string(volume.file()),
+                V1,
+                "{what}: a volume published before"
+            );
+        }
+        published.push(new);
+        assert_healthy(&plugin, &node, &what);
+    }
+    sleep(BETWEEN_RESTARTS);
+    let summaries = stop_readers(&mut readers);
+    report(
+        "kill -9 and SIGTERM restarts, each daemon in its own mount namespace",
+        &summaries,
+        &[],
+    );
+    assert_no_failed_read(
+        "across restarts in containers of their own",
+        &summaries,
+        &node,
+        &keeper,
+    );
+
+    // Keeper and daemon die together: the connection is gone; the next daemon mounts a new one
+    // in place of the dead mount, which the shared directory kept.
+    keeper.kill();
+    plugin.daemon.kill();
+    sleep(DEAD_FOR);
+    keeper = Keeper::start(&node.keeper_socket_path());
+    plugin = Plugin::start_in_container(&node, &bao, &extra);
+    publish_as(&node, &key, &plugin, "app-after-both", &[]);
+    // The volumes are `cached` (the default): their connection's mount.
+    let root = node.connections_dir().join("fuse-cached");
+    let stacked = mounts_at(&root);
+    assert_eq!(
+        stacked.len(),
+        1,
+        "one mount of the node connection at {}, not the dead ones under it: {stacked:?}",
+        root.display()
+    );
+    wait_until_keeper_holds(&keeper, &node, "after keeper and daemon died together");
+}
+
+/// The production failure this layout prevents, reproduced: the connection's mount made in the
+/// first daemon's namespace only (the default, under the state directory) dies with it. The
+/// successor still serves every existing volume, but says it cannot publish: a publish fails
+/// `Unavailable` naming `--connections-dir` (before any Vault login), and /healthz answers 503
+/// with the reason.
+#[test]
+#[ignore = "needs root, /dev/fuse, unshare and bao (VAULTFS_TEST_BAO)"]
+fn a_successor_that_cannot_reach_the_taken_over_connection_says_so_in_publish_and_healthz() {
+    let (bao, key) = cluster();
+    let node = CsiNode::new("node-restart-unshared");
+    node.share_pods_dir();
+    let keeper = Keeper::start(&node.keeper_socket_path());
+    let mut plugin = Plugin::start_in_container(&node, &bao, &[]);
+    let first = publish_as(&node, &key, &plugin, "app-first", &[]);
+    wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    plugin.stop(Stop::Kill, "kill -9");
+    plugin = Plugin::start_in_container(&node, &bao, &[]);
+    assert_took_over(&plugin, &node, &keeper);
+    assert_eq!(read_string(first.file()), V1, "the volume published before");
+
+    let logins = || {
+        bao.audit_entries()
+            .iter()
+            .filter(|e| e["type"] == "request" && e["request"]["path"] == "auth/jwt/login")
+            .count()
+    };
+    let logged_in = logins();
+    let pod = Pod::new("ns", "app-new", "app");
+    let (request, _) = jwt_publish(&node, &pod, &key, "app", SECRETS, &[]);
+    let status = plugin
+        .daemon
+        .client()
+        .publish(request)
+        .expect_err("a publish the daemon cannot mount");
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unavailable,
+        "{}",
+        describe(&status)
+    );
+    for expected in ["no FUSE mount at", "--connections-dir", "Bidirectional"] {
+        assert!(
+            status.message().contains(expected),
+            "the publish error names {expected:?}: {}",
+            describe(&status)
+        );
+    }
+    assert_eq!(
+        logins(),
+        logged_in,
+        "a publish that cannot mount logs nothing in"
+    );
+    let unhealthy =
+        poll(
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            || match try_http_status(&plugin.metrics_addr, "/healthz") {
+                Ok((503, body)) => Ok(body),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    match unhealthy {
+        Ok(body) => assert!(
+            body.contains("no new volume can be published"),
+            "/healthz names the reason: {body}"
+        ),
+        Err(last) => panic!(
+            "/healthz stayed {last} although no volume can be published; daemon output:\n{}",
+            tail(&node.all_logs(), 100)
+        ),
+    }
+}
+
+/// `/healthz` answers 200 after the background check ran at least once more.
+fn assert_healthy(plugin: &Plugin, node: &CsiNode, what: &str) {
+    // The check runs every second; give it two.
+    sleep(Duration::from_millis(2100));
+    let (status, body) = http_status(&plugin.metrics_addr, "/healthz");
+    assert_eq!(
+        status,
+        200,
+        "{what}: /healthz answered {body}; daemon output:\n{}",
+        tail(&node.all_logs(), 100)
     );
 }

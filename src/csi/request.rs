@@ -55,8 +55,21 @@ pub enum CsiError {
     /// A node-wide limit is reached (`--max-volumes`, entries per volume).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The node cannot publish now for a reason of the node's, not the request's (kubelet
+    /// retries).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<crate::mount::MountError> for CsiError {
+    fn from(e: crate::mount::MountError) -> Self {
+        match e {
+            crate::mount::MountError::Unreachable { .. } => CsiError::Unavailable(e.to_string()),
+            other => CsiError::Internal(other.to_string()),
+        }
+    }
 }
 
 /// NodePublishVolume, taken out of protobuf. `Debug` leaves out the context and secrets: they

@@ -19,6 +19,7 @@ fn code_name(result: &Result<(), CsiError>) -> &'static str {
         Err(CsiError::PermissionDenied(_)) => "PermissionDenied",
         Err(CsiError::AlreadyExists(_)) => "AlreadyExists",
         Err(CsiError::ResourceExhausted(_)) => "ResourceExhausted",
+        Err(CsiError::Unavailable(_)) => "Unavailable",
         Err(CsiError::Internal(_)) => "Internal",
     }
 }
@@ -29,6 +30,7 @@ fn status(err: CsiError) -> Status {
         CsiError::PermissionDenied(m) => Status::permission_denied(m),
         CsiError::AlreadyExists(m) => Status::already_exists(m),
         CsiError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        CsiError::Unavailable(m) => Status::unavailable(m),
         CsiError::Internal(m) => Status::internal(m),
     }
 }

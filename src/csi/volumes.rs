@@ -220,6 +220,10 @@ impl<S: Identity> VolumeManager<S> {
     /// Mounts a volume. With `strict`, a login Vault refuses fails the publish; otherwise
     /// (restart recovery) the volume is mounted and logs in on first use.
     async fn start(&self, params: Params, strict: bool) -> Result<(), CsiError> {
+        if strict {
+            // Before logging in: a node that cannot mount would only waste the login.
+            self.mounter.publishable(params.consistency)?;
+        }
         let room = self.reserve_room()?;
         let slot = match params.slot.filter(|s| *s != 0) {
             Some(recorded) => recorded,
@@ -338,7 +342,7 @@ impl<S: Identity> VolumeManager<S> {
             Ok(m) => m,
             Err(e) => {
                 volume.abandon().await;
-                return Err(CsiError::Internal(e.to_string()));
+                return Err(e.into());
             }
         };
         if let Err(e) = self.state.save(&params, slot) {

@@ -53,6 +53,10 @@ pub enum MountError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// The node's connection is served but its mount is not in this process's mount
+    /// namespace, so nothing can be bound from it.
+    #[error("cannot publish on the node's FUSE connection: {error}; it was mounted in a mount namespace this daemon does not share (--connections-dir must be a host directory mounted into the plugin with Bidirectional propagation, see docs/kubernetes.md)")]
+    Unreachable { error: std::io::Error },
 }
 
 /// The kernel notifications of one FUSE connection: cache invalidations for its volumes, sent
@@ -332,6 +336,13 @@ pub trait Mounter<S: SecretSource>: Send + Sync + 'static {
     /// taken over (the caller mounts).
     fn adopt(&self, _target: &Path, _slot: Slot, _fs: Arc<VaultFs<S>>) -> Option<Box<dyn Mounted>> {
         None
+    }
+
+    /// Whether a volume of `consistency` can be mounted now: `Err` when the connection it
+    /// would go on cannot be reached (see `MountError::Unreachable`), before anything is done
+    /// for the volume.
+    fn publishable(&self, _consistency: Consistency) -> Result<(), MountError> {
+        Ok(())
     }
 
     /// Detaches every mount at `target` that no `Mounted` handle owns (left by an earlier

@@ -2,6 +2,7 @@
 //! its pod's target.
 
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -367,8 +368,24 @@ impl<S: SecretSource> FuseMounter<S> {
         if let Some(session) = slot.as_ref() {
             return Ok(session.clone());
         }
+        let root = self.root_of(consistency);
+        // Nothing took a connection over, so whatever vaultfs mounted here is dead or about
+        // to be (its daemon is gone, and no keeper holds it): the host keeps such roots where
+        // the connections directory is shared with it, so they would pile up restart after
+        // restart. Pods' binds are mounts of their own and stay as they are.
+        match sys::detach_all_of_type(&root, sys::FSTYPE) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(root = %root.display(), mounts = n, "detached the node connection an earlier daemon left")
+            }
+            Err(e) => {
+                tracing::warn!(root = %root.display(), error = %e, "could not detach the node connection an earlier daemon left")
+            }
+        }
+        // Owner-only: only the daemon goes there (a dead mount there exists already).
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&root);
         let session = Arc::new(NodeSession::start(
-            &self.root_of(consistency),
+            &root,
             consistency,
             self.runtime.clone(),
             self.metrics.clone(),
@@ -400,9 +417,19 @@ impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
         fs: Arc<VaultFs<S>>,
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError> {
+        self.publishable(fs.config().consistency)?;
         let session = self.session(fs.config().consistency)?;
         let mounted = session.attach(target, slot, fs, config)?;
         Ok(Box::new(mounted))
+    }
+
+    fn publishable(&self, consistency: Consistency) -> Result<(), MountError> {
+        if self.connection(consistency).session.lock().is_none() {
+            // Mounted on first use, in this namespace.
+            return Ok(());
+        }
+        sys::statfs_fuse(&self.root_of(consistency))
+            .map_err(|error| MountError::Unreachable { error })
     }
 
     fn adopt(&self, target: &Path, slot: Slot, fs: Arc<VaultFs<S>>) -> Option<Box<dyn Mounted>> {

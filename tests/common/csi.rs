@@ -69,7 +69,15 @@ impl CsiNode {
             .prefix("vaultfs-csi-")
             .tempdir()
             .expect("create node dir");
-        for sub in ["csi", "state", "pods", "logs", "containers", "keeper"] {
+        for sub in [
+            "csi",
+            "state",
+            "pods",
+            "logs",
+            "containers",
+            "keeper",
+            "connections",
+        ] {
             fs::create_dir(dir.path().join(sub)).expect("create node sub-directory");
         }
         CsiNode {
@@ -127,6 +135,13 @@ impl CsiNode {
         self.dir.path().join("pods")
     }
 
+    /// A directory for `--connections-dir`: shared with every daemon's mount namespace once
+    /// [`CsiNode::share_connections_dir`] made it a shared mount, as a hostPath volume with
+    /// Bidirectional propagation is in Kubernetes.
+    pub fn connections_dir(&self) -> PathBuf {
+        self.dir.path().join("connections")
+    }
+
     /// Where this node's keeper listens (`vaultfs keeper --socket`, `vaultfs csi
     /// --keeper-socket`).
     pub fn keeper_socket_path(&self) -> PathBuf {
@@ -154,6 +169,7 @@ impl CsiNode {
             vault_addr: bao.addr(),
             rust_log: "info".to_string(),
             args: Vec::new(),
+            own_mount_namespace: false,
         }
     }
 
@@ -179,13 +195,15 @@ impl CsiNode {
     }
 
     /// Makes `pods/` a shared mount (a bind of itself, `rshared`), as kubelet's root
-    /// directory is on a node, so that mounts made under it propagate to their binds.
+    /// directory is on a node, so that mounts made under it propagate to their binds and
+    /// between this process's mount namespace and a daemon's own.
     pub fn share_pods_dir(&self) {
-        let pods = self.pods_dir();
-        sys_mount(Some(&pods), &pods, libc::MS_BIND | libc::MS_REC)
-            .unwrap_or_else(|e| panic!("bind {} on itself: {e}", pods.display()));
-        sys_mount(None, &pods, libc::MS_SHARED | libc::MS_REC)
-            .unwrap_or_else(|e| panic!("make {} rshared: {e}", pods.display()));
+        share(&self.pods_dir());
+    }
+
+    /// Makes `connections/` a shared mount, like `pods/`.
+    pub fn share_connections_dir(&self) {
+        share(&self.connections_dir());
     }
 
     /// A container's view of a volume: `target` bound at `containers/<name>` with `rslave`
@@ -229,6 +247,14 @@ impl CsiNode {
     }
 }
 
+/// Makes `dir` a shared mount: a bind of itself, `rshared`.
+fn share(dir: &Path) {
+    sys_mount(Some(dir), dir, libc::MS_BIND | libc::MS_REC)
+        .unwrap_or_else(|e| panic!("bind {} on itself: {e}", dir.display()));
+    sys_mount(None, dir, libc::MS_SHARED | libc::MS_REC)
+        .unwrap_or_else(|e| panic!("make {} rshared: {e}", dir.display()));
+}
+
 /// Mount points at or under `dir`, latest first (so stacked and nested mounts come before
 /// what they sit on).
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
@@ -266,9 +292,19 @@ pub struct CsiDaemonBuilder<'a> {
     vault_addr: String,
     rust_log: String,
     args: Vec<String>,
+    own_mount_namespace: bool,
 }
 
 impl CsiDaemonBuilder<'_> {
+    /// Runs the daemon in a mount namespace of its own, as each plugin container is in
+    /// Kubernetes: a copy of this one when it starts (shared mounts stay peers, so what the
+    /// daemon mounts under a shared directory appears here and in later daemons' namespaces;
+    /// anything else it mounts dies with it).
+    pub fn in_own_mount_namespace(mut self) -> Self {
+        self.own_mount_namespace = true;
+        self
+    }
+
     /// `RUST_LOG` for the daemon (default `info`).
     pub fn rust_log(mut self, filter: &str) -> Self {
         self.rust_log = filter.to_string();
@@ -303,7 +339,15 @@ impl CsiDaemonBuilder<'_> {
     pub fn start(self) -> CsiDaemon {
         let node = self.node;
         let index = node.daemons.fetch_add(1, Ordering::SeqCst);
-        let mut cmd = Command::new(vaultfs_bin());
+        let mut cmd = if self.own_mount_namespace {
+            // `unshare` execs the daemon: the pid stays the daemon's.
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--mount", "--propagation", "unchanged", "--"])
+                .arg(vaultfs_bin());
+            cmd
+        } else {
+            Command::new(vaultfs_bin())
+        };
         cmd.arg("csi")
             .arg("--endpoint")
             .arg(node.endpoint())
