@@ -53,6 +53,12 @@ pub enum MountError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("cannot bind the volume's directory {source_dir} of the node's FUSE connection at {target}: {error}")]
+    Bind {
+        source_dir: PathBuf,
+        target: PathBuf,
+        error: std::io::Error,
+    },
     /// The node's connection is served but its mount is not in this process's mount
     /// namespace, so nothing can be bound from it.
     #[error("cannot publish on the node's FUSE connection: {error}; it was mounted in a mount namespace this daemon does not share (--connections-dir must be a host directory mounted into the plugin with Bidirectional propagation, see docs/kubernetes.md)")]

@@ -120,11 +120,12 @@ impl<S: SecretSource> NodeSession<S> {
         prepare_target(target, config.create_target)?;
         self.volumes.attach(slot, fs);
         let source = self.root.join(slot.to_string());
-        if let Err(source_err) = sys::bind_mount(&source, target) {
+        if let Err(error) = sys::bind_mount(&source, target) {
             self.volumes.retire(slot);
-            return Err(MountError::Fuse {
-                path: target.to_path_buf(),
-                error: source_err,
+            return Err(MountError::Bind {
+                source_dir: source,
+                target: target.to_path_buf(),
+                error,
             });
         }
         self.metrics.active_mounts.inc();
