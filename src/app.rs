@@ -357,6 +357,9 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     drain(&metrics, settings.drain_timeout).await;
     background.abort_all();
     let kept = manager.release_for_restart();
+    if kept == 0 {
+        mounter.retire_unused();
+    }
     if let Some(link) = &link {
         // The successor takes the sessions as they are now.
         link.flush(Duration::from_secs(1));

@@ -840,7 +840,7 @@ fn daemons_in_containers_of_their_own_publish_new_volumes_after_every_takeover()
     sleep(DEAD_FOR);
     keeper = Keeper::start(&node.keeper_socket_path());
     plugin = Plugin::start_in_container(&node, &bao, &extra);
-    publish_as(&node, &key, &plugin, "app-after-both", &[]);
+    published.push(publish_as(&node, &key, &plugin, "app-after-both", &[]));
     // The volumes are `cached` (the default): their connection's mount.
     let root = node.connections_dir().join("fuse-cached");
     let stacked = mounts_at(&root);
@@ -851,6 +851,35 @@ fn daemons_in_containers_of_their_own_publish_new_volumes_after_every_takeover()
         root.display()
     );
     wait_until_keeper_holds(&keeper, &node, "after keeper and daemon died together");
+
+    // Every pod gone (as before an uninstall): the daemon stops with no volume and leaves
+    // neither a mount in the shared directory nor a connection in the keeper.
+    for volume in &published {
+        let id = volume.pod.volume_id("secrets");
+        if let Err(s) = plugin.daemon.client().unpublish(&id, &volume.target) {
+            panic!("unpublish {}: {}", volume.target.display(), describe(&s));
+        }
+    }
+    plugin.stop(Stop::Term, "SIGTERM with no volume");
+    let left = mounts_at(&root);
+    assert!(
+        left.is_empty(),
+        "mounts left at {}: {left:?}",
+        root.display()
+    );
+    let released = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || match keeper.fuse_descriptors() {
+            0 => Ok(()),
+            n => Err(n),
+        },
+    );
+    assert_eq!(
+        released,
+        Ok(()),
+        "the keeper still holds /dev/fuse descriptors after the last daemon stopped with no volume"
+    );
 }
 
 /// The production failure this layout prevents, reproduced: the connection's mount made in the

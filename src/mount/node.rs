@@ -354,6 +354,32 @@ impl<S: SecretSource> FuseMounter<S> {
         Ok(())
     }
 
+    /// For a daemon stopping with no volume published: nothing on the node connections is
+    /// worth keeping for a successor, so the keeper lets them go and their mounts (in the
+    /// host's namespace, where `--connections-dir` is shared with it) are detached and their
+    /// directories removed. The connections end once this process exits; a successor mounts
+    /// new ones when a volume comes. Uninstalling thus leaves no mount behind.
+    pub fn retire_unused(&self) {
+        for node in &self.connections {
+            if node.session.lock().take().is_none() {
+                continue;
+            }
+            if let Some(keeper) = &self.keeper {
+                keeper.release(node.consistency);
+            }
+            let root = self.root_of(node.consistency);
+            match sys::detach_all_of_type(&root, sys::FSTYPE) {
+                Ok(_) => {
+                    let _ = std::fs::remove_dir(&root);
+                    tracing::info!(root = %root.display(), "no volume left: the node connection's mount is detached");
+                }
+                Err(e) => {
+                    tracing::warn!(root = %root.display(), error = %e, "could not detach the node connection's mount")
+                }
+            }
+        }
+    }
+
     /// The mount roots of the node connections being served, for the health check.
     pub fn served_roots(&self) -> Vec<PathBuf> {
         self.connections
