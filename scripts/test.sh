@@ -35,4 +35,12 @@ section "cargo test --all-targets (all tiers, including the end-to-end tests)"
 # VAULTFS_BENCH_SMOKE=1 makes the benchmarks run their smoke versions too (they need root).
 VAULTFS_BENCH_SMOKE=1 cargo test --all-targets --no-fail-fast -- --include-ignored --test-threads="${VAULTFS_TEST_THREADS:-3}"
 
+section "real-cluster tier (tests/k8s/run.sh)"
+# The CSI node plugin from deploy/base, deploy/reload-signals and the Helm chart on a real
+# single-node Kubernetes (the k8s-lab kit beside the repository, or $K8S_LAB) with a real
+# OpenBao: publishes, rotation, isolation, Vault down, restarts under reading pods with a new
+# pod after each, reload signals, uninstall. It wipes any k8s-lab cluster on this machine first
+# and stops and wipes its own at the end.
+tests/k8s/run.sh
+
 section "all checks passed"
