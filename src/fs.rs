@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::audit::{self, Caller};
 use crate::cache::{Content, SecretCache, SwapHook};
 use crate::logging::FailureLimiter;
-use crate::secret::{SecretBytes, SecretData};
+use crate::secret::SecretBytes;
 use crate::source::{SecretSource, SourceError};
 use crate::spec::{InodeNo, Node, NodeKind, SecretPath, Shows, VolumeSpec};
 use crate::template::{self, RenderError, Template};
@@ -321,6 +321,9 @@ pub fn swap_hook(spec: Arc<VolumeSpec>, invalidate: Invalidate) -> SwapHook {
     Box::new(move |path| spec.files_of(path).for_each(&invalidate))
 }
 
+/// Numbers volumes in the render pool's queue.
+static NEXT_RENDER_KEY: AtomicU64 = AtomicU64::new(1);
+
 pub struct VaultFs<S> {
     spec: Arc<VolumeSpec>,
     cache: Arc<SecretCache<S>>,
@@ -332,6 +335,10 @@ pub struct VaultFs<S> {
     reported: Mutex<HashMap<InodeNo, Shown>>,
     /// Each template entry's last rendering, reused while the versions it read are current.
     rendered: Mutex<HashMap<usize, Arc<Rendering>>>,
+    /// One rendering of an entry at a time: readers arriving meanwhile wait for it and reuse it.
+    rendering: Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
+    /// This volume in the render pool's fair queue.
+    render_key: u64,
     next_fh: AtomicU64,
     created: SystemTime,
     /// Aggregates repeated refusals in the audit trail (per entry, uid and errno).
@@ -354,6 +361,8 @@ impl<S: SecretSource> VaultFs<S> {
             handles: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashMap::new()),
             rendered: Mutex::new(HashMap::new()),
+            rendering: Mutex::new(HashMap::new()),
+            render_key: NEXT_RENDER_KEY.fetch_add(1, Ordering::Relaxed),
             refusals: FailureLimiter::default(),
             next_fh: AtomicU64::new(epoch),
             created: SystemTime::now(),
@@ -646,10 +655,12 @@ impl<S: SecretSource> VaultFs<S> {
     /// from the cache, so within their TTL they cost Vault nothing; one that fails is left out
     /// and fetched again only if the template still asks for it), then each secret it asks for
     /// that it was not given, one rendering per newly found secret. The last rendering (or
-    /// failure) is reused while every version it was made from is still current. Renderings
-    /// run on the blocking pool: a template running into its fuel limit never holds up the
-    /// FUSE thread.
+    /// failure) is reused while every version it was made from is still current. One
+    /// rendering of an entry runs at a time (readers meanwhile wait and reuse it), in the
+    /// render pool (`crate::render`): out of this process's memory, fair across volumes.
     async fn render(&self, entry: usize, t: &Arc<Template>) -> Result<Arc<Rendering>, FsError> {
+        let flight = self.rendering.lock().entry(entry).or_default().clone();
+        let _alone = flight.lock().await;
         let mut have = Vec::new();
         for path in t.uses() {
             if let Ok(content) = self.cache.get(&path).await {
@@ -662,16 +673,15 @@ impl<S: SecretSource> VaultFs<S> {
                     return last.result.clone().map(|_| last.clone());
                 }
             }
-            let (template, inputs) = (t.clone(), have.clone());
-            let rendered = tokio::task::spawn_blocking(move || {
-                let given: Vec<(SecretPath, &SecretData)> = inputs
-                    .iter()
-                    .map(|(p, c)| (p.clone(), &c.fetched.data))
-                    .collect();
-                template.render(&given)
-            })
-            .await
-            .map_err(|e| FsError::TemplateFailed(format!("the rendering stopped: {e}")))?;
+            let given = have
+                .iter()
+                .map(|(p, c)| (p.clone(), c.fetched.data.clone()))
+                .collect();
+            let rendered = t.noted(
+                crate::render::pool()
+                    .render(self.render_key, t.source_shared(), given)
+                    .await,
+            );
             let (result, sources) = match rendered {
                 Err(RenderError::Needs(path)) if have.len() < template::MAX_SECRETS => {
                     let content = self.template_secret(&path).await?;

@@ -32,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mount;
 pub mod reload;
+pub mod render;
 pub mod secret;
 pub mod source;
 pub mod spec;

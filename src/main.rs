@@ -38,6 +38,9 @@ enum Command {
     Csi(CsiArgs),
     /// Hold the node's live FUSE connections and the volumes' Vault sessions (tokens, leased values) across daemon restarts, in memory only; reads no FUSE request.
     Keeper(KeeperArgs),
+    /// Render templates sent on stdin (started by the daemon, under its memory limit).
+    #[command(hide = true)]
+    RenderWorker,
 }
 
 #[derive(Args)]
@@ -206,9 +209,38 @@ struct DaemonArgs {
     /// Vault requests in flight at once for each volume.
     #[arg(long, default_value_t = vaultfs::source::vault::DEFAULT_MAX_REQUESTS_PER_IDENTITY, value_name = "N")]
     max_volume_vault_requests: usize,
+    /// Processes templates are rendered in; one volume renders in one at a time.
+    #[arg(long, default_value_t = vaultfs::render::DEFAULT_WORKERS, value_name = "N")]
+    render_workers: usize,
+    /// Memory (address space) of each template render process; a rendering that needs more fails with EIO.
+    #[arg(long, default_value_t = vaultfs::render::DEFAULT_WORKER_MEMORY, value_name = "BYTES")]
+    render_memory: u64,
 }
 
 impl DaemonArgs {
+    /// Renders templates in worker processes of this binary, as `--render-*` say.
+    fn start_renderers(&self) -> Result<(), String> {
+        if self.render_workers == 0 || self.render_workers > 64 {
+            return Err(format!(
+                "--render-workers {}: expected 1 to 64 worker processes",
+                self.render_workers
+            ));
+        }
+        if self.render_memory < MIN_RENDER_MEMORY {
+            return Err(format!(
+                "--render-memory {}: expected at least {MIN_RENDER_MEMORY} bytes (a worker's own program needs about 32 MiB of address space)",
+                self.render_memory
+            ));
+        }
+        vaultfs::render::configure(vaultfs::render::RenderConfig {
+            workers: self.render_workers,
+            exe: Some(PathBuf::from("/proc/self/exe")),
+            memory: self.render_memory,
+            ..Default::default()
+        });
+        Ok(())
+    }
+
     fn server_limits(&self) -> Result<ServerLimits, String> {
         for (flag, value) in [
             ("--max-secret-bytes", self.max_secret_bytes),
@@ -411,6 +443,9 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The least `--render-memory`: a worker's program and stack alone take most of it.
+const MIN_RENDER_MEMORY: u64 = 48 << 20;
+
 fn main() -> ExitCode {
     vaultfs::sys::tune_allocator();
     let cli = Cli::parse();
@@ -418,6 +453,13 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount(args),
         Command::Csi(args) => csi(args),
         Command::Keeper(args) => keeper(args),
+        Command::RenderWorker => match vaultfs::render::worker_main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vaultfs render-worker: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -450,6 +492,7 @@ fn csi(args: CsiArgs) -> ExitCode {
                 "--node-id is empty: pass the node name (e.g. from spec.nodeName)".to_string(),
             );
         }
+        args.daemon.start_renderers()?;
         let mut servers = Vec::new();
         if let Some(addr) = args.vault_addr.clone().or_else(|| env("VAULT_ADDR")) {
             servers.push((String::new(), server(addr)));
@@ -558,6 +601,7 @@ fn mount(args: MountArgs) -> ExitCode {
     let prepared =
         volume_spec(&args.secrets, &args.templates, args.spec.as_ref()).and_then(|spec| {
             let (vault, auth) = vault_config(args.vault, args.vault_timeout)?;
+            args.daemon.start_renderers()?;
             Ok(MountSettings {
                 // One mount point however it is written (relative, trailing `/`, a symlink):
                 // a live vaultfs mount there is then refused instead of stacked on.

@@ -44,6 +44,36 @@ pub fn disable_core_dumps() -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })
 }
 
+/// Gives up every capability (effective, permitted, inheritable) of this process: root
+/// without capabilities can no longer mount, ptrace, or pass permission checks.
+pub fn drop_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two `Data` (capabilities 0-31 and 32-63).
+    let header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let none = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads a valid header and two data structs that outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, none.as_ptr()) };
+    check(rc as libc::c_int)
+}
+
 /// Keeps large allocations out of the malloc heaps. Every FUSE session allocates a 16 MiB
 /// request buffer of which it touches a few pages; served by `mmap` it costs only those pages,
 /// but glibc's adaptive threshold would soon move such blocks into heaps, where `calloc` zeroes

@@ -39,9 +39,10 @@ pub const MAX_SECRETS: usize = 32;
 /// The name the render context holds the secrets under (not a variable templates use).
 const SECRETS_VAR: &str = "__vaultfs_secrets";
 
-/// A compiled template entry.
+/// A template entry: its text, checked at compile time. It holds no engine: each rendering
+/// compiles the text afresh where it runs (a render worker process, see `crate::render`), so a
+/// volume of 512 templates costs their text, not 512 engines.
 pub struct Template {
-    env: Environment<'static>,
     source: Arc<str>,
     /// The secrets the last rendering read, fetched up front by the next one.
     uses: Mutex<Vec<SecretPath>>,
@@ -62,7 +63,7 @@ pub enum RenderError {
     BadPath(String),
     /// A field (or a secret's field path) the template reads is missing.
     MissingField(String),
-    /// Out of fuel or recursion depth, or past the output cap.
+    /// Out of fuel, recursion depth or memory, or past the output cap.
     Limit(String),
     /// Anything else the template did wrong at render time (a filter on the wrong type, a bad
     /// base64 input, ...).
@@ -80,32 +81,56 @@ impl fmt::Display for RenderError {
     }
 }
 
+/// One rendering: its output or error, and what it read.
+pub struct Rendered {
+    pub result: Result<Zeroizing<Vec<u8>>, RenderError>,
+    /// The secrets it read, in order.
+    pub used: Vec<SecretPath>,
+    /// A secret it asked for and was not given.
+    pub needed: Option<SecretPath>,
+}
+
+impl Rendered {
+    /// A rendering that produced nothing and read nothing.
+    pub fn failed(err: RenderError) -> Rendered {
+        Rendered {
+            result: Err(err),
+            used: Vec::new(),
+            needed: None,
+        }
+    }
+}
+
+/// The sandboxed engine with `text` added as its one template.
+fn environment(text: &str, debug: bool) -> Result<Environment<'static>, Error> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_auto_escape_callback(|_| AutoEscape::None);
+    env.set_fuel(Some(FUEL));
+    env.set_recursion_limit(RECURSION_LIMIT);
+    env.set_debug(debug);
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .keep_trailing_newline(true)
+            .build()
+            .expect("the default delimiters are valid"),
+    );
+    env.add_function("secret", secret);
+    env.add_filter("b64encode", b64encode);
+    env.add_filter("b64decode", b64decode);
+    env.add_filter("fromjson", fromjson);
+    env.add_template_owned("template", text.to_string())?;
+    // Debug mode (for a syntax error's column) would also attach a failing rendering's
+    // variables, values included, to its error.
+    env.set_debug(false);
+    Ok(env)
+}
+
 impl Template {
-    /// Compiles `text`; a syntax error names the line and column.
+    /// Checks that `text` compiles; a syntax error names the line and column.
     pub fn compile(text: &str) -> Result<Template, String> {
-        let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_auto_escape_callback(|_| AutoEscape::None);
-        env.set_fuel(Some(FUEL));
-        env.set_recursion_limit(RECURSION_LIMIT);
-        env.set_debug(true);
-        env.set_syntax(
-            minijinja::syntax::SyntaxConfig::builder()
-                .keep_trailing_newline(true)
-                .build()
-                .expect("the default delimiters are valid"),
-        );
-        env.add_function("secret", secret);
-        env.add_filter("b64encode", b64encode);
-        env.add_filter("b64decode", b64decode);
-        env.add_filter("fromjson", fromjson);
-        env.add_template_owned("template", text.to_string())
-            .map_err(|e| describe_syntax_error(&e, text))?;
-        // Debug mode (for the syntax error's column) would also attach a failing rendering's
-        // variables, values included, to its error.
-        env.set_debug(false);
+        environment(text, true).map_err(|e| describe_syntax_error(&e, text))?;
         Ok(Template {
-            env,
             source: Arc::from(text),
             uses: Mutex::new(Vec::new()),
         })
@@ -114,6 +139,11 @@ impl Template {
     /// The template text.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The template text, shared.
+    pub fn source_shared(&self) -> Arc<str> {
+        self.source.clone()
     }
 
     /// The secrets the last rendering read.
@@ -126,51 +156,76 @@ impl Template {
         self.uses.lock().contains(path)
     }
 
-    /// Renders over `given` (the secrets fetched so far). On success returns the output and
-    /// the paths it read, in order; either way what it read (and a secret it still needs) is
-    /// added to [`Template::uses`].
+    /// Renders over `given` (the secrets fetched so far) in this thread; see
+    /// [`Template::noted`].
     pub fn render(
         &self,
         given: &[(SecretPath, &SecretData)],
     ) -> Result<(Zeroizing<Vec<u8>>, Vec<SecretPath>), RenderError> {
-        let secrets = Arc::new(Secrets {
-            source: self.source.clone(),
-            data: given
-                .iter()
-                .map(|(p, d)| (p.as_str().to_string(), fields_of(d)))
-                .collect(),
-            notes: Mutex::new(Notes::default()),
-        });
-        let ctx =
-            minijinja::context! { __vaultfs_secrets => Value::from_dyn_object(secrets.clone()) };
-        let template = self
-            .env
-            .get_template("template")
-            .expect("added at compile time");
-        let mut out = Capped(Zeroizing::new(Vec::new()));
-        let result = template.render_captured_to(ctx, &mut out).map(drop);
-        let mut notes = std::mem::take(&mut *secrets.notes.lock());
-        let used = std::mem::take(&mut notes.used);
-        match result {
-            Ok(()) => {
+        self.noted(render_source(&self.source, given))
+    }
+
+    /// A rendering of this template, wherever it ran: on success its output and the paths it
+    /// read, in order; either way what it read (and a secret it still needs) is added to
+    /// [`Template::uses`].
+    pub fn noted(
+        &self,
+        rendered: Rendered,
+    ) -> Result<(Zeroizing<Vec<u8>>, Vec<SecretPath>), RenderError> {
+        match rendered.result {
+            Ok(out) => {
                 // Exactly what this rendering read (a concurrent one may have read other
                 // secrets; the filesystem keeps each rendering's own list).
-                *self.uses.lock() = used.clone();
-                Ok((out.0, used))
+                *self.uses.lock() = rendered.used.clone();
+                Ok((out, rendered.used))
             }
             Err(err) => {
                 // Fetched up front next time, and followed by rotations meanwhile: what it read
                 // and a secret it still needs, added to what is known.
                 let mut uses = self.uses.lock();
-                for p in used.into_iter().chain(notes.needed.clone()) {
+                for p in rendered.used.into_iter().chain(rendered.needed) {
                     if !uses.contains(&p) {
                         uses.push(p);
                     }
                 }
-                drop(uses);
-                Err(notes.explain(&err, &self.source).redacted(given))
+                Err(err)
             }
         }
+    }
+}
+
+/// Renders the template `source` over `given`, compiling it first. Pure: what it read is in
+/// the result, nothing is kept.
+pub fn render_source(source: &Arc<str>, given: &[(SecretPath, &SecretData)]) -> Rendered {
+    let env = match environment(source, false) {
+        Ok(env) => env,
+        Err(e) => {
+            return Rendered::failed(RenderError::Failed(describe_syntax_error(&e, source)));
+        }
+    };
+    let secrets = Arc::new(Secrets {
+        source: source.clone(),
+        data: given
+            .iter()
+            .map(|(p, d)| (p.as_str().to_string(), fields_of(d)))
+            .collect(),
+        notes: Mutex::new(Notes::default()),
+    });
+    let ctx = minijinja::context! { __vaultfs_secrets => Value::from_dyn_object(secrets.clone()) };
+    let template = env.get_template("template").expect("added above");
+    let mut out = Capped(Zeroizing::new(Vec::new()));
+    let result = template.render_captured_to(ctx, &mut out).map(drop);
+    let mut notes = std::mem::take(&mut *secrets.notes.lock());
+    let used = std::mem::take(&mut notes.used);
+    let needed = notes.needed.clone();
+    let result = match result {
+        Ok(()) => Ok(out.0),
+        Err(err) => Err(notes.explain(&err, source).redacted(given)),
+    };
+    Rendered {
+        result,
+        used,
+        needed,
     }
 }
 
