@@ -907,6 +907,32 @@ mod tests {
         )
     }
 
+    /// Connects to `addr`, writes `first`, then `each` every `every` until the connection
+    /// fails: the connection's read half and the writing task.
+    async fn keep_writing(
+        addr: std::net::SocketAddr,
+        first: &'static [u8],
+        each: &'static [u8],
+        every: Duration,
+    ) -> (
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let (reader, mut writer) = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap()
+            .into_split();
+        let writing = tokio::spawn(async move {
+            writer.write_all(first).await?;
+            loop {
+                tokio::time::sleep(every).await;
+                writer.write_all(each).await?;
+            }
+        });
+        (reader, writing)
+    }
+
     #[tokio::test]
     async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
         let (addr, metrics, server) = endpoint(short(4)).await;
@@ -944,22 +970,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_header_sender_is_closed_after_the_header_timeout() {
-        use tokio::io::AsyncWriteExt;
         let (addr, metrics, server) = endpoint(short(4)).await;
-        let (mut reader, mut writer) = tokio::net::TcpStream::connect(addr)
-            .await
-            .unwrap()
-            .into_split();
         // One header byte every 20 ms: never idle, never a whole head.
-        let trickle = tokio::spawn(async move {
-            writer.write_all(b"GET /healthz HTTP/1.1\r\n").await?;
-            loop {
-                writer.write_all(b"x").await?;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), std::io::Error>(())
-        });
+        let (mut reader, trickle) = keep_writing(
+            addr,
+            b"GET /healthz HTTP/1.1\r\n",
+            b"x",
+            Duration::from_millis(20),
+        )
+        .await;
         let (answer, after) = until_closed(&mut reader).await;
         eprintln!("a slow header sender was closed after {after:?}");
         assert_eq!(answer, "");
@@ -972,21 +991,10 @@ mod tests {
     async fn a_busy_connection_is_closed_after_its_longest_life() {
         use tokio::io::AsyncWriteExt;
         let (addr, metrics, server) = endpoint(short(4)).await;
-        let (mut reader, mut writer) = tokio::net::TcpStream::connect(addr)
-            .await
-            .unwrap()
-            .into_split();
         // A request every 50 ms: never idle for the header timeout.
-        let requests = tokio::spawn(async move {
-            loop {
-                writer
-                    .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-                    .await?;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), std::io::Error>(())
-        });
+        let request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+        let (mut reader, requests) =
+            keep_writing(addr, request, request, Duration::from_millis(50)).await;
         let (answers, after) = until_closed(&mut reader).await;
         let served = answers.matches("HTTP/1.1 200 OK").count();
         eprintln!("a busy connection was closed after {after:?} and {served} answers");
