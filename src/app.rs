@@ -37,6 +37,8 @@ pub struct MountSettings {
     pub allow_other: bool,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
+    /// `--max-metrics-connections`.
+    pub max_metrics_connections: usize,
 }
 
 /// Hardens the process before any secret is in memory.
@@ -46,6 +48,26 @@ pub fn harden(lock_memory: bool) -> anyhow::Result<()> {
         crate::sys::lock_memory().context("locking memory (--lock-memory)")?;
     }
     Ok(())
+}
+
+/// Raises the descriptor limit (`RLIMIT_NOFILE`) soft to hard, as the first thing a daemon
+/// does (logged at debug; the limit in force is in the `serving /metrics` line). Containers
+/// often start with a soft limit of 1,024; the daemon's own needs (the CSI socket and kubelet's
+/// connections, the FUSE connections, the keeper, Vault connections) stay far below it, and
+/// the metrics endpoint's connections are capped (`--max-metrics-connections`), so no peer can
+/// take the rest.
+pub fn raise_descriptor_limit() {
+    match crate::sys::raise_open_files_limit() {
+        Ok(before) => tracing::debug!(
+            soft = before.soft,
+            hard = before.hard,
+            "descriptor limit (RLIMIT_NOFILE) set to its hard limit"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot raise the descriptor limit (RLIMIT_NOFILE); serving within the current one"
+        ),
+    }
 }
 
 /// Serves one volume in the foreground until SIGINT or SIGTERM, then unmounts and revokes
@@ -77,7 +99,8 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
 
     let shutdown = shutdown_signal()?;
     // Before mounting: a port in use fails at once, with nothing mounted.
-    let metrics_listener = bind_metrics(settings.metrics_addr).await?;
+    let metrics_listener =
+        bind_metrics(settings.metrics_addr, settings.max_metrics_connections).await?;
     let mounted = mount::mount(
         volume.fs(),
         &settings.mountpoint,
@@ -139,29 +162,46 @@ async fn watch_mount(health: Arc<Health>, metrics: Arc<Metrics>, mountpoint: Pat
     .await;
 }
 
-/// The listener of `--metrics-addr`, if given, bound at once.
-async fn bind_metrics(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+/// The listener of `--metrics-addr`, if given, bound at once, with the limits it serves within.
+async fn bind_metrics(
+    addr: Option<SocketAddr>,
+    max_connections: usize,
+) -> anyhow::Result<Option<(tokio::net::TcpListener, metrics::EndpointLimits)>> {
     let Some(addr) = addr else {
         return Ok(None);
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {addr}"))?;
-    Ok(Some(listener))
+    Ok(Some((
+        listener,
+        metrics::EndpointLimits::new(max_connections),
+    )))
 }
 
 /// Serves `/metrics` and `/healthz` on `listener`, if any, as a task of `background`.
 fn spawn_metrics(
     background: &mut tokio::task::JoinSet<()>,
-    listener: Option<tokio::net::TcpListener>,
+    listener: Option<(tokio::net::TcpListener, metrics::EndpointLimits)>,
     metrics: &Arc<Metrics>,
     health: &Arc<Health>,
 ) {
-    if let Some(listener) = listener {
+    if let Some((listener, limits)) = listener {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving /metrics and /healthz");
+            let descriptor_limit = crate::sys::open_files_limit().map_or(0, |l| l.soft);
+            tracing::info!(
+                %addr,
+                max_connections = limits.max_connections,
+                descriptor_limit,
+                "serving /metrics and /healthz"
+            );
         }
-        background.spawn(metrics::serve(listener, metrics.clone(), health.clone()));
+        background.spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            limits,
+        ));
     }
 }
 
@@ -230,6 +270,8 @@ pub struct CsiSettings {
     pub limits: ServerLimits,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
+    /// `--max-metrics-connections`.
+    pub max_metrics_connections: usize,
 }
 
 /// Creates `dir` if missing, owner-only (only the daemon goes there: pods see bind mounts),
@@ -263,7 +305,8 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         servers.insert(name.clone(), Arc::new(server));
     }
     // Before taking over or recovering any mount: a port in use fails at once.
-    let metrics_listener = bind_metrics(settings.metrics_addr).await?;
+    let metrics_listener =
+        bind_metrics(settings.metrics_addr, settings.max_metrics_connections).await?;
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("creating --state-dir {}", settings.state_dir.display()))?;
     if !crate::sys::is_tmpfs(&settings.state_dir) {

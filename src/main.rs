@@ -197,6 +197,10 @@ struct DaemonArgs {
     /// Serve Prometheus /metrics and /healthz on this address.
     #[arg(long, value_name = "HOST:PORT", value_parser = vaultfs::metrics::resolve_listen_addr)]
     metrics_addr: Option<SocketAddr>,
+    /// Most connections served at once on --metrics-addr; a new one past it closes the oldest idle one (counted, logged once per burst).
+    #[arg(long, default_value_t = vaultfs::metrics::DEFAULT_MAX_CONNECTIONS, value_name = "N",
+          value_parser = parse_connection_cap)]
+    max_metrics_connections: usize,
     /// Log line format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -215,6 +219,15 @@ struct DaemonArgs {
     /// Memory (address space) of each template render process; a rendering that needs more fails with EIO.
     #[arg(long, default_value_t = vaultfs::render::DEFAULT_WORKER_MEMORY, value_name = "BYTES")]
     render_memory: u64,
+}
+
+/// `--max-metrics-connections N`: at least one connection.
+fn parse_connection_cap(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (the connections served at once)".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}; expected a number of connections, e.g. 32")),
+    }
 }
 
 impl DaemonArgs {
@@ -469,6 +482,7 @@ fn keeper(args: KeeperArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging(args.log_format);
+    app::raise_descriptor_limit();
     match vaultfs::keeper::run_keeper(&args.socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(args.log_format, &e),
@@ -477,6 +491,7 @@ fn keeper(args: KeeperArgs) -> ExitCode {
 
 fn csi(args: CsiArgs) -> ExitCode {
     init_logging(args.daemon.log_format);
+    app::raise_descriptor_limit();
     let server = |addr: String| {
         server_config(
             addr,
@@ -540,6 +555,7 @@ fn csi(args: CsiArgs) -> ExitCode {
         limits,
         lock_memory: args.daemon.lock_memory,
         metrics_addr: args.daemon.metrics_addr,
+        max_metrics_connections: args.daemon.max_metrics_connections,
     };
     run(args.daemon.log_format, app::run_csi(settings))
 }
@@ -598,6 +614,7 @@ fn is_bad_argument(error: &anyhow::Error) -> bool {
 
 fn mount(args: MountArgs) -> ExitCode {
     init_logging(args.daemon.log_format);
+    app::raise_descriptor_limit();
     let prepared =
         volume_spec(&args.secrets, &args.templates, args.spec.as_ref()).and_then(|spec| {
             let (vault, auth) = vault_config(args.vault, args.vault_timeout)?;
@@ -634,6 +651,7 @@ fn mount(args: MountArgs) -> ExitCode {
                 allow_other: args.allow_other,
                 lock_memory: args.daemon.lock_memory,
                 metrics_addr: args.daemon.metrics_addr,
+                max_metrics_connections: args.daemon.max_metrics_connections,
             })
         });
     let settings = match prepared {

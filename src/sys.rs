@@ -95,6 +95,43 @@ pub fn lock_memory() -> io::Result<()> {
     check(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) })
 }
 
+/// The limits on open descriptors (`RLIMIT_NOFILE`): the soft one in force and the hard one
+/// it may be raised to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenFilesLimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The current `RLIMIT_NOFILE`.
+pub fn open_files_limit() -> io::Result<OpenFilesLimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a valid rlimit struct that lives for the call.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    Ok(OpenFilesLimit {
+        soft: limit.rlim_cur,
+        hard: limit.rlim_max,
+    })
+}
+
+/// Raises the soft limit on open descriptors to the hard one (which only privileged
+/// processes could raise further); returns the limits before the change.
+pub fn raise_open_files_limit() -> io::Result<OpenFilesLimit> {
+    let before = open_files_limit()?;
+    if before.soft < before.hard {
+        let raised = libc::rlimit {
+            rlim_cur: before.hard,
+            rlim_max: before.hard,
+        };
+        // SAFETY: setrlimit reads a valid rlimit struct that lives for the call.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) })?;
+    }
+    Ok(before)
+}
+
 /// The filesystem type of every vaultfs mount, as `/proc/self/mountinfo` shows it.
 pub const FSTYPE: &str = "fuse.vaultfs";
 
@@ -547,6 +584,15 @@ mod tests {
                 .contains("no FUSE mount at /proc in this mount namespace (a filesystem of type 0x9fa0 is there)"),
             "{proc}"
         );
+    }
+
+    #[test]
+    fn the_descriptor_limit_is_raised_to_the_hard_limit() {
+        let before = raise_open_files_limit().expect("raise RLIMIT_NOFILE");
+        let now = open_files_limit().expect("read RLIMIT_NOFILE");
+        assert!(before.soft <= before.hard, "{before:?}");
+        assert_eq!(now.soft, now.hard, "{now:?}");
+        assert_eq!(now.hard, before.hard, "the hard limit stays: {now:?}");
     }
 
     #[test]

@@ -314,6 +314,10 @@ fn every_bad_argument_exits_2_before_mounting() {
             &["csi", "--node-id", "n1", "--drain-timeout", "1d"],
             "--drain-timeout",
         ),
+        (
+            &["csi", "--node-id", "n1", "--max-metrics-connections", "0"],
+            "'--max-metrics-connections <N>': must be at least 1",
+        ),
     ];
     for (args, expected) in cases {
         expect_bad_argument(args, expected);

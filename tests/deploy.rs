@@ -1146,7 +1146,14 @@ fn chart_variants() -> Vec<(&'static str, Value)> {
                 "metrics": {
                     "podMonitor": {"enabled": true},
                     "serviceMonitor": {"enabled": true},
-                    "networkPolicy": {"enabled": true},
+                    "networkPolicy": {
+                        "from": [{"namespaceSelector": {"matchLabels": {
+                            "kubernetes.io/metadata.name": "monitoring"}}}],
+                        "extraIngress": [{
+                            "ports": [{"port": 9808, "protocol": "TCP"}],
+                            "from": [{"ipBlock": {"cidr": "10.0.0.0/24"}}],
+                        }],
+                    },
                 },
                 "namespace": {"create": true},
                 "vault": {
@@ -1159,8 +1166,11 @@ fn chart_variants() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
-            "no keeper",
-            serde_json::json!({"keeper": {"enabled": false}}),
+            "no keeper, no NetworkPolicy",
+            serde_json::json!({
+                "keeper": {"enabled": false},
+                "metrics": {"networkPolicy": {"enabled": false}},
+            }),
         ),
     ]
 }
@@ -1266,14 +1276,24 @@ fn helm_chart_lints_renders_and_passes_strict_validation() {
                 .expect("PodMonitor port is a port of the plugin");
             assert_eq!(p["containerPort"], metrics_port);
         }
-        if let Some(np) = objs.iter().find(|o| kind(o) == "NetworkPolicy") {
-            let ports: Vec<u64> = list(&np["spec"]["ingress"][0]["ports"])
-                .iter()
-                .filter_map(|p| p["port"].as_u64())
-                .collect();
-            assert!(
-                ports.contains(&u64::from(metrics_port)),
-                "{what}: NetworkPolicy must admit the metrics port: {ports:?}"
+        let policy = values["metrics"]["networkPolicy"]["enabled"] != false;
+        let policies: Vec<&Value> = objs.iter().filter(|o| kind(o) == "NetworkPolicy").collect();
+        assert_eq!(policies.len(), usize::from(policy), "{what}: NetworkPolicy");
+        if let Some(np) = policies.first() {
+            check_network_policy(np, plugin_pod, plugin, &objs, metrics_port, what);
+            // `from` and `extraIngress` reach the policy as given.
+            let np_values = &values["metrics"]["networkPolicy"];
+            if !np_values["from"].is_null() {
+                assert_eq!(
+                    np["spec"]["ingress"][0]["from"], np_values["from"],
+                    "{what}"
+                );
+            }
+            let extra = list(&np_values["extraIngress"]);
+            assert_eq!(
+                &list(&np["spec"]["ingress"])[1..],
+                extra,
+                "{what}: extraIngress"
             );
         }
         if let Some(ns) = objs.iter().find(|o| kind(o) == "Namespace") {
@@ -1283,6 +1303,57 @@ fn helm_chart_lints_renders_and_passes_strict_validation() {
             );
         }
     }
+}
+
+/// The plugin's NetworkPolicy: it selects the plugin's pods, filters only their ingress (they
+/// must reach Vault), and its first rule admits the metrics port, which is also the readiness
+/// probe's (kubelet's probes come from the node, which NetworkPolicy does not filter: no rule
+/// is needed for them, and none admits the sidecars' ports to other pods by default).
+fn check_network_policy(
+    np: &Value,
+    plugin_pod: &Value,
+    plugin: &Value,
+    objs: &[Value],
+    metrics_port: u16,
+    what: &str,
+) {
+    let selected = np["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .expect("NetworkPolicy podSelector.matchLabels");
+    assert!(
+        !selected.is_empty(),
+        "{what}: the NetworkPolicy selects every pod"
+    );
+    for (k, v) in selected {
+        assert_eq!(
+            &plugin_pod_labels(objs)[k],
+            v,
+            "{what}: the NetworkPolicy must select the plugin's pods"
+        );
+    }
+    assert_eq!(
+        string_list(&np["spec"]["policyTypes"]),
+        ["Ingress"],
+        "{what}: only ingress is filtered"
+    );
+    let first: Vec<u64> = list(&np["spec"]["ingress"][0]["ports"])
+        .iter()
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    assert_eq!(
+        first,
+        [u64::from(metrics_port)],
+        "{what}: the NetworkPolicy admits the metrics port and nothing else"
+    );
+    assert_eq!(
+        probe_port(plugin, "readinessProbe"),
+        metrics_port,
+        "{what}: the readiness probe is on the admitted port"
+    );
+    assert_ne!(
+        plugin_pod["hostNetwork"], true,
+        "{what}: NetworkPolicy is undefined for hostNetwork pods"
+    );
 }
 
 fn plugin_pod_labels(objs: &[Value]) -> &Value {
@@ -1376,6 +1447,7 @@ fn helm_chart_defaults_match_deploy_base() {
                 "{what}"
             ),
             "ConfigMap" => assert_eq!(c["data"], b["data"], "{what}"),
+            "NetworkPolicy" => assert_eq!(c["spec"], b["spec"], "{what}"),
             "DaemonSet" => {
                 for field in ["selector", "updateStrategy"] {
                     assert_eq!(c["spec"][field], b["spec"][field], "{what}: {field}");

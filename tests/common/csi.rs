@@ -170,6 +170,7 @@ impl CsiNode {
             rust_log: "info".to_string(),
             args: Vec::new(),
             own_mount_namespace: false,
+            open_files: None,
         }
     }
 
@@ -293,9 +294,17 @@ pub struct CsiDaemonBuilder<'a> {
     rust_log: String,
     args: Vec<String>,
     own_mount_namespace: bool,
+    open_files: Option<u64>,
 }
 
 impl CsiDaemonBuilder<'_> {
+    /// Starts the daemon with a descriptor limit (`RLIMIT_NOFILE`) of `limit`, soft and hard,
+    /// as a container runtime may: raising its soft limit at start then gains nothing.
+    pub fn open_files_limit(mut self, limit: u64) -> Self {
+        self.open_files = Some(limit);
+        self
+    }
+
     /// Runs the daemon in a mount namespace of its own, as each plugin container is in
     /// Kubernetes: a copy of this one when it starts (shared mounts stay peers, so what the
     /// daemon mounts under a shared directory appears here and in later daemons' namespaces;
@@ -361,6 +370,22 @@ impl CsiDaemonBuilder<'_> {
         // The tests rotate secrets within seconds; the production floor is 5 s.
         if !self.args.iter().any(|a| a == "--min-cache-ttl") {
             cmd.args(["--min-cache-ttl", "1s"]);
+        }
+        if let Some(limit) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads only `limit`, copied in.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut daemon = CsiDaemon {
             process: Process::spawn("vaultfs csi", cmd, node.log_path(index), &self.rust_log),
