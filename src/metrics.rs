@@ -110,6 +110,8 @@ pub struct Metrics {
     pub takeover_unserved_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Problems the last health check found (`/healthz` answers 503 while there are any).
     pub health_problems: Gauge,
+    /// Volumes served now whose files fail with EIO after consecutive daemon crashes.
+    pub quarantined_volumes: Gauge,
 }
 
 impl Default for Metrics {
@@ -280,6 +282,12 @@ impl Metrics {
             "Mounts gone and FUSE connections not answering, found by the last health check (/healthz answers 503 while above 0)",
             health_problems.clone(),
         );
+        let quarantined_volumes = Gauge::default();
+        registry.register(
+            "quarantined_volumes",
+            "Volumes served now whose files fail with EIO because their requests were in flight at consecutive daemon crashes",
+            quarantined_volumes.clone(),
+        );
         let vault_server_up = Family::<VolumeLabels, Gauge>::default();
         registry.register(
             "vault_server_up",
@@ -313,6 +321,7 @@ impl Metrics {
             reload_signals,
             reload_signal_failures,
             health_problems,
+            quarantined_volumes,
         }
     }
 
