@@ -16,10 +16,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -555,16 +555,8 @@ fn read_ledger(path: &Path) -> Ledger {
 
 /// Writes the ledger atomically, mode 0600.
 fn write_ledger(path: &Path, ledger: &Ledger) -> io::Result<()> {
-    let tmp: PathBuf = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(&serde_json::to_vec(ledger).map_err(io::Error::other)?)?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec(ledger).map_err(io::Error::other)?;
+    crate::sys::write_private(path, &bytes)
 }
 
 #[cfg(test)]

@@ -20,6 +20,22 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Writes `bytes` to `path` through `<path>.tmp` (mode 0600) and a rename: readers see the
+/// old content or the new, never part of it.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// `CLOCK_MONOTONIC` now: the clock `Instant` reads, shared by every process on the machine.
 pub fn monotonic_now() -> std::time::Duration {
     let mut ts = libc::timespec {

@@ -140,13 +140,9 @@ fn publish(
     name: &str,
     attributes: &[(&str, &str)],
 ) -> Published {
-    let pod = Pod::new("ns", name, "app");
     let mut attributes = attributes.to_vec();
     attributes.push(("cacheTTL", "2s"));
-    let (request, target) = jwt_publish(node, &pod, key, "app", SECRETS, &attributes);
-    if let Err(s) = plugin.daemon.client().publish(request) {
-        panic!("publish {name}: {}\n{}", describe(&s), plugin.daemon.logs());
-    }
+    let (pod, target) = publish_app(node, key, &plugin.daemon, name, SECRETS, &attributes);
     let published = Published {
         target,
         label: format!("ns/{name}/{}", pod.volume_id("secrets")),
@@ -221,16 +217,8 @@ fn vault_reads(bao: &Bao, name: &str) -> usize {
 
 /// Waits until `file` reads `expected`; returns how long that took from `since`.
 fn wait_served(file: &Path, expected: &str, since: Instant, node: &CsiNode) -> Duration {
-    let served = poll(
-        BACKOFF * 4 + Duration::from_secs(10),
-        Duration::from_millis(20),
-        || match read(file) {
-            Ok(bytes) if bytes == expected.as_bytes() => Ok(()),
-            Ok(bytes) => Err(format!("{} other bytes", bytes.len())),
-            Err(e) => Err(e.to_string()),
-        },
-    );
-    if let Err(last) = served {
+    let limit = BACKOFF * 4 + Duration::from_secs(10);
+    if let Err(last) = wait_for_content(file, expected, limit) {
         panic!(
             "{} was not served again ({last})\n--- daemon output:\n{}",
             file.display(),
