@@ -465,7 +465,7 @@ impl Quarantine {
             slot,
             backoff = %crate::config::format_duration(backoff),
             remaining = %crate::config::format_duration(left),
-            "volume quarantined: it had FUSE requests in flight when the daemon died, at consecutive deaths; its files fail with EIO (nothing of it runs) until the back-off ends"
+            "volume quarantined: the daemon died with its FUSE requests in flight at consecutive restarts; its files fail with EIO (nothing of it runs) until the back-off ends"
         );
     }
 
