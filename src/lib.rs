@@ -19,8 +19,8 @@
 //! only `main`, the wiring and `mount::keeper_link` (which also stashes the volumes' Vault
 //! sessions there, through `source::SessionStore`) use it.
 //! `quarantine` (the node plugin's requests in flight per volume, in shared memory that
-//! outlives a crash, and the volumes fenced off after consecutive crashes) uses only `metrics`
-//! and `config`; `fuse` counts and fences requests through it, the wiring opens it.
+//! outlives a crash, and the volumes fenced off after consecutive crashes) uses only `sys` and
+//! `config`; `fuse` counts and fences requests through it, the wiring opens it.
 
 pub mod app;
 pub mod audit;

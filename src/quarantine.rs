@@ -11,8 +11,9 @@
 //! its successor reads it only once the process is gone.
 //!
 //! Knows volumes by slot only (`fuse::Slot`, the volume's number on the node connection) and
-//! their names for logs; uses `metrics` for its gauge and nothing else of vaultfs. `fuse` counts
-//! and fences requests through it; the wiring opens it and marks the clean exit.
+//! their names for logs; uses only `sys` (the record's atomic write) and `config` (durations in
+//! logs) of vaultfs, and is handed its gauge. `fuse` counts and fences requests through it; the
+//! wiring opens it and marks the clean exit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;

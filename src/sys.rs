@@ -1,5 +1,5 @@
 //! Thin, safe wrappers over the few Linux calls vaultfs needs directly: process hardening
-//! (no core dumps, locked memory) and unmounting. No vaultfs types.
+//! (no core dumps, locked memory), private state files and unmounting. No vaultfs types.
 
 use std::ffi::CString;
 use std::io;
