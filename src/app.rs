@@ -15,6 +15,7 @@ use crate::health::{Health, Watched, Watchlist};
 use crate::metrics::{self, Metrics};
 use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
+use crate::quarantine::{Quarantine, QuarantineConfig};
 use crate::reload::ReloadConfig;
 use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
 use crate::spec::VolumeSpec;
@@ -266,12 +267,47 @@ pub struct CsiSettings {
     pub keeper_wait: Duration,
     /// Longest SIGTERM waits for FUSE requests in flight.
     pub drain_timeout: Duration,
+    /// First back-off of a volume quarantined after consecutive crashes (zero: no quarantine).
+    pub quarantine_backoff: Duration,
     /// Bounds on each Vault server's traffic and answers.
     pub limits: ServerLimits,
     pub lock_memory: bool,
     pub metrics_addr: Option<SocketAddr>,
     /// `--max-metrics-connections`.
     pub max_metrics_connections: usize,
+}
+
+/// The quarantine of crash-looping volumes (`--quarantine-backoff`; none when zero), opened
+/// once the previous daemon is gone. One that cannot be opened is logged and done without:
+/// serving every volume matters more than catching a crash loop.
+async fn open_quarantine(settings: &CsiSettings, metrics: &Metrics) -> Option<Arc<Quarantine>> {
+    if settings.quarantine_backoff.is_zero() {
+        return None;
+    }
+    let config = QuarantineConfig {
+        backoff: settings.quarantine_backoff,
+        // A predecessor stopping on SIGTERM drains for at most --drain-timeout.
+        wait: settings.drain_timeout + Duration::from_secs(5),
+    };
+    let (dir, gauge) = (
+        settings.state_dir.clone(),
+        metrics.quarantined_volumes.clone(),
+    );
+    let opened = tokio::task::spawn_blocking(move || Quarantine::open(&dir, config, gauge))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|opened| opened);
+    match opened {
+        Ok(quarantine) => Some(Arc::new(quarantine)),
+        Err(e) => {
+            tracing::error!(
+                state_dir = %settings.state_dir.display(),
+                error = %e,
+                "cannot count FUSE requests in flight in the state directory: a volume that crashes the daemon again and again is not quarantined"
+            );
+            None
+        }
+    }
 }
 
 /// Creates `dir` if missing, owner-only (only the daemon goes there: pods see bind mounts),
@@ -315,6 +351,8 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
             "the state directory is not on tmpfs: service-account tokens recorded there may reach disk; use a tmpfs host directory such as /run/vaultfs"
         );
     }
+    // Before anything is served: the volumes the previous daemons died with.
+    let quarantine = open_quarantine(&settings, &metrics).await;
     // Resolved, so that the mount table (which shows resolved paths) finds the mounts there.
     let connections_dir = create_private_dir(&settings.connections_dir)
         .with_context(|| format!("--connections-dir {}", settings.connections_dir.display()))?;
@@ -338,12 +376,15 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let sessions = keeper
         .clone()
         .map(|k| k as Arc<dyn crate::source::SessionStore>);
-    let mounter = Arc::new(crate::mount::FuseMounter::new(
-        tokio::runtime::Handle::current(),
-        metrics.clone(),
-        connections_dir.join(crate::csi::SESSION_DIR),
-        keeper,
-    ));
+    let mounter = Arc::new(
+        crate::mount::FuseMounter::new(
+            tokio::runtime::Handle::current(),
+            metrics.clone(),
+            connections_dir.join(crate::csi::SESSION_DIR),
+            keeper,
+        )
+        .with_quarantine(quarantine.clone()),
+    );
     let taking = mounter.clone();
     let taken_over = tokio::task::spawn_blocking(move || taking.take_over())
         .await
@@ -387,6 +428,9 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     let health = Arc::new(Health::new());
     let mut background = tokio::task::JoinSet::new();
     spawn_metrics(&mut background, metrics_listener, &metrics, &health);
+    if let Some(quarantine) = &quarantine {
+        background.spawn(quarantine.clone().lift_when_due());
+    }
     let (watched, connections) = (manager.clone(), mounter.clone());
     background.spawn(crate::health::monitor(
         health,
@@ -411,6 +455,9 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         volumes = kept,
         "stopped; published volumes are recorded for the next start"
     );
+    if let Some(quarantine) = &quarantine {
+        quarantine.exit_cleanly();
+    }
     if settings.keeper_socket.is_some() {
         // Exit without unwinding: dropping the runtime would drop the replies of requests
         // still in flight, and fuser answers a dropped reply with EIO. Left unanswered, they

@@ -113,6 +113,10 @@ pub enum FsError {
     NotADirectory,
     #[error("is a directory")]
     IsADirectory,
+    /// The volume is quarantined after consecutive daemon crashes (`quarantine`); nothing of
+    /// it runs until its back-off ends.
+    #[error("the volume is quarantined")]
+    Quarantined,
 }
 
 impl FsError {
@@ -122,7 +126,10 @@ impl FsError {
                 libc::ENOENT
             }
             FsError::PermissionDenied => libc::EACCES,
-            FsError::Unavailable(_) | FsError::Invalid(_) | FsError::TemplateFailed(_) => libc::EIO,
+            FsError::Unavailable(_)
+            | FsError::Invalid(_)
+            | FsError::TemplateFailed(_)
+            | FsError::Quarantined => libc::EIO,
             FsError::TooLarge(_) => libc::EFBIG,
             FsError::ReadOnly => libc::EROFS,
             FsError::NotADirectory => libc::ENOTDIR,

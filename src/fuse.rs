@@ -22,6 +22,7 @@ use crate::audit::Caller;
 use crate::fs::{Attr, Consistency, DirEntry, FsError, Kind, VaultFs};
 use crate::logging::FailureLimiter;
 use crate::metrics::{Metrics, Op};
+use crate::quarantine::{InFlight, Quarantine};
 use crate::source::SecretSource;
 use crate::spec::InodeNo;
 use parking_lot::RwLock;
@@ -44,6 +45,9 @@ pub struct Volumes<S> {
     single: Option<Arc<VaultFs<S>>>,
     by_slot: RwLock<HashMap<Slot, Served<S>>>,
     created: SystemTime,
+    /// Counts each volume's requests in flight and fences off quarantined volumes (`vaultfs
+    /// csi`, unless turned off).
+    quarantine: Option<Arc<Quarantine>>,
 }
 
 struct Served<S> {
@@ -71,20 +75,25 @@ impl<S: SecretSource> Volumes<S> {
             single: Some(fs),
             by_slot: RwLock::default(),
             created: SystemTime::now(),
+            quarantine: None,
         })
     }
 
-    /// An empty node-wide table (`vaultfs csi`).
-    pub fn node() -> Arc<Self> {
+    /// An empty node-wide table (`vaultfs csi`), its volumes under `quarantine` if any.
+    pub fn node(quarantine: Option<Arc<Quarantine>>) -> Arc<Self> {
         Arc::new(Self {
             single: None,
             by_slot: RwLock::default(),
             created: SystemTime::now(),
+            quarantine,
         })
     }
 
     /// Serves `fs` as directory `slot`, replacing whatever was there.
     pub fn attach(&self, slot: Slot, fs: Arc<VaultFs<S>>) {
+        if let Some(quarantine) = &self.quarantine {
+            quarantine.attached(slot, &fs.config().volume);
+        }
         self.by_slot.write().insert(
             slot,
             Served {
@@ -97,6 +106,9 @@ impl<S: SecretSource> Volumes<S> {
     /// Stops serving `slot` to new lookups; it is forgotten at once if no file of it is open,
     /// else when the last one closes.
     pub fn retire(&self, slot: Slot) {
+        if let Some(quarantine) = &self.quarantine {
+            quarantine.detached(slot);
+        }
         let mut table = self.by_slot.write();
         if let Some(served) = table.get_mut(&slot) {
             if served.fs.open_handles() == 0 {
@@ -164,6 +176,23 @@ impl<S: SecretSource> Volumes<S> {
         {
             table.remove(&slot);
         }
+    }
+
+    /// Whether request `op` about connection inode `ino` is refused because its volume is
+    /// quarantined: everything but the attributes of the volume's root directory (mount
+    /// checks, kubelet's and the container runtime's, ask for those; they come from the spec).
+    fn fences(&self, op: Op, ino: u64) -> bool {
+        let Some(quarantine) = &self.quarantine else {
+            return false;
+        };
+        let root = matches!(op, Op::Getattr | Op::Lookup) && ino & 0xffff_ffff == InodeNo::ROOT.0;
+        quarantine.fences((ino >> 32) as Slot) && !root
+    }
+
+    /// Counts a request about connection inode `ino` in flight for its volume.
+    fn enter(&self, ino: u64) -> Option<InFlight> {
+        let quarantine = self.quarantine.as_ref()?;
+        Some(quarantine.enter((ino >> 32) as Slot))
     }
 
     fn root_attr(&self) -> Attr {
@@ -253,6 +282,12 @@ impl<S: SecretSource> FuseAdapter<S> {
         T: Send + 'static,
         F: Future<Output = Result<T, FsError>> + Send + 'static,
     {
+        if about.is_some() && self.volumes.fences(op, ino) {
+            // Nothing of the volume runs: `work` is dropped unpolled.
+            return self.refuse(op, ino, FsError::Quarantined, done);
+        }
+        // Kept until the reply is written: a daemon that dies meanwhile leaves it counted.
+        let in_flight = about.as_ref().and_then(|_| self.volumes.enter(ino));
         let started = Instant::now();
         let metrics = self.metrics.clone();
         let failures = self.failures.clone();
@@ -263,7 +298,8 @@ impl<S: SecretSource> FuseAdapter<S> {
                 let errno = err.errno_name();
                 metrics.fuse_error(op, errno);
                 match err {
-                    FsError::NotFound | FsError::ReadOnly => {
+                    // A quarantine is logged once, when it starts.
+                    FsError::NotFound | FsError::ReadOnly | FsError::Quarantined => {
                         tracing::debug!(op = op.name(), error = %err, "request refused")
                     }
                     _ => {
@@ -288,6 +324,7 @@ impl<S: SecretSource> FuseAdapter<S> {
             done(answer);
             // After the reply is written: a stopping daemon waits for this to reach zero.
             metrics.fuse_requests_in_flight.dec();
+            drop(in_flight);
         };
         answer_now_or_on_runtime(&self.runtime, work, finish);
     }

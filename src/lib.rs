@@ -18,6 +18,9 @@
 //! stands beside this chain: it uses only `logging` and `secret` (to wipe what it held), and
 //! only `main`, the wiring and `mount::keeper_link` (which also stashes the volumes' Vault
 //! sessions there, through `source::SessionStore`) use it.
+//! `quarantine` (the node plugin's requests in flight per volume, in shared memory that
+//! outlives a crash, and the volumes fenced off after consecutive crashes) uses only `sys` and
+//! `config`; `fuse` counts and fences requests through it, the wiring opens it.
 
 pub mod app;
 pub mod audit;
@@ -31,6 +34,7 @@ pub mod keeper;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
+pub mod quarantine;
 pub mod reload;
 pub mod render;
 pub mod secret;

@@ -115,6 +115,10 @@ struct CsiArgs {
     /// On SIGTERM, longest wait for FUSE requests in flight to be answered before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     drain_timeout: Duration,
+    /// How long a volume whose FUSE requests were in flight at two daemon crashes in a row
+    /// fails with EIO; doubled at each repeat, up to 30m (0 turns quarantine off).
+    #[arg(long, default_value = "1m", value_parser = parse_duration, value_name = "DURATION")]
+    quarantine_backoff: Duration,
     #[command(flatten)]
     daemon: DaemonArgs,
 }
@@ -552,6 +556,7 @@ fn csi(args: CsiArgs) -> ExitCode {
         keeper_socket: args.keeper_socket,
         keeper_wait: args.keeper_wait,
         drain_timeout: args.drain_timeout,
+        quarantine_backoff: args.quarantine_backoff,
         limits,
         lock_memory: args.daemon.lock_memory,
         metrics_addr: args.daemon.metrics_addr,

@@ -123,6 +123,8 @@ pub struct Metrics {
     /// Connections the metrics endpoint closed before a whole first request head arrived (none
     /// sent, or sent too slowly), or after outliving their longest life and its grace.
     pub endpoint_timeouts: Counter,
+    /// Volumes served now whose files fail with EIO after consecutive daemon crashes.
+    pub quarantined_volumes: Gauge,
 }
 
 impl Default for Metrics {
@@ -293,6 +295,12 @@ impl Metrics {
             "Mounts gone and FUSE connections not answering, found by the last health check (/healthz answers 503 while above 0)",
             health_problems.clone(),
         );
+        let quarantined_volumes = Gauge::default();
+        registry.register(
+            "quarantined_volumes",
+            "Volumes served now whose files fail with EIO because their requests were in flight at consecutive daemon crashes",
+            quarantined_volumes.clone(),
+        );
         let vault_server_up = Family::<VolumeLabels, Gauge>::default();
         registry.register(
             "vault_server_up",
@@ -347,6 +355,7 @@ impl Metrics {
             reload_signals,
             reload_signal_failures,
             health_problems,
+            quarantined_volumes,
         }
     }
 

@@ -1,5 +1,5 @@
 //! Thin, safe wrappers over the few Linux calls vaultfs needs directly: process hardening
-//! (no core dumps, locked memory) and unmounting. No vaultfs types.
+//! (no core dumps, locked memory), private state files and unmounting. No vaultfs types.
 
 use std::ffi::CString;
 use std::io;
@@ -18,6 +18,22 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Writes `bytes` to `path` through `<path>.tmp` (mode 0600) and a rename: readers see the
+/// old content or the new, never part of it.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// `CLOCK_MONOTONIC` now: the clock `Instant` reads, shared by every process on the machine.

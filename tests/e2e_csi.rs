@@ -157,12 +157,14 @@ fn read_until(path: &Path, expected: &str, limit: Duration) -> Result<(), String
 }
 
 /// Files of `dir` (recursively) with their modes.
-/// What the state directory keeps about volumes: everything but the node-wide slot mark
-/// (`slots`, the highest slot ever given out, which outlives every volume by design).
+/// What the state directory keeps about volumes: everything but the node-wide files, which
+/// outlive every volume by design (`slots`, the highest slot ever given out; `inflight` and
+/// `quarantine.json`, the crash-loop quarantine's).
 fn volume_state(node: &CsiNode) -> Vec<(std::path::PathBuf, u32)> {
+    let node_wide = ["slots", "inflight", "quarantine.json"].map(|f| node.state_dir().join(f));
     files_under(&node.state_dir())
         .into_iter()
-        .filter(|(path, _)| path != &node.state_dir().join("slots"))
+        .filter(|(path, _)| !node_wide.contains(path))
         .collect()
 }
 

@@ -198,17 +198,9 @@ fn publish_as(
     name: &str,
     attributes: &[(&str, &str)],
 ) -> Published {
-    let pod = Pod::new("ns", name, "app");
     let mut attributes = attributes.to_vec();
     attributes.push(("cacheTTL", "2s"));
-    let (request, target) = jwt_publish(node, &pod, key, "app", SECRETS, &attributes);
-    if let Err(s) = plugin.daemon.client().publish(request.clone()) {
-        panic!(
-            "publish failed with {}; daemon output:\n{}",
-            describe(&s),
-            plugin.daemon.logs()
-        );
-    }
+    let (pod, target) = publish_app(node, key, &plugin.daemon, name, SECRETS, &attributes);
     let published = Published { pod, target };
     assert_eq!(
         read_string(published.file()),

@@ -75,16 +75,9 @@ impl Plugin {
 fn publish_all(node: &CsiNode, key: &SigningKey, plugin: &Plugin) -> Vec<PathBuf> {
     (0..VOLUMES)
         .map(|i| {
-            let pod = Pod::new("ns", &format!("app-{i:02}"), "app");
-            let (request, target) =
-                jwt_publish(node, &pod, key, "app", SECRETS, &[("cacheTTL", "1s")]);
-            if let Err(s) = plugin.daemon.client().publish(request) {
-                panic!(
-                    "publish {i}: {}; daemon output:\n{}",
-                    describe(&s),
-                    plugin.daemon.logs()
-                );
-            }
+            let name = format!("app-{i:02}");
+            let attributes = [("cacheTTL", "1s")];
+            let (_, target) = publish_app(node, key, &plugin.daemon, &name, SECRETS, &attributes);
             target.join("password")
         })
         .collect()
@@ -93,14 +86,7 @@ fn publish_all(node: &CsiNode, key: &SigningKey, plugin: &Plugin) -> Vec<PathBuf
 /// Waits until every volume's file reads `value`.
 fn all_read(files: &[PathBuf], value: &str, what: &str, node: &CsiNode) {
     for file in files {
-        let seen = poll(ROTATION_TIMEOUT, Duration::from_millis(50), || {
-            match read(file) {
-                Ok(bytes) if bytes == value.as_bytes() => Ok(()),
-                Ok(bytes) => Err(format!("{} bytes of another value", bytes.len())),
-                Err(e) => Err(e.to_string()),
-            }
-        });
-        if let Err(last) = seen {
+        if let Err(last) = wait_for_content(file, value, ROTATION_TIMEOUT) {
             panic!(
                 "{what}: {} does not read the expected value ({last}); daemon output:\n{}",
                 file.display(),

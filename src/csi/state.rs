@@ -3,8 +3,7 @@
 //! token), never a secret value.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -96,15 +95,7 @@ impl StateDir {
                 .mode(0o700)
                 .create(dir)?;
         }
-        let tmp = self.slots.with_extension("tmp");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?
-            .write_all(format!("{slot}\n").as_bytes())?;
-        std::fs::rename(&tmp, &self.slots)?;
+        crate::sys::write_private(&self.slots, format!("{slot}\n").as_bytes())?;
         *recorded = slot;
         Ok(())
     }
@@ -138,17 +129,7 @@ impl StateDir {
             slot,
         };
         let bytes = zeroize::Zeroizing::new(crate::secret::to_vec_exact(&record));
-        let final_path = self.file(&params.target);
-        let tmp = final_path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&bytes)?;
-        drop(file);
-        std::fs::rename(&tmp, &final_path)
+        crate::sys::write_private(&self.file(&params.target), &bytes)
     }
 
     /// Removes the record of the volume at `target` (none is fine).

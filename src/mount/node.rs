@@ -14,6 +14,7 @@ use super::{
 use crate::fs::{Consistency, Invalidate, VaultFs};
 use crate::fuse::{FuseAdapter, Slot, Volumes};
 use crate::metrics::Metrics;
+use crate::quarantine::Quarantine;
 use crate::source::SecretSource;
 use crate::sys;
 
@@ -39,15 +40,15 @@ pub const MAX_BACKGROUND: u16 = 1024;
 
 impl<S: SecretSource> NodeSession<S> {
     /// Mounts the connection at `root` (over a dead one an earlier daemon left) and serves
-    /// it; its kernel notifications go through `kernel`.
+    /// `volumes` (`Volumes::node`) on it; its kernel notifications go through `kernel`.
     pub fn start(
         root: &Path,
         consistency: Consistency,
+        volumes: Arc<Volumes<S>>,
         runtime: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
         kernel: &KernelNotifier,
     ) -> Result<Self, MountError> {
-        let volumes = Volumes::node();
         let adapter = Self::adapter(&volumes, consistency, runtime, &metrics);
         let config = MountConfig {
             allow_other: true,
@@ -66,7 +67,7 @@ impl<S: SecretSource> NodeSession<S> {
     /// Serves the node's connection mounted at `root` that another process served until now:
     /// `device` is a duplicate of its descriptor, `init` the INIT the kernel sent when it was
     /// mounted (see `Connection`). The kernel may ask about any volume the moment serving
-    /// starts, so `volumes` (`Volumes::node()`) must already hold every volume attached
+    /// starts, so `volumes` (`Volumes::node`) must already hold every volume attached
     /// before, with the slots it had. Touches neither `root` nor the binds, which stay as they
     /// were.
     #[allow(clippy::too_many_arguments)]
@@ -208,6 +209,8 @@ pub struct FuseMounter<S> {
     root: PathBuf,
     connections: [NodeConnection<S>; 2],
     keeper: Option<Arc<KeeperLink>>,
+    /// Given to the volume tables of both connections.
+    quarantine: Option<Arc<Quarantine>>,
 }
 
 /// One of the node's connections, by consistency mode.
@@ -252,7 +255,15 @@ impl<S: SecretSource> FuseMounter<S> {
                 connection(Consistency::Cached),
             ],
             keeper,
+            quarantine: None,
         }
+    }
+
+    /// Counts the volumes' requests in flight in `quarantine` and fences off the volumes it
+    /// holds quarantined.
+    pub fn with_quarantine(mut self, quarantine: Option<Arc<Quarantine>>) -> Self {
+        self.quarantine = quarantine;
+        self
     }
 
     fn connection(&self, consistency: Consistency) -> &NodeConnection<S> {
@@ -285,7 +296,7 @@ impl<S: SecretSource> FuseMounter<S> {
             tracing::info!(%consistency, init = ?connection.init, "taking over a node connection the keeper held");
             *self.connection(consistency).taken.lock() = Some(Taken {
                 connection,
-                volumes: Volumes::node(),
+                volumes: Volumes::node(self.quarantine.clone()),
                 detach_later: Vec::new(),
             });
         }
@@ -414,6 +425,7 @@ impl<S: SecretSource> FuseMounter<S> {
         let session = Arc::new(NodeSession::start(
             &root,
             consistency,
+            Volumes::node(self.quarantine.clone()),
             self.runtime.clone(),
             self.metrics.clone(),
             &node.kernel,

@@ -870,6 +870,30 @@ pub fn jwt_publish(
     (request, target)
 }
 
+/// Publishes through `daemon` the volume `secrets` of pod `ns/<name>` (service account `app`,
+/// logging in as role `app` through the `jwt` mount with a token `key` signed), declaring
+/// `secrets` with `attributes`; panics with the daemon's output if the publish fails. Returns
+/// the pod and its target path.
+pub fn publish_app(
+    node: &CsiNode,
+    key: &SigningKey,
+    daemon: &CsiDaemon,
+    name: &str,
+    secrets: &str,
+    attributes: &[(&str, &str)],
+) -> (Pod, PathBuf) {
+    let pod = Pod::new("ns", name, "app");
+    let (request, target) = jwt_publish(node, &pod, key, "app", secrets, attributes);
+    if let Err(s) = daemon.client().publish(request) {
+        panic!(
+            "publish of {name}'s volume failed with {}; daemon output:\n{}",
+            describe(&s),
+            daemon.logs()
+        );
+    }
+    (pod, target)
+}
+
 /// Moves the service-account tokens from the volume context to `secrets`, as newer kubelets
 /// send them.
 pub fn tokens_in_secrets(

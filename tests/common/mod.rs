@@ -221,6 +221,17 @@ pub fn wait_for_errno(path: &Path, errno: i32, limit: Duration) -> Result<Durati
     })
 }
 
+/// Reads `path` until it holds `expected`, for at most `limit`; returns how long that took, or
+/// what the last read gave.
+pub fn wait_for_content(path: &Path, expected: &str, limit: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    poll(limit, Duration::from_millis(20), || match read(path) {
+        Ok(bytes) if bytes == expected.as_bytes() => Ok(started.elapsed()),
+        Ok(bytes) => Err(format!("{} bytes of another value", bytes.len())),
+        Err(e) => Err(e.to_string()),
+    })
+}
+
 /// The errno of an `io::Error`, with its name in the panic message when it is missing.
 pub fn errno_of(err: &io::Error) -> i32 {
     err.raw_os_error()
