@@ -1266,7 +1266,9 @@ impl std::fmt::Debug for KeeperClient {
 
 impl KeeperClient {
     /// Connects to the keeper at `path`, refusing a keeper that runs as neither root nor this
-    /// process's uid.
+    /// process's uid (the keeper needs no capability). The keeper, in turn, serves this process
+    /// only if it passes [`check_client`] (root with `CAP_SYS_ADMIN`); if not, its reason comes
+    /// back as the error of the first request.
     pub fn connect(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         let socket = connect_socket(&path).map_err(|e| {
