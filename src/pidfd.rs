@@ -101,26 +101,35 @@ impl Pidfd {
 /// The credentials of `socket`'s peer when it connected (`SO_PEERCRED`): its pid and ids in
 /// this process's namespaces.
 pub fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<libc::ucred> {
-    let mut cred = libc::ucred {
+    let none = libc::ucred {
         pid: 0,
         uid: 0,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given.
+    socket_option(socket, libc::SO_PEERCRED, none)
+}
+
+/// `getsockopt(SOL_SOCKET, option)`: the value the kernel writes over `value`.
+fn socket_option<T: Copy>(
+    socket: BorrowedFd<'_>,
+    option: libc::c_int,
+    mut value: T,
+) -> io::Result<T> {
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: value and len are valid for writes of the sizes given; T is plain data.
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
+            option,
+            (&mut value as *mut T).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred)
+    Ok(value)
 }
 
 /// The peer of the connected unix socket `socket`.
@@ -144,21 +153,7 @@ pub fn socket_peer(socket: BorrowedFd<'_>) -> io::Result<Peer> {
 
 /// `SO_PEERPIDFD`: a pidfd of the process that connected `socket`.
 fn peer_pidfd(socket: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let mut fd: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: fd and len are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERPIDFD,
-            (&mut fd as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = socket_option(socket, libc::SO_PEERPIDFD, -1 as libc::c_int)?;
     // SAFETY: the kernel installed fd, close-on-exec, for this call alone.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
