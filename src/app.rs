@@ -343,8 +343,8 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     // Before taking over or recovering any mount: a port in use fails at once.
     let metrics_listener =
         bind_metrics(settings.metrics_addr, settings.max_metrics_connections).await?;
-    std::fs::create_dir_all(&settings.state_dir)
-        .with_context(|| format!("creating --state-dir {}", settings.state_dir.display()))?;
+    crate::csi::make_state_dir_private(&settings.state_dir)
+        .with_context(|| format!("--state-dir {}", settings.state_dir.display()))?;
     if !crate::sys::is_tmpfs(&settings.state_dir) {
         tracing::warn!(
             state_dir = %settings.state_dir.display(),

@@ -30,6 +30,17 @@
 //!
 //! Std has no `SOCK_SEQPACKET` and no `SCM_RIGHTS`; the few `libc` calls below are simpler
 //! than a crate (nix, sendfd) for one socket type and one control message.
+//!
+//! # Who may connect
+//! What the keeper holds reads every pod's secrets (tokens) and FUSE requests (the descriptor),
+//! so it answers only a client that holds what the plugin holds: uid 0 *and* `CAP_SYS_ADMIN` in
+//! its effective set, in the keeper's user namespace (see [`check_client`]). A root process
+//! without capabilities (a container that dropped them all, a host agent) is refused, and so
+//! is one that gave itself capabilities in a user namespace of its own. There is no exception
+//! for the keeper's own uid: a keeper run as another user serves nobody. The check reads
+//! `/proc/<pid>` of the client, so the keeper must see the client's pid namespace (in a cluster:
+//! `hostPID: true`); a client it cannot see is refused, saying so. A refused client gets one
+//! `error` message, unasked, and is disconnected.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -71,6 +82,26 @@ pub const MAX_STASHED: usize = 32 * 1024;
 /// Most bytes of records stashed at once: well inside the keeper's memory limit (32 MiB in
 /// `deploy/base`); 1,000 volumes with a token and a database credential each take about 1 MiB.
 pub const MAX_STASHED_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a client is refused as soon as it connects, before anything it sends is read. The text
+/// goes back to it in an `error` message, and to the keeper's log.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ClientRefusal {
+    #[error("uid {uid} (pid {pid}) may not use the keeper: only root with CAP_SYS_ADMIN, as the plugin runs, may")]
+    NotRoot { uid: u32, pid: i32 },
+    #[error("pid {pid} (uid 0) may not use the keeper: its effective capabilities lack CAP_SYS_ADMIN, which the plugin holds")]
+    NoCapability { pid: i32 },
+    #[error("pid {pid} (uid 0) may not use the keeper: it runs in a user namespace other than the keeper's, where its capabilities do not count")]
+    UserNamespace { pid: i32 },
+    #[error("a client (uid {uid}) in a pid namespace the keeper cannot see may not use the keeper: its capabilities cannot be checked; run the keeper in the host's pid namespace (hostPID: true)")]
+    Hidden { uid: u32 },
+    #[error("pid {pid} (uid {uid}) exited before its capabilities could be checked")]
+    Gone { pid: i32, uid: u32 },
+    #[error(
+        "pid {pid} (uid {uid}) may not use the keeper: its capabilities cannot be checked: {error}"
+    )]
+    Unchecked { pid: i32, uid: u32, error: String },
+}
 
 /// Why a message was refused. The text goes back to the sender in an `error` reply.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -574,26 +605,6 @@ fn connect_socket(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn peer_credentials(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(cred)
-}
-
 /// Sends one message with `fds` attached. `MSG_NOSIGNAL`: a peer gone is an error, not SIGPIPE.
 fn send_message(
     socket: BorrowedFd<'_>,
@@ -746,13 +757,12 @@ impl Listener {
                 "{} exists and is not a socket; refusing to replace it (remove it or pick another --socket)",
                 path.display()
             ),
-            Ok(_) => match connect_socket(path) {
-                Ok(_) => tracing::info!(
-                    socket = %path.display(),
-                    "another keeper answers on this socket; taking the path over: its clients reconnect here once it exits"
-                ),
-                Err(_) => tracing::info!(socket = %path.display(), "replacing a stale socket"),
-            },
+            // Not probed with a connect: a keeper still listening there would log the probe
+            // as a refused client (this process has no CAP_SYS_ADMIN).
+            Ok(_) => tracing::info!(
+                socket = %path.display(),
+                "taking the socket path over: a keeper still listening there serves its clients until it exits, then they reconnect here"
+            ),
             Err(_) => {}
         }
         let file_name = path
@@ -862,13 +872,14 @@ struct Client {
 /// duplicate and exits. Blocks both signals in the calling thread (they are read from a
 /// signalfd), so call it from the process's only thread. Replaces a socket file already at
 /// `socket` (a stale one, or a live keeper's during a rollout: that keeper's clients come here
-/// when it exits); creates its directory with mode 0700. Only root and this process's uid may
-/// use the socket.
+/// when it exits); creates its directory with mode 0700. Serves only clients that pass
+/// [`check_client`]: root with `CAP_SYS_ADMIN`, as the plugin runs.
 pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
     let signals = stop_signals().context("blocking SIGTERM and SIGINT")?;
     let listener = Listener::bind(socket)?;
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    let own_uid = unsafe { libc::geteuid() };
+    let own_uid_map = std::fs::read_to_string("/proc/self/uid_map").context(
+        "reading /proc/self/uid_map (the keeper's user namespace, which clients must share)",
+    )?;
     tracing::info!(
         socket = %socket.display(),
         "keeper listening; holds FUSE connections and the volumes' Vault sessions (tokens, leased values) across daemon restarts, in memory only; reads no FUSE request"
@@ -976,7 +987,13 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
         }
         clients.retain(|c| !gone.contains(&c.id));
         if polled[1].revents != 0 {
-            accept_clients(&listener, own_uid, &mut clients, &mut next_id, &refusals);
+            accept_clients(
+                &listener,
+                &own_uid_map,
+                &mut clients,
+                &mut next_id,
+                &refusals,
+            );
         }
     };
     let held = state.held.len();
@@ -1028,9 +1045,93 @@ fn bare(replies: Vec<(ClientId, Reply)>) -> impl Iterator<Item = (ClientId, Repl
         .map(|(id, reply)| (id, reply, Vec::new()))
 }
 
+/// Whether `peer` may use the keeper: uid 0 (`SO_PEERCRED`) and `CAP_SYS_ADMIN` in its
+/// effective set (`/proc/<pid>/status`), in the keeper's own user namespace (its
+/// `/proc/<pid>/uid_map` reads as `own_uid_map`, the keeper's). Race-free: the process is held
+/// by a pidfd (`SO_PEERPIDFD`, the very process that connected) while `/proc/<pid>` is read, and
+/// is still alive afterwards, so what was read was about it and not about a process that got its
+/// pid since.
+///
+/// The user namespace: a root process without capabilities may create a user namespace, in which
+/// it holds every capability (`CapEff` shows them all) while it stays uid 0 to the keeper; the
+/// capabilities count only inside that namespace. A namespace's `uid_map` can read as the
+/// keeper's whole-range map only if its creator held `CAP_SETUID` and `CAP_SETFCAP` in the
+/// keeper's namespace.
+pub fn check_client(peer: &crate::pidfd::Peer, own_uid_map: &str) -> Result<(), ClientRefusal> {
+    let (pid, uid) = (peer.pid, peer.uid);
+    if uid != 0 {
+        return Err(ClientRefusal::NotRoot { uid, pid });
+    }
+    if pid == 0 {
+        return Err(ClientRefusal::Hidden { uid });
+    }
+    let unchecked = |e: &io::Error| match e.raw_os_error() {
+        // EINVAL: SO_PEERPIDFD of a peer that has exited, on Linux 6.5 to 6.8.
+        Some(libc::ESRCH | libc::ENOENT | libc::EINVAL) => ClientRefusal::Gone { pid, uid },
+        _ => ClientRefusal::Unchecked {
+            pid,
+            uid,
+            error: e.to_string(),
+        },
+    };
+    let process = peer.process.as_ref().map_err(unchecked)?;
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| unchecked(&e))
+    };
+    let (status, uid_map) = (read("status")?, read("uid_map")?);
+    if !process.is_alive() {
+        return Err(ClientRefusal::Gone { pid, uid });
+    }
+    check_client_status(pid, &status, &uid_map, own_uid_map)
+}
+
+/// The part of [`check_client`] that reads what `/proc/<pid>` said: `status` and `uid_map`.
+fn check_client_status(
+    pid: i32,
+    status: &str,
+    uid_map: &str,
+    own_uid_map: &str,
+) -> Result<(), ClientRefusal> {
+    match crate::pidfd::has_effective_capability(status, crate::pidfd::CAP_SYS_ADMIN) {
+        None => Err(ClientRefusal::Unchecked {
+            pid,
+            uid: 0,
+            error: "its /proc status has no CapEff line".into(),
+        }),
+        Some(false) => Err(ClientRefusal::NoCapability { pid }),
+        Some(true) if uid_map != own_uid_map => Err(ClientRefusal::UserNamespace { pid }),
+        Some(true) => Ok(()),
+    }
+}
+
+impl ClientRefusal {
+    /// A key per kind of refusal, for the log rate limit.
+    fn kind(&self) -> &'static str {
+        match self {
+            ClientRefusal::NotRoot { .. } => "uid",
+            ClientRefusal::NoCapability { .. } => "capability",
+            ClientRefusal::UserNamespace { .. } => "user-namespace",
+            ClientRefusal::Hidden { .. } => "hidden",
+            ClientRefusal::Gone { .. } | ClientRefusal::Unchecked { .. } => "unchecked",
+        }
+    }
+
+    /// What the client lacks, for the log line.
+    fn missing(&self) -> &'static str {
+        match self {
+            ClientRefusal::NotRoot { .. } => "uid 0",
+            ClientRefusal::NoCapability { .. } => "CAP_SYS_ADMIN",
+            ClientRefusal::UserNamespace { .. } => "CAP_SYS_ADMIN in the keeper's user namespace",
+            ClientRefusal::Hidden { .. }
+            | ClientRefusal::Gone { .. }
+            | ClientRefusal::Unchecked { .. } => "a checkable process",
+        }
+    }
+}
+
 fn accept_clients(
     listener: &Listener,
-    own_uid: u32,
+    own_uid_map: &str,
     clients: &mut Vec<Client>,
     next_id: &mut ClientId,
     refusals: &FailureLimiter<&'static str>,
@@ -1058,55 +1159,54 @@ fn accept_clients(
         }
         // SAFETY: fd was just returned by accept4 and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let refuse = |fd: &OwnedFd, key: &'static str, message: String| {
-            if let Some(suppressed) = refusals.admit(key) {
-                tracing::warn!(suppressed, "refused a client: {message}");
-            }
+        let refuse = |fd: &OwnedFd, message: String| {
             let _ = send_message(fd.as_fd(), &encode(&Reply::Error { message }), &[], true);
             // Closing with requests unread would reset the connection and lose the reply.
             while let Ok(Received::Message(_)) = recv_message(fd.as_fd(), true) {}
         };
-        let cred = match peer_credentials(fd.as_fd()) {
-            Ok(c) => c,
+        let peer = match crate::pidfd::socket_peer(fd.as_fd()) {
+            Ok(peer) => peer,
             Err(e) => {
                 tracing::warn!("cannot read a client's credentials ({e}); disconnecting it");
                 continue;
             }
         };
-        if cred.uid != 0 && cred.uid != own_uid {
-            refuse(
-                &fd,
-                "uid",
-                format!(
-                    "uid {} (pid {}) may not use the keeper: only root and uid {own_uid} may",
-                    cred.uid, cred.pid
-                ),
-            );
+        if let Err(refusal) = check_client(&peer, own_uid_map) {
+            if let Some(suppressed) = refusals.admit(refusal.kind()) {
+                tracing::warn!(
+                    pid = peer.pid,
+                    uid = peer.uid,
+                    missing = refusal.missing(),
+                    suppressed,
+                    "refused a client: {refusal}"
+                );
+            }
+            refuse(&fd, refusal.to_string());
             continue;
         }
         if clients.len() >= MAX_CLIENTS {
-            refuse(
-                &fd,
-                "clients",
-                format!(
-                    "the keeper serves at most {MAX_CLIENTS} clients at once (pid {} refused)",
-                    cred.pid
-                ),
+            let message = format!(
+                "the keeper serves at most {MAX_CLIENTS} clients at once (pid {} refused)",
+                peer.pid
             );
+            if let Some(suppressed) = refusals.admit("clients") {
+                tracing::warn!(suppressed, "refused a client: {message}");
+            }
+            refuse(&fd, message);
             continue;
         }
         let id = *next_id;
         *next_id += 1;
         tracing::debug!(
             client = id,
-            pid = cred.pid,
-            uid = cred.uid,
+            pid = peer.pid,
+            uid = peer.uid,
             "client connected"
         );
         clients.push(Client {
             id,
             fd,
-            pid: cred.pid,
+            pid: peer.pid,
         });
     }
 }
@@ -1166,7 +1266,9 @@ impl std::fmt::Debug for KeeperClient {
 
 impl KeeperClient {
     /// Connects to the keeper at `path`, refusing a keeper that runs as neither root nor this
-    /// process's uid.
+    /// process's uid (the keeper needs no capability). The keeper, in turn, serves this process
+    /// only if it passes [`check_client`] (root with `CAP_SYS_ADMIN`); if not, its reason comes
+    /// back as the error of the first request.
     pub fn connect(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         let socket = connect_socket(&path).map_err(|e| {
@@ -1175,7 +1277,7 @@ impl KeeperClient {
                 format!("connecting to the keeper at {}: {e}", path.display()),
             )
         })?;
-        let cred = peer_credentials(socket.as_fd())?;
+        let cred = crate::pidfd::peer_credentials(socket.as_fd())?;
         // SAFETY: geteuid takes no arguments and cannot fail.
         let own_uid = unsafe { libc::geteuid() };
         if cred.uid != 0 && cred.uid != own_uid {
@@ -1512,6 +1614,77 @@ mod tests {
         assert!(check_socket_path(Path::new(&long))
             .unwrap_err()
             .contains("1 to 107 bytes"));
+    }
+
+    const HOST_UID_MAP: &str = "         0          0 4294967295\n";
+
+    fn status(cap_eff: &str) -> String {
+        format!("Name:\tvaultfs\nUid:\t0\t0\t0\t0\nCapPrm:\t000001ffffffffff\nCapEff:\t{cap_eff}\n")
+    }
+
+    #[test]
+    fn only_root_with_cap_sys_admin_in_the_keepers_user_namespace_is_served() {
+        let plugin = status("000001ffffffffff");
+        assert_eq!(
+            check_client_status(7, &plugin, HOST_UID_MAP, HOST_UID_MAP),
+            Ok(())
+        );
+        let just_sys_admin = status("0000000000200000");
+        assert_eq!(
+            check_client_status(7, &just_sys_admin, HOST_UID_MAP, HOST_UID_MAP),
+            Ok(())
+        );
+        let all_but_sys_admin = status("000001ffffdfffff");
+        let refused = check_client_status(7, &all_but_sys_admin, HOST_UID_MAP, HOST_UID_MAP);
+        assert_eq!(refused, Err(ClientRefusal::NoCapability { pid: 7 }));
+        let message = refused.unwrap_err().to_string();
+        assert!(
+            message.contains("pid 7") && message.contains("CAP_SYS_ADMIN"),
+            "{message}"
+        );
+        assert_eq!(
+            check_client_status(7, &status("0000000000000000"), HOST_UID_MAP, HOST_UID_MAP),
+            Err(ClientRefusal::NoCapability { pid: 7 })
+        );
+        // unshare(CLONE_NEWUSER) by a root without capabilities: every capability, in a
+        // namespace of its own with no map (or a one-uid map).
+        for uid_map in ["", "         0          0          1\n"] {
+            assert_eq!(
+                check_client_status(7, &plugin, uid_map, HOST_UID_MAP),
+                Err(ClientRefusal::UserNamespace { pid: 7 }),
+                "{uid_map:?}"
+            );
+        }
+        assert!(matches!(
+            check_client_status(7, "Name:\tx\n", HOST_UID_MAP, HOST_UID_MAP),
+            Err(ClientRefusal::Unchecked { .. })
+        ));
+    }
+
+    #[test]
+    fn a_client_not_root_or_out_of_sight_is_refused_before_its_process_is_read() {
+        let peer = |uid, pid| crate::pidfd::Peer {
+            uid,
+            pid,
+            process: Err(io::Error::from_raw_os_error(libc::EBADF)),
+        };
+        let refused = check_client(&peer(1000, 42), HOST_UID_MAP).unwrap_err();
+        assert_eq!(refused, ClientRefusal::NotRoot { uid: 1000, pid: 42 });
+        assert!(
+            refused.to_string().contains("uid 1000 (pid 42)"),
+            "{refused}"
+        );
+        let hidden = check_client(&peer(0, 0), HOST_UID_MAP).unwrap_err();
+        assert!(hidden.to_string().contains("hostPID: true"), "{hidden}");
+        let gone = crate::pidfd::Peer {
+            uid: 0,
+            pid: 42,
+            process: Err(io::Error::from_raw_os_error(libc::ESRCH)),
+        };
+        assert_eq!(
+            check_client(&gone, HOST_UID_MAP),
+            Err(ClientRefusal::Gone { pid: 42, uid: 0 })
+        );
     }
 
     #[test]

@@ -45,9 +45,12 @@ enum Command {
 
 #[derive(Args)]
 struct KeeperArgs {
-    /// Unix socket daemons hand connections over on (replaced if present; only root and this uid may use it).
+    /// Unix socket daemons hand connections over on (replaced if present; only root with CAP_SYS_ADMIN, as the plugin runs, may use it).
     #[arg(long, default_value = vaultfs::keeper::DEFAULT_SOCKET, value_name = "PATH")]
     socket: PathBuf,
+    /// Lock the keeper's memory so the tokens it holds are never swapped out (needs CAP_IPC_LOCK or an unlimited RLIMIT_MEMLOCK).
+    #[arg(long)]
+    lock_memory: bool,
     /// Log line format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -487,6 +490,9 @@ fn keeper(args: KeeperArgs) -> ExitCode {
     }
     init_logging(args.log_format);
     app::raise_descriptor_limit();
+    if let Err(e) = vaultfs::app::harden(args.lock_memory) {
+        return fail(args.log_format, &e);
+    }
     match vaultfs::keeper::run_keeper(&args.socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(args.log_format, &e),

@@ -1,7 +1,9 @@
 //! Reload signals (opt-in per volume): once a changed secret is served, tell the processes
 //! that use it by sending them a signal, at most once per change and per TTL. Owns signal
 //! names, the pod uid in `/proc/PID/cgroup` paths, finding a pod's processes by name and the
-//! debounce. Knows nothing of FUSE, Vault or gRPC; uses only `metrics` (and libc for kill).
+//! debounce. Knows nothing of FUSE, Vault or gRPC; uses only `metrics` and `pidfd` (a process
+//! is held by a pidfd before it is checked and signalled, so a pid reused since the scan is never
+//! signalled).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::pidfd::Pidfd;
 
 /// Changes that arrive this soon after the first are one signal (several files of a volume
 /// changed together are found one after the other).
@@ -166,20 +169,42 @@ pub fn pod_processes(proc_root: &Path, uid: &PodUid, name: &ProcessName) -> Vec<
     let mut found: Vec<i32> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| *pid > 1 && *pid != own)
-        .filter(|pid| {
-            let dir = proc_root.join(pid.to_string());
-            let named = std::fs::read_to_string(dir.join("comm"))
-                .is_ok_and(|comm| comm.strip_suffix('\n').unwrap_or(&comm) == name.as_str());
-            named
-                && std::fs::read_to_string(dir.join("cgroup")).is_ok_and(|cgroups| {
-                    cgroups
-                        .lines()
-                        .any(|l| pod_uid_in_cgroup_line(l).as_ref() == Some(uid))
-                })
-        })
+        .filter(|pid| is_pod_process(proc_root, *pid, uid, name))
         .collect();
     found.sort_unstable();
     found
+}
+
+/// Whether `proc_root/<pid>` is a process named `name` in pod `uid`'s cgroup.
+fn is_pod_process(proc_root: &Path, pid: i32, uid: &PodUid, name: &ProcessName) -> bool {
+    let dir = proc_root.join(pid.to_string());
+    let named = std::fs::read_to_string(dir.join("comm"))
+        .is_ok_and(|comm| comm.strip_suffix('\n').unwrap_or(&comm) == name.as_str());
+    named
+        && std::fs::read_to_string(dir.join("cgroup")).is_ok_and(|cgroups| {
+            cgroups
+                .lines()
+                .any(|l| pod_uid_in_cgroup_line(l).as_ref() == Some(uid))
+        })
+}
+
+/// The processes at `pids` (found by [`pod_processes`]) held by a pidfd and then found, again,
+/// named `name` in pod `uid`'s cgroup. A process that exited since the scan is not held; nor is
+/// one that now has another name (it ran another program) or another cgroup (its pid went to a
+/// process elsewhere). A pidfd signals only its own process, so a signal sent through one held
+/// here reaches a process that was the pod's when it was looked at after being held, or none.
+pub fn hold_pod_processes(
+    proc_root: &Path,
+    pids: &[i32],
+    uid: &PodUid,
+    name: &ProcessName,
+) -> Vec<Pidfd> {
+    pids.iter()
+        .filter_map(|&pid| {
+            let held = Pidfd::open(pid).ok()?;
+            is_pod_process(proc_root, pid, uid, name).then_some(held)
+        })
+        .collect()
 }
 
 /// Whom a volume's reload signal goes to.
@@ -248,12 +273,19 @@ impl Reloader {
         }
     }
 
-    /// Signals the target's processes now; returns how many were signalled.
+    /// Signals the target's processes now, each through a pidfd held before it was checked;
+    /// returns how many were signalled.
     pub fn send(&self) -> usize {
         let signal = self.config.signal;
-        let (pids, whom) = match &self.config.target {
+        let proc_root = Path::new("/proc");
+        let (held, whom) = match &self.config.target {
             Target::Pod { uid, process } => (
-                pod_processes(Path::new("/proc"), uid, process),
+                hold_pod_processes(
+                    proc_root,
+                    &pod_processes(proc_root, uid, process),
+                    uid,
+                    process,
+                ),
                 format!(
                     "process {} of pod {} (the plugin needs hostPID: true to see it)",
                     process.as_str(),
@@ -261,22 +293,27 @@ impl Reloader {
                 ),
             ),
             Target::PidFile(file) => (
-                read_pid_file(file).into_iter().collect(),
+                read_pid_file(file)
+                    .and_then(|pid| Pidfd::open(pid).ok())
+                    .into_iter()
+                    .collect(),
                 format!("the pid in {}", file.display()),
             ),
         };
         let own = std::process::id() as i32;
         let mut sent = 0;
-        for pid in pids.into_iter().filter(|p| *p > 1 && *p != own) {
-            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-            if unsafe { libc::kill(pid, signal.number()) } == 0 {
-                sent += 1;
-                self.metrics.reload_signal_sent(&self.volume);
-                tracing::info!(volume = %self.volume, %signal, pid, "secrets changed: reload signal sent");
-            } else {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() != Some(libc::ESRCH) {
-                    tracing::warn!(volume = %self.volume, %signal, pid, error = %err, "could not send the reload signal");
+        for process in held.iter().filter(|p| p.pid() > 1 && p.pid() != own) {
+            let pid = process.pid();
+            match process.send_signal(signal.number()) {
+                Ok(()) => {
+                    sent += 1;
+                    self.metrics.reload_signal_sent(&self.volume);
+                    tracing::info!(volume = %self.volume, %signal, pid, "secrets changed: reload signal sent");
+                }
+                // Exited since it was checked.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, %signal, pid, error = %e, "could not send the reload signal");
                 }
             }
         }
@@ -409,6 +446,53 @@ mod tests {
         std::fs::create_dir(proc_root.path().join("self")).unwrap();
         let name = "app-srv".parse().unwrap();
         assert_eq!(pod_processes(proc_root.path(), &uid(), &name), vec![20, 24]);
+    }
+
+    #[test]
+    fn a_process_that_changed_its_name_or_pod_since_the_scan_is_not_signalled() {
+        use std::os::unix::process::ExitStatusExt;
+        let proc_root = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("run sleep");
+        let pid = child.id() as i32;
+        // A stand-in /proc entry for the real process, so its name and cgroup can change.
+        let dir = proc_root.path().join(pid.to_string());
+        std::fs::create_dir(&dir).unwrap();
+        let in_pod = format!("0::/kubepods/besteffort/pod{UID}/0123abcd\n");
+        let set = |comm: &str, cgroup: &str| {
+            std::fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
+            std::fs::write(dir.join("cgroup"), cgroup).unwrap();
+        };
+        set("app-srv", &in_pod);
+        let name: ProcessName = "app-srv".parse().unwrap();
+        let scanned = pod_processes(proc_root.path(), &uid(), &name);
+        assert_eq!(scanned, vec![pid]);
+
+        // Between the scan and the signal it ran another program...
+        set("other-program", &in_pod);
+        assert!(hold_pod_processes(proc_root.path(), &scanned, &uid(), &name).is_empty());
+        // ... or its pid went to a process of another pod.
+        set(
+            "app-srv",
+            "0::/kubepods/besteffort/pod0f0c2d3e-4b5a-4697-8a8b-9c0d1e2f3a4b/2\n",
+        );
+        assert!(hold_pod_processes(proc_root.path(), &scanned, &uid(), &name).is_empty());
+        assert!(
+            matches!(child.try_wait(), Ok(None)),
+            "not signalled: still running"
+        );
+
+        // Unchanged, it is held, and the signal reaches it.
+        set("app-srv", &in_pod);
+        let held = hold_pod_processes(proc_root.path(), &scanned, &uid(), &name);
+        assert_eq!(held.len(), 1);
+        held[0].send_signal(libc::SIGTERM).unwrap();
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
+        // Gone (its pid free for anyone), the pidfd signals nothing.
+        let err = held[0].send_signal(libc::SIGTERM).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
     }
 
     #[tokio::test(start_paused = true)]

@@ -106,7 +106,34 @@ pub fn tune_allocator() {
 /// Locks all current and future memory so secret bytes are never swapped out. Pages are
 /// locked as they are touched (`MCL_ONFAULT`), so address space reserved but never used (each
 /// FUSE session's 16 MiB request buffer, thread stacks) does not become resident.
+///
+/// Without `CAP_IPC_LOCK`, the kernel counts all locked address space (reserved or not) against
+/// `RLIMIT_MEMLOCK` (8 MiB by default since Linux 5.16): `mlockall` fails if the process already
+/// maps more, and once locked every mapping past the limit fails, so a later allocation would
+/// abort the process. Without the capability, only an unlimited limit is therefore accepted;
+/// anything else is refused, naming the limit.
 pub fn lock_memory() -> io::Result<()> {
+    let capable = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| crate::pidfd::has_effective_capability(&s, crate::pidfd::CAP_IPC_LOCK))
+        .unwrap_or(false);
+    if !capable {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes a valid rlimit struct that lives for the call.
+        check(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) })?;
+        if limit.rlim_cur != libc::RLIM_INFINITY {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "without CAP_IPC_LOCK, all locked address space counts against RLIMIT_MEMLOCK ({} KiB here): locking fails once the process maps more, and an allocation past it would abort the process; grant CAP_IPC_LOCK (Kubernetes: securityContext.capabilities.add: [IPC_LOCK]) or set the limit to unlimited",
+                    limit.rlim_cur / 1024
+                ),
+            ));
+        }
+    }
     // SAFETY: mlockall takes only flags.
     check(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) })
 }

@@ -84,6 +84,34 @@ fn csi_refuses_bad_endpoints_and_missing_servers() {
 }
 
 #[test]
+#[ignore = "needs root: gives the state directory to another uid"]
+fn csi_refuses_a_state_directory_it_cannot_keep_private_in_one_line() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let state = root.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).expect("chown");
+    let state = state.to_str().expect("utf-8 path");
+    let endpoint = format!("unix://{}/csi.sock", root.path().display());
+    let out = vaultfs(&[
+        "csi",
+        "--node-id",
+        "n1",
+        "--endpoint",
+        &endpoint,
+        "--state-dir",
+        state,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        lines(&stderr),
+        [format!(
+            "vaultfs: --state-dir {state}: is owned by uid 65534, not by this daemon's uid 0, so it cannot be kept private (mode 0700): chown it or pick another directory"
+        )],
+    );
+}
+
+#[test]
 fn keeper_refuses_a_socket_path_too_long_for_a_unix_socket() {
     let long = format!("/tmp/{}/k.sock", "d".repeat(120));
     let out = vaultfs(&["keeper", "--socket", &long]);

@@ -790,6 +790,12 @@ fn the_keeper_survives_plugin_rollouts_and_shares_its_socket_with_the_plugin() {
         host_path(keeper_vol)
     );
 
+    // It sees the plugin's pid, to check the capabilities of whoever connects.
+    assert_eq!(
+        keeper_pod["hostPID"], true,
+        "the keeper reads its clients' /proc/<pid>/status: it needs the host's pid namespace"
+    );
+
     // It needs no privilege: no capabilities, no API access, one volume (its socket).
     let security = &keeper["securityContext"];
     assert_ne!(
@@ -808,20 +814,20 @@ fn the_keeper_survives_plugin_rollouts_and_shares_its_socket_with_the_plugin() {
 
 #[test]
 #[ignore = "needs kubectl and kubernetes-validate (installed by scripts/install-deps.sh)"]
-fn only_the_reload_signals_variant_shares_the_host_pid_namespace() {
+fn only_the_keeper_and_the_reload_signals_variants_plugin_share_the_host_pid_namespace() {
     for (dir, wanted) in [("deploy/base", false), ("deploy/reload-signals", true)] {
         let objs = rendered(dir);
         for (obj, pod) in pods(&objs) {
             let host_pid = pod["hostPID"] == true;
-            let plugin = vaultfs_containers(pod)
-                .into_iter()
-                .find(|(_, sub)| *sub == "csi");
+            let containers = vaultfs_containers(pod);
+            let plugin = containers.iter().find(|(_, sub)| *sub == "csi");
+            let is_keeper = containers.iter().any(|(_, sub)| *sub == "keeper");
             let allows = plugin.is_some_and(|(c, _)| Invocation::of(c).has("allow-reload-signals"));
             let is_plugin = plugin.is_some();
             assert_eq!(
                 host_pid,
-                wanted && is_plugin,
-                "{dir}: {} {}: hostPID only on the plugin of the reload-signals variant",
+                is_keeper || (wanted && is_plugin),
+                "{dir}: {} {}: hostPID only on the keeper and the plugin of the reload-signals variant",
                 kind(obj),
                 name(obj)
             );
@@ -1205,6 +1211,10 @@ fn helm_chart_lints_renders_and_passes_strict_validation() {
         assert_eq!(plugin_pod["hostPID"] == true, reload, "{what}: hostPID");
         assert_eq!(inv.has("allow-reload-signals"), reload, "{what}");
         let keeper = values["keeper"]["enabled"] != false;
+        if keeper {
+            let (_, keeper_pod, _) = workload_running(&objs, "keeper");
+            assert_eq!(keeper_pod["hostPID"], true, "{what}: the keeper's hostPID");
+        }
         assert_eq!(
             objs.iter().any(|o| name(o) == "vaultfs-keeper"),
             keeper,

@@ -1,7 +1,9 @@
-//! `vaultfs keeper` as the daemon will use it: the built binary on a socket in a tempdir,
-//! driven by `KeeperClient` (and by raw packets for what the client would never send). Pipes
-//! stand in for `/dev/fuse` descriptors: the keeper treats every descriptor alike. No root
-//! needed, except for the test that connects as another uid.
+//! `vaultfs keeper` as the daemon will use it: the built binary, run as `deploy/base` runs it
+//! (root without capabilities), on a socket in a tempdir, driven by `KeeperClient` (and by raw
+//! packets for what the client would never send). Pipes stand in for `/dev/fuse` descriptors:
+//! the keeper treats every descriptor alike. Every test needs root: the keeper serves only root
+//! with `CAP_SYS_ADMIN`. Attackers are `tests/common/keeper_peer.py` run as root without
+//! capabilities (`setpriv`).
 
 mod common;
 
@@ -32,11 +34,28 @@ struct Keeper {
 }
 
 impl Keeper {
-    /// Starts a keeper on `socket` and waits until it listens there.
+    /// Starts a keeper on `socket`, root without capabilities, and waits until it listens there.
     fn start(socket: &Path) -> Keeper {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vaultfs"))
+        Keeper::start_with(
+            common::without_capabilities(env!("CARGO_BIN_EXE_vaultfs")),
+            socket,
+            &[],
+        )
+    }
+
+    /// Starts `vaultfs keeper --socket SOCKET ARGS` as `command` (the binary, or a wrapper
+    /// that runs it) and waits until it listens.
+    fn start_with(mut command: Command, socket: &Path, args: &[&str]) -> Keeper {
+        let keeper = Keeper::spawn(&mut command, socket, args);
+        keeper.wait_for_log("keeper listening");
+        keeper
+    }
+
+    fn spawn(command: &mut Command, socket: &Path, args: &[&str]) -> Keeper {
+        let mut child = command
             .args(["keeper", "--socket"])
             .arg(socket)
+            .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -56,14 +75,12 @@ impl Keeper {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        let keeper = Keeper {
+        Keeper {
             child,
             exit: None,
             log,
             socket: socket.to_path_buf(),
-        };
-        keeper.wait_for_log("keeper listening");
-        keeper
+        }
     }
 
     fn logs(&self) -> String {
@@ -87,6 +104,18 @@ impl Keeper {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits for the keeper to exit on its own.
+    fn wait_exit(&mut self) -> ExitStatus {
+        let child = &mut self.child;
+        wait_until("the keeper to exit", LIMIT, || match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            other => Err(format!("{other:?}")),
+        });
+        let status = self.child.wait().expect("wait for the keeper");
+        self.exit = Some(status);
+        status
     }
 
     fn terminate(&mut self) -> ExitStatus {
@@ -132,7 +161,9 @@ fn socket_in(dir: &tempfile::TempDir) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn a_taken_descriptor_is_the_same_open_file_as_the_one_put() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let keeper = Keeper::start(&socket_in(&dir));
     let (reader, mut writer) = pipe();
@@ -166,7 +197,9 @@ fn a_taken_descriptor_is_the_same_open_file_as_the_one_put() {
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn wait_predecessor_blocks_while_the_owner_is_connected_and_returns_when_it_hangs_up() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let keeper = Keeper::start(&socket_in(&dir));
     let (reader, _writer) = pipe();
@@ -196,7 +229,9 @@ fn wait_predecessor_blocks_while_the_owner_is_connected_and_returns_when_it_hang
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn unserved_time_counts_from_the_owner_hanging_up_to_the_take() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let keeper = Keeper::start(&socket_in(&dir));
     let (reader, _writer) = pipe();
@@ -226,7 +261,9 @@ fn unserved_time_counts_from_the_owner_hanging_up_to_the_take() {
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn a_put_replaces_an_earlier_connection_of_the_same_name_and_closes_it() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let keeper = Keeper::start(&socket_in(&dir));
     let client = keeper.client();
@@ -251,7 +288,9 @@ fn a_put_replaces_an_earlier_connection_of_the_same_name_and_closes_it() {
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn release_closes_the_keepers_duplicate() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let keeper = Keeper::start(&socket_in(&dir));
     let client = keeper.client();
@@ -335,7 +374,9 @@ fn sockaddr(path: &Path) -> (libc::sockaddr_un, libc::socklen_t) {
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn malformed_messages_get_an_error_and_the_keeper_keeps_serving() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let keeper = Keeper::start(&socket_in(&dir));
     let (reader, _writer) = pipe();
@@ -384,7 +425,9 @@ fn malformed_messages_get_an_error_and_the_keeper_keeps_serving() {
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn a_client_past_the_limit_is_told_so_and_the_others_are_served() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let keeper = Keeper::start(&socket_in(&dir));
     let clients: Vec<KeeperClient> = (0..vaultfs::keeper::MAX_CLIENTS)
@@ -408,7 +451,9 @@ fn a_client_past_the_limit_is_told_so_and_the_others_are_served() {
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn a_new_keeper_takes_the_path_over_and_the_daemon_hands_its_connections_to_it() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
     let mut old = Keeper::start(&socket);
@@ -418,7 +463,7 @@ fn a_new_keeper_takes_the_path_over_and_the_daemon_hands_its_connections_to_it()
     link.put("node", b"init", reader.as_fd()).unwrap();
 
     let new = Keeper::start(&socket);
-    new.wait_for_log("another keeper answers on this socket; taking the path over");
+    new.wait_for_log("taking the socket path over");
     let (tx, rx) = mpsc::channel();
     let waiting = link.clone();
     thread::spawn(move || {
@@ -459,7 +504,9 @@ fn a_new_keeper_takes_the_path_over_and_the_daemon_hands_its_connections_to_it()
 }
 
 #[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN"]
 fn the_keeper_holds_no_file_on_disk_besides_its_socket() {
+    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
     let keeper = Keeper::start(&socket);
@@ -554,4 +601,257 @@ fn a_client_of_another_uid_is_refused() {
         keeper.logs()
     );
     keeper.wait_for_log("refused a client: uid 65534");
+}
+
+/// `tests/common/keeper_peer.py MODE ARG [REQUEST...]`, as root without capabilities unless
+/// `capabilities`: one JSON object per attempt.
+fn peer(mode: &str, arg: &str, requests: &[&str], capabilities: bool) -> Vec<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/keeper_peer.py");
+    let mut command = if capabilities {
+        Command::new("python3")
+    } else {
+        common::without_capabilities("python3")
+    };
+    let output = command
+        .arg(script)
+        .args([mode, arg])
+        .args(requests)
+        .output()
+        .expect("run python3 tests/common/keeper_peer.py (and setpriv, util-linux)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "keeper_peer.py {mode} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// A keeper holding a connection (a pipe) and a stashed record, put there by this test
+/// process (root with every capability, as the plugin runs).
+struct Victim {
+    keeper: Keeper,
+    /// The daemon that put them, still connected.
+    _owner: KeeperClient,
+    file: (u64, u64),
+    _writer: PipeWriter,
+    _dir: tempfile::TempDir,
+}
+
+const RECORD: &str = r#"{"token":"s.victims-token"}"#;
+
+impl Victim {
+    fn start() -> Victim {
+        let dir = tempfile::tempdir().unwrap();
+        let keeper = Keeper::start(&socket_in(&dir));
+        let (reader, writer) = pipe();
+        let owner = keeper.client();
+        owner.put("node", b"init", reader.as_fd()).unwrap();
+        owner
+            .stash("victim", &vaultfs::keeper::Sealed::new(RECORD.into()))
+            .unwrap();
+        Victim {
+            file: identity(&reader),
+            keeper,
+            _owner: owner,
+            _writer: writer,
+            _dir: dir,
+        }
+    }
+
+    fn socket(&self) -> &str {
+        self.keeper.socket.to_str().unwrap()
+    }
+
+    /// What the keeper held before the attack, it still holds: the same connection, the same
+    /// record.
+    fn still_intact(&self) {
+        let successor = self.keeper.client();
+        let taken = successor.take().unwrap();
+        assert_eq!(taken.len(), 1, "the connection is still held");
+        assert_eq!(identity(&taken[0].fd), self.file);
+        let record = successor.unstash("victim").unwrap().expect("still stashed");
+        assert_eq!(record.expose(), RECORD);
+    }
+}
+
+/// Every reply `attempts` got, asserting each attempt got exactly one, an error containing
+/// `expected`, no descriptor, and was then disconnected.
+fn assert_refused(attempts: &[serde_json::Value], expected: &str) {
+    assert_eq!(attempts.len(), 7, "every request was tried: {attempts:?}");
+    for a in attempts {
+        let replies = a["replies"].as_array().unwrap();
+        assert_eq!(replies.len(), 1, "one reply, then the hang-up: {a}");
+        assert_eq!(replies[0]["type"], "error", "{a}");
+        let message = replies[0]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{a}");
+        assert!(
+            message.contains(&format!("pid {} (uid 0)", a["pid"])),
+            "{a}"
+        );
+        assert_eq!(a["descriptors"], 0, "{a}");
+        assert!(a.get("timeout").is_none(), "the keeper hung up: {a}");
+        assert!(!a.to_string().contains("victims-token"), "{a}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN; setpriv, python3"]
+fn a_root_process_without_capabilities_is_refused_every_request_and_changes_nothing() {
+    common::require_root();
+    let victim = Victim::start();
+    let attempts = peer("requests", victim.socket(), &[], false);
+    assert_eq!(attempts[0]["cap_eff"], "0000000000000000");
+    assert_refused(
+        &attempts,
+        "its effective capabilities lack CAP_SYS_ADMIN, which the plugin holds",
+    );
+    let pid = &attempts[0]["pid"];
+    victim.keeper.wait_for_log(&format!(
+        "refused a client: pid {pid} (uid 0) may not use the keeper"
+    ));
+    let logs = victim.keeper.logs();
+    assert!(
+        logs.contains(&format!("pid={pid} uid=0 missing=\"CAP_SYS_ADMIN\"")),
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("refused a client").count(),
+        1,
+        "seven refusals within the log window: one line\n{logs}"
+    );
+    victim.still_intact();
+
+    // The same script, with the capabilities the plugin holds, is served: the refusals above
+    // are the keeper's doing, not the script's.
+    let served = peer("requests", victim.socket(), &["take", "unstash"], true);
+    assert_eq!(served[0]["replies"][0]["type"], "held", "{served:?}");
+    assert_eq!(served[0]["descriptors"], 1, "{served:?}");
+    assert_eq!(served[1]["replies"][0]["type"], "stashed", "{served:?}");
+}
+
+#[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN; setpriv, python3"]
+fn capabilities_a_root_process_gave_itself_in_a_user_namespace_do_not_count() {
+    common::require_root();
+    let victim = Victim::start();
+    let attempts = peer("userns", victim.socket(), &[], false);
+    assert_eq!(
+        attempts[0]["cap_eff"], "000001ffffffffff",
+        "unshare(CLONE_NEWUSER) gave every capability, there"
+    );
+    assert_refused(
+        &attempts,
+        "it runs in a user namespace other than the keeper's",
+    );
+    victim.keeper.wait_for_log(&format!(
+        "pid={} uid=0 missing=\"CAP_SYS_ADMIN in the keeper's user namespace\"",
+        attempts[0]["pid"]
+    ));
+    victim.still_intact();
+}
+
+#[test]
+#[ignore = "needs root: reads another root process's memory; setpriv, python3"]
+fn a_root_process_without_capabilities_cannot_read_the_keepers_memory_and_it_dumps_no_core() {
+    common::require_root();
+    let victim = Victim::start();
+    let keeper = victim.keeper.pid().to_string();
+    let limits = std::fs::read_to_string(format!("/proc/{keeper}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit");
+    eprintln!("keeper {core}");
+    assert_eq!(
+        core.split_whitespace().collect::<Vec<_>>()[4..6],
+        ["0", "0"],
+        "soft and hard core limits: {core}"
+    );
+    let read = peer("mem", &keeper, &[], false);
+    assert_eq!(
+        read[0]["open"], "EACCES",
+        "the keeper is not dumpable: {read:?}"
+    );
+
+    // The same process reads a dumpable process of root without capabilities (the keeper
+    // before this change): the refusal above is the keeper's doing.
+    let mut dumpable = common::without_capabilities("sleep")
+        .arg("60")
+        .spawn()
+        .expect("run sleep under setpriv");
+    let control = peer("mem", &dumpable.id().to_string(), &[], false);
+    let _ = dumpable.kill();
+    let _ = dumpable.wait();
+    assert_eq!(control[0]["open"], "ok", "{control:?}");
+    assert_eq!(control[0]["read_bytes"], 4096, "{control:?}");
+}
+
+#[test]
+#[ignore = "needs root: the keeper serves only root with CAP_SYS_ADMIN; unshare"]
+fn a_client_the_keeper_cannot_see_is_refused_naming_host_pid() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // The keeper in a pid namespace of its own, as in a pod without hostPID: the test process
+    // (every capability) is out of its sight.
+    let mut command = Command::new("unshare");
+    command
+        .args(["--pid", "--fork", "--kill-child=SIGTERM", "setpriv"])
+        .args(common::NO_CAPABILITIES)
+        .arg(env!("CARGO_BIN_EXE_vaultfs"));
+    let keeper = Keeper::start_with(command, &socket_in(&dir), &[]);
+    let err = keeper.client().take().unwrap_err().to_string();
+    assert!(
+        err.contains("in a pid namespace the keeper cannot see") && err.contains("hostPID: true"),
+        "{err}"
+    );
+    keeper.wait_for_log("refused a client: a client (uid 0) in a pid namespace");
+}
+
+#[test]
+#[ignore = "needs root: runs the keeper with and without CAP_IPC_LOCK (setpriv)"]
+fn lock_memory_needs_cap_ipc_lock_or_an_unlimited_memlock_and_then_locks() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let mut refused = Keeper::spawn(
+        &mut common::without_capabilities(env!("CARGO_BIN_EXE_vaultfs")),
+        &socket_in(&dir),
+        &["--lock-memory"],
+    );
+    let status = refused.wait_exit();
+    refused.wait_for_log("locking memory (--lock-memory): without CAP_IPC_LOCK");
+    assert_eq!(status.code(), Some(1), "{}", refused.logs());
+    assert!(
+        refused.logs().contains("RLIMIT_MEMLOCK"),
+        "{}",
+        refused.logs()
+    );
+    assert!(!socket_in(&dir).exists(), "it refused before listening");
+
+    let mut ipc_lock = Command::new("setpriv");
+    ipc_lock
+        .args([
+            "--inh-caps=-all,+ipc_lock",
+            "--ambient-caps=-all,+ipc_lock",
+            "--bounding-set=-all,+ipc_lock",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_vaultfs"));
+    let keeper = Keeper::start_with(ipc_lock, &socket_in(&dir), &["--lock-memory"]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", keeper.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+    };
+    let (locked, resident) = (field("VmLck:"), field("VmRSS:"));
+    eprintln!("keeper with --lock-memory and CAP_IPC_LOCK: VmLck {locked} kB, VmRSS {resident} kB");
+    assert!(locked >= resident, "every resident page is locked");
+    assert!(keeper.client().take().unwrap().is_empty(), "and it serves");
 }

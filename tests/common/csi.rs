@@ -457,8 +457,8 @@ impl DerefMut for CsiDaemon {
 // The keeper
 // ---------------------------------------------------------------------------------------------
 
-/// A running `vaultfs keeper --socket PATH`: holds a duplicate of the node daemon's FUSE
-/// connection, so the mounts outlive the daemon. Its output goes to `keeper-<n>.log` beside
+/// A running `vaultfs keeper --socket PATH`, root without capabilities as in `deploy/base`:
+/// holds a duplicate of the node daemon's FUSE connection, so the mounts outlive the daemon. Its output goes to `keeper-<n>.log` beside
 /// the socket. On drop it gets SIGTERM (then SIGKILL after 10 s); it also gets SIGTERM if the
 /// test process dies; after [`Process::kill`] the connections it held are closed with it.
 /// [`Process`] gives its pid, logs and stops.
@@ -483,7 +483,8 @@ impl Keeper {
                 .map(|m| (m.dev(), m.ino()))
         };
         let before = identity(socket);
-        let mut cmd = Command::new(vaultfs_bin());
+        // As deploy/base runs it: root without capabilities.
+        let mut cmd = super::without_capabilities(vaultfs_bin());
         cmd.arg("keeper").arg("--socket").arg(socket);
         let mut keeper = Keeper {
             process: Process::spawn("vaultfs keeper", cmd, log_path, "debug"),

@@ -69,6 +69,23 @@ const VAULT_ENV: &[&str] = &[
 // Small utilities
 // ---------------------------------------------------------------------------------------------
 
+/// `setpriv` arguments that run a program as the same uid with no capabilities at all (none
+/// effective, permitted, inheritable, ambient or in the bounding set): a root process without
+/// capabilities, as `vaultfs keeper` runs in `deploy/base` and as an attacker's container may.
+pub const NO_CAPABILITIES: [&str; 4] = [
+    "--inh-caps=-all",
+    "--ambient-caps=-all",
+    "--bounding-set=-all",
+    "--",
+];
+
+/// `program` run through `setpriv` with [`NO_CAPABILITIES`] (util-linux).
+pub fn without_capabilities(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(NO_CAPABILITIES).arg(program);
+    cmd
+}
+
 /// Panics with a clear message unless the tests run as root (FUSE mounts need it).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
