@@ -310,14 +310,23 @@ async fn open_quarantine(settings: &CsiSettings, metrics: &Metrics) -> Option<Ar
     }
 }
 
-/// Creates `dir` if missing, owner-only (only the daemon goes there: pods see bind mounts),
-/// and returns it resolved. An existing directory keeps its mode.
-fn create_private_dir(dir: &std::path::Path) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+/// Makes the connections directory `dir` owner-only, as `make_dir_private` does, when it holds
+/// nothing but the connections' mount points (a hostPath kubelet created 0755, say); a directory
+/// holding anything else is left as it is, with a warning when others may enter it. Returns it
+/// resolved, as the mount table shows it.
+fn make_connections_dir_private(dir: &std::path::Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let ours = |name: &std::ffi::OsStr| {
+        let name = name.to_string_lossy();
+        name == crate::csi::SESSION_DIR || name == format!("{}-cached", crate::csi::SESSION_DIR)
+    };
+    let only_ours = std::fs::read_dir(dir)?.all(|e| e.is_ok_and(|e| ours(&e.file_name())));
+    if only_ours {
+        crate::csi::make_dir_private(dir, "the connections directory (every volume's files)")?;
+    } else if std::fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), "--connections-dir holds other files and others may enter it: left as it is; give vaultfs a directory of its own");
+    }
     std::fs::canonicalize(dir)
 }
 
@@ -343,8 +352,11 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     // Before taking over or recovering any mount: a port in use fails at once.
     let metrics_listener =
         bind_metrics(settings.metrics_addr, settings.max_metrics_connections).await?;
-    crate::csi::make_state_dir_private(&settings.state_dir)
-        .with_context(|| format!("--state-dir {}", settings.state_dir.display()))?;
+    crate::csi::make_dir_private(
+        &settings.state_dir,
+        "the state directory (service-account tokens)",
+    )
+    .with_context(|| format!("--state-dir {}", settings.state_dir.display()))?;
     if !crate::sys::is_tmpfs(&settings.state_dir) {
         tracing::warn!(
             state_dir = %settings.state_dir.display(),
@@ -354,7 +366,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     // Before anything is served: the volumes the previous daemons died with.
     let quarantine = open_quarantine(&settings, &metrics).await;
     // Resolved, so that the mount table (which shows resolved paths) finds the mounts there.
-    let connections_dir = create_private_dir(&settings.connections_dir)
+    let connections_dir = make_connections_dir_private(&settings.connections_dir)
         .with_context(|| format!("--connections-dir {}", settings.connections_dir.display()))?;
     let socket = crate::csi::socket_path(&settings.endpoint)
         .map_err(anyhow::Error::msg)?

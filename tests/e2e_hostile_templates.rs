@@ -48,12 +48,17 @@ fn quoted(text: &str) -> String {
     serde_json::to_string(text).expect("a string")
 }
 
-/// OpenBao with JWT logins for `ns/app`, the secret, a node with a keeper and a daemon.
+/// The secret, a keeper and a daemon under a descriptor limit of 1,024, on `node`.
 fn set_up(node: &CsiNode, bao: &Bao) -> (Keeper, CsiDaemon) {
     bao.kv_put("secret/app/db", &[("password", PASSWORD)]);
     let keeper = Keeper::start(&node.keeper_socket_path());
     let metrics = format!("127.0.0.1:{}", free_port());
-    let daemon = node.daemon(bao).with_keeper(&metrics).start();
+    // As containerd starts it: 1,024 descriptors, soft and hard.
+    let daemon = node
+        .daemon(bao)
+        .with_keeper(&metrics)
+        .open_files_limit(1024)
+        .start();
     (keeper, daemon)
 }
 

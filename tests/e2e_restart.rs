@@ -782,6 +782,13 @@ fn daemons_in_containers_of_their_own_publish_new_volumes_after_every_takeover()
     let mut plugin = Plugin::start_in_container(&node, &bao, &extra);
     let first = publish_as(&node, &key, &plugin, "app-first", &[]);
     wait_until_keeper_holds(&keeper, &node, "after the first publish");
+    // Created 0755 (as kubelet creates a hostPath): the daemon keeps it to itself.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(node.connections_dir())
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o700, "mode of --connections-dir");
     let mut readers = start_readers(&node, &first, &[V1]);
     let mut published = vec![first];
 

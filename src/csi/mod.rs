@@ -19,7 +19,7 @@ mod state;
 pub mod volumes;
 
 pub use request::{Capability, CsiError, PublishRequest, ATTRIBUTES, TOKENS};
-pub use state::make_state_dir_private;
+pub use state::make_dir_private;
 pub use volumes::{Connect, VolumeManager};
 
 use crate::source::vault::VaultServer;

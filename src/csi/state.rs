@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use super::request::{Capability, Params, PublishRequest, TOKENS};
 use crate::fuse::Slot;
 
-/// Makes `dir`, the state directory, owner-only: creates it (and missing parents) with mode
-/// 0700, or sets an existing one to 0700 and logs that it did. Refuses, saying why, a
-/// directory owned by another uid (this daemon could not keep it private) or one whose mode
-/// cannot be changed. A symbolic link is followed: the directory it names is made private.
-pub fn make_state_dir_private(dir: &Path) -> std::io::Result<()> {
+/// Makes `dir` owner-only: creates it (and missing parents) with mode 0700, or sets an existing
+/// one to 0700 and logs that it did (`what` names the directory and what it holds). Refuses,
+/// saying why, a directory owned by another uid (this daemon could not keep it private) or one
+/// whose mode cannot be changed. A symbolic link is followed: the directory it names is made
+/// private.
+pub fn make_dir_private(dir: &Path, what: &str) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -53,9 +54,9 @@ pub fn make_state_dir_private(dir: &Path) -> std::io::Result<()> {
                 )
             })?;
         tracing::warn!(
-            state_dir = %dir.display(),
+            dir = %dir.display(),
             was = %format!("{mode:04o}"),
-            "the state directory (service-account tokens) was open to others; set its mode to 0700"
+            "{what} was open to others; set its mode to 0700"
         );
     }
     Ok(())
@@ -230,7 +231,7 @@ mod tests {
     fn a_missing_state_directory_is_created_owner_only() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("run").join("vaultfs");
-        make_state_dir_private(&dir).unwrap();
+        make_dir_private(&dir, "the state directory").unwrap();
         assert_eq!(mode(&dir), 0o700);
     }
 
@@ -241,7 +242,7 @@ mod tests {
             let dir = root.path().join(name);
             std::fs::create_dir(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(was)).unwrap();
-            make_state_dir_private(&dir).unwrap();
+            make_dir_private(&dir, "the state directory").unwrap();
             assert_eq!(mode(&dir), 0o700, "was {was:o}");
         }
         let link = root.path().join("link");
@@ -251,7 +252,7 @@ mod tests {
             std::fs::Permissions::from_mode(0o755),
         )
         .unwrap();
-        make_state_dir_private(&link).unwrap();
+        make_dir_private(&link, "the state directory").unwrap();
         assert_eq!(mode(&root.path().join("a")), 0o700, "through a link");
     }
 
@@ -260,7 +261,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let file = root.path().join("f");
         std::fs::write(&file, "").unwrap();
-        let err = make_state_dir_private(&file).unwrap_err();
+        let err = make_dir_private(&file, "the state directory").unwrap_err();
         assert_eq!(err.to_string(), "is not a directory");
     }
 
@@ -272,7 +273,9 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
-        let err = make_state_dir_private(&dir).unwrap_err().to_string();
+        let err = make_dir_private(&dir, "the state directory")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("is owned by uid 65534, not by this daemon's uid 0")
                 && err.contains("cannot be kept private"),
