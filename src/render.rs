@@ -253,7 +253,8 @@ impl Worker {
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            // The daemon says why a worker stopped, in its own log format.
+            .stderr(Stdio::null());
         // SAFETY: only async-signal-safe calls (setrlimit, prctl) between fork and exec.
         unsafe {
             command.pre_exec(move || {
