@@ -182,9 +182,10 @@ impl From<RenderError> for FsError {
                 "reads more than {} secrets (stopped at {p})",
                 template::MAX_SECRETS
             )),
-            RenderError::BadPath(m) | RenderError::Limit(m) | RenderError::Failed(m) => {
-                FsError::TemplateFailed(m)
-            }
+            RenderError::BadPath(m)
+            | RenderError::Limit(m)
+            | RenderError::Failed(m)
+            | RenderError::Unavailable(m) => FsError::TemplateFailed(m),
         }
     }
 }
@@ -682,7 +683,7 @@ impl<S: SecretSource> VaultFs<S> {
             }
             let given = have
                 .iter()
-                .map(|(p, c)| (p.clone(), c.fetched.data.clone()))
+                .map(|(p, c)| (p.clone(), c.clone() as crate::render::Input))
                 .collect();
             let rendered = t.noted(
                 crate::render::pool()
@@ -706,6 +707,8 @@ impl<S: SecretSource> VaultFs<S> {
                         .collect();
                     (Ok(SecretBytes::new(std::mem::take(&mut *bytes))), sources)
                 }
+                // Nothing learnt about the template: not kept, the next read renders again.
+                Err(err @ RenderError::Unavailable(_)) => return Err(FsError::from(err)),
                 Err(err) => (Err(FsError::from(err)), have),
             };
             let newest = sources.iter().map(|(_, c)| c.changed_at).max();

@@ -40,7 +40,14 @@ enum Command {
     Keeper(KeeperArgs),
     /// Render templates sent on stdin (started by the daemon, under its memory limit).
     #[command(hide = true)]
-    RenderWorker,
+    RenderWorker(RenderWorkerArgs),
+}
+
+#[derive(Args)]
+struct RenderWorkerArgs {
+    /// Lock the worker's memory (the daemon runs with --lock-memory).
+    #[arg(long)]
+    lock_memory: bool,
 }
 
 #[derive(Args)]
@@ -256,9 +263,9 @@ impl DaemonArgs {
             workers: self.render_workers,
             exe: Some(PathBuf::from("/proc/self/exe")),
             memory: self.render_memory,
+            lock_memory: self.lock_memory,
             ..Default::default()
-        });
-        Ok(())
+        })
     }
 
     fn server_limits(&self) -> Result<ServerLimits, String> {
@@ -473,7 +480,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount(args),
         Command::Csi(args) => csi(args),
         Command::Keeper(args) => keeper(args),
-        Command::RenderWorker => match vaultfs::render::worker_main() {
+        Command::RenderWorker(args) => match vaultfs::render::worker_main(args.lock_memory) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vaultfs render-worker: {e}");

@@ -44,6 +44,8 @@ pub struct RenderConfig {
     pub memory: u64,
     /// Longest a rendering may take before its worker is stopped.
     pub deadline: Duration,
+    /// Workers lock their memory (`--lock-memory`): they hold the secrets they render.
+    pub lock_memory: bool,
 }
 
 /// Defaults: two workers (one volume cannot hold more than one), 128 MiB each.
@@ -58,16 +60,26 @@ impl Default for RenderConfig {
             exe: None,
             memory: DEFAULT_WORKER_MEMORY,
             deadline: DEFAULT_DEADLINE,
+            lock_memory: false,
         }
     }
 }
 
 static POOL: OnceLock<RenderPool> = OnceLock::new();
 
-/// Sets up the process's pool; `false` if one was set up (or used) already.
-pub fn configure(config: RenderConfig) -> bool {
-    POOL.set(RenderPool::start(config)).is_ok()
+/// Sets up the process's pool. Fails when no render thread could be started, or when a pool
+/// was set up (or used) already.
+pub fn configure(config: RenderConfig) -> Result<(), String> {
+    let pool = RenderPool::start(config);
+    if pool.threads == 0 {
+        return Err("no template render thread could be started".to_string());
+    }
+    POOL.set(pool)
+        .map_err(|_| "the template render pool was set up already".to_string())
 }
+
+/// A secret a rendering reads, shared with the cache (never copied into the queue).
+pub type Input = Arc<dyn AsRef<SecretData> + Send + Sync>;
 
 /// The process's pool (rendering in this process unless `configure` said otherwise).
 pub fn pool() -> &'static RenderPool {
@@ -77,6 +89,7 @@ pub fn pool() -> &'static RenderPool {
 /// A pool of renderers with a queue fair across volumes.
 pub struct RenderPool {
     shared: Arc<Shared>,
+    threads: usize,
 }
 
 struct Shared {
@@ -87,8 +100,17 @@ struct Shared {
 
 struct Job {
     source: Arc<str>,
-    given: Vec<(SecretPath, SecretData)>,
+    given: Vec<(SecretPath, Input)>,
     reply: oneshot::Sender<Rendered>,
+}
+
+impl Job {
+    fn given(&self) -> Vec<(SecretPath, &SecretData)> {
+        self.given
+            .iter()
+            .map(|(p, d)| (p.clone(), (**d).as_ref()))
+            .collect()
+    }
 }
 
 /// The queues: one per volume, served round-robin, one running rendering per volume.
@@ -139,16 +161,18 @@ impl RenderPool {
             sched: Mutex::new(Sched::default()),
             work: Condvar::new(),
         });
+        let mut threads = 0;
         for i in 0..shared.config.workers.max(1) {
             let shared = shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vaultfs-render-{i}"))
                 .spawn(move || shared.serve());
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a template render thread");
+            match spawned {
+                Ok(_) => threads += 1,
+                Err(e) => tracing::error!(error = %e, "cannot start a template render thread"),
             }
         }
-        RenderPool { shared }
+        RenderPool { shared, threads }
     }
 
     /// Renders the template `source` over `given` for volume `volume` (any number unique to
@@ -157,7 +181,7 @@ impl RenderPool {
         &self,
         volume: u64,
         source: Arc<str>,
-        given: Vec<(SecretPath, SecretData)>,
+        given: Vec<(SecretPath, Input)>,
     ) -> Rendered {
         let (reply, answer) = oneshot::channel();
         self.shared.sched.lock().push(
@@ -170,7 +194,7 @@ impl RenderPool {
         );
         self.shared.work.notify_one();
         answer.await.unwrap_or_else(|_| {
-            Rendered::failed(RenderError::Limit(
+            Rendered::failed(RenderError::Unavailable(
                 "the template render thread stopped".to_string(),
             ))
         })
@@ -192,49 +216,81 @@ impl Shared {
                     self.work.wait(&mut sched);
                 }
             };
+            // Frees the volume however the job ends (a panic included).
+            let _free = Free {
+                shared: self,
+                volume,
+            };
             let rendered = match &self.config.exe {
-                None => {
-                    let given: Vec<(SecretPath, &SecretData)> =
-                        job.given.iter().map(|(p, d)| (p.clone(), d)).collect();
-                    template::render_source(&job.source, &given)
-                }
+                None => template::render_source(&job.source, &job.given()),
                 Some(exe) => self.in_worker(&mut worker, exe, &job),
             };
             let _ = job.reply.send(rendered);
-            self.sched.lock().busy.remove(&volume);
-            // Another thread may be waiting for this volume's next job.
-            self.work.notify_all();
         }
     }
 
     fn in_worker(&self, worker: &mut Option<Worker>, exe: &PathBuf, job: &Job) -> Rendered {
         if worker.is_none() {
-            match Worker::spawn(exe, self.config.memory) {
+            match Worker::spawn(exe, &self.config) {
                 Ok(w) => *worker = Some(w),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start a template render worker");
-                    return Rendered::failed(RenderError::Limit(format!(
+                    return Rendered::failed(RenderError::Unavailable(format!(
                         "no render worker could be started: {e}"
                     )));
                 }
             }
         }
         let w = worker.as_mut().expect("started above");
-        match w.render(job, self.config.deadline) {
-            Ok(rendered) => rendered,
-            Err(e) => {
-                let w = worker.take().expect("present");
-                let why = w.stop();
-                let memory = self.config.memory >> 20;
-                tracing::warn!(error = %e, worker = %why, "a template render worker stopped; a new one serves the next rendering");
+        let Err(e) = w.render(job, self.config.deadline) else {
+            return w.last.take().expect("set by a successful render");
+        };
+        let ended = worker.take().expect("present").stop();
+        tracing::warn!(error = %e, worker = %ended.text, "a template render worker stopped; a new one serves the next rendering");
+        let memory = self.config.memory >> 20;
+        if e.kind() == io::ErrorKind::TimedOut {
+            // Stopped by us: a slow machine is no verdict on the template.
+            return Rendered::failed(RenderError::Unavailable(format!(
+                "the rendering took longer than {:?}; its worker was stopped",
+                self.config.deadline
+            )));
+        }
+        match ended.signal {
+            // Killed by a failed allocation (abort), the address-space limit (SIGSEGV on a stack
+            // or mapping that could not grow) or the OOM killer: the template's own doing.
+            Some(libc::SIGABRT | libc::SIGSEGV | libc::SIGBUS | libc::SIGKILL) => {
                 Rendered::failed(RenderError::Limit(format!(
-                    "the rendering stopped its worker process ({why}): it needed more than the \
-                     worker's {memory} MiB of memory (--render-memory) or {:?}",
-                    self.config.deadline
+                    "the rendering stopped its worker process ({}): it needed more than the \
+                     worker's {memory} MiB of memory (--render-memory)",
+                    ended.text
                 )))
             }
+            _ => Rendered::failed(RenderError::Unavailable(format!(
+                "the render worker failed ({}): {e}",
+                ended.text
+            ))),
         }
     }
+}
+
+/// Marks a volume free again in the queue when dropped, and wakes the render threads.
+struct Free<'a> {
+    shared: &'a Shared,
+    volume: u64,
+}
+
+impl Drop for Free<'_> {
+    fn drop(&mut self) {
+        self.shared.sched.lock().busy.remove(&self.volume);
+        // Another thread may be waiting for this volume's next job.
+        self.shared.work.notify_all();
+    }
+}
+
+/// How a worker ended.
+struct Ended {
+    signal: Option<i32>,
+    text: String,
 }
 
 /// A `vaultfs render-worker` process and its pipes.
@@ -242,14 +298,30 @@ struct Worker {
     child: Child,
     to: ChildStdin,
     from: ChildStdout,
+    /// The last rendering read back.
+    last: Option<Rendered>,
 }
 
 impl Worker {
-    fn spawn(exe: &PathBuf, memory: u64) -> io::Result<Worker> {
+    fn spawn(exe: &PathBuf, config: &RenderConfig) -> io::Result<Worker> {
         use std::os::unix::process::CommandExt;
+        // Never above the limit this process already has (an unprivileged user cannot raise it).
+        let mut own = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one valid rlimit struct.
+        let memory = if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut own) } == 0 {
+            config.memory.min(own.rlim_max)
+        } else {
+            config.memory
+        };
         let mut command = Command::new(exe);
+        command.arg(WORKER_COMMAND);
+        if config.lock_memory {
+            command.arg("--lock-memory");
+        }
         command
-            .arg(WORKER_COMMAND)
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -279,35 +351,45 @@ impl Worker {
         let mut child = command.spawn()?;
         let to = child.stdin.take().expect("piped");
         let from = child.stdout.take().expect("piped");
-        Ok(Worker { child, to, from })
+        Ok(Worker {
+            child,
+            to,
+            from,
+            last: None,
+        })
     }
 
-    fn render(&mut self, job: &Job, deadline: Duration) -> io::Result<Rendered> {
-        let given: Vec<(SecretPath, &SecretData)> =
-            job.given.iter().map(|(p, d)| (p.clone(), d)).collect();
-        write_request(&mut self.to, &job.source, &given)?;
+    /// Sends `job` and reads its rendering into `last`.
+    fn render(&mut self, job: &Job, deadline: Duration) -> io::Result<()> {
+        write_request(&mut self.to, &job.source, &job.given())?;
         let until = Instant::now() + deadline;
         let mut reader = Deadline {
             inner: &mut self.from,
             until,
         };
-        read_response(&mut reader)
+        self.last = Some(read_response(&mut reader)?);
+        Ok(())
     }
 
     /// Kills and reaps the worker; says how it ended.
-    fn stop(mut self) -> String {
+    fn stop(mut self) -> Ended {
         let _ = self.child.kill();
         match self.child.wait() {
             Ok(status) => {
                 use std::os::unix::process::ExitStatusExt;
-                match (status.code(), status.signal()) {
+                let signal = status.signal();
+                let text = match (status.code(), signal) {
                     (Some(c), _) => format!("exit code {c}"),
                     (None, Some(libc::SIGABRT)) => "aborted: an allocation failed".to_string(),
                     (None, Some(s)) => format!("signal {s}"),
                     _ => status.to_string(),
-                }
+                };
+                Ended { signal, text }
             }
-            Err(e) => format!("not reaped: {e}"),
+            Err(e) => Ended {
+                signal: None,
+                text: format!("not reaped: {e}"),
+            },
         }
     }
 }
@@ -358,11 +440,11 @@ fn write_part(to: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     to.write_all(bytes)
 }
 
-fn read_part(from: &mut impl Read) -> io::Result<Zeroizing<Vec<u8>>> {
+fn read_part(from: &mut impl Read, max: usize) -> io::Result<Zeroizing<Vec<u8>>> {
     let mut len = [0u8; 4];
     from.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_PART {
+    if len > max {
         return Err(io::Error::other(format!("a part of {len} bytes")));
     }
     let mut bytes = Zeroizing::new(vec![0u8; len]);
@@ -392,7 +474,7 @@ type Request = (Arc<str>, Vec<(SecretPath, SecretData)>);
 
 /// A request, or `None` at the end of input.
 fn read_request(from: &mut impl Read) -> io::Result<Option<Request>> {
-    let header = match read_part(from) {
+    let header = match read_part(from, MAX_PART) {
         Ok(h) => h,
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
@@ -403,7 +485,7 @@ fn read_request(from: &mut impl Read) -> io::Result<Option<Request>> {
     for path in header["secrets"].as_array().into_iter().flatten() {
         let path =
             SecretPath::parse(path.as_str().unwrap_or_default()).map_err(io::Error::other)?;
-        let bytes = read_part(from)?;
+        let bytes = read_part(from, MAX_PART)?;
         let map = match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => map,
             _ => serde_json::Map::new(),
@@ -420,6 +502,7 @@ fn error_json(err: &RenderError) -> Value {
         RenderError::MissingField(m) => ("missing_field", m.clone()),
         RenderError::Limit(m) => ("limit", m.clone()),
         RenderError::Failed(m) => ("failed", m.clone()),
+        RenderError::Unavailable(m) => ("unavailable", m.clone()),
     };
     json!({"kind": kind, "text": text})
 }
@@ -431,6 +514,7 @@ fn error_from_json(v: &Value) -> io::Result<RenderError> {
         "bad_path" => RenderError::BadPath(text),
         "missing_field" => RenderError::MissingField(text),
         "limit" => RenderError::Limit(text),
+        "unavailable" => RenderError::Unavailable(text),
         _ => RenderError::Failed(text),
     })
 }
@@ -453,9 +537,10 @@ fn write_response(to: &mut impl Write, rendered: &Rendered) -> io::Result<()> {
 }
 
 fn read_response(from: &mut impl Read) -> io::Result<Rendered> {
-    let header = read_part(from)?;
+    // What a worker can send back: a short header and an output under the cap.
+    let header = read_part(from, 1 << 20)?;
     let header: Value = serde_json::from_slice(&header).map_err(io::Error::other)?;
-    let out = read_part(from)?;
+    let out = read_part(from, template::MAX_OUTPUT_BYTES)?;
     let parse =
         |v: &Value| SecretPath::parse(v.as_str().unwrap_or_default()).map_err(io::Error::other);
     let used = header["used"]
@@ -483,8 +568,11 @@ fn read_response(from: &mut impl Read) -> io::Result<Rendered> {
 /// by the daemon under its memory limit; gives up what it does not need first: core dumps and
 /// ptrace (it holds secret values), every capability, and the OOM killer's mercy (it is the
 /// process to kill first in the container).
-pub fn worker_main() -> io::Result<()> {
+pub fn worker_main(lock_memory: bool) -> io::Result<()> {
     crate::sys::disable_core_dumps()?;
+    if lock_memory {
+        crate::sys::lock_memory()?;
+    }
     crate::sys::drop_capabilities()?;
     let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     let stdin = io::stdin();
@@ -573,10 +661,40 @@ mod tests {
         assert_eq!((v, &*third.source), (1, "1"));
     }
 
+    /// A pool whose workers run `exe`.
+    fn pool_of(exe: &str) -> RenderPool {
+        RenderPool::start(RenderConfig {
+            workers: 1,
+            exe: Some(PathBuf::from(exe)),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_cannot_start_or_answer_is_no_verdict_on_the_template() {
+        let cannot_start = pool_of("/nonexistent/vaultfs")
+            .render(1, Arc::from("x"), Vec::new())
+            .await;
+        assert!(
+            matches!(&cannot_start.result, Err(RenderError::Unavailable(m)) if m.contains("no render worker could be started")),
+            "{:?}",
+            cannot_start.result.err()
+        );
+        // A program that exits at once instead of answering (not killed by a signal).
+        let exits = pool_of("/bin/true")
+            .render(1, Arc::from("x"), Vec::new())
+            .await;
+        assert!(
+            matches!(&exits.result, Err(RenderError::Unavailable(m)) if m.contains("exit code 0")),
+            "{:?}",
+            exits.result.err()
+        );
+    }
+
     #[tokio::test]
     async fn the_in_process_pool_renders() {
         let pool = RenderPool::start(RenderConfig::default());
-        let data = SecretData::from_pairs([("password", "pw")]);
+        let data: Input = Arc::new(SecretData::from_pairs([("password", "pw")]));
         let rendered = pool
             .render(
                 7,

@@ -63,6 +63,12 @@ pub struct SecretData {
     fields: BTreeMap<String, SecretBytes>,
 }
 
+impl AsRef<SecretData> for SecretData {
+    fn as_ref(&self) -> &SecretData {
+        self
+    }
+}
+
 impl SecretData {
     /// Renders a Vault `data` object, then wipes the strings of the parsed JSON it consumed.
     pub fn from_json(mut data: serde_json::Map<String, serde_json::Value>) -> Self {

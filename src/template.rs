@@ -68,13 +68,18 @@ pub enum RenderError {
     /// Anything else the template did wrong at render time (a filter on the wrong type, a bad
     /// base64 input, ...).
     Failed(String),
+    /// The rendering could not run (no render worker, a worker that timed out or broke the
+    /// protocol): nothing is known about the template, so the next read tries again.
+    Unavailable(String),
 }
 
 impl fmt::Display for RenderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RenderError::Needs(p) => write!(f, "needs secret {p}"),
-            RenderError::BadPath(m) | RenderError::Failed(m) => f.write_str(m),
+            RenderError::BadPath(m) | RenderError::Failed(m) | RenderError::Unavailable(m) => {
+                f.write_str(m)
+            }
             RenderError::MissingField(m) => write!(f, "missing field {m}"),
             RenderError::Limit(m) => f.write_str(m),
         }

@@ -69,6 +69,12 @@ pub struct Content {
     _charge: Charge,
 }
 
+impl AsRef<crate::secret::SecretData> for Content {
+    fn as_ref(&self) -> &crate::secret::SecretData {
+        &self.fetched.data
+    }
+}
+
 /// Bytes charged to a cache's `held` count until dropped.
 #[derive(Debug)]
 struct Charge {
