@@ -245,7 +245,13 @@ impl Shared {
         let Err(e) = w.render(job, self.config.deadline) else {
             return w.last.take().expect("set by a successful render");
         };
-        let ended = worker.take().expect("present").stop();
+        // After a timeout the worker is stopped at once; otherwise it is ending by itself.
+        let grace = if e.kind() == io::ErrorKind::TimedOut {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(500)
+        };
+        let ended = worker.take().expect("present").stop(grace);
         tracing::warn!(error = %e, worker = %ended.text, "a template render worker stopped; a new one serves the next rendering");
         let memory = self.config.memory >> 20;
         if e.kind() == io::ErrorKind::TimedOut {
@@ -371,9 +377,27 @@ impl Worker {
         Ok(())
     }
 
-    /// Kills and reaps the worker; says how it ended.
-    fn stop(mut self) -> Ended {
-        let _ = self.child.kill();
+    /// Reaps the worker, killing it if it has not ended within `grace`; says how it ended. A
+    /// worker this kills has no signal of its own to report: its end is no verdict on the
+    /// template.
+    fn stop(mut self, grace: Duration) -> Ended {
+        let until = Instant::now() + grace;
+        // A worker that broke off (a failed allocation) closes its pipes just before it can be
+        // reaped: give it a moment, so that its own end is what is reported.
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return Ended {
+                signal: None,
+                text: "stopped by the daemon".to_string(),
+            };
+        }
         match self.child.wait() {
             Ok(status) => {
                 use std::os::unix::process::ExitStatusExt;
