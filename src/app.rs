@@ -318,8 +318,9 @@ fn make_connections_dir_private(dir: &std::path::Path) -> std::io::Result<PathBu
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     let ours = |name: &std::ffi::OsStr| {
-        let name = name.to_string_lossy();
-        name == crate::csi::SESSION_DIR || name == format!("{}-cached", crate::csi::SESSION_DIR)
+        [Consistency::Strict, Consistency::Cached]
+            .into_iter()
+            .any(|c| name == crate::mount::connection_dir_name(c))
     };
     let only_ours = std::fs::read_dir(dir)?.all(|e| e.is_ok_and(|e| ours(&e.file_name())));
     if only_ours {
@@ -392,7 +393,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         crate::mount::FuseMounter::new(
             tokio::runtime::Handle::current(),
             metrics.clone(),
-            connections_dir.join(crate::csi::SESSION_DIR),
+            connections_dir,
             keeper,
         )
         .with_quarantine(quarantine.clone()),

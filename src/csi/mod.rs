@@ -69,9 +69,6 @@ pub struct CsiConfig {
 pub const DEFAULT_MIN_CACHE_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_VOLUMES: usize = 1000;
 pub const DEFAULT_MAX_ENTRIES: usize = 512;
-/// Where, under the state directory, the node's FUSE connection is mounted (the directory is
-/// 0700 like the state directory: only the daemon goes there; pods see bind mounts).
-pub const SESSION_DIR: &str = "fuse";
 
 /// The socket path of a `unix://` endpoint.
 pub fn socket_path(endpoint: &str) -> Result<&Path, String> {

@@ -31,7 +31,7 @@ mod node;
 #[cfg(any(test, feature = "testing"))]
 pub use fake::FakeMounter;
 pub use handover::InitRecord;
-pub use node::{BindMount, FuseMounter, NodeSession, MAX_BACKGROUND};
+pub use node::{connection_dir_name, BindMount, FuseMounter, NodeSession, MAX_BACKGROUND};
 
 #[derive(Debug, Error)]
 pub enum MountError {

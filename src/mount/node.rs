@@ -205,8 +205,8 @@ impl<S: SecretSource> Drop for BindMount<S> {
 pub struct FuseMounter<S> {
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
-    /// `<state-dir>/fuse` for strict volumes; cached ones use `<state-dir>/fuse-cached`.
-    root: PathBuf,
+    /// `--connections-dir`: each connection is mounted at its `connection_dir_name` there.
+    dir: PathBuf,
     connections: [NodeConnection<S>; 2],
     keeper: Option<Arc<KeeperLink>>,
     /// Given to the volume tables of both connections.
@@ -231,13 +231,22 @@ struct Taken<S> {
     detach_later: Vec<PathBuf>,
 }
 
+/// The directory, in the connections directory, where the node connection of `consistency` is
+/// mounted (owner-only: only the daemon goes there; pods see bind mounts).
+pub fn connection_dir_name(consistency: Consistency) -> &'static str {
+    match consistency {
+        Consistency::Strict => "fuse",
+        Consistency::Cached => "fuse-cached",
+    }
+}
+
 impl<S: SecretSource> FuseMounter<S> {
-    /// Mounts the node's connections under `root` when their first volume comes, and hands
-    /// them to `keeper` when there is one.
+    /// Mounts the node's connections in the connections directory `dir` when their first
+    /// volume comes, and hands them to `keeper` when there is one.
     pub fn new(
         runtime: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
-        root: PathBuf,
+        dir: PathBuf,
         keeper: Option<Arc<KeeperLink>>,
     ) -> Self {
         let connection = |consistency| NodeConnection {
@@ -249,7 +258,7 @@ impl<S: SecretSource> FuseMounter<S> {
         Self {
             runtime,
             metrics,
-            root,
+            dir,
             connections: [
                 connection(Consistency::Strict),
                 connection(Consistency::Cached),
@@ -274,14 +283,7 @@ impl<S: SecretSource> FuseMounter<S> {
     }
 
     fn root_of(&self, consistency: Consistency) -> PathBuf {
-        match consistency {
-            Consistency::Strict => self.root.clone(),
-            Consistency::Cached => {
-                let mut name = self.root.file_name().unwrap_or_default().to_os_string();
-                name.push("-cached");
-                self.root.with_file_name(name)
-            }
-        }
+        self.dir.join(connection_dir_name(consistency))
     }
 
     /// Takes the node connections the keeper holds for a predecessor, if any. Volumes are
