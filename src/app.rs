@@ -398,8 +398,11 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         )
         .with_quarantine(quarantine.clone()),
     );
+    // The restart hand-over (see `mount::TakenOver`): the connections the keeper holds for
+    // the predecessor are taken now, every recorded volume is adopted into them while the
+    // volumes are recovered, and they are served last.
     let taking = mounter.clone();
-    let taken_over = tokio::task::spawn_blocking(move || taking.take_over())
+    let taken = tokio::task::spawn_blocking(move || taking.take_over())
         .await
         .context("taking over from the keeper")?
         .context("taking the node connection from the keeper; not mounting over a connection it may hold")?;
@@ -422,11 +425,10 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         )
         .with_sessions(sessions),
     );
-    let recovered = manager.recover().await;
-    if taken_over {
-        // Only now: the kernel may ask about any recorded volume the moment this serves.
-        let serving = mounter.clone();
-        tokio::task::spawn_blocking(move || serving.serve_taken_over())
+    let recovered = manager.recover(taken.as_ref()).await;
+    let taken_over = taken.is_some();
+    if let Some(taken) = taken {
+        tokio::task::spawn_blocking(move || taken.serve())
             .await
             .context("serving the node connection taken over from the keeper")?
             .context("serving the node connection taken over from the keeper (released and aborted: the next start mounts anew)")?;

@@ -545,7 +545,7 @@ async fn a_restarted_plugin_serves_recorded_volumes_again_and_forgets_gone_pods(
     std::fs::remove_dir_all(dir.path().join("pods/pod-gone")).unwrap();
 
     let p = Plugin::start_in(dir).await;
-    assert_eq!(p.manager.recover().await, 1);
+    assert_eq!(p.manager.recover(None).await, 1);
     assert_eq!(p.fake.mounted(), vec![kept.clone()]);
     assert_eq!(p.state_files().len(), 1, "the gone pod's state is removed");
     p.stop().await;
@@ -682,7 +682,7 @@ async fn a_slot_is_never_given_out_twice_even_by_a_successor_after_unpublish() {
 
     // The successor serves the same connection: the kernel may still know slot 2's inodes.
     let mut p = Plugin::start_in(dir).await;
-    assert_eq!(p.manager.recover().await, 1);
+    assert_eq!(p.manager.recover(None).await, 1);
     let mut third = request(&p.target("pod-c"), "jwt-c");
     third.volume_id = "csi-c".into();
     p.publish(third).await.unwrap();

@@ -12,7 +12,6 @@ use thiserror::Error;
 use super::CsiConfig;
 use crate::config::{format_duration, parse_duration, parse_file_mode};
 use crate::fs::Consistency;
-use crate::fuse::Slot;
 use crate::reload::{PodUid, ProcessName, Signal};
 use crate::secret::Token;
 use crate::source::vault::VaultServer;
@@ -128,8 +127,6 @@ pub(super) struct Params {
     pub(super) pod: Option<String>,
     /// `reloadSignal`, `reloadProcess` and the pod's uid: whom to signal after a change.
     pub(super) reload: Option<(Signal, ProcessName, PodUid)>,
-    /// The slot recorded for this volume (restart recovery), if any.
-    pub(super) slot: Option<Slot>,
     /// The context without the tokens, as kept in the state file.
     pub(super) context: BTreeMap<String, String>,
 }
@@ -174,82 +171,113 @@ pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Param
             ))
         })?),
     };
-    let attr = |key: &str| {
-        req.context
-            .get(key)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    };
-    for key in req.context.keys() {
-        if !key.starts_with(KUBELET_PREFIX) && !ATTRIBUTES.contains(&key.as_str()) {
-            return Err(invalid(format!(
-                "unknown volumeAttributes key {key:?}; expected one of {}",
-                ATTRIBUTES.join(", ")
-            )));
+    let context = req
+        .context
+        .iter()
+        .filter(|(k, _)| k.as_str() != TOKENS)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Params::new(
+        req.volume_id.clone(),
+        target,
+        mount_group,
+        context,
+        |audience| service_account_token(req, audience),
+        config,
+    )
+}
+
+impl Params {
+    /// The parameters of the volume `volume_id` at `target` whose attributes are `context`
+    /// (kubelet's pod keys included, its token keys not), logging in with the token
+    /// `token_for` gives for the volume's audience: a publish takes it out of the request,
+    /// a restart from the volume's record. The attributes are checked against this node's
+    /// settings each time (a restarted daemon may allow less than its predecessor).
+    pub(super) fn new(
+        volume_id: String,
+        target: PathBuf,
+        mount_group: Option<u32>,
+        context: BTreeMap<String, String>,
+        token_for: impl FnOnce(&str) -> Result<Token, CsiError>,
+        config: &CsiConfig,
+    ) -> Result<Self, CsiError> {
+        let attr = |key: &str| {
+            context
+                .get(key)
+                .map(String::as_str)
+                .filter(|v| !v.is_empty())
+        };
+        for key in context.keys() {
+            if !key.starts_with(KUBELET_PREFIX) && !ATTRIBUTES.contains(&key.as_str()) {
+                return Err(invalid(format!(
+                    "unknown volumeAttributes key {key:?}; expected one of {}",
+                    ATTRIBUTES.join(", ")
+                )));
+            }
         }
-    }
-    let role = attr("role")
-        .ok_or_else(|| {
-            invalid("volumeAttributes.role is missing: the Vault auth role to log in as")
-        })?
-        .to_string();
-    let secrets = attr("secrets").ok_or_else(|| {
-        invalid("volumeAttributes.secrets is missing: a YAML or JSON list of {name, path, key?}")
-    })?;
-    let spec = parse_spec_document(secrets)
-        .and_then(VolumeSpec::new)
-        .map_err(|e| invalid(format!("volumeAttributes.secrets: {e}")))?;
-    if spec.entries().len() > config.max_entries {
-        return Err(CsiError::ResourceExhausted(format!(
+        let role = attr("role")
+            .ok_or_else(|| {
+                invalid("volumeAttributes.role is missing: the Vault auth role to log in as")
+            })?
+            .to_string();
+        let secrets = attr("secrets").ok_or_else(|| {
+            invalid(
+                "volumeAttributes.secrets is missing: a YAML or JSON list of {name, path, key?}",
+            )
+        })?;
+        let spec = parse_spec_document(secrets)
+            .and_then(VolumeSpec::new)
+            .map_err(|e| invalid(format!("volumeAttributes.secrets: {e}")))?;
+        if spec.entries().len() > config.max_entries {
+            return Err(CsiError::ResourceExhausted(format!(
             "volumeAttributes.secrets declares {} files; this node allows at most {} per volume (vaultfs csi --max-volume-entries)",
             spec.entries().len(),
             config.max_entries
         )));
-    }
-    let auth_mount = attr("authMount")
-        .unwrap_or("kubernetes")
-        .trim_matches('/')
-        .to_string();
-    if auth_mount.is_empty()
-        || auth_mount.split('/').any(|s| s.is_empty() || s == "..")
-        || !auth_mount
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-    {
-        return Err(invalid(format!(
+        }
+        let auth_mount = attr("authMount")
+            .unwrap_or("kubernetes")
+            .trim_matches('/')
+            .to_string();
+        if auth_mount.is_empty()
+            || auth_mount.split('/').any(|s| s.is_empty() || s == "..")
+            || !auth_mount
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            return Err(invalid(format!(
             "volumeAttributes.authMount {auth_mount:?} is not an auth mount path such as kubernetes or jwt"
         )));
-    }
-    let audience = attr("audience").unwrap_or("vault").to_string();
-    let cache_ttl = match attr("cacheTTL") {
-        Some(t) => {
-            parse_duration(t).map_err(|e| invalid(format!("volumeAttributes.cacheTTL: {e}")))?
         }
-        None => DEFAULT_CACHE_TTL.max(config.min_cache_ttl),
-    };
-    if cache_ttl < config.min_cache_ttl {
-        return Err(invalid(format!(
+        let audience = attr("audience").unwrap_or("vault").to_string();
+        let cache_ttl = match attr("cacheTTL") {
+            Some(t) => {
+                parse_duration(t).map_err(|e| invalid(format!("volumeAttributes.cacheTTL: {e}")))?
+            }
+            None => DEFAULT_CACHE_TTL.max(config.min_cache_ttl),
+        };
+        if cache_ttl < config.min_cache_ttl {
+            return Err(invalid(format!(
             "volumeAttributes.cacheTTL {} is below this node's minimum of {} (vaultfs csi --min-cache-ttl)",
             format_duration(cache_ttl),
             format_duration(config.min_cache_ttl)
         )));
-    }
-    let consistency = match attr("consistency") {
-        Some(c) => c
-            .parse::<Consistency>()
-            .map_err(|e| invalid(format!("volumeAttributes.consistency: {e}")))?,
-        None => Consistency::default(),
-    };
-    let file_mode = match attr("fileMode") {
-        Some(m) => {
-            parse_file_mode(m).map_err(|e| invalid(format!("volumeAttributes.fileMode: {e}")))?
         }
-        // Without a group to grant access to, the pod's (arbitrary) user must still read.
-        None if mount_group.is_some() => 0o440,
-        None => 0o444,
-    };
-    let server_name = attr("vaultServer").unwrap_or("");
-    let server = config.servers.get(server_name).cloned().ok_or_else(|| {
+        let consistency = match attr("consistency") {
+            Some(c) => c
+                .parse::<Consistency>()
+                .map_err(|e| invalid(format!("volumeAttributes.consistency: {e}")))?,
+            None => Consistency::default(),
+        };
+        let file_mode = match attr("fileMode") {
+            Some(m) => parse_file_mode(m)
+                .map_err(|e| invalid(format!("volumeAttributes.fileMode: {e}")))?,
+            // Without a group to grant access to, the pod's (arbitrary) user must still read.
+            None if mount_group.is_some() => 0o440,
+            None => 0o444,
+        };
+        let server_name = attr("vaultServer").unwrap_or("");
+        let server = config.servers.get(server_name).cloned().ok_or_else(|| {
         let mut known: Vec<_> = config
             .servers
             .keys()
@@ -266,51 +294,45 @@ pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Param
             ))
         }
     })?;
-    let reload = reload_signal(
-        attr("reloadSignal"),
-        attr("reloadProcess"),
-        attr(POD_UID),
-        config,
-    )?;
-    let token = service_account_token(req, &audience)?;
-    let label = format!(
-        "{}/{}/{}",
-        attr(POD_NAMESPACE).unwrap_or("-"),
-        attr(POD_NAME).unwrap_or("-"),
-        req.volume_id
-    );
-    let pod = attr(POD_NAME).map(|name| {
-        format!(
-            "{}/{name}/{}",
+        let reload = reload_signal(
+            attr("reloadSignal"),
+            attr("reloadProcess"),
+            attr(POD_UID),
+            config,
+        )?;
+        let token = token_for(&audience)?;
+        let label = format!(
+            "{}/{}/{}",
             attr(POD_NAMESPACE).unwrap_or("-"),
-            attr(POD_UID).unwrap_or("-")
-        )
-    });
-    let context = req
-        .context
-        .iter()
-        .filter(|(k, _)| k.as_str() != TOKENS)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    Ok(Params {
-        volume_id: req.volume_id.clone(),
-        target,
-        role,
-        spec,
-        auth_mount,
-        cache_ttl,
-        file_mode,
-        consistency,
-        mount_group,
-        server,
-        token,
-        audience,
-        label,
-        pod,
-        reload,
-        slot: None,
-        context,
-    })
+            attr(POD_NAME).unwrap_or("-"),
+            volume_id
+        );
+        let pod = attr(POD_NAME).map(|name| {
+            format!(
+                "{}/{name}/{}",
+                attr(POD_NAMESPACE).unwrap_or("-"),
+                attr(POD_UID).unwrap_or("-")
+            )
+        });
+        Ok(Params {
+            volume_id,
+            target,
+            role,
+            spec,
+            auth_mount,
+            cache_ttl,
+            file_mode,
+            consistency,
+            mount_group,
+            server,
+            token,
+            audience,
+            label,
+            pod,
+            reload,
+            context,
+        })
+    }
 }
 
 /// `reloadSignal` and `reloadProcess` (both or neither), allowed only on a daemon started

@@ -2,14 +2,16 @@
 //! volume, holding what a restarted daemon needs to serve it again (attributes, pod, slot and
 //! the latest service-account token), never a secret value.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::request::{Capability, Params, PublishRequest, TOKENS};
+use super::request::{CsiError, Params};
+use super::CsiConfig;
 use crate::fuse::Slot;
+use crate::secret::Token;
 
 /// Makes `dir` owner-only: creates it (and missing parents) with mode 0700, or sets an existing
 /// one to 0700 and logs that it did (`what` names the directory and what it holds). Refuses,
@@ -85,23 +87,34 @@ impl Drop for StateRecord {
 }
 
 impl StateRecord {
-    pub(super) fn to_request(&self) -> PublishRequest {
-        let mut context: HashMap<String, String> = self.context.clone().into_iter().collect();
-        context.insert(
-            TOKENS.to_string(),
-            serde_json::json!({ &self.audience: { "token": &self.token } }).to_string(),
-        );
-        PublishRequest {
-            volume_id: self.volume_id.clone(),
-            target_path: self.target_path.clone(),
-            readonly: true,
-            capability: Some(Capability {
-                block: false,
-                mount_group: self.mount_group.clone(),
-            }),
-            context,
-            secrets: HashMap::new(),
-        }
+    /// The parameters of the recorded volume, taken from the record itself: its attributes,
+    /// checked against this node's settings as at publish, and the token it was last published
+    /// with. The volume's slot is the record's (`slot`).
+    pub(super) fn params(&self, config: &CsiConfig) -> Result<Params, CsiError> {
+        let mount_group = match self.mount_group.as_str() {
+            "" => None,
+            g => Some(g.parse().map_err(|_| {
+                CsiError::InvalidArgument(format!(
+                    "the recorded mount group {g:?} is not a numeric group id"
+                ))
+            })?),
+        };
+        Params::new(
+            self.volume_id.clone(),
+            PathBuf::from(&self.target_path),
+            mount_group,
+            self.context.clone(),
+            |audience| {
+                if audience == self.audience && !self.token.is_empty() {
+                    Ok(Token::new(self.token.clone()))
+                } else {
+                    Err(CsiError::InvalidArgument(format!(
+                        "the record holds no token for audience {audience:?}; kubelet's next republish brings one"
+                    )))
+                }
+            },
+            config,
+        )
     }
 }
 

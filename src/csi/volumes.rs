@@ -18,7 +18,7 @@ use super::CsiConfig;
 use crate::fuse::Slot;
 use crate::health::Watched;
 use crate::metrics::Metrics;
-use crate::mount::{MountConfig, Mounter};
+use crate::mount::{MountConfig, MountError, Mounted, Mounter, TakenOver};
 use crate::reload::{ReloadConfig, Target};
 use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer, VaultSource};
 use crate::source::{Identity, SessionStore, SourceError};
@@ -214,37 +214,150 @@ impl<S: Identity> VolumeManager<S> {
             tracing::debug!(volume = %params.label, "republished: service-account token refreshed");
             return Ok(());
         }
-        self.start(params, true).await
+        self.publish_new(params).await
     }
 
-    /// Mounts a volume. With `strict`, a login Vault refuses fails the publish; otherwise
-    /// (restart recovery) the volume is mounted and logs in on first use.
-    async fn start(&self, params: Params, strict: bool) -> Result<(), CsiError> {
-        if strict {
-            // Before logging in: a node that cannot mount would only waste the login.
-            self.mounter.publishable(params.consistency)?;
-        }
+    /// Mounts a new volume: logs in first, so that a login Vault refuses fails the publish.
+    async fn publish_new(&self, params: Params) -> Result<(), CsiError> {
+        // Before logging in: a node that cannot mount would only waste the login.
+        self.mounter.publishable(params.consistency)?;
         let room = self.reserve_room()?;
-        let slot = match params.slot.filter(|s| *s != 0) {
-            Some(recorded) => recorded,
-            None => {
-                let slot = self.next_slot.fetch_add(1, Ordering::AcqRel);
-                if let Err(e) = self.state.record_slot(slot) {
-                    return Err(CsiError::Internal(format!(
-                        "cannot record the volume's slot under {}: {e}",
-                        self.config.state_dir.display()
-                    )));
+        let slot = self.new_slot()?;
+        let volume = self.assemble(&params, slot);
+        self.keep_sessions(&volume, slot);
+        // A pod must not wait long on an unreachable Vault: give the login a short bound
+        // and mount anyway when it runs out (the first read logs in).
+        let wait = self.config.vault_timeout.min(PUBLISH_LOGIN_WAIT);
+        let login = tokio::time::timeout(wait, volume.source().login())
+            .await
+            .unwrap_or_else(|_| {
+                Err(SourceError::Unavailable(format!(
+                    "no answer within {wait:?}"
+                )))
+            });
+        match login {
+            Ok(()) => {}
+            Err(SourceError::Unavailable(reason)) => tracing::warn!(
+                volume = %params.label, %reason,
+                "Vault unreachable; mounting anyway, the login is retried on first read"
+            ),
+            Err(err) => {
+                let reason = match err {
+                    SourceError::LoginRefused(m) | SourceError::Invalid(m) => m,
+                    other => format!("login to auth/{} failed: {other}", params.auth_mount),
+                };
+                return Err(CsiError::PermissionDenied(reason));
+            }
+        }
+        let mounted = self.mounter.mount(
+            &params.target,
+            slot,
+            volume.fs(),
+            &MountConfig {
+                allow_other: true,
+                create_target: true,
+            },
+        );
+        self.install(params, slot, volume, mounted, room).await
+    }
+
+    /// `recover_one` under the target's lock, unless the target is served already.
+    async fn recover_locked(
+        &self,
+        params: Params,
+        recorded: Slot,
+        taken: Option<&TakenOver<S>>,
+    ) -> Result<(), CsiError> {
+        let target = params.target.clone();
+        let lock = self.target_lock(&target);
+        let result = {
+            let _one = lock.lock().await;
+            if self.volumes.lock().contains_key(&target) {
+                Ok(())
+            } else {
+                match recorded {
+                    // Records written before slots existed have none: a new one is given.
+                    0 => match self.new_slot() {
+                        Ok(slot) => self.recover_one(params, slot, taken).await,
+                        Err(e) => Err(e),
+                    },
+                    slot => self.recover_one(params, slot, taken).await,
                 }
-                slot
             }
         };
+        self.release_target_lock(&target, lock);
+        result
+    }
+
+    /// A slot no volume had, recorded as given out before anything is served under it.
+    fn new_slot(&self) -> Result<Slot, CsiError> {
+        let slot = self.next_slot.fetch_add(1, Ordering::AcqRel);
+        self.state.record_slot(slot).map_err(|e| {
+            CsiError::Internal(format!(
+                "cannot record the volume's slot under {}: {e}",
+                self.config.state_dir.display()
+            ))
+        })?;
+        Ok(slot)
+    }
+
+    /// Serves again, as volume `slot`, a volume an earlier daemon recorded: on the connection
+    /// `taken` over from it when there is one (its bind is still in place), else mounted anew
+    /// over the dead mount it left. Its Vault session and leased values are taken over from the
+    /// store when the predecessor left them there; otherwise it logs in on first use with the
+    /// recorded token (kubelet's next republish brings a fresh one).
+    async fn recover_one(
+        &self,
+        params: Params,
+        slot: Slot,
+        taken: Option<&TakenOver<S>>,
+    ) -> Result<(), CsiError> {
+        let room = self.reserve_room()?;
+        let volume = self.assemble(&params, slot);
+        if let Some(store) = self.sessions.clone() {
+            let key = session_key(slot);
+            let (session, leases) =
+                tokio::task::spawn_blocking(move || (store.take(&key), store.take_leases(&key)))
+                    .await
+                    .unwrap_or_default();
+            let resumed = session.is_some_and(|s| volume.source().resume(s));
+            // Vault revokes a token's leases with it: without the token they may be dead.
+            let leases = if resumed {
+                self.metrics.vault_tokens_taken_over.inc();
+                volume.adopt_leases(leases)
+            } else {
+                0
+            };
+            self.metrics.vault_leases_taken_over.inc_by(leases as u64);
+            tracing::info!(volume = %params.label, resumed, leases, "took over the previous daemon's Vault session");
+        }
+        self.keep_sessions(&volume, slot);
+        let adopted = taken.and_then(|t| t.adopt(&params.target, slot, volume.fs()));
+        let mounted = match adopted {
+            Some(mounted) => Ok(mounted),
+            None => self.mounter.mount(
+                &params.target,
+                slot,
+                volume.fs(),
+                &MountConfig {
+                    allow_other: true,
+                    create_target: true,
+                },
+            ),
+        };
+        self.install(params, slot, volume, mounted, room).await
+    }
+
+    /// Builds the volume `params` describe as volume `slot`: its identity (logging in with the
+    /// pod's token), cache and files, wired to its connection's kernel notifications.
+    fn assemble(&self, params: &Params, slot: Slot) -> Volume<S> {
         let auth = Auth::Login {
             method: LoginMethod::Kubernetes,
             mount: params.auth_mount.clone(),
             role: params.role.clone(),
             credential: Credential::Value(params.token.clone()),
         };
-        let volume = Volume::build(
+        Volume::build(
             (self.connect)(&params.server, auth, &params.label),
             params.spec.clone(),
             VolumeConfig {
@@ -272,73 +385,30 @@ impl<S: Identity> VolumeManager<S> {
             },
             self.mounter.invalidate(slot, params.consistency),
             &self.metrics,
-        );
+        )
+    }
+
+    /// Keeps the Vault session and leased values of volume `slot` in the store, for the next
+    /// daemon, as they change.
+    fn keep_sessions(&self, volume: &Volume<S>, slot: Slot) {
         if let Some(store) = &self.sessions {
             let key = session_key(slot);
-            if !strict {
-                let (from, name) = (store.clone(), key.clone());
-                let (session, leases) = tokio::task::spawn_blocking(move || {
-                    (from.take(&name), from.take_leases(&name))
-                })
-                .await
-                .unwrap_or_default();
-                let resumed = session.is_some_and(|s| volume.source().resume(s));
-                // Vault revokes a token's leases with it: without the token they may be dead.
-                let leases = if resumed {
-                    self.metrics.vault_tokens_taken_over.inc();
-                    volume.adopt_leases(leases)
-                } else {
-                    0
-                };
-                self.metrics.vault_leases_taken_over.inc_by(leases as u64);
-                tracing::info!(volume = %params.label, resumed, leases, "took over the previous daemon's Vault session");
-            }
             volume.source().on_session_change(store.sink(&key));
             volume.on_leases_change(store.lease_sink(&key));
         }
-        if strict {
-            // A pod must not wait long on an unreachable Vault: give the login a short bound
-            // and mount anyway when it runs out (the first read logs in).
-            let wait = self.config.vault_timeout.min(PUBLISH_LOGIN_WAIT);
-            let login = tokio::time::timeout(wait, volume.source().login())
-                .await
-                .unwrap_or_else(|_| {
-                    Err(SourceError::Unavailable(format!(
-                        "no answer within {wait:?}"
-                    )))
-                });
-            match login {
-                Ok(()) => {}
-                Err(SourceError::Unavailable(reason)) => tracing::warn!(
-                    volume = %params.label, %reason,
-                    "Vault unreachable; mounting anyway, the login is retried on first read"
-                ),
-                Err(err) => {
-                    let reason = match err {
-                        SourceError::LoginRefused(m) | SourceError::Invalid(m) => m,
-                        other => format!("login to auth/{} failed: {other}", params.auth_mount),
-                    };
-                    return Err(CsiError::PermissionDenied(reason));
-                }
-            }
-        }
-        let mount_config = MountConfig {
-            allow_other: true,
-            create_target: true,
-        };
-        // Restart recovery on a connection taken over from the keeper: the bind is live.
-        let adopted = if strict {
-            None
-        } else {
-            self.mounter.adopt(&params.target, slot, volume.fs())
-        };
-        let mounted = match adopted.map_or_else(
-            || {
-                self.mounter
-                    .mount(&params.target, slot, volume.fs(), &mount_config)
-            },
-            Ok,
-        ) {
+    }
+
+    /// Serves `volume`, `mounted` at its target, once its record is written; gives up
+    /// everything (the mount, the volume's session) when either failed.
+    async fn install(
+        &self,
+        params: Params,
+        slot: Slot,
+        volume: Volume<S>,
+        mounted: Result<Box<dyn Mounted>, MountError>,
+        room: RoomGuard,
+    ) -> Result<(), CsiError> {
+        let mounted = match mounted {
             Ok(m) => m,
             Err(e) => {
                 volume.abandon().await;
@@ -438,10 +508,11 @@ impl<S: Identity> VolumeManager<S> {
         count
     }
 
-    /// Serves again the volumes an earlier daemon recorded: mounts them over the dead mounts
-    /// the earlier daemon left; they log in on first use with the recorded token (a republish brings a
-    /// fresh one). Volumes whose pod directory is gone are forgotten.
-    pub async fn recover(&self) -> usize {
+    /// Serves again the volumes an earlier daemon recorded (see `recover_one`), on the
+    /// connections `taken` over from it if any; returns how many. Volumes whose pod directory
+    /// is gone are forgotten. Called once, before the CSI socket and the taken connections are
+    /// served (`TakenOver::serve`).
+    pub async fn recover(&self, taken: Option<&TakenOver<S>>) -> usize {
         let records = self.state.load();
         // New volumes get slots above every one given out before (the connection and the
         // kernel's caches of unpublished volumes may have outlived their daemon).
@@ -458,34 +529,20 @@ impl<S: Identity> VolumeManager<S> {
             let target = PathBuf::from(&record.target_path);
             if target.parent().is_none_or(|p| !p.exists()) {
                 tracing::info!(target = %target.display(), "pod is gone; forgetting its volume");
-                let _ = self.mounter.unmount_target(&target);
+                let _ = match taken {
+                    Some(taken) => taken.unmount_later(&target),
+                    None => self.mounter.unmount_target(&target),
+                };
                 self.state.forget(&target);
                 if let Some(store) = &self.sessions {
                     store.forget(&session_key(record.slot));
                 }
                 continue;
             }
-            // A dead mount at the target stays: the new one is stacked on it (see
-            // `mount::prepare_target`) so running containers see it.
-            let lock = self.target_lock(&target);
-            let result = {
-                let _one = lock.lock().await;
-                if self.volumes.lock().contains_key(&target) {
-                    Ok(())
-                } else {
-                    match validate(&record.to_request(), &self.config) {
-                        Ok(params) => {
-                            let params = Params {
-                                slot: Some(record.slot),
-                                ..params
-                            };
-                            self.start(params, false).await
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
+            let result = match record.params(&self.config) {
+                Ok(params) => self.recover_locked(params, record.slot, taken).await,
+                Err(e) => Err(e),
             };
-            self.release_target_lock(&target, lock);
             match result {
                 Ok(()) => recovered += 1,
                 Err(e) => {

@@ -4,7 +4,9 @@
 //! holding no locks). `vaultfs mount` is one volume on its own connection (`mount`);
 //! `vaultfs csi` puts every volume of the node on one connection and binds them (`node`).
 //! `handover` starts a session on a connection with or without the kernel's INIT, so that
-//! another process can serve a live connection again (`Connection`, `resume_connection`).
+//! another process can serve a live connection again (`Connection`, `resume_connection`);
+//! `takeover` owns a restart's hand-over of the node's connections, in its one correct order
+//! (`TakenOver`); `keeper_link` is the daemon's side of the keeper that holds them meanwhile.
 //! `fake` is a `Mounter` that mounts nothing, compiled only for tests.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -27,11 +29,13 @@ mod fake;
 pub mod handover;
 pub mod keeper_link;
 mod node;
+mod takeover;
 
 #[cfg(any(test, feature = "testing"))]
 pub use fake::FakeMounter;
 pub use handover::InitRecord;
 pub use node::{connection_dir_name, BindMount, FuseMounter, NodeSession, MAX_BACKGROUND};
+pub use takeover::TakenOver;
 
 #[derive(Debug, Error)]
 pub enum MountError {
@@ -336,13 +340,6 @@ pub trait Mounter<S: SecretSource>: Send + Sync + 'static {
         fs: Arc<VaultFs<S>>,
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError>;
-
-    /// Serves `fs` as volume `slot` on a live connection taken over from a predecessor, whose
-    /// bind at `target` is still in place: nothing is mounted. `None` when no connection was
-    /// taken over (the caller mounts).
-    fn adopt(&self, _target: &Path, _slot: Slot, _fs: Arc<VaultFs<S>>) -> Option<Box<dyn Mounted>> {
-        None
-    }
 
     /// Whether a volume of `consistency` can be mounted now: `Err` when the connection it
     /// would go on cannot be reached (see `MountError::Unreachable`), before anything is done

@@ -6,7 +6,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::keeper_link::{KeeperLink, TakenConnection};
+use super::keeper_link::KeeperLink;
 use super::{
     prepare_target, Connection, InitRecord, KernelNotifier, MountConfig, MountError, Mounted,
     Mounter,
@@ -154,6 +154,29 @@ pub struct BindMount<S: SecretSource> {
 }
 
 impl<S: SecretSource> BindMount<S> {
+    /// Serves `fs` as volume `slot` of `volumes`, whose bind at `target` a predecessor made and
+    /// is still in place (a connection taken over): nothing is mounted, and the bind's id is not
+    /// looked up (a stat of a mount nobody serves yet would wait for an answer).
+    pub(super) fn adopted(
+        volumes: &Arc<Volumes<S>>,
+        metrics: &Arc<Metrics>,
+        target: &Path,
+        slot: Slot,
+        fs: Arc<VaultFs<S>>,
+    ) -> Self {
+        volumes.attach(slot, fs);
+        metrics.active_mounts.inc();
+        tracing::info!(target = %target.display(), slot, "serving the volume again on the connection taken over");
+        Self {
+            volumes: volumes.clone(),
+            metrics: metrics.clone(),
+            target: target.to_path_buf(),
+            slot,
+            mount_id: None,
+            attached: true,
+        }
+    }
+
     fn detach(&mut self) -> std::io::Result<()> {
         if !std::mem::take(&mut self.attached) {
             return Ok(());
@@ -203,32 +226,21 @@ impl<S: SecretSource> Drop for BindMount<S> {
 /// mode (the no-open flag of cached volumes is per connection), each started on first use, or
 /// taken over from the keeper when a predecessor served it.
 pub struct FuseMounter<S> {
-    runtime: tokio::runtime::Handle,
-    metrics: Arc<Metrics>,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) metrics: Arc<Metrics>,
     /// `--connections-dir`: each connection is mounted at its `connection_dir_name` there.
     dir: PathBuf,
     connections: [NodeConnection<S>; 2],
-    keeper: Option<Arc<KeeperLink>>,
+    pub(super) keeper: Option<Arc<KeeperLink>>,
     /// Given to the volume tables of both connections.
-    quarantine: Option<Arc<Quarantine>>,
+    pub(super) quarantine: Option<Arc<Quarantine>>,
 }
 
 /// One of the node's connections, by consistency mode.
-struct NodeConnection<S> {
-    consistency: Consistency,
-    kernel: KernelNotifier,
-    session: parking_lot::Mutex<Option<Arc<NodeSession<S>>>>,
-    /// A live connection taken from the keeper and not served yet: recorded volumes are
-    /// adopted into its table first (`Mounter::adopt`), then `serve_taken_over` serves it.
-    taken: parking_lot::Mutex<Option<Taken<S>>>,
-}
-
-struct Taken<S> {
-    connection: TakenConnection,
-    volumes: Arc<Volumes<S>>,
-    /// Targets to detach once the connection is served again (nothing may touch a mount of a
-    /// connection nobody serves: it would wait for an answer).
-    detach_later: Vec<PathBuf>,
+pub(super) struct NodeConnection<S> {
+    pub(super) consistency: Consistency,
+    pub(super) kernel: KernelNotifier,
+    pub(super) session: parking_lot::Mutex<Option<Arc<NodeSession<S>>>>,
 }
 
 /// The directory, in the connections directory, where the node connection of `consistency` is
@@ -253,7 +265,6 @@ impl<S: SecretSource> FuseMounter<S> {
             consistency,
             kernel: KernelNotifier::new(),
             session: parking_lot::Mutex::default(),
-            taken: parking_lot::Mutex::default(),
         };
         Self {
             runtime,
@@ -275,96 +286,15 @@ impl<S: SecretSource> FuseMounter<S> {
         self
     }
 
-    fn connection(&self, consistency: Consistency) -> &NodeConnection<S> {
+    pub(super) fn connection(&self, consistency: Consistency) -> &NodeConnection<S> {
         match consistency {
             Consistency::Strict => &self.connections[0],
             Consistency::Cached => &self.connections[1],
         }
     }
 
-    fn root_of(&self, consistency: Consistency) -> PathBuf {
+    pub(super) fn root_of(&self, consistency: Consistency) -> PathBuf {
         self.dir.join(connection_dir_name(consistency))
-    }
-
-    /// Takes the node connections the keeper holds for a predecessor, if any. Volumes are
-    /// then adopted into them (not mounted) until `serve_taken_over`.
-    pub fn take_over(&self) -> std::io::Result<bool> {
-        let Some(keeper) = &self.keeper else {
-            return Ok(false);
-        };
-        let taken = keeper.take()?;
-        let any = !taken.is_empty();
-        for (consistency, connection) in taken {
-            tracing::info!(%consistency, init = ?connection.init, "taking over a node connection the keeper held");
-            *self.connection(consistency).taken.lock() = Some(Taken {
-                connection,
-                volumes: Volumes::node(self.quarantine.clone()),
-                detach_later: Vec::new(),
-            });
-        }
-        Ok(any)
-    }
-
-    /// Serves the connections `take_over` took, with the volumes adopted since, once the
-    /// predecessor is gone and the kernel was asked to resend what it left unanswered.
-    /// `Ok(false)` when nothing was taken over.
-    pub fn serve_taken_over(&self) -> std::io::Result<bool> {
-        let mut served = false;
-        for node in &self.connections {
-            let Some(taken) = node.taken.lock().take() else {
-                continue;
-            };
-            self.serve_taken(node, taken)?;
-            served = true;
-        }
-        Ok(served)
-    }
-
-    fn serve_taken(&self, node: &NodeConnection<S>, taken: Taken<S>) -> std::io::Result<()> {
-        if let Some(keeper) = &self.keeper {
-            keeper.resend_after_predecessor(&taken.connection);
-        }
-        let root = self.root_of(node.consistency);
-        let TakenConnection { device, init, .. } = taken.connection;
-        let resumed = NodeSession::resume(
-            &root,
-            node.consistency,
-            device,
-            &init,
-            taken.volumes,
-            self.runtime.clone(),
-            self.metrics.clone(),
-            &node.kernel,
-        );
-        let session = match resumed {
-            Ok(session) => session,
-            Err(e) => {
-                // Nobody can serve it: let it die, so that the next daemon mounts anew over
-                // dead mounts instead of waiting on live ones.
-                if let Some(keeper) = &self.keeper {
-                    keeper.release(node.consistency);
-                }
-                if let Err(abort) = sys::abort_fuse_connection(&root) {
-                    tracing::warn!(error = %abort, "could not abort the node connection");
-                }
-                return Err(e);
-            }
-        };
-        self.metrics.takeovers.inc();
-        if let Some(keeper) = &self.keeper {
-            keeper.hold(
-                node.consistency,
-                session.connection().device().try_clone_to_owned()?,
-                init,
-            );
-        }
-        *node.session.lock() = Some(Arc::new(session));
-        for target in taken.detach_later {
-            if let Err(e) = sys::detach_all_of_type(&target, sys::FSTYPE) {
-                tracing::warn!(target = %target.display(), error = %e, "could not detach a gone pod's volume");
-            }
-        }
-        Ok(())
     }
 
     /// For a daemon stopping with no volume published: nothing on the node connections is
@@ -473,23 +403,6 @@ impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
             .map_err(|error| MountError::Unreachable { error })
     }
 
-    fn adopt(&self, target: &Path, slot: Slot, fs: Arc<VaultFs<S>>) -> Option<Box<dyn Mounted>> {
-        let taken = self.connection(fs.config().consistency).taken.lock();
-        let taken = taken.as_ref()?;
-        taken.volumes.attach(slot, fs);
-        self.metrics.active_mounts.inc();
-        tracing::info!(target = %target.display(), slot, "serving the volume again on the connection taken over");
-        Some(Box::new(BindMount {
-            volumes: taken.volumes.clone(),
-            metrics: self.metrics.clone(),
-            target: target.to_path_buf(),
-            slot,
-            // Not looked up now: the connection is not served yet.
-            mount_id: None,
-            attached: true,
-        }))
-    }
-
     fn unmount_target(&self, target: &Path) -> std::io::Result<bool> {
         // Only vaultfs's own mounts, at the target however it is written: never whatever else
         // a caller names.
@@ -498,13 +411,6 @@ impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
-        // While any taken connection is not served yet, the target may be one of its binds.
-        for node in &self.connections {
-            if let Some(taken) = node.taken.lock().as_mut() {
-                taken.detach_later.push(target);
-                return Ok(true);
-            }
-        }
         sys::detach_all_of_type(&target, sys::FSTYPE).map(|n| n > 0)
     }
 }

@@ -12,6 +12,7 @@ use thiserror::Error;
 use crate::secret::{SecretData, Token};
 use crate::spec::SecretPath;
 
+pub mod handoff;
 #[cfg(any(test, feature = "testing"))]
 pub mod mock;
 pub mod pacing;
