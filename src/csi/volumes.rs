@@ -50,7 +50,7 @@ impl Drop for RoomGuard {
 }
 
 /// One published volume.
-struct Served<S> {
+struct Published<S> {
     volume_id: String,
     slot: Slot,
     serving: Serving<S>,
@@ -63,7 +63,7 @@ pub struct VolumeManager<S> {
     mounter: Arc<dyn Mounter<S>>,
     metrics: Arc<Metrics>,
     state: StateDir,
-    volumes: Mutex<HashMap<PathBuf, Served<S>>>,
+    volumes: Mutex<HashMap<PathBuf, Published<S>>>,
     /// Volumes served or being started, bounded by `max_volumes`.
     room_taken: Arc<AtomicUsize>,
     /// The next slot given to a new volume: slots are never reused by one daemon, so no kernel
@@ -427,7 +427,7 @@ impl<S: Identity> VolumeManager<S> {
         room.keep();
         self.volumes.lock().insert(
             params.target.clone(),
-            Served {
+            Published {
                 volume_id: params.volume_id,
                 slot,
                 serving: volume.serve(mounted),

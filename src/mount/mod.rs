@@ -34,7 +34,7 @@ mod takeover;
 #[cfg(any(test, feature = "testing"))]
 pub use fake::FakeMounter;
 pub use handover::InitRecord;
-pub use node::{connection_dir_name, BindMount, FuseMounter, NodeSession, MAX_BACKGROUND};
+pub use node::{connection_dir_name, BindMount, FuseMounter, NodeConnection, MAX_BACKGROUND};
 pub use takeover::TakenOver;
 
 #[derive(Debug, Error)]

@@ -18,12 +18,13 @@ use crate::quarantine::Quarantine;
 use crate::source::SecretSource;
 use crate::sys;
 
-/// The node plugin's FUSE connection: one for every volume of the node, mounted at a
-/// daemon-private directory (under the state directory, mode 0700). Volume `slot` is its
+/// A served node connection: the FUSE connection of every volume of the node of one consistency
+/// mode, mounted at its owner-only directory in the connections directory (`--connections-dir`,
+/// mode 0700). Volume `slot` is its
 /// directory `<slot>`, bind-mounted at the pod's target: the bind's root is the volume's root,
 /// and `..` from it leaves the bind, so a pod can reach neither the connection's root nor
 /// another volume.
-pub struct NodeSession<S> {
+pub struct NodeConnection<S> {
     root: PathBuf,
     volumes: Arc<Volumes<S>>,
     metrics: Arc<Metrics>,
@@ -38,7 +39,7 @@ pub struct NodeSession<S> {
 /// reads behind a dozen slow ones.
 pub const MAX_BACKGROUND: u16 = 1024;
 
-impl<S: SecretSource> NodeSession<S> {
+impl<S: SecretSource> NodeConnection<S> {
     /// Mounts the connection at `root` (over a dead one an earlier daemon left) and serves
     /// `volumes` (`Volumes::node`) on it; its kernel notifications go through `kernel`.
     pub fn start(
@@ -222,7 +223,7 @@ impl<S: SecretSource> Drop for BindMount<S> {
     }
 }
 
-/// Real mounts for the node plugin: the node's volumes on one `NodeSession` per consistency
+/// Real mounts for the node plugin: the node's volumes on one `NodeConnection` per consistency
 /// mode (the no-open flag of cached volumes is per connection), each started on first use, or
 /// taken over from the keeper when a predecessor served it.
 pub struct FuseMounter<S> {
@@ -230,17 +231,19 @@ pub struct FuseMounter<S> {
     pub(super) metrics: Arc<Metrics>,
     /// `--connections-dir`: each connection is mounted at its `connection_dir_name` there.
     dir: PathBuf,
-    connections: [NodeConnection<S>; 2],
+    connections: [ModeConnection<S>; 2],
     pub(super) keeper: Option<Arc<KeeperLink>>,
     /// Given to the volume tables of both connections.
     pub(super) quarantine: Option<Arc<Quarantine>>,
 }
 
-/// One of the node's connections, by consistency mode.
-pub(super) struct NodeConnection<S> {
+/// The node's connection of one consistency mode: its kernel notifier (made before the
+/// connection, so volumes are built wired to it) and, once mounted or taken over, the served
+/// connection.
+pub(super) struct ModeConnection<S> {
     pub(super) consistency: Consistency,
     pub(super) kernel: KernelNotifier,
-    pub(super) session: parking_lot::Mutex<Option<Arc<NodeSession<S>>>>,
+    pub(super) served: parking_lot::Mutex<Option<Arc<NodeConnection<S>>>>,
 }
 
 /// The directory, in the connections directory, where the node connection of `consistency` is
@@ -261,10 +264,10 @@ impl<S: SecretSource> FuseMounter<S> {
         dir: PathBuf,
         keeper: Option<Arc<KeeperLink>>,
     ) -> Self {
-        let connection = |consistency| NodeConnection {
+        let connection = |consistency| ModeConnection {
             consistency,
             kernel: KernelNotifier::new(),
-            session: parking_lot::Mutex::default(),
+            served: parking_lot::Mutex::default(),
         };
         Self {
             runtime,
@@ -286,7 +289,7 @@ impl<S: SecretSource> FuseMounter<S> {
         self
     }
 
-    pub(super) fn connection(&self, consistency: Consistency) -> &NodeConnection<S> {
+    pub(super) fn connection(&self, consistency: Consistency) -> &ModeConnection<S> {
         match consistency {
             Consistency::Strict => &self.connections[0],
             Consistency::Cached => &self.connections[1],
@@ -304,7 +307,7 @@ impl<S: SecretSource> FuseMounter<S> {
     /// new ones when a volume comes. Uninstalling thus leaves no mount behind.
     pub fn retire_unused(&self) {
         for node in &self.connections {
-            if node.session.lock().take().is_none() {
+            if node.served.lock().take().is_none() {
                 continue;
             }
             if let Some(keeper) = &self.keeper {
@@ -327,16 +330,17 @@ impl<S: SecretSource> FuseMounter<S> {
     pub fn served_roots(&self) -> Vec<PathBuf> {
         self.connections
             .iter()
-            .filter(|node| node.session.lock().is_some())
+            .filter(|node| node.served.lock().is_some())
             .map(|node| self.root_of(node.consistency))
             .collect()
     }
 
-    fn session(&self, consistency: Consistency) -> Result<Arc<NodeSession<S>>, MountError> {
+    /// The served connection of `consistency`, mounted anew on first use.
+    fn served(&self, consistency: Consistency) -> Result<Arc<NodeConnection<S>>, MountError> {
         let node = self.connection(consistency);
-        let mut slot = node.session.lock();
-        if let Some(session) = slot.as_ref() {
-            return Ok(session.clone());
+        let mut served = node.served.lock();
+        if let Some(connection) = served.as_ref() {
+            return Ok(connection.clone());
         }
         let root = self.root_of(consistency);
         // Nothing took a connection over, so whatever vaultfs mounted here is dead or about
@@ -354,7 +358,7 @@ impl<S: SecretSource> FuseMounter<S> {
         }
         // Owner-only: only the daemon goes there (a dead mount there exists already).
         let _ = std::fs::DirBuilder::new().mode(0o700).create(&root);
-        let session = Arc::new(NodeSession::start(
+        let started = Arc::new(NodeConnection::start(
             &root,
             consistency,
             Volumes::node(self.quarantine.clone()),
@@ -363,7 +367,7 @@ impl<S: SecretSource> FuseMounter<S> {
             &node.kernel,
         )?);
         if let Some(keeper) = &self.keeper {
-            let connection = session.connection();
+            let connection = started.connection();
             match connection.device().try_clone_to_owned() {
                 Ok(device) => keeper.hold(consistency, device, connection.init().clone()),
                 Err(e) => {
@@ -371,8 +375,8 @@ impl<S: SecretSource> FuseMounter<S> {
                 }
             }
         }
-        *slot = Some(session.clone());
-        Ok(session)
+        *served = Some(started.clone());
+        Ok(started)
     }
 }
 
@@ -389,13 +393,13 @@ impl<S: SecretSource> Mounter<S> for FuseMounter<S> {
         config: &MountConfig,
     ) -> Result<Box<dyn Mounted>, MountError> {
         self.publishable(fs.config().consistency)?;
-        let session = self.session(fs.config().consistency)?;
-        let mounted = session.attach(target, slot, fs, config)?;
+        let connection = self.served(fs.config().consistency)?;
+        let mounted = connection.attach(target, slot, fs, config)?;
         Ok(Box::new(mounted))
     }
 
     fn publishable(&self, consistency: Consistency) -> Result<(), MountError> {
-        if self.connection(consistency).session.lock().is_none() {
+        if self.connection(consistency).served.lock().is_none() {
             // Mounted on first use, in this namespace.
             return Ok(());
         }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::keeper_link::TakenConnection;
-use super::node::{BindMount, FuseMounter, NodeSession};
+use super::node::{BindMount, FuseMounter, NodeConnection};
 use super::Mounted;
 use crate::fs::{Consistency, VaultFs};
 use crate::fuse::{Slot, Volumes};
@@ -119,7 +119,7 @@ impl<S: SecretSource> TakenOver<S> {
                 keeper.resend_after_predecessor(&taken.connection);
             }
             let TakenConnection { device, init, .. } = taken.connection;
-            let resumed = NodeSession::resume(
+            let resumed = NodeConnection::resume(
                 &root,
                 taken.consistency,
                 device,
@@ -129,8 +129,8 @@ impl<S: SecretSource> TakenOver<S> {
                 mounter.metrics.clone(),
                 &node.kernel,
             );
-            let session = match resumed {
-                Ok(session) => session,
+            let served = match resumed {
+                Ok(served) => served,
                 Err(e) => {
                     if let Some(keeper) = &mounter.keeper {
                         keeper.release(taken.consistency);
@@ -145,11 +145,11 @@ impl<S: SecretSource> TakenOver<S> {
             if let Some(keeper) = &mounter.keeper {
                 keeper.hold(
                     taken.consistency,
-                    session.connection().device().try_clone_to_owned()?,
+                    served.connection().device().try_clone_to_owned()?,
                     init,
                 );
             }
-            *node.session.lock() = Some(Arc::new(session));
+            *node.served.lock() = Some(Arc::new(served));
         }
         for target in self.detach_later.into_inner() {
             if let Err(e) = sys::detach_all_of_type(&target, sys::FSTYPE) {
