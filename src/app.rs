@@ -1,5 +1,8 @@
-//! Wiring: turns command-line settings into a running, mounted volume and tears it down on
-//! SIGINT/SIGTERM. The only module that assembles source, cache, fs and mount together.
+//! The daemons' wiring: turns parsed settings into a running `vaultfs mount` (one volume on
+//! its own connection) or `vaultfs csi` (the node plugin: keeper link, quarantine, the restart
+//! hand-over, recovery, the CSI socket, health and metrics), and stops each cleanly on
+//! SIGINT/SIGTERM. The one place that starts the parts of a daemon in their order; what each
+//! part does lives in its module (`volume`, `csi`, `mount`, `mount::TakenOver`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,37 +12,36 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cache::CacheConfig;
 use crate::fs::Consistency;
 use crate::health::{Health, Watched, Watchlist};
 use crate::metrics::{self, Metrics};
 use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
 use crate::quarantine::{Quarantine, QuarantineConfig};
-use crate::reload::ReloadConfig;
 use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
 use crate::spec::VolumeSpec;
 use crate::volume::{Volume, VolumeConfig};
+
+/// What every daemon (`vaultfs mount`, `vaultfs csi`) is given beyond its own job.
+pub struct DaemonSettings {
+    /// Bounds on each Vault server's traffic and answers.
+    pub limits: ServerLimits,
+    pub lock_memory: bool,
+    pub metrics_addr: Option<SocketAddr>,
+    /// `--max-metrics-connections`.
+    pub max_metrics_connections: usize,
+}
 
 /// Everything `vaultfs mount` needs, already parsed and validated.
 pub struct MountSettings {
     pub mountpoint: PathBuf,
     pub spec: VolumeSpec,
     pub vault: ServerConfig,
-    pub limits: ServerLimits,
     pub auth: Auth,
-    pub cache: CacheConfig,
-    pub uid: u32,
-    pub gid: u32,
-    pub file_mode: u16,
-    pub consistency: Consistency,
-    /// `--reload-signal` and `--reload-pid-file`.
-    pub reload: Option<ReloadConfig>,
+    /// The volume (named after its mount point, no pod), as built.
+    pub volume: VolumeConfig,
     pub allow_other: bool,
-    pub lock_memory: bool,
-    pub metrics_addr: Option<SocketAddr>,
-    /// `--max-metrics-connections`.
-    pub max_metrics_connections: usize,
+    pub daemon: DaemonSettings,
 }
 
 /// Hardens the process before any secret is in memory.
@@ -74,39 +76,37 @@ pub fn raise_descriptor_limit() {
 /// Serves one volume in the foreground until SIGINT or SIGTERM, then unmounts and revokes
 /// the token vaultfs obtained.
 pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
-    harden(settings.lock_memory)?;
+    let MountSettings {
+        mountpoint,
+        spec,
+        vault,
+        auth,
+        volume,
+        allow_other,
+        daemon,
+    } = settings;
+    harden(daemon.lock_memory)?;
     let metrics = Arc::new(Metrics::new());
-    let server = Arc::new(VaultServer::with_limits(&settings.vault, settings.limits)?);
+    let server = Arc::new(VaultServer::with_limits(&vault, daemon.limits)?);
     server.set_up_gauge(metrics.vault_server_up(server.addr()));
-    let name = settings.mountpoint.display().to_string();
-    let source = VaultSource::new(server, settings.auth, name.clone(), metrics.clone());
+    let source = VaultSource::new(server, auth, volume.name.clone(), metrics.clone());
     let kernel = KernelNotifier::new();
     let volume = Volume::build(
         Arc::new(source),
-        settings.spec,
-        VolumeConfig {
-            name,
-            pod: None,
-            cache: settings.cache,
-            uid: settings.uid,
-            gid: settings.gid,
-            file_mode: settings.file_mode,
-            consistency: settings.consistency,
-            reload: settings.reload,
-        },
+        spec,
+        volume,
         kernel.for_volume(0),
         &metrics,
     );
 
     let shutdown = shutdown_signal()?;
     // Before mounting: a port in use fails at once, with nothing mounted.
-    let metrics_listener =
-        bind_metrics(settings.metrics_addr, settings.max_metrics_connections).await?;
+    let metrics_listener = bind_metrics(&daemon).await?;
     let mounted = mount::mount(
         volume.fs(),
-        &settings.mountpoint,
+        &mountpoint,
         &MountConfig {
-            allow_other: settings.allow_other,
+            allow_other,
             create_target: false,
         },
         tokio::runtime::Handle::current(),
@@ -114,7 +114,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
         &kernel,
     )?;
     tracing::info!(
-        mountpoint = %settings.mountpoint.display(),
+        mountpoint = %mountpoint.display(),
         files = volume.files(),
         "serving secrets; nothing is fetched until a file is read"
     );
@@ -122,11 +122,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
     let health = Arc::new(Health::stopping_when_gone());
     let mut background = tokio::task::JoinSet::new();
     spawn_metrics(&mut background, metrics_listener, &metrics, &health);
-    background.spawn(watch_mount(
-        health.clone(),
-        metrics.clone(),
-        settings.mountpoint.clone(),
-    ));
+    background.spawn(watch_mount(health.clone(), metrics.clone(), mountpoint));
     let gone = tokio::select! {
         () = shutdown => None,
         // Seen by a probe of /healthz until the process is gone.
@@ -165,10 +161,9 @@ async fn watch_mount(health: Arc<Health>, metrics: Arc<Metrics>, mountpoint: Pat
 
 /// The listener of `--metrics-addr`, if given, bound at once, with the limits it serves within.
 async fn bind_metrics(
-    addr: Option<SocketAddr>,
-    max_connections: usize,
+    daemon: &DaemonSettings,
 ) -> anyhow::Result<Option<(tokio::net::TcpListener, metrics::EndpointLimits)>> {
-    let Some(addr) = addr else {
+    let Some(addr) = daemon.metrics_addr else {
         return Ok(None);
     };
     let listener = tokio::net::TcpListener::bind(addr)
@@ -176,7 +171,7 @@ async fn bind_metrics(
         .with_context(|| format!("cannot listen on --metrics-addr {addr}"))?;
     Ok(Some((
         listener,
-        metrics::EndpointLimits::new(max_connections),
+        metrics::EndpointLimits::new(daemon.max_metrics_connections),
     )))
 }
 
@@ -269,12 +264,7 @@ pub struct CsiSettings {
     pub drain_timeout: Duration,
     /// First back-off of a volume quarantined after consecutive crashes (zero: no quarantine).
     pub quarantine_backoff: Duration,
-    /// Bounds on each Vault server's traffic and answers.
-    pub limits: ServerLimits,
-    pub lock_memory: bool,
-    pub metrics_addr: Option<SocketAddr>,
-    /// `--max-metrics-connections`.
-    pub max_metrics_connections: usize,
+    pub daemon: DaemonSettings,
 }
 
 /// The quarantine of crash-looping volumes (`--quarantine-backoff`; none when zero), opened
@@ -334,25 +324,25 @@ fn make_connections_dir_private(dir: &std::path::Path) -> std::io::Result<PathBu
 /// Serves the CSI node plugin until SIGINT or SIGTERM. Published volumes stay recorded in the
 /// state directory; the next daemon serves them again.
 pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
-    harden(settings.lock_memory)?;
+    harden(settings.daemon.lock_memory)?;
     // First: a SIGTERM while starting (taking over, recovering) must not kill the process
     // before it can stop cleanly.
     let shutdown = shutdown_signal()?;
     let metrics = Arc::new(Metrics::new());
     let mut servers = std::collections::HashMap::new();
     for (name, config) in &settings.servers {
-        let server = VaultServer::with_limits(config, settings.limits).with_context(|| {
-            format!(
-                "Vault server {:?}",
-                if name.is_empty() { "default" } else { name }
-            )
-        })?;
+        let server =
+            VaultServer::with_limits(config, settings.daemon.limits).with_context(|| {
+                format!(
+                    "Vault server {:?}",
+                    if name.is_empty() { "default" } else { name }
+                )
+            })?;
         server.set_up_gauge(metrics.vault_server_up(server.addr()));
         servers.insert(name.clone(), Arc::new(server));
     }
     // Before taking over or recovering any mount: a port in use fails at once.
-    let metrics_listener =
-        bind_metrics(settings.metrics_addr, settings.max_metrics_connections).await?;
+    let metrics_listener = bind_metrics(&settings.daemon).await?;
     crate::csi::make_dir_private(
         &settings.state_dir,
         "the state directory (service-account tokens)",

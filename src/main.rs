@@ -268,6 +268,16 @@ impl DaemonArgs {
         })
     }
 
+    /// The daemon settings these arguments give.
+    fn settings(&self) -> Result<app::DaemonSettings, String> {
+        Ok(app::DaemonSettings {
+            limits: self.server_limits()?,
+            lock_memory: self.lock_memory,
+            metrics_addr: self.metrics_addr,
+            max_metrics_connections: self.max_metrics_connections,
+        })
+    }
+
     fn server_limits(&self) -> Result<ServerLimits, String> {
         for (flag, value) in [
             ("--max-secret-bytes", self.max_secret_bytes),
@@ -542,9 +552,9 @@ fn csi(args: CsiArgs) -> ExitCode {
                     .to_string(),
             );
         }
-        Ok((servers, args.daemon.server_limits()?))
+        Ok((servers, args.daemon.settings()?))
     })();
-    let (servers, limits) = match prepared {
+    let (servers, daemon) = match prepared {
         Ok(s) => s,
         Err(message) => {
             eprintln!("vaultfs: {message}");
@@ -570,10 +580,7 @@ fn csi(args: CsiArgs) -> ExitCode {
         keeper_wait: args.keeper_wait,
         drain_timeout: args.drain_timeout,
         quarantine_backoff: args.quarantine_backoff,
-        limits,
-        lock_memory: args.daemon.lock_memory,
-        metrics_addr: args.daemon.metrics_addr,
-        max_metrics_connections: args.daemon.max_metrics_connections,
+        daemon,
     };
     run(args.daemon.log_format, app::run_csi(settings))
 }
@@ -637,39 +644,41 @@ fn mount(args: MountArgs) -> ExitCode {
         volume_spec(&args.secrets, &args.templates, args.spec.as_ref()).and_then(|spec| {
             let (vault, auth) = vault_config(args.vault, args.vault_timeout)?;
             args.daemon.start_renderers()?;
+            // One mount point however it is written (relative, trailing `/`, a symlink): a
+            // live vaultfs mount there is then refused instead of stacked on.
+            let mountpoint = vaultfs::sys::canonical_target(&args.mountpoint)
+                .unwrap_or_else(|_| args.mountpoint.clone());
             Ok(MountSettings {
-                // One mount point however it is written (relative, trailing `/`, a symlink):
-                // a live vaultfs mount there is then refused instead of stacked on.
-                mountpoint: vaultfs::sys::canonical_target(&args.mountpoint)
-                    .unwrap_or_else(|_| args.mountpoint.clone()),
+                mountpoint: mountpoint.clone(),
                 spec,
                 vault,
-                limits: args.daemon.server_limits()?,
                 auth,
-                cache: vaultfs::volume::cache_config(
-                    args.cache_ttl,
-                    args.max_stale,
-                    args.vault_timeout,
-                    args.cache_max_entries,
-                    args.cache_max_bytes,
-                ),
-                // SAFETY: geteuid/getegid cannot fail and take no arguments.
-                uid: args.uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
-                // SAFETY: as above.
-                gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
-                file_mode: args.file_mode,
-                consistency: args.consistency,
-                reload: args.reload_signal.zip(args.reload_pid_file.clone()).map(
-                    |(signal, file)| vaultfs::reload::ReloadConfig {
-                        signal,
-                        target: vaultfs::reload::Target::PidFile(file),
-                        min_interval: args.cache_ttl,
-                    },
-                ),
+                volume: vaultfs::volume::VolumeConfig {
+                    name: mountpoint.display().to_string(),
+                    pod: None,
+                    cache: vaultfs::volume::cache_config(
+                        args.cache_ttl,
+                        args.max_stale,
+                        args.vault_timeout,
+                        args.cache_max_entries,
+                        args.cache_max_bytes,
+                    ),
+                    // SAFETY: geteuid/getegid cannot fail and take no arguments.
+                    uid: args.uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
+                    // SAFETY: as above.
+                    gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
+                    file_mode: args.file_mode,
+                    consistency: args.consistency,
+                    reload: args.reload_signal.zip(args.reload_pid_file.clone()).map(
+                        |(signal, file)| vaultfs::reload::ReloadConfig {
+                            signal,
+                            target: vaultfs::reload::Target::PidFile(file),
+                            min_interval: args.cache_ttl,
+                        },
+                    ),
+                },
                 allow_other: args.allow_other,
-                lock_memory: args.daemon.lock_memory,
-                metrics_addr: args.daemon.metrics_addr,
-                max_metrics_connections: args.daemon.max_metrics_connections,
+                daemon: args.daemon.settings()?,
             })
         });
     let settings = match prepared {

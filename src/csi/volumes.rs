@@ -1,8 +1,11 @@
-//! The per-pod volume lifecycle behind NodePublishVolume / NodeUnpublishVolume: logging in
-//! with the pod's own service-account token, mounting through a `Mounter`, swapping tokens on
-//! republish, tearing down, and serving recorded volumes again after a restart. Plain Rust:
-//! no gRPC types, and no Vault types beyond the server a volume names; identities are made by
-//! a `Connect` function (`VaultSource` in production, `MockSource` in the contract tier).
+//! The per-pod volume lifecycle behind NodePublishVolume / NodeUnpublishVolume: a new volume
+//! (`publish`: log in with the pod's own service-account token, then mount through a
+//! `Mounter`), a republish (the fresh token swapped in), unpublish (torn down), and the
+//! volumes an earlier daemon recorded served again after a restart (`recover`, adopting them
+//! into the connections taken over when there are some). Both paths build a volume the same
+//! way (`assemble`) and install it the same way (`install`). Plain Rust: no gRPC types, and no
+//! Vault types beyond the server a volume names; identities are made by a `Connect` function
+//! (`VaultSource` in production, `MockSource` in the contract tier).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
