@@ -36,7 +36,6 @@ pub mod keeper;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
-pub mod pidfd;
 pub mod quarantine;
 pub mod reload;
 pub mod render;
@@ -44,5 +43,7 @@ pub mod secret;
 pub mod source;
 pub mod spec;
 pub mod sys;
+/// `sys::pidfd`, at the path its users know.
+pub use sys::pidfd;
 pub mod template;
 pub mod volume;
