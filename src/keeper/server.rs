@@ -223,8 +223,7 @@ pub fn run_keeper(socket: &Path) -> anyhow::Result<()> {
             );
         }
     };
-    let held = state.held.len();
-    let unowned = state.held.values().filter(|h| h.owner.is_none()).count();
+    let (held, unowned) = state.held_and_unowned();
     tracing::info!(
         held,
         unowned,

@@ -23,7 +23,7 @@ pub(super) struct HeldConnection {
     init: Vec<u8>,
     fd: OwnedFd,
     /// The client that put or last took it, while connected.
-    pub(super) owner: Option<ClientId>,
+    owner: Option<ClientId>,
     /// When the owner hung up, while there is none.
     unowned_since: Option<Instant>,
 }
@@ -42,7 +42,7 @@ struct Successor {
 /// The keeper's state: held connections by name, successors waiting, stashed records.
 #[derive(Default)]
 pub(super) struct State {
-    pub(super) held: BTreeMap<String, HeldConnection>,
+    held: BTreeMap<String, HeldConnection>,
     successors: BTreeMap<ClientId, Successor>,
     /// Clients whose connections a later client took: their stashes would overwrite the
     /// records of the daemon that now serves.
@@ -182,6 +182,12 @@ impl State {
                 Ok(Some(Reply::Done))
             }
         }
+    }
+
+    /// How many connections are held, and how many of them have no owner connected.
+    pub(super) fn held_and_unowned(&self) -> (usize, usize) {
+        let unowned = self.held.values().filter(|h| h.owner.is_none()).count();
+        (self.held.len(), unowned)
     }
 
     /// The held descriptors, in the order of a `held` reply.
