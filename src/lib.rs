@@ -14,12 +14,13 @@
 //! only for tests (`cfg(test)` or the `testing` feature).
 //! `reload` (reload signals: signal names, a pod's processes, the debounce) is used by `volume`
 //! and the wiring and uses only `metrics` and `pidfd` (to signal exactly the process it checked).
-//! `pidfd` (processes held by a pidfd) uses no vaultfs module; `sys` (thin wrappers over Linux
-//! calls) only `pidfd`.
+//! `sys` (the Linux calls vaultfs makes itself, one module per topic: process, file, mount,
+//! mountinfo, socket, signal, pidfd) uses no vaultfs module; `pidfd` is `sys::pidfd`.
 //! `keeper` (the process that holds FUSE connections across daemon restarts, and its client)
-//! stands beside this chain: it uses only `logging`, `pidfd` (to check who connects) and
-//! `secret` (to wipe what it held), and only `main`, the wiring and `mount::keeper_link` (which
-//! also stashes the volumes' Vault sessions there, through `source::SessionStore`) use it.
+//! stands beside this chain: it uses only `logging`, `sys` (its socket calls, and `pidfd` to
+//! check who connects) and `secret` (to wipe what it held), and only `main`, the wiring and
+//! `mount::keeper_link` (which also stashes the volumes' Vault sessions there, through
+//! `source::SessionStore`) use it.
 //! `quarantine` (the node plugin's requests in flight per volume, in shared memory that
 //! outlives a crash, and the volumes fenced off after consecutive crashes) uses only `sys` and
 //! `config`; `fuse` counts and fences requests through it, the wiring opens it.
@@ -36,7 +37,6 @@ pub mod keeper;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
-pub mod pidfd;
 pub mod quarantine;
 pub mod reload;
 pub mod render;
@@ -44,5 +44,7 @@ pub mod secret;
 pub mod source;
 pub mod spec;
 pub mod sys;
+/// `sys::pidfd`, at the path its users know.
+pub use sys::pidfd;
 pub mod template;
 pub mod volume;
