@@ -228,9 +228,7 @@ impl<S: SecretSource> SecretCache<S> {
         let recoveries = self.source.server_recoveries();
         let _flight = slot.refresh.lock().await;
         if self.closing.load(Ordering::Acquire) {
-            return Err(SourceError::LoginRefused(
-                "the volume is being unmounted".into(),
-            ));
+            return Err(SourceError::Closed);
         }
         if let Some(content) = self.fresh(slot) {
             self.metrics.cache_hits.inc();

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -15,7 +14,6 @@ use crate::fs::Consistency;
 use crate::fuse::Slot;
 use crate::reload::{PodUid, ProcessName, Signal};
 use crate::secret::Token;
-use crate::source::vault::VaultServer;
 use crate::spec::{parse_spec_document, VolumeSpec};
 
 /// Keys kubelet adds to the volume context (with `podInfoOnMount` and `tokenRequests`).
@@ -120,7 +118,8 @@ pub(super) struct Params {
     pub(super) file_mode: u16,
     pub(super) consistency: Consistency,
     pub(super) mount_group: Option<u32>,
-    pub(super) server: Arc<VaultServer>,
+    /// The configured server the volume reads from (`""`: the default).
+    pub(super) server: String,
     pub(super) token: Token,
     pub(super) audience: String,
     pub(super) label: String,
@@ -249,14 +248,17 @@ pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Param
         None => 0o444,
     };
     let server_name = attr("vaultServer").unwrap_or("");
-    let server = config.servers.get(server_name).cloned().ok_or_else(|| {
-        let mut known: Vec<_> = config
+    let server = config
+        .servers
+        .contains(server_name)
+        .then(|| server_name.to_string())
+        .ok_or_else(|| {
+        let known: Vec<_> = config
             .servers
-            .keys()
+            .iter()
             .filter(|k| !k.is_empty())
             .map(String::as_str)
             .collect();
-        known.sort();
         if server_name.is_empty() {
             invalid("this node has no default Vault server (--vault-addr); set volumeAttributes.vaultServer")
         } else {

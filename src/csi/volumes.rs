@@ -1,8 +1,9 @@
 //! The per-pod volume lifecycle behind NodePublishVolume / NodeUnpublishVolume: logging in
 //! with the pod's own service-account token, mounting through a `Mounter`, swapping tokens on
 //! republish, tearing down, and serving recorded volumes again after a restart. Plain Rust:
-//! no gRPC types, and no Vault types beyond the server a volume names; identities are made by
-//! a `Connect` function (`VaultSource` in production, `MockSource` in the contract tier).
+//! no gRPC types and no Vault types; identities are made from a source-neutral `Login` by a
+//! `Connect` function (`VaultServers::connector` in production, `MockSource` in the contract
+//! tier).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,15 +21,11 @@ use crate::health::Watched;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, Mounter};
 use crate::reload::{ReloadConfig, Target};
-use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer, VaultSource};
-use crate::source::{Identity, SessionStore, SourceError};
+use crate::source::{Connect, Identity, Login, SessionStore, SourceError};
 use crate::volume::{cache_config, Serving, Volume, VolumeConfig};
 
 /// Longest a publish waits for the pod's Vault login before mounting anyway.
 const PUBLISH_LOGIN_WAIT: Duration = Duration::from_secs(2);
-
-/// Makes a volume's identity: its Vault server, how it logs in, and its name in logs.
-pub type Connect<S> = Box<dyn Fn(&Arc<VaultServer>, Auth, &str) -> Arc<S> + Send + Sync>;
 
 /// Room reserved for one volume under `max_volumes`: given back on drop unless kept.
 struct RoomGuard {
@@ -75,29 +72,22 @@ pub struct VolumeManager<S> {
     sessions: Option<Arc<dyn SessionStore>>,
 }
 
+/// What the volume of `params` logs in with.
+fn login_of(params: &Params) -> Login {
+    Login {
+        server: params.server.clone(),
+        auth_mount: params.auth_mount.clone(),
+        role: params.role.clone(),
+        audience: params.audience.clone(),
+        credential: params.token.clone(),
+        pod: params.pod.clone(),
+        volume: params.label.clone(),
+    }
+}
+
 /// The name a volume's session is stashed under: by slot, which no other volume gets.
 fn session_key(slot: Slot) -> String {
     format!("volume-{slot}")
-}
-
-impl VolumeManager<VaultSource> {
-    /// Volumes logging in to the Vault servers of `config`.
-    pub fn new(
-        config: CsiConfig,
-        mounter: Arc<dyn Mounter<VaultSource>>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let vault_metrics = metrics.clone();
-        let connect: Connect<VaultSource> = Box::new(move |server, auth, name| {
-            Arc::new(VaultSource::new(
-                server.clone(),
-                auth,
-                name.to_string(),
-                vault_metrics.clone(),
-            ))
-        });
-        Self::with_identities(config, connect, mounter, metrics)
-    }
 }
 
 impl<S: Identity> VolumeManager<S> {
@@ -238,14 +228,10 @@ impl<S: Identity> VolumeManager<S> {
                 slot
             }
         };
-        let auth = Auth::Login {
-            method: LoginMethod::Kubernetes,
-            mount: params.auth_mount.clone(),
-            role: params.role.clone(),
-            credential: Credential::Value(params.token.clone()),
-        };
+        let identity = (self.connect)(login_of(&params))
+            .map_err(|e| CsiError::InvalidArgument(format!("volumeAttributes.vaultServer: {e}")))?;
         let volume = Volume::build(
-            (self.connect)(&params.server, auth, &params.label),
+            identity,
             params.spec.clone(),
             VolumeConfig {
                 name: params.label.clone(),

@@ -25,6 +25,7 @@ mod auth;
 mod engine;
 mod health;
 mod http;
+mod servers;
 
 #[cfg(test)]
 mod test_server;
@@ -36,6 +37,7 @@ pub use http::{
     ServerConfig, ServerLimits, VaultConfigError, VaultServer, DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_REQUESTS_PER_IDENTITY, DEFAULT_MAX_RESPONSE_BYTES,
 };
+pub use servers::VaultServers;
 
 /// How vaultfs proves its identity to Vault.
 #[derive(Clone, Debug)]
@@ -134,6 +136,7 @@ fn error_class(err: &SourceError) -> &'static str {
         SourceError::Invalid(_) => "invalid",
         SourceError::LoginRefused(_) => "login_refused",
         SourceError::TooLarge(_) => "too_large",
+        SourceError::Closed => "closed",
     }
 }
 

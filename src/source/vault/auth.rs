@@ -273,13 +273,13 @@ impl VaultSource {
     /// A token to use now: the current one while it is valid, else a fresh login.
     pub(super) async fn token(&self) -> Result<Token, SourceError> {
         if self.closed.load(Ordering::SeqCst) {
-            return Err(closed_error());
+            return Err(SourceError::Closed);
         }
         if let Some(t) = self.token.lock().as_ref().filter(|t| t.valid()) {
             return Ok(t.token.clone());
         }
         if self.closed.load(Ordering::SeqCst) {
-            return Err(closed_error());
+            return Err(SourceError::Closed);
         }
         if self.is_static_token() {
             return Err(SourceError::PermissionDenied);
@@ -324,7 +324,7 @@ impl VaultSource {
             self.token.lock().take();
             self.session_changed();
             self.server.revoke_in_background(fresh, &self.in_flight);
-            return Err(closed_error());
+            return Err(SourceError::Closed);
         }
         if revoke_refused {
             if let Some(old) = refused.filter(|old| *old != &fresh) {
@@ -528,8 +528,4 @@ impl VaultSource {
             Err(_) => false,
         }
     }
-}
-
-fn closed_error() -> SourceError {
-    SourceError::LoginRefused("this volume was unpublished; its Vault identity is closed".into())
 }
