@@ -156,7 +156,7 @@ mod tests {
         }
     }
 
-    /// Drives `plan` the way `VaultSource::run_renewer` does, against a Vault that grants
+    /// Drives `plan` the way `vault::auth`'s renewer does, against a Vault that grants
     /// `ttl_at(now)` whole seconds per login or renewal, capped at `max_ttl` after the login. A
     /// reader needs a valid token at all times, so a lapsed token is replaced the moment it
     /// expires (the lazy login of the next use).

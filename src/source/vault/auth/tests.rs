@@ -18,16 +18,8 @@ fn identity(
     answer: impl Fn(&str, &str) -> (&'static str, &'static str) + Send + Sync + 'static,
 ) -> (Tokens, Client, Seen) {
     let (addr, seen) = test_server::serve(move |head| {
-        let path = head.split(' ').nth(1).unwrap_or_default();
-        let token = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("x-vault-token: ")
-                    .map(String::from)
-            })
-            .unwrap_or_default();
-        let (status, body) = answer(path, token.trim());
+        let (path, token) = path_and_token(head);
+        let (status, body) = answer(path, token.as_deref().unwrap_or_default());
         json_answer(status, body, false)
     });
     let server =
@@ -62,20 +54,23 @@ fn hours(n: u64) -> Duration {
     Duration::from_secs(n * 3600)
 }
 
-/// Each request seen as `path token`.
+/// A request head's API path and the `X-Vault-Token` it sent, if any.
+fn path_and_token(head: &str) -> (&str, Option<String>) {
+    let path = head.split(' ').nth(1).unwrap_or_default();
+    let token = head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("x-vault-token: ")
+            .map(|t| t.trim().to_string())
+    });
+    (path, token)
+}
+
+/// Each request seen as `path token` (`-`: none).
 fn requests(seen: &[String]) -> Vec<String> {
     seen.iter()
         .map(|head| {
-            let path = head.split(' ').nth(1).unwrap_or_default();
-            let token = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("x-vault-token: ")
-                        .map(String::from)
-                })
-                .unwrap_or_else(|| "-".into());
-            format!("{path} {}", token.trim())
+            let (path, token) = path_and_token(head);
+            format!("{path} {}", token.as_deref().unwrap_or("-"))
         })
         .collect()
 }
