@@ -248,11 +248,7 @@ pub(super) fn validate(req: &PublishRequest, config: &CsiConfig) -> Result<Param
         None => 0o444,
     };
     let server_name = attr("vaultServer").unwrap_or("");
-    let server = config
-        .servers
-        .contains(server_name)
-        .then(|| server_name.to_string())
-        .ok_or_else(|| {
+    let server = config.servers.get(server_name).cloned().ok_or_else(|| {
         let known: Vec<_> = config
             .servers
             .iter()
