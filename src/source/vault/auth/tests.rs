@@ -246,3 +246,26 @@ async fn a_given_token_is_looked_up_first_then_renewed_two_thirds_into_its_ttl()
     assert!(off_by(session.expires_at.unwrap(), Duration::from_secs(600)) <= 1);
     assert_eq!(requests(&seen.lock()), ["/v1/auth/token/lookup-self given"]);
 }
+
+#[tokio::test]
+async fn a_revoked_identity_is_closed_and_its_reads_never_log_in_again() {
+    let (tokens, client, seen) = identity(|path, _| match path {
+        "/v1/auth/jwt/login" => ("200 OK", LOGIN),
+        _ => ("204 No Content", ""),
+    });
+    tokens.login(&client).await.expect("logged in");
+    tokens.revoke(&client).await;
+    assert_eq!(tokens.session(), None);
+    assert_eq!(read(&tokens, &client).await, Err(SourceError::Closed));
+    assert!(!tokens.resume(Session {
+        token: Token::new("old".into()),
+        expires_at: None,
+        full_ttl: hours(1),
+        next: SessionStep::Idle,
+    }));
+    let seen = requests(&requests_seen(&seen, 2).await);
+    assert_eq!(
+        seen,
+        ["/v1/auth/jwt/login -", "/v1/auth/token/revoke-self fresh"]
+    );
+}
