@@ -18,7 +18,9 @@ use crate::metrics::{self, Metrics};
 use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
 use crate::quarantine::{Quarantine, QuarantineConfig};
-use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
+use crate::source::vault::{
+    Auth, ServerConfig, ServerLimits, VaultServer, VaultServers, VaultSource,
+};
 use crate::spec::VolumeSpec;
 use crate::volume::{Volume, VolumeConfig};
 
@@ -341,6 +343,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         server.set_up_gauge(metrics.vault_server_up(server.addr()));
         servers.insert(name.clone(), Arc::new(server));
     }
+    let servers = VaultServers::new(servers);
     // Before taking over or recovering any mount: a port in use fails at once.
     let metrics_listener = bind_metrics(&settings.daemon).await?;
     crate::csi::make_dir_private(
@@ -397,11 +400,11 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         .context("taking over from the keeper")?
         .context("taking the node connection from the keeper; not mounting over a connection it may hold")?;
     let manager = Arc::new(
-        crate::csi::VolumeManager::new(
+        crate::csi::VolumeManager::with_identities(
             crate::csi::CsiConfig {
                 node_id: settings.node_id,
                 state_dir: settings.state_dir,
-                servers,
+                servers: servers.names(),
                 vault_timeout: settings.vault_timeout,
                 cache_max_entries: settings.cache_max_entries,
                 cache_max_bytes: settings.cache_max_bytes,
@@ -410,6 +413,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
                 max_entries: settings.max_entries,
                 allow_reload_signals: settings.allow_reload_signals,
             },
+            servers.connector(metrics.clone()),
             mounter.clone(),
             metrics.clone(),
         )

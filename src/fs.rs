@@ -164,7 +164,7 @@ impl From<SourceError> for FsError {
     fn from(err: SourceError) -> Self {
         match err {
             SourceError::NotFound => FsError::NotFound,
-            SourceError::PermissionDenied | SourceError::LoginRefused(_) => {
+            SourceError::PermissionDenied | SourceError::LoginRefused(_) | SourceError::Closed => {
                 FsError::PermissionDenied
             }
             SourceError::Unavailable(m) => FsError::Unavailable(m),

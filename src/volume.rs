@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::mount::Mounted;
 use crate::reload::{ReloadConfig, Reloader};
 use crate::secret::Token;
+use crate::source::pacing;
 use crate::source::{HandedLease, Identity, LeaseSink};
 use crate::spec::VolumeSpec;
 
@@ -32,7 +33,7 @@ pub fn kernel_ttl(cache_ttl: Duration, consistency: Consistency) -> Duration {
     }
 }
 
-/// Cache settings of a volume; the back-off constants are defined here once.
+/// Cache settings of a volume, with the back-off of `source::pacing`.
 pub fn cache_config(
     ttl: Duration,
     max_stale: Duration,
@@ -44,8 +45,8 @@ pub fn cache_config(
         ttl,
         max_stale,
         vault_timeout,
-        retry_backoff: ttl.min(Duration::from_secs(1)),
-        max_retry_backoff: Duration::from_secs(10),
+        retry_backoff: ttl.min(pacing::RETRY_BACKOFF),
+        max_retry_backoff: pacing::MAX_RETRY_BACKOFF,
         max_entries: NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN),
         max_bytes,
     }

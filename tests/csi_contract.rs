@@ -1,9 +1,9 @@
 //! CSI contract tier: the real gRPC server on a unix socket in a tempdir, with a
 //! `FakeMounter` and `MockSource` identities, driven by a tonic client playing kubelet. No
-//! root, no Vault: the configured servers are never contacted (their names are what
-//! `vaultServer` is validated against).
+//! root, no Vault: identities are made from the source-neutral `Login` the plugin asks for
+//! (the configured server names are what `vaultServer` is validated against).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,8 +20,7 @@ use vaultfs::csi::{Connect, CsiConfig, VolumeManager, TOKENS};
 use vaultfs::metrics::Metrics;
 use vaultfs::mount::FakeMounter;
 use vaultfs::source::mock::{IdentityCalls, MockSource};
-use vaultfs::source::vault::{Auth, ServerConfig, VaultServer};
-use vaultfs::source::SourceError;
+use vaultfs::source::{Login, SourceError};
 
 /// How the next identities answer a login: after `latency`, with `refusal` if set.
 #[derive(Clone, Default)]
@@ -30,8 +29,8 @@ struct Logins {
     latency: Duration,
 }
 
-/// The identities the plugin made, by volume label, with the auth each was given.
-type Made = Arc<Mutex<Vec<(String, Auth, Arc<MockSource>)>>>;
+/// The identities the plugin made, by volume label, with the login each was given.
+type Made = Arc<Mutex<Vec<(String, Login, Arc<MockSource>)>>>;
 
 struct Plugin {
     dir: tempfile::TempDir,
@@ -46,17 +45,7 @@ struct Plugin {
 }
 
 fn config(state_dir: &Path) -> CsiConfig {
-    let unreachable = ServerConfig {
-        addr: "http://127.0.0.1:1".into(),
-        namespace: None,
-        ca_cert: None,
-        skip_verify: false,
-        timeout: Duration::from_secs(2),
-    };
-    let mut servers = HashMap::new();
-    let server = Arc::new(VaultServer::new(&unreachable).expect("server config"));
-    servers.insert(String::new(), server.clone());
-    servers.insert("backup".to_string(), server);
+    let servers = BTreeSet::from([String::new(), "backup".to_string()]);
     CsiConfig {
         node_id: "node-1".into(),
         state_dir: state_dir.to_path_buf(),
@@ -107,13 +96,15 @@ impl Plugin {
         let made: Made = Arc::default();
         let logins: Arc<Mutex<Logins>> = Arc::default();
         let (record, behaviour) = (made.clone(), logins.clone());
-        let identities: Connect<MockSource> = Box::new(move |_server, auth, name| {
+        let identities: Connect<MockSource> = Box::new(move |login: Login| {
             let source = Arc::new(MockSource::new());
             let behaviour = behaviour.lock().clone();
             source.refuse_logins(behaviour.refusal);
             source.set_latency(behaviour.latency);
-            record.lock().push((name.to_string(), auth, source.clone()));
-            source
+            record
+                .lock()
+                .push((login.volume.clone(), login, source.clone()));
+            Ok(source)
         });
         let manager = Arc::new(VolumeManager::with_identities(
             config(&dir.path().join("state")),
@@ -597,12 +588,11 @@ async fn publish_logs_in_as_the_pod_and_reads_no_secret_until_unpublish_revokes(
         let made = p.made.lock();
         assert_eq!(made.len(), 1);
         assert_eq!(made[0].0, "team-a/app-0/csi-0123abcd");
-        match &made[0].1 {
-            Auth::Login { mount, role, .. } => {
-                assert_eq!((mount.as_str(), role.as_str()), ("kubernetes", "app"))
-            }
-            other => panic!("a CSI volume logs in, got {other:?}"),
-        }
+        let login = &made[0].1;
+        assert_eq!(
+            (login.auth_mount.as_str(), login.role.as_str()),
+            ("kubernetes", "app")
+        );
     }
     let (calls, reads, checks) = p.identity(0);
     assert_eq!(

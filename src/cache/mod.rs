@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::source::pacing;
 use crate::source::{Fetched, Lease, LeaseSink, SecretSource, SourceError};
 
 use crate::spec::SecretPath;
@@ -46,9 +47,9 @@ impl Default for CacheConfig {
         Self {
             ttl: Duration::from_secs(30),
             max_stale: Duration::from_secs(300),
-            vault_timeout: Duration::from_secs(5),
-            retry_backoff: Duration::from_secs(1),
-            max_retry_backoff: Duration::from_secs(10),
+            vault_timeout: pacing::DEFAULT_VAULT_TIMEOUT,
+            retry_backoff: pacing::RETRY_BACKOFF,
+            max_retry_backoff: pacing::MAX_RETRY_BACKOFF,
             max_entries: NonZeroUsize::new(1024).expect("non-zero"),
             max_bytes: 16 << 20,
         }
@@ -228,9 +229,7 @@ impl<S: SecretSource> SecretCache<S> {
         let recoveries = self.source.server_recoveries();
         let _flight = slot.refresh.lock().await;
         if self.closing.load(Ordering::Acquire) {
-            return Err(SourceError::LoginRefused(
-                "the volume is being unmounted".into(),
-            ));
+            return Err(SourceError::Closed);
         }
         if let Some(content) = self.fresh(slot) {
             self.metrics.cache_hits.inc();

@@ -3,7 +3,7 @@
 //! behind them (`volumes`) and the records that outlive a daemon (`state`). `tonic` is used
 //! only here; mounting goes through `mount::Mounter`.
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,11 +18,11 @@ pub mod service;
 mod state;
 pub mod volumes;
 
+pub use crate::source::Connect;
 pub use request::{Capability, CsiError, PublishRequest, ATTRIBUTES, TOKENS};
 pub use state::make_dir_private;
-pub use volumes::{Connect, VolumeManager};
+pub use volumes::VolumeManager;
 
-use crate::source::vault::VaultServer;
 use crate::source::Identity;
 
 /// The generated CSI v1 protocol types (the subset in `proto/csi.proto`).
@@ -46,9 +46,9 @@ pub struct CsiConfig {
     pub node_id: String,
     /// Directory (tmpfs-backed) for per-volume state.
     pub state_dir: PathBuf,
-    /// The Vault servers volumes may use: `""` is the default, other names are picked with
-    /// the `vaultServer` attribute.
-    pub servers: HashMap<String, Arc<VaultServer>>,
+    /// The names of the Vault servers volumes may use: `""` is the default, other names are
+    /// picked with the `vaultServer` attribute. The `Connect` function knows the servers.
+    pub servers: BTreeSet<String>,
     pub vault_timeout: Duration,
     /// Per-volume cache bounds.
     pub cache_max_entries: usize,

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -14,7 +13,6 @@ use crate::config::{format_duration, parse_duration, parse_file_mode};
 use crate::fs::Consistency;
 use crate::reload::{PodUid, ProcessName, Signal};
 use crate::secret::Token;
-use crate::source::vault::VaultServer;
 use crate::spec::{parse_spec_document, VolumeSpec};
 
 /// Keys kubelet adds to the volume context (with `podInfoOnMount` and `tokenRequests`).
@@ -119,7 +117,8 @@ pub(super) struct Params {
     pub(super) file_mode: u16,
     pub(super) consistency: Consistency,
     pub(super) mount_group: Option<u32>,
-    pub(super) server: Arc<VaultServer>,
+    /// The configured server the volume reads from (`""`: the default).
+    pub(super) server: String,
     pub(super) token: Token,
     pub(super) audience: String,
     pub(super) label: String,
@@ -278,13 +277,12 @@ impl Params {
         };
         let server_name = attr("vaultServer").unwrap_or("");
         let server = config.servers.get(server_name).cloned().ok_or_else(|| {
-        let mut known: Vec<_> = config
+        let known: Vec<_> = config
             .servers
-            .keys()
+            .iter()
             .filter(|k| !k.is_empty())
             .map(String::as_str)
             .collect();
-        known.sort();
         if server_name.is_empty() {
             invalid("this node has no default Vault server (--vault-addr); set volumeAttributes.vaultServer")
         } else {

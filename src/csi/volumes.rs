@@ -3,9 +3,9 @@
 //! `Mounter`), a republish (the fresh token swapped in), unpublish (torn down), and the
 //! volumes an earlier daemon recorded served again after a restart (`recover`, adopting them
 //! into the connections taken over when there are some). Both paths build a volume the same
-//! way (`assemble`) and install it the same way (`install`). Plain Rust: no gRPC types, and no
-//! Vault types beyond the server a volume names; identities are made by a `Connect` function
-//! (`VaultSource` in production, `MockSource` in the contract tier).
+//! way (`assemble`) and install it the same way (`install`). Plain Rust: no gRPC types and no
+//! Vault types; identities are made from a source-neutral `Login` by a `Connect` function
+//! (`VaultServers::connector` in production, `MockSource` in the contract tier).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,15 +23,11 @@ use crate::health::Watched;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, MountError, Mounted, Mounter, TakenOver};
 use crate::reload::{ReloadConfig, Target};
-use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer, VaultSource};
-use crate::source::{Identity, SessionStore, SourceError};
+use crate::source::{Connect, Identity, Login, SessionStore, SourceError};
 use crate::volume::{cache_config, Serving, Volume, VolumeConfig};
 
 /// Longest a publish waits for the pod's Vault login before mounting anyway.
 const PUBLISH_LOGIN_WAIT: Duration = Duration::from_secs(2);
-
-/// Makes a volume's identity: its Vault server, how it logs in, and its name in logs.
-pub type Connect<S> = Box<dyn Fn(&Arc<VaultServer>, Auth, &str) -> Arc<S> + Send + Sync>;
 
 /// Room reserved for one volume under `max_volumes`: given back on drop unless kept.
 struct RoomGuard {
@@ -78,29 +74,22 @@ pub struct VolumeManager<S> {
     sessions: Option<Arc<dyn SessionStore>>,
 }
 
+/// What the volume of `params` logs in with.
+fn login_of(params: &Params) -> Login {
+    Login {
+        server: params.server.clone(),
+        auth_mount: params.auth_mount.clone(),
+        role: params.role.clone(),
+        audience: params.audience.clone(),
+        credential: params.token.clone(),
+        pod: params.pod.clone(),
+        volume: params.label.clone(),
+    }
+}
+
 /// The name a volume's session is stashed under: by slot, which no other volume gets.
 fn session_key(slot: Slot) -> String {
     format!("volume-{slot}")
-}
-
-impl VolumeManager<VaultSource> {
-    /// Volumes logging in to the Vault servers of `config`.
-    pub fn new(
-        config: CsiConfig,
-        mounter: Arc<dyn Mounter<VaultSource>>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let vault_metrics = metrics.clone();
-        let connect: Connect<VaultSource> = Box::new(move |server, auth, name| {
-            Arc::new(VaultSource::new(
-                server.clone(),
-                auth,
-                name.to_string(),
-                vault_metrics.clone(),
-            ))
-        });
-        Self::with_identities(config, connect, mounter, metrics)
-    }
 }
 
 impl<S: Identity> VolumeManager<S> {
@@ -226,7 +215,7 @@ impl<S: Identity> VolumeManager<S> {
         self.mounter.publishable(params.consistency)?;
         let room = self.reserve_room()?;
         let slot = self.new_slot()?;
-        let volume = self.assemble(&params, slot);
+        let volume = self.assemble(&params, slot)?;
         self.keep_sessions(&volume, slot);
         // A pod must not wait long on an unreachable Vault: give the login a short bound
         // and mount anyway when it runs out (the first read logs in).
@@ -316,7 +305,7 @@ impl<S: Identity> VolumeManager<S> {
         taken: Option<&TakenOver<S>>,
     ) -> Result<(), CsiError> {
         let room = self.reserve_room()?;
-        let volume = self.assemble(&params, slot);
+        let volume = self.assemble(&params, slot)?;
         if let Some(store) = self.sessions.clone() {
             let key = session_key(slot);
             let (session, leases) =
@@ -353,15 +342,11 @@ impl<S: Identity> VolumeManager<S> {
 
     /// Builds the volume `params` describe as volume `slot`: its identity (logging in with the
     /// pod's token), cache and files, wired to its connection's kernel notifications.
-    fn assemble(&self, params: &Params, slot: Slot) -> Volume<S> {
-        let auth = Auth::Login {
-            method: LoginMethod::Kubernetes,
-            mount: params.auth_mount.clone(),
-            role: params.role.clone(),
-            credential: Credential::Value(params.token.clone()),
-        };
-        Volume::build(
-            (self.connect)(&params.server, auth, &params.label),
+    fn assemble(&self, params: &Params, slot: Slot) -> Result<Volume<S>, CsiError> {
+        let identity = (self.connect)(login_of(params))
+            .map_err(|e| CsiError::InvalidArgument(format!("volumeAttributes.vaultServer: {e}")))?;
+        Ok(Volume::build(
+            identity,
             params.spec.clone(),
             VolumeConfig {
                 name: params.label.clone(),
@@ -388,7 +373,7 @@ impl<S: Identity> VolumeManager<S> {
             },
             self.mounter.invalidate(slot, params.consistency),
             &self.metrics,
-        )
+        ))
     }
 
     /// Keeps the Vault session and leased values of volume `slot` in the store, for the next

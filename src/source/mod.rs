@@ -1,7 +1,8 @@
 //! The one door to Vault: the `SecretSource` trait the cache fetches through, its error type
 //! and the fetched-secret value. `vault` is the real implementation (the only code that knows
 //! HTTP and auth); `mock` is an in-memory double for the fast test tiers, compiled only for
-//! tests (`cfg(test)` or the `testing` feature).
+//! tests (`cfg(test)` or the `testing` feature). `login` is how a volume asks for an identity
+//! without naming the store (`Login`, `Connect`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,10 +14,13 @@ use crate::secret::{SecretData, Token};
 use crate::spec::SecretPath;
 
 pub mod handoff;
+mod login;
 #[cfg(any(test, feature = "testing"))]
 pub mod mock;
 pub mod pacing;
 pub mod vault;
+
+pub use login::{Connect, Login};
 
 /// A version of a secret as Vault numbers it (KV v2 metadata version).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,9 +74,13 @@ pub enum SourceError {
     #[error("unexpected Vault response: {0}")]
     Invalid(String),
     /// Vault refused to log in with this identity's credential (bad role, wrong service
-    /// account, expired JWT), or the identity was shut down. The message says which.
+    /// account, expired JWT). The message says why.
     #[error("{0}")]
     LoginRefused(String),
+    /// The volume is unmounted or being unmounted: its identity is closed and nothing more is
+    /// asked of Vault for it.
+    #[error("the volume is being unmounted; nothing more is asked of Vault for it")]
+    Closed,
     /// Vault's answer was larger than the configured limit (`ServerLimits::max_response_bytes`);
     /// it was not read further. The message names the limit, never the content.
     #[error("Vault answer refused: {0}")]

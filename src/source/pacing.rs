@@ -1,8 +1,19 @@
-//! Renewal pacing for Vault tokens and leases: when to renew, when to stop renewing and replace
-//! (log in again, read new credentials), and the floor that keeps short TTLs from turning into
-//! a renewal storm. Pure functions of durations: no clock, no I/O, no Vault.
+//! Pacing of what is asked of a secret store: renewal of Vault tokens and leases (when to
+//! renew, when to stop renewing and replace: log in again, read new credentials, and the floor
+//! that keeps short TTLs from turning into a renewal storm), and the defaults of how long an
+//! access waits for the store and how it backs off after failures, written once here. Pure
+//! functions of durations: no clock, no I/O, no Vault.
 
 use std::time::Duration;
+
+/// The longest an access waits for the store before failing or serving stale data, by default
+/// (`--vault-timeout`; also the bound on each HTTP request to Vault).
+pub const DEFAULT_VAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the store was unavailable, how long to answer from the last outcome before asking
+/// again, at most (a shorter cache TTL shortens it); doubles with each consecutive failure.
+pub const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// The most the back-off after consecutive failures grows to.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Never renew more often than this.
 ///
@@ -145,7 +156,7 @@ mod tests {
         }
     }
 
-    /// Drives `plan` the way `VaultSource::run_renewer` does, against a Vault that grants
+    /// Drives `plan` the way `vault::auth`'s renewer does, against a Vault that grants
     /// `ttl_at(now)` whole seconds per login or renewal, capped at `max_ttl` after the login. A
     /// reader needs a valid token at all times, so a lapsed token is replaced the moment it
     /// expires (the lazy login of the next use).

@@ -1,20 +1,18 @@
 //! The real `SecretSource`: Vault's (and OpenBao's) HTTP API over reqwest. The only module that
-//! knows URLs, headers, auth methods, token renewal and KV engine detection. Split by job:
-//! `http` (address, URLs, TLS, caps, body limit), `health` (whether the server answers, shared
-//! by every identity on it), `auth` (the token state machine), `engine` (which engine serves a
-//! path); this file holds the identity and the secret reads.
+//! knows URLs, headers, auth methods, token renewal and KV engine detection. A `VaultSource`
+//! (one identity, one volume) is composed of owned parts: its `Client` (`client`: the server,
+//! its cap on requests, its metrics), its token life `Tokens` (`auth`) and what it learnt of
+//! engines `Engines` (`engine`); this file composes them into the secret reads. The server is
+//! `http` (address, URLs, TLS, caps) with `exchange` (one request's answer, body limit,
+//! clean-up) and `health` (whether it answers, shared by every identity on it); `servers`
+//! makes a volume's identity from a source-neutral `Login`.
 
-use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
-use tokio::time::Instant;
 
 use super::{Fetched, Identity, Lease, SecretSource, Session, SessionSink, SourceError, Version};
 use crate::metrics::Metrics;
@@ -22,20 +20,26 @@ use crate::secret::{wipe_json, SecretData, Token};
 use crate::spec::SecretPath;
 
 mod auth;
+mod client;
 mod engine;
+mod exchange;
 mod health;
 mod http;
+mod servers;
 
 #[cfg(test)]
 mod test_server;
 
-use auth::TokenState;
+use auth::Tokens;
 pub use auth::MIN_RELOGIN_INTERVAL;
-use engine::Engine;
+use client::Client;
+use engine::{Engine, Engines};
+use http::RequestKind;
 pub use http::{
     ServerConfig, ServerLimits, VaultConfigError, VaultServer, DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_REQUESTS_PER_IDENTITY, DEFAULT_MAX_RESPONSE_BYTES,
 };
+pub use servers::VaultServers;
 
 /// How vaultfs proves its identity to Vault.
 #[derive(Clone, Debug)]
@@ -70,44 +74,13 @@ pub enum Credential {
     Value(Token),
 }
 
+/// One identity at a Vault server (one volume's): its requests, its token life and what it
+/// learnt of the engines serving its paths.
 pub struct VaultSource {
-    server: Arc<VaultServer>,
-    auth: Auth,
-    credential: Mutex<Option<Credential>>,
-    token: Mutex<Option<TokenState>>,
-    login_lock: tokio::sync::Mutex<()>,
-    /// Known secret-engine mounts: prefix (with trailing `/`) → engine.
-    mounts: Mutex<Vec<(String, Engine)>>,
-    /// Paths whose mount could not be detected (treated as plain logical reads).
-    undetectable: Mutex<HashMap<SecretPath, Engine>>,
-    /// KV v2 paths whose metadata this identity may not read: no cheap version check.
-    no_metadata: Mutex<HashSet<SecretPath>>,
-    /// KV v2 paths written with the API's `data/` and not found, already warned about.
-    data_prefix_warned: Mutex<HashSet<SecretPath>>,
-    /// Set by `revoke`: no further logins (an unpublished volume stays dead).
-    closed: AtomicBool,
-    /// This identity's policy refuses `auth/token/lookup-self`: a 403 cannot be told apart from
-    /// a dead token, so it is taken as a policy denial (expiry is still tracked by the TTL).
-    lookup_forbidden: AtomicBool,
-    /// When the last login completed (see `MIN_RELOGIN_INTERVAL`).
-    last_login: Mutex<Option<Instant>>,
-    /// The last failed login, when, and the server's recovery count then: repeated within
-    /// `MIN_RELOGIN_INTERVAL` without asking Vault again (a new credential clears it, and a
-    /// server that came back since clears an outage).
-    failed_login: Mutex<Option<(Instant, SourceError, u64)>>,
-    /// This identity's cap on Vault requests in flight.
-    in_flight: Arc<Semaphore>,
-    /// Wakes the renewer when the token is replaced or its schedule changes.
-    token_changed: tokio::sync::Notify,
-    /// Told every change of the token (`Identity::on_session_change`).
-    session_sink: Mutex<Option<SessionSink>>,
-    /// The volume this identity serves, as named in logs and metric labels.
-    volume: String,
-    metrics: Arc<Metrics>,
+    client: Client,
+    tokens: Tokens,
+    engines: Engines,
 }
-
-/// The longest an unpublish waits to revoke the volume's token.
-const REVOKE_WAIT: Duration = Duration::from_secs(5);
 
 /// Vault's TTL in seconds, bounded so that adding it to a clock reading cannot overflow.
 fn ttl_from(value: &Value) -> u64 {
@@ -126,17 +99,6 @@ fn lease_of(body: &Value) -> Option<Lease> {
     })
 }
 
-fn error_class(err: &SourceError) -> &'static str {
-    match err {
-        SourceError::NotFound => "not_found",
-        SourceError::PermissionDenied => "forbidden",
-        SourceError::Unavailable(_) => "unavailable",
-        SourceError::Invalid(_) => "invalid",
-        SourceError::LoginRefused(_) => "login_refused",
-        SourceError::TooLarge(_) => "too_large",
-    }
-}
-
 impl VaultSource {
     /// An identity on `server` serving `volume` (a label for logs and metrics). Nothing is
     /// sent until the first request.
@@ -146,66 +108,35 @@ impl VaultSource {
         volume: String,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (token, credential) = match &auth {
-            Auth::Token(t) => (Some(TokenState::given(t.clone())), None),
-            Auth::Login { credential, .. } => (None, Some(credential.clone())),
-        };
-        let in_flight = Arc::new(Semaphore::new(server.limits().max_requests_per_identity));
         Self {
-            server,
-            auth,
-            credential: Mutex::new(credential),
-            token: Mutex::new(token),
-            login_lock: tokio::sync::Mutex::new(()),
-            mounts: Mutex::new(Vec::new()),
-            undetectable: Mutex::new(HashMap::new()),
-            no_metadata: Mutex::new(HashSet::new()),
-            data_prefix_warned: Mutex::new(HashSet::new()),
-            closed: AtomicBool::new(false),
-            lookup_forbidden: AtomicBool::new(false),
-            last_login: Mutex::new(None),
-            failed_login: Mutex::new(None),
-            in_flight,
-            token_changed: tokio::sync::Notify::new(),
-            session_sink: Mutex::new(None),
-            volume,
-            metrics,
+            client: Client::new(server, volume, metrics),
+            tokens: Tokens::new(auth),
+            engines: Engines::default(),
         }
     }
 
-    fn is_static_token(&self) -> bool {
-        matches!(self.auth, Auth::Token(_))
-    }
-
-    async fn send(
+    /// One request with this identity's token (see `Tokens::authed`).
+    async fn authed(
         &self,
-        kind: &'static str,
+        kind: RequestKind,
         method: Method,
         path: &str,
         body: Option<Value>,
-        token: Option<&Token>,
     ) -> Result<Value, SourceError> {
-        let started = std::time::Instant::now();
-        let request = http::Request {
-            kind,
-            method,
-            path,
-            body,
-            token: token.cloned(),
-        };
-        let result = self
-            .server
-            .send(
-                request,
-                &self.in_flight,
-                &self.metrics.vault_requests_in_flight,
-            )
-            .await;
-        self.metrics.vault_request(kind, started.elapsed());
-        if let Err(err) = &result {
-            self.metrics.vault_error(kind, error_class(err));
-        }
-        result
+        self.tokens
+            .authed(&self.client, kind, method, path, body)
+            .await
+    }
+
+    /// The engine serving `path` and the path's mount prefix.
+    async fn engine(&self, path: &SecretPath) -> Result<(Engine, String), SourceError> {
+        let shared = self.client.server().mounts();
+        self.engines
+            .engine(path, shared, |api_path| async move {
+                self.authed(RequestKind::Mounts, Method::GET, &api_path, None)
+                    .await
+            })
+            .await
     }
 }
 
@@ -230,24 +161,12 @@ impl Identity for VaultSource {
     /// Replaces the login credential (a fresh service-account token from a CSI republish).
     /// The current Vault token stays in use until it expires or is refused.
     fn set_credential(&self, credential: Token) {
-        *self.credential.lock() = Some(Credential::Value(credential));
-        self.failed_login.lock().take();
+        self.tokens.set_credential(credential);
     }
 
     /// Logs in now (for callers that want a refused login to fail early). A no-op for tokens.
     async fn login(&self) -> Result<(), SourceError> {
-        match self.auth {
-            Auth::Token(_) => Ok(()),
-            Auth::Login { .. } => {
-                let old = self.token.lock().take().map(|t| t.token);
-                self.session_changed();
-                self.relogin(None, false).await?;
-                if let Some(old) = old {
-                    self.server.revoke_in_background(old, &self.in_flight);
-                }
-                Ok(())
-            }
-        }
+        self.tokens.login(&self.client).await
     }
 
     /// Renews the token, and learns which secret engine serves each path ahead of the first
@@ -258,81 +177,21 @@ impl Identity for VaultSource {
                 let _ = self.engine(&path).await;
             }
         };
-        tokio::join!(self.clone().run_renewer(), detect);
+        tokio::join!(self.tokens.run_renewer(&self.client), detect);
     }
 
     fn on_session_change(&self, sink: SessionSink) {
-        *self.session_sink.lock() = Some(sink);
-        self.session_changed();
+        self.tokens.on_session_change(sink);
     }
 
     fn resume(&self, session: Session) -> bool {
-        if self.is_static_token() || self.closed.load(Ordering::SeqCst) {
-            return false;
-        }
-        let Some(state) = TokenState::resumed(session) else {
-            return false;
-        };
-        *self.token.lock() = Some(state);
-        self.token_changed.notify_one();
-        self.session_changed();
-        true
+        self.tokens.resume(session)
     }
 
     /// Revokes a token this process obtained by logging in (never a token it was given).
     async fn revoke(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.metrics.forget_volume(&self.volume);
-        if self.is_static_token() {
-            return;
-        }
-        let Some(token) = self.token.lock().take().map(|t| t.token) else {
-            return;
-        };
-        self.session_changed();
-        let revoke = self.send(
-            "revoke",
-            Method::POST,
-            "auth/token/revoke-self",
-            None,
-            Some(&token),
-        );
-        // Bounded: an unpublish must not queue for long behind other volumes' requests.
-        match tokio::time::timeout(REVOKE_WAIT, revoke).await {
-            Ok(Ok(_)) => tracing::info!(volume = %self.volume, "Vault token revoked"),
-            Ok(Err(err)) => {
-                tracing::warn!(volume = %self.volume, error = %err, "could not revoke the Vault token")
-            }
-            Err(_) => {
-                tracing::warn!(volume = %self.volume, "could not revoke the Vault token: no answer within {REVOKE_WAIT:?}; it expires at its TTL")
-            }
-        }
-    }
-}
-
-/// The path to write instead of `path`, a KV v2 path of mount `prefix` given as the API path
-/// (`secret/data/app/db`, whose `rest` below the mount starts with `data/`): vaultfs adds
-/// `data/` itself, as `vault kv get` does, so it is to be written `secret/app/db`.
-fn without_data_prefix(prefix: &str, rest: &str) -> Option<String> {
-    rest.strip_prefix("data/")
-        .filter(|r| !r.is_empty())
-        .map(|r| format!("{prefix}{r}"))
-}
-
-impl VaultSource {
-    /// A KV v2 read of `path` was not found: if it was written with the API's `data/`, says
-    /// how to write it, once per path.
-    fn warn_of_data_prefix(&self, path: &SecretPath, prefix: &str, rest: &str) {
-        let Some(instead) = without_data_prefix(prefix, rest) else {
-            return;
-        };
-        if self.data_prefix_warned.lock().insert(path.clone()) {
-            tracing::warn!(
-                volume = %self.volume,
-                vault_path = path.as_str(),
-                "not found: {prefix} is a KV v2 mount and vaultfs adds `data/` to its paths itself; write the path {instead}, as for `vault kv get`"
-            );
-        }
+        self.client.metrics().forget_volume(self.client.volume());
+        self.tokens.revoke(&self.client).await;
     }
 }
 
@@ -342,11 +201,14 @@ impl SecretSource for VaultSource {
         let rest = &path.as_str()[prefix.len()..];
         match engine {
             Engine::KvV2 => {
+                let api_path = format!("{prefix}data/{rest}");
                 let answer = self
-                    .authed("read", Method::GET, &format!("{prefix}data/{rest}"), None)
+                    .authed(RequestKind::Read, Method::GET, &api_path, None)
                     .await;
                 if matches!(answer, Err(SourceError::NotFound)) {
-                    self.warn_of_data_prefix(path, &prefix, rest);
+                    let volume = self.client.volume();
+                    self.engines
+                        .warn_of_data_prefix(volume, path, &prefix, rest);
                 }
                 let body = answer?;
                 let version = body
@@ -362,7 +224,7 @@ impl SecretSource for VaultSource {
             }
             Engine::KvV1 | Engine::Logical => {
                 let body = self
-                    .authed("read", Method::GET, path.as_str(), None)
+                    .authed(RequestKind::Read, Method::GET, path.as_str(), None)
                     .await?;
                 let lease = lease_of(&body);
                 Ok(Fetched {
@@ -379,13 +241,13 @@ impl SecretSource for VaultSource {
         if engine != Engine::KvV2 {
             return Ok(None);
         }
-        if self.no_metadata.lock().contains(path) {
+        if !self.engines.has_metadata(path) {
             return Ok(None);
         }
         let rest = &path.as_str()[prefix.len()..];
         let answer = self
             .authed(
-                "metadata",
+                RequestKind::Metadata,
                 Method::GET,
                 &format!("{prefix}metadata/{rest}"),
                 None,
@@ -394,7 +256,7 @@ impl SecretSource for VaultSource {
         let body = match answer {
             Err(SourceError::PermissionDenied) => {
                 // Policies often grant data but not metadata: compare by reading instead.
-                self.no_metadata.lock().insert(path.clone());
+                self.engines.metadata_refused(path);
                 return Ok(None);
             }
             other => other?,
@@ -421,28 +283,43 @@ impl SecretSource for VaultSource {
         lease: &Lease,
         increment: Duration,
     ) -> Result<Duration, SourceError> {
-        self.metrics.vault_lease_renewal(&self.volume);
+        let client = &self.client;
+        client.metrics().vault_lease_renewal(client.volume());
         let body = json!({"lease_id": lease.id, "increment": increment.as_secs()});
         let answer = self
-            .authed("renew_lease", Method::PUT, "sys/leases/renew", Some(body))
+            .authed(
+                RequestKind::RenewLease,
+                Method::PUT,
+                "sys/leases/renew",
+                Some(body),
+            )
             .await?;
         Ok(Duration::from_secs(ttl_from(&answer["lease_duration"])))
     }
 
     fn server_recoveries(&self) -> u64 {
-        self.server.recoveries()
+        self.client.server().recoveries()
     }
 
     async fn revoke_lease(&self, lease: &Lease) -> Result<(), SourceError> {
         let body = json!({"lease_id": lease.id});
-        self.authed("revoke_lease", Method::PUT, "sys/leases/revoke", Some(body))
-            .await
-            .map(|_| ())
+        self.authed(
+            RequestKind::RevokeLease,
+            Method::PUT,
+            "sys/leases/revoke",
+            Some(body),
+        )
+        .await
+        .map(|_| ())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use tokio::time::Instant;
+
     use super::*;
 
     #[tokio::test]
@@ -525,21 +402,6 @@ mod tests {
         assert!(now.checked_add(Duration::from_secs(ttl)).is_some());
         assert_eq!(ttl_from(&json!(3600)), 3600);
         assert_eq!(ttl_from(&json!("junk")), 0);
-    }
-
-    #[test]
-    fn kv2_paths_written_with_data_are_told_the_path_without_it() {
-        assert_eq!(
-            without_data_prefix("secret/", "data/app/db").as_deref(),
-            Some("secret/app/db")
-        );
-        assert_eq!(
-            without_data_prefix("kv/team/", "data/x").as_deref(),
-            Some("kv/team/x")
-        );
-        assert_eq!(without_data_prefix("secret/", "app/data/db"), None);
-        assert_eq!(without_data_prefix("secret/", "data/"), None);
-        assert_eq!(without_data_prefix("secret/", "database"), None);
     }
 
     /// Log lines written while it is the thread's subscriber.

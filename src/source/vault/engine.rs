@@ -1,16 +1,18 @@
-//! Secret-engine detection for a `VaultSource`: which mount serves a path and whether it is
-//! KV v1, KV v2 or another (logical) engine, learnt once per mount from
-//! `sys/internal/ui/mounts`. What one identity learnt is shared, for a while, with every
-//! identity on the same server (`ServerMounts`): a thousand volumes reading under one mount
-//! ask once, not a thousand times, each right after its publish.
+//! Secret-engine detection for a `VaultSource` (`Engines`, one per identity): which mount
+//! serves a path and whether it is KV v1, KV v2 or another (logical) engine, learnt once per
+//! mount from `sys/internal/ui/mounts`, and what the identity learnt about reading them. What
+//! one identity detected is shared, for a while, with every identity on the same server
+//! (`ServerMounts`): a thousand volumes reading under one mount ask once, not a thousand
+//! times, each right after its publish.
 
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use reqwest::Method;
+use serde_json::Value;
 use tokio::time::Instant;
 
-use super::VaultSource;
 use crate::source::SourceError;
 use crate::spec::SecretPath;
 
@@ -61,26 +63,44 @@ impl ServerMounts {
     }
 }
 
-impl VaultSource {
-    /// The engine serving `path` and the path's mount prefix.
-    pub(super) async fn engine(&self, path: &SecretPath) -> Result<(Engine, String), SourceError> {
+/// What one identity learnt about the engines serving its paths: the mounts it detected, the
+/// paths whose mount it could not detect (read as written), the KV v2 paths whose metadata it
+/// may not read, and the `data/`-prefixed paths it already warned of.
+#[derive(Default)]
+pub(super) struct Engines {
+    /// Known secret-engine mounts: prefix (with trailing `/`) → engine.
+    mounts: Mutex<Vec<(String, Engine)>>,
+    /// Paths whose mount could not be detected (treated as plain logical reads).
+    undetectable: Mutex<HashMap<SecretPath, Engine>>,
+    /// KV v2 paths whose metadata this identity may not read: no cheap version check.
+    no_metadata: Mutex<HashSet<SecretPath>>,
+    /// KV v2 paths written with the API's `data/` and not found, already warned about.
+    data_prefix_warned: Mutex<HashSet<SecretPath>>,
+}
+
+impl Engines {
+    /// The engine serving `path` and the path's mount prefix: known to this identity, known
+    /// to its server (`shared`), or else asked of Vault with `ask(api_path)` (an authenticated
+    /// GET), whose answer is shared with the server's other identities.
+    pub(super) async fn engine<F, Fut>(
+        &self,
+        path: &SecretPath,
+        shared: &ServerMounts,
+        ask: F,
+    ) -> Result<(Engine, String), SourceError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Result<Value, SourceError>>,
+    {
         let p = path.as_str();
-        if let Some(found) = self.known_engine(path) {
+        if let Some(found) = self.known(path) {
             return Ok(found);
         }
-        if let Some((engine, prefix)) = self.server.mounts().lookup(p) {
+        if let Some((engine, prefix)) = shared.lookup(p) {
             self.mounts.lock().push((prefix.clone(), engine));
             return Ok((engine, prefix));
         }
-        match self
-            .authed(
-                "mounts",
-                Method::GET,
-                &format!("sys/internal/ui/mounts/{p}"),
-                None,
-            )
-            .await
-        {
+        match ask(format!("sys/internal/ui/mounts/{p}")).await {
             Ok(body) => {
                 let data = &body["data"];
                 let prefix = data["path"].as_str().unwrap_or_default().to_string();
@@ -90,30 +110,30 @@ impl VaultSource {
                     _ => Engine::Logical,
                 };
                 if prefix.is_empty() || !p.starts_with(prefix.as_str()) {
-                    self.undetectable
-                        .lock()
-                        .insert(path.clone(), Engine::Logical);
-                    return Ok((Engine::Logical, String::new()));
+                    return Ok(self.undetectable(path));
                 }
                 tracing::debug!(mount = %prefix, engine = ?engine, "detected secret engine");
-                self.server.mounts().learn(&prefix, engine);
+                shared.learn(&prefix, engine);
                 self.mounts.lock().push((prefix.clone(), engine));
                 Ok((engine, prefix))
             }
             // Not allowed to look (or an old server): read the path as written.
             Err(
                 SourceError::PermissionDenied | SourceError::NotFound | SourceError::Invalid(_),
-            ) => {
-                self.undetectable
-                    .lock()
-                    .insert(path.clone(), Engine::Logical);
-                Ok((Engine::Logical, String::new()))
-            }
+            ) => Ok(self.undetectable(path)),
             Err(err) => Err(err),
         }
     }
 
-    pub(super) fn known_engine(&self, path: &SecretPath) -> Option<(Engine, String)> {
+    /// Records that `path`'s mount cannot be detected: it is read as written.
+    fn undetectable(&self, path: &SecretPath) -> (Engine, String) {
+        self.undetectable
+            .lock()
+            .insert(path.clone(), Engine::Logical);
+        (Engine::Logical, String::new())
+    }
+
+    fn known(&self, path: &SecretPath) -> Option<(Engine, String)> {
         if let Some(e) = self.undetectable.lock().get(path) {
             return Some((*e, String::new()));
         }
@@ -125,6 +145,46 @@ impl VaultSource {
             .cloned()
             .map(|(prefix, engine)| (engine, prefix))
     }
+
+    /// Whether this identity may read `path`'s KV v2 metadata (not refused so far).
+    pub(super) fn has_metadata(&self, path: &SecretPath) -> bool {
+        !self.no_metadata.lock().contains(path)
+    }
+
+    /// Vault refused `path`'s metadata: changes are detected by reading from now on.
+    pub(super) fn metadata_refused(&self, path: &SecretPath) {
+        self.no_metadata.lock().insert(path.clone());
+    }
+
+    /// A KV v2 read of `path` (mount `prefix`, the rest `rest`) was not found: if it was
+    /// written with the API's `data/`, says how to write it, once per path.
+    pub(super) fn warn_of_data_prefix(
+        &self,
+        volume: &str,
+        path: &SecretPath,
+        prefix: &str,
+        rest: &str,
+    ) {
+        let Some(instead) = without_data_prefix(prefix, rest) else {
+            return;
+        };
+        if self.data_prefix_warned.lock().insert(path.clone()) {
+            tracing::warn!(
+                volume,
+                vault_path = path.as_str(),
+                "not found: {prefix} is a KV v2 mount and vaultfs adds `data/` to its paths itself; write the path {instead}, as for `vault kv get`"
+            );
+        }
+    }
+}
+
+/// The path to write instead of `path`, a KV v2 path of mount `prefix` given as the API path
+/// (`secret/data/app/db`, whose `rest` below the mount starts with `data/`): vaultfs adds
+/// `data/` itself, as `vault kv get` does, so it is to be written `secret/app/db`.
+fn without_data_prefix(prefix: &str, rest: &str) -> Option<String> {
+    rest.strip_prefix("data/")
+        .filter(|r| !r.is_empty())
+        .map(|r| format!("{prefix}{r}"))
 }
 
 #[cfg(test)]
@@ -134,7 +194,22 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::secret::Token;
-    use crate::source::vault::{test_server, Auth, VaultServer};
+    use crate::source::vault::{test_server, Auth, VaultServer, VaultSource};
+
+    #[test]
+    fn kv2_paths_written_with_data_are_told_the_path_without_it() {
+        assert_eq!(
+            without_data_prefix("secret/", "data/app/db").as_deref(),
+            Some("secret/app/db")
+        );
+        assert_eq!(
+            without_data_prefix("kv/team/", "data/x").as_deref(),
+            Some("kv/team/x")
+        );
+        assert_eq!(without_data_prefix("secret/", "app/data/db"), None);
+        assert_eq!(without_data_prefix("secret/", "data/"), None);
+        assert_eq!(without_data_prefix("secret/", "database"), None);
+    }
 
     fn identity(server: &Arc<VaultServer>, name: &str) -> VaultSource {
         VaultSource::new(

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use reqwest::Url;
 use tokio::time::Instant;
 
+use super::http::RequestKind;
 use crate::source::SourceError;
 
 /// How often a down server is probed.
@@ -78,7 +79,7 @@ impl Health {
     }
 
     /// Fails at once while the server is down, naming it and since when.
-    pub(super) fn check(&self, kind: &str) -> Result<(), SourceError> {
+    pub(super) fn check(&self, kind: RequestKind) -> Result<(), SourceError> {
         let down = self.down.lock();
         let Some(down) = down.as_ref() else {
             return Ok(());
@@ -180,7 +181,7 @@ async fn probe(health: Weak<Health>) {
             )),
             Err(err) => health.note(format!(
                 "sys/health probe failed: {}",
-                super::http::describe(err)
+                super::exchange::describe(err)
             )),
         }
     }
@@ -195,4 +196,145 @@ fn clock_time(at: SystemTime) -> String {
         secs / 60 % 60,
         secs % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use prometheus_client::metrics::gauge::Gauge;
+
+    use crate::source::vault::http::{RequestKind, VaultServer};
+    use crate::source::vault::test_server::{config, get, json_answer};
+    use crate::source::SourceError;
+
+    /// A server that reads each request and then, per `mode` at that moment, never answers
+    /// (0), answers `sys/health` with 503 and nothing else (1), or answers everything with 200
+    /// (2); returns its address and the request heads it received.
+    fn stalling_server(
+        mode: Arc<std::sync::atomic::AtomicU8>,
+    ) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (mode, log) = (mode.clone(), log.clone());
+                std::thread::spawn(move || loop {
+                    let mut buf = Vec::new();
+                    let mut byte = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut byte) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&byte[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    log.lock().push(head.clone());
+                    let health = head.contains("/v1/sys/health");
+                    let answer = match mode.load(Ordering::SeqCst) {
+                        0 => {
+                            // Holds the connection open, answering nothing (a frozen Vault).
+                            std::thread::sleep(Duration::from_secs(3600));
+                            return;
+                        }
+                        1 if health => {
+                            json_answer("503 Service Unavailable", r#"{"sealed":true}"#, false)
+                        }
+                        1 => return,
+                        _ => json_answer("200 OK", "{}", false),
+                    };
+                    if stream.write_all(&answer).is_err() {
+                        return;
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn once_a_request_finds_the_server_down_others_fail_at_once_until_a_probe_answers() {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        let mode = Arc::new(AtomicU8::new(0));
+        let (addr, seen) = stalling_server(mode.clone());
+        let server = VaultServer::new(&config(&addr, Duration::from_millis(300))).unwrap();
+        let gauge = Gauge::default();
+        server.set_up_gauge(gauge.clone());
+        assert_eq!(gauge.get(), 1);
+        let started = std::time::Instant::now();
+        let first = get(&server, RequestKind::Read).await.unwrap_err();
+        assert!(first.is_transient(), "{first}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        assert!(!server.is_up());
+        assert_eq!(gauge.get(), 0);
+        // Another identity's request fails at once, naming the server and since when.
+        let started = std::time::Instant::now();
+        let second = get(&server, RequestKind::Metadata).await.unwrap_err();
+        let fast = started.elapsed();
+        eprintln!("first request waited {waited:?}, the next one {fast:?}");
+        assert!(fast < Duration::from_millis(100), "{fast:?}");
+        let SourceError::Unavailable(message) = &second else {
+            panic!("{second:?}");
+        };
+        assert!(
+            message.contains(addr.as_str()) && message.contains("not answering since"),
+            "{message}"
+        );
+        let requests = seen.lock().len();
+        assert_eq!(requests, 1, "the second request never reached the server");
+        // Sealed: the probe's 503 keeps the server down.
+        mode.store(1, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !seen.lock().iter().any(|h| h.contains("/v1/sys/health")) {
+            assert!(std::time::Instant::now() < deadline, "no probe");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!server.is_up(), "a sealed Vault is not up");
+        let sealed = get(&server, RequestKind::Read).await.unwrap_err();
+        assert!(sealed.to_string().contains("sealed"), "{sealed}");
+        // Answering again: the probe marks it up within about a second.
+        mode.store(2, Ordering::SeqCst);
+        let back = std::time::Instant::now();
+        while !server.is_up() {
+            assert!(back.elapsed() < Duration::from_secs(3), "never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "marked up {:?} after the server answered again",
+            back.elapsed()
+        );
+        assert_eq!(server.recoveries(), 1);
+        assert_eq!(gauge.get(), 1);
+        get(&server, RequestKind::Read)
+            .await
+            .expect("requests go through again");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_stops_waiting_when_another_finds_the_server_down() {
+        let (addr, _) = stalling_server(Arc::new(std::sync::atomic::AtomicU8::new(0)));
+        let server = Arc::new(VaultServer::new(&config(&addr, Duration::from_secs(2))).unwrap());
+        let first = tokio::spawn({
+            let server = server.clone();
+            async move { get(&server, RequestKind::Read).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = std::time::Instant::now();
+        let second = get(&server, RequestKind::Metadata).await.unwrap_err();
+        let waited = started.elapsed();
+        first.await.unwrap().unwrap_err();
+        eprintln!("the request sent 1 s after the first waited {waited:?}");
+        assert!(second.is_transient(), "{second}");
+        // Its own timeout would have ended it 2 s after it was sent; the first request's
+        // ends it about 1 s in.
+        assert!(waited < Duration::from_millis(1800), "{waited:?}");
+    }
 }

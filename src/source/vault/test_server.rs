@@ -1,11 +1,20 @@
 //! A tiny HTTP server for the Vault client's tests: each connection is answered on its own
-//! thread by a closure given the request head, and every head is recorded. Test-only.
+//! thread by a closure given the request head, and every head is recorded; and the requests
+//! the HTTP tests send through it. Test-only.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::ServerConfig;
+use prometheus_client::metrics::gauge::Gauge;
+use reqwest::Method;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use super::http::{Request, RequestKind};
+use super::{ServerConfig, ServerLimits, VaultServer};
+use crate::secret::Token;
+use crate::source::SourceError;
 
 /// Request heads a test server received, in arrival order.
 pub type Seen = Arc<parking_lot::Mutex<Vec<String>>>;
@@ -66,4 +75,41 @@ pub fn json_answer(status: &str, body: &str, chunked: bool) -> Vec<u8> {
         )
         .into_bytes()
     }
+}
+
+/// The request heads `seen` by the test server once it has `n` of them (within 2 s).
+pub async fn requests_seen(seen: &Seen, n: usize) -> Vec<String> {
+    for _ in 0..100 {
+        if seen.lock().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), n, "{seen:?}");
+    seen
+}
+
+/// A server at `addr` (5 s timeout) whose answers may be at most `max` bytes.
+pub fn small_server(addr: &str, max: usize) -> VaultServer {
+    let config = config(addr, Duration::from_secs(5));
+    let limits = ServerLimits {
+        max_response_bytes: max,
+        ..ServerLimits::default()
+    };
+    VaultServer::with_limits(&config, limits).unwrap()
+}
+
+/// A GET of `secret/data/app` as `kind`, with a token, on an identity of its own.
+pub async fn get(server: &VaultServer, kind: RequestKind) -> Result<Value, SourceError> {
+    let request = Request {
+        kind,
+        method: Method::GET,
+        path: "secret/data/app",
+        body: None,
+        token: Some(Token::new("tok".into())),
+    };
+    server
+        .send(request, &Arc::new(Semaphore::new(1)), &Gauge::default())
+        .await
 }
