@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use lru::LruCache;
 use parking_lot::Mutex;
 
+use crate::config;
 use crate::metrics::Metrics;
 use crate::source::{Fetched, Lease, LeaseSink, SecretSource, SourceError};
 
@@ -49,13 +50,13 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
-            ttl: Duration::from_secs(30),
-            max_stale: Duration::from_secs(300),
+            ttl: config::DEFAULT_CACHE_TTL.value,
+            max_stale: config::DEFAULT_MAX_STALE.value,
             vault_timeout: Duration::from_secs(5),
             retry_backoff: Duration::from_secs(1),
             max_retry_backoff: Duration::from_secs(10),
-            max_entries: NonZeroUsize::new(1024).expect("non-zero"),
-            max_bytes: 16 << 20,
+            max_entries: NonZeroUsize::new(config::DEFAULT_CACHE_MAX_ENTRIES).expect("non-zero"),
+            max_bytes: config::DEFAULT_CACHE_MAX_BYTES,
         }
     }
 }
