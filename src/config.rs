@@ -1,5 +1,6 @@
 //! Small value types shared by the command line and the CSI attributes: durations written
-//! `500ms`/`30s`/`5m`/`1h` and octal file modes. No I/O.
+//! `500ms`/`30s`/`5m`/`1h` and octal file modes, and the volume and cache defaults both use,
+//! each written once here. No I/O.
 
 use std::time::Duration;
 
@@ -13,26 +14,84 @@ pub enum ConfigError {
     FileMode(String),
 }
 
+/// A default duration written once: the text `--help` shows (`default_value = X.text`) and
+/// the value code uses (`X.value`), read from the text at compile time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurationDefault {
+    pub text: &'static str,
+    pub value: Duration,
+}
+
+impl DurationDefault {
+    const fn new(text: &'static str) -> Self {
+        match duration_ms(text.as_bytes()) {
+            Some(ms) => Self {
+                text,
+                value: Duration::from_millis(ms),
+            },
+            None => panic!("a default duration is written as parse_duration reads it"),
+        }
+    }
+}
+
+/// How long a fetched secret is served before Vault is asked again: `vaultfs mount
+/// --cache-ttl`, and a CSI volume's `cacheTTL` when it sets none.
+pub const DEFAULT_CACHE_TTL: DurationDefault = DurationDefault::new("30s");
+/// How long after its last successful check a cached secret may be served while Vault is
+/// unreachable: `vaultfs mount --max-stale`, and every CSI volume's.
+pub const DEFAULT_MAX_STALE: DurationDefault = DurationDefault::new("5m");
+/// The longest an access waits for Vault before failing or serving stale data, and the bound
+/// on each HTTP request to Vault (`--vault-timeout`).
+pub const DEFAULT_VAULT_TIMEOUT: DurationDefault = DurationDefault::new("5s");
+/// The shortest `cacheTTL` a CSI volume may ask for (`vaultfs csi --min-cache-ttl`).
+pub const DEFAULT_MIN_CACHE_TTL: DurationDefault = DurationDefault::new("5s");
+/// Most secrets, and secret bytes, a `vaultfs mount` holds (`--cache-max-entries`,
+/// `--cache-max-bytes`).
+pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 1024;
+pub const DEFAULT_CACHE_MAX_BYTES: usize = 16 << 20;
+/// Most secrets, and secret bytes, each CSI volume holds (`vaultfs csi --cache-max-entries`,
+/// `--cache-max-bytes`).
+pub const DEFAULT_CSI_CACHE_MAX_ENTRIES: usize = 256;
+pub const DEFAULT_CSI_CACHE_MAX_BYTES: usize = 1 << 20;
+
 /// Parses `500ms`, `30s`, `5m`, `1h` (a bare `0` is also accepted).
 pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
-    let bad = || ConfigError::Duration(text.to_string());
-    let t = text.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
+    duration_ms(text.trim().as_bytes())
+        .map(Duration::from_millis)
+        .ok_or_else(|| ConfigError::Duration(text.to_string()))
+}
+
+/// The milliseconds of a trimmed duration text (see [`parse_duration`]); `None` when it is
+/// malformed or too large. A `const fn`, so that defaults are read from their text at compile
+/// time by the same rules as the command line.
+const fn duration_ms(text: &[u8]) -> Option<u64> {
+    if let [b'0'] = text {
+        return Some(0);
     }
-    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let per_unit_ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(bad()),
+    let mut n: u64 = 0;
+    let mut digits = 0;
+    while digits < text.len() && text[digits].is_ascii_digit() {
+        let digit = (text[digits] - b'0') as u64;
+        n = match n.checked_mul(10) {
+            Some(tens) => match tens.checked_add(digit) {
+                Some(n) => n,
+                None => return None,
+            },
+            None => return None,
+        };
+        digits += 1;
+    }
+    if digits == 0 {
+        return None;
+    }
+    let per_unit_ms = match text.split_at(digits).1 {
+        b"ms" => 1,
+        b"s" => 1_000,
+        b"m" => 60_000,
+        b"h" => 3_600_000,
+        _ => return None,
     };
     n.checked_mul(per_unit_ms)
-        .map(Duration::from_millis)
-        .ok_or_else(bad)
 }
 
 /// Writes a duration the way `parse_duration` reads it (`500ms`, `30s`).
@@ -75,6 +134,23 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn defaults_hold_the_value_their_text_says() {
+        for d in [DEFAULT_CACHE_TTL, DEFAULT_MAX_STALE, DEFAULT_MIN_CACHE_TTL] {
+            assert_eq!(parse_duration(d.text), Ok(d.value), "{}", d.text);
+        }
+        assert_eq!(DEFAULT_CACHE_TTL.value, Duration::from_secs(30));
+        assert_eq!(DEFAULT_MAX_STALE.value, Duration::from_secs(300));
+        assert_eq!(DEFAULT_MIN_CACHE_TTL.value, Duration::from_secs(5));
+        assert_eq!(DEFAULT_VAULT_TIMEOUT.value, Duration::from_secs(5));
+        assert_eq!(
+            parse_duration("18446744073709551615s"),
+            Err(ConfigError::Duration("18446744073709551615s".into())),
+            "too large"
+        );
+        assert_eq!(parse_duration(" 30s "), Ok(Duration::from_secs(30)));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use vaultfs::app::{self, MountSettings};
-use vaultfs::config::{parse_duration, parse_file_mode};
+use vaultfs::config::{self, parse_duration, parse_file_mode};
 use vaultfs::mount::MountError;
 use vaultfs::secret::Token;
 use vaultfs::source::vault::{
@@ -93,16 +93,16 @@ struct CsiArgs {
     #[arg(long, value_name = "FILE")]
     vault_cacert: Option<PathBuf>,
     /// Longest wait for Vault before an uncached read fails with EIO.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = config::DEFAULT_VAULT_TIMEOUT.text, value_parser = parse_duration, value_name = "DURATION")]
     vault_timeout: Duration,
     /// Most secrets held in memory per volume.
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, default_value_t = config::DEFAULT_CSI_CACHE_MAX_ENTRIES, value_name = "N")]
     cache_max_entries: usize,
     /// Most secret bytes held in memory per volume.
-    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    #[arg(long, default_value_t = config::DEFAULT_CSI_CACHE_MAX_BYTES, value_name = "BYTES")]
     cache_max_bytes: usize,
     /// Shortest cacheTTL a volume may ask for; shorter ones are refused at publish.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = config::DEFAULT_MIN_CACHE_TTL.text, value_parser = parse_duration, value_name = "DURATION")]
     min_cache_ttl: Duration,
     /// Most volumes served at once; publishes past it fail with ResourceExhausted.
     #[arg(long, default_value_t = vaultfs::csi::DEFAULT_MAX_VOLUMES, value_name = "N")]
@@ -161,19 +161,19 @@ struct MountArgs {
     #[arg(long, value_name = "FILE")]
     spec: Option<PathBuf>,
     /// How long a fetched secret is served before Vault is asked again.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = config::DEFAULT_CACHE_TTL.text, value_parser = parse_duration, value_name = "DURATION")]
     cache_ttl: Duration,
     /// While Vault is unreachable, serve a cached secret up to this long after its last successful check.
-    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = config::DEFAULT_MAX_STALE.text, value_parser = parse_duration, value_name = "DURATION")]
     max_stale: Duration,
     /// Longest wait for Vault before an uncached read fails with EIO.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = config::DEFAULT_VAULT_TIMEOUT.text, value_parser = parse_duration, value_name = "DURATION")]
     vault_timeout: Duration,
     /// Most secrets held in memory.
-    #[arg(long, default_value_t = 1024, value_name = "N")]
+    #[arg(long, default_value_t = config::DEFAULT_CACHE_MAX_ENTRIES, value_name = "N")]
     cache_max_entries: usize,
     /// Most secret bytes held in memory.
-    #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
+    #[arg(long, default_value_t = config::DEFAULT_CACHE_MAX_BYTES, value_name = "BYTES")]
     cache_max_bytes: usize,
     /// Owner of the files (default: the mounting user).
     #[arg(long, value_name = "N")]

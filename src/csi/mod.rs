@@ -66,7 +66,7 @@ pub struct CsiConfig {
 }
 
 /// Defaults of the node-wide limits.
-pub const DEFAULT_MIN_CACHE_TTL: Duration = Duration::from_secs(5);
+pub const DEFAULT_MIN_CACHE_TTL: Duration = crate::config::DEFAULT_MIN_CACHE_TTL.value;
 pub const DEFAULT_MAX_VOLUMES: usize = 1000;
 pub const DEFAULT_MAX_ENTRIES: usize = 512;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::CsiConfig;
-use crate::config::{format_duration, parse_duration, parse_file_mode};
+use crate::config::{format_duration, parse_duration, parse_file_mode, DEFAULT_CACHE_TTL};
 use crate::fs::Consistency;
 use crate::reload::{PodUid, ProcessName, Signal};
 use crate::secret::Token;
@@ -22,9 +22,6 @@ pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
 pub const SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
 pub const TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
 const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
-
-/// `cacheTTL` when a volume does not say.
-const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// The volume attributes a pod may set (their meaning: docs/configuration.md).
 pub const ATTRIBUTES: [&str; 10] = [
@@ -253,7 +250,7 @@ impl Params {
             Some(t) => {
                 parse_duration(t).map_err(|e| invalid(format!("volumeAttributes.cacheTTL: {e}")))?
             }
-            None => DEFAULT_CACHE_TTL.max(config.min_cache_ttl),
+            None => DEFAULT_CACHE_TTL.value.max(config.min_cache_ttl),
         };
         if cache_ttl < config.min_cache_ttl {
             return Err(invalid(format!(

@@ -353,7 +353,7 @@ impl<S: Identity> VolumeManager<S> {
                 pod: params.pod.clone(),
                 cache: cache_config(
                     params.cache_ttl,
-                    Duration::from_secs(300),
+                    crate::config::DEFAULT_MAX_STALE.value,
                     self.config.vault_timeout,
                     self.config.cache_max_entries,
                     self.config.cache_max_bytes,
