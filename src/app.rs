@@ -245,20 +245,12 @@ async fn drain(metrics: &Metrics, timeout: Duration) {
 /// Everything `vaultfs csi` needs, already parsed and validated.
 pub struct CsiSettings {
     pub endpoint: String,
-    pub node_id: String,
-    pub state_dir: PathBuf,
     /// Where the node's FUSE connections are mounted (`--connections-dir`).
     pub connections_dir: PathBuf,
-    /// Vault servers by name (`""`: the default).
+    /// Vault servers by name (`""`: the default); `csi.servers` holds their names.
     pub servers: Vec<(String, ServerConfig)>,
-    pub vault_timeout: Duration,
-    pub cache_max_entries: usize,
-    pub cache_max_bytes: usize,
-    pub min_cache_ttl: Duration,
-    pub max_volumes: usize,
-    pub max_entries: usize,
-    /// Volumes may ask for reload signals (`--allow-reload-signals`).
-    pub allow_reload_signals: bool,
+    /// What the node's volumes may be and hold (node id and state directory included).
+    pub csi: crate::csi::CsiConfig,
     /// The keeper holding the node's FUSE connection across restarts (`--keeper-socket`).
     pub keeper_socket: Option<PathBuf>,
     pub keeper_wait: Duration,
@@ -282,7 +274,7 @@ async fn open_quarantine(settings: &CsiSettings, metrics: &Metrics) -> Option<Ar
         wait: settings.drain_timeout + Duration::from_secs(5),
     };
     let (dir, gauge) = (
-        settings.state_dir.clone(),
+        settings.csi.state_dir.clone(),
         metrics.quarantined_volumes.clone(),
     );
     let opened = tokio::task::spawn_blocking(move || Quarantine::open(&dir, config, gauge))
@@ -293,7 +285,7 @@ async fn open_quarantine(settings: &CsiSettings, metrics: &Metrics) -> Option<Ar
         Ok(quarantine) => Some(Arc::new(quarantine)),
         Err(e) => {
             tracing::error!(
-                state_dir = %settings.state_dir.display(),
+                state_dir = %settings.csi.state_dir.display(),
                 error = %e,
                 "cannot count FUSE requests in flight in the state directory: a volume that crashes the daemon again and again is not quarantined"
             );
@@ -347,13 +339,13 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
     // Before taking over or recovering any mount: a port in use fails at once.
     let metrics_listener = bind_metrics(&settings.daemon).await?;
     crate::csi::make_dir_private(
-        &settings.state_dir,
+        &settings.csi.state_dir,
         "the state directory (service-account tokens)",
     )
-    .with_context(|| format!("--state-dir {}", settings.state_dir.display()))?;
-    if !crate::sys::is_tmpfs(&settings.state_dir) {
+    .with_context(|| format!("--state-dir {}", settings.csi.state_dir.display()))?;
+    if !crate::sys::is_tmpfs(&settings.csi.state_dir) {
         tracing::warn!(
-            state_dir = %settings.state_dir.display(),
+            state_dir = %settings.csi.state_dir.display(),
             "the state directory is not on tmpfs: service-account tokens recorded there may reach disk; use a tmpfs host directory such as /run/vaultfs"
         );
     }
@@ -401,18 +393,7 @@ pub async fn run_csi(settings: CsiSettings) -> anyhow::Result<()> {
         .context("taking the node connection from the keeper; not mounting over a connection it may hold")?;
     let manager = Arc::new(
         crate::csi::VolumeManager::with_identities(
-            crate::csi::CsiConfig {
-                node_id: settings.node_id,
-                state_dir: settings.state_dir,
-                servers: servers.names(),
-                vault_timeout: settings.vault_timeout,
-                cache_max_entries: settings.cache_max_entries,
-                cache_max_bytes: settings.cache_max_bytes,
-                min_cache_ttl: settings.min_cache_ttl,
-                max_volumes: settings.max_volumes,
-                max_entries: settings.max_entries,
-                allow_reload_signals: settings.allow_reload_signals,
-            },
+            settings.csi,
             servers.connector(metrics.clone()),
             mounter.clone(),
             metrics.clone(),

@@ -563,19 +563,22 @@ fn csi(args: CsiArgs) -> ExitCode {
     };
     let settings = app::CsiSettings {
         endpoint: args.endpoint,
-        node_id: args.node_id,
         connections_dir: args
             .connections_dir
             .unwrap_or_else(|| args.state_dir.clone()),
-        state_dir: args.state_dir,
+        csi: vaultfs::csi::CsiConfig {
+            node_id: args.node_id,
+            state_dir: args.state_dir,
+            servers: servers.iter().map(|(name, _)| name.clone()).collect(),
+            vault_timeout: args.vault_timeout,
+            cache_max_entries: args.cache_max_entries,
+            cache_max_bytes: args.cache_max_bytes,
+            min_cache_ttl: args.min_cache_ttl,
+            max_volumes: args.max_volumes,
+            max_entries: args.max_volume_entries,
+            allow_reload_signals: args.allow_reload_signals,
+        },
         servers,
-        vault_timeout: args.vault_timeout,
-        cache_max_entries: args.cache_max_entries,
-        cache_max_bytes: args.cache_max_bytes,
-        min_cache_ttl: args.min_cache_ttl,
-        max_volumes: args.max_volumes,
-        max_entries: args.max_volume_entries,
-        allow_reload_signals: args.allow_reload_signals,
         keeper_socket: args.keeper_socket,
         keeper_wait: args.keeper_wait,
         drain_timeout: args.drain_timeout,
