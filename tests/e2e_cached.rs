@@ -12,7 +12,7 @@
 //! then on, through the path and through a descriptor opened before (`pread` at offset 0);
 //! strict paths behave the same. (The lease-end bound is in `tests/e2e_leases.rs`.)
 
-mod common;
+pub mod common;
 
 use std::fs::{self, File};
 use std::io::Read;

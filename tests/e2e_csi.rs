@@ -6,7 +6,7 @@
 //! because they need root, `/dev/fuse` and the `bao` binary; `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io;

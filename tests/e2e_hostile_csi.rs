@@ -5,7 +5,7 @@
 //! by default because it needs root, `/dev/fuse` and the `bao` binary; `scripts/test.sh` runs
 //! it with `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::time::Instant;
 

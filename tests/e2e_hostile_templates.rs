@@ -12,7 +12,7 @@
 //! Real `vaultfs csi` with a keeper, real FUSE, real OpenBao with JWT logins. Ignored by
 //! default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them.
 
-mod common;
+pub mod common;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

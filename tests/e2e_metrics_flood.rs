@@ -11,7 +11,7 @@
 //! descriptors, time until `/healthz` answers, connections shed) go to stderr; only generous liveness
 //! bounds are asserted about time.
 
-mod common;
+pub mod common;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! need root, `/dev/fuse` and the `bao` binary; `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};

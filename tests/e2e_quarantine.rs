@@ -14,7 +14,7 @@
 //! logins. Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them
 //! with `--include-ignored`. Figures go to stderr; time is asserted only with liveness bounds.
 
-mod common;
+pub mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -14,7 +14,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them with
 //! `--include-ignored`. Signal delays after each rotation go to stderr.
 
-mod common;
+pub mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -18,7 +18,7 @@
 //! daemon's start to the first read it served) go to stderr; only generous liveness bounds
 //! are asserted about time.
 
-mod common;
+pub mod common;
 
 use std::path::PathBuf;
 use std::thread::sleep;

@@ -8,7 +8,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -28,10 +28,11 @@ use vaultfs::csi::pb;
 use vaultfs::csi::pb::identity_client::IdentityClient;
 use vaultfs::csi::pb::node_client::NodeClient;
 
+use super::bao::VAULT_ENV;
 use super::jwt::{rfc3339, ServiceAccountToken, SigningKey};
 use super::{
     die_with_parent, fuse_descriptors, lazy_unmount, mountinfo, poll, read_lossy, stop_child,
-    stop_child_on_drop, sys_mount, vaultfs_bin, Bao, VAULT_ENV,
+    stop_child_on_drop, sys_mount, vaultfs_bin, Bao,
 };
 
 /// The driver name kubelet knows the plugin by.
