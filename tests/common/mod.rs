@@ -2,6 +2,9 @@
 //!
 //! * [`bao`]: a real OpenBao dev server ([`Bao`]) and its HTTP API helpers;
 //! * [`daemon`]: the `vaultfs mount` binary under test ([`Mount`], [`MountBuilder`]);
+//! * [`backend`], [`semantics`]: the consistency semantics written once over a
+//!   [`backend::Backend`] and run over both `MockSource` behind a real FUSE mount in the test
+//!   process (`tests/fuse_mock.rs`) and OpenBao behind the binary;
 //! * [`csi`], [`k8s`], [`jwt`], [`pg`], [`reader`]: the CSI node plugin and kubelet, the
 //!   Kubernetes API and service-account tokens, PostgreSQL, reader processes;
 //! * [`files`], [`probe`], [`poll`]: bounded filesystem calls through a mount, timed sampling
@@ -18,6 +21,7 @@
 //! there, while a private helper nobody calls still is. (Whether every public helper is used
 //! by some test is checked by hand, with `grep` over `tests/` and `benches/`.)
 
+pub mod backend;
 pub mod bao;
 pub mod csi;
 pub mod daemon;
@@ -32,6 +36,7 @@ pub mod probe;
 pub mod process;
 pub mod procfs;
 pub mod reader;
+pub mod semantics;
 
 // The helpers most tests use, at the paths they always had (`common::Bao`, `common::within`).
 pub use bao::*;
