@@ -285,10 +285,7 @@ fn a_publish_past_max_volumes_is_resource_exhausted_and_kubelet_learns_the_limit
     use common::csi::*;
     use common::k8s::*;
 
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put("secret/app/db", &[("password", "db-pass")]);
+    let (bao, key) = app_cluster(&[("secret/app/db", &[("password", "db-pass")])]);
     let node = CsiNode::new("node-max");
     let daemon = node.daemon(&bao).args(["--max-volumes", "2"]).start();
     let client = daemon.client();

@@ -167,10 +167,7 @@ fn read_file_now(path: &Path) -> String {
 #[test]
 #[ignore = "needs root, /dev/fuse, bao"]
 fn a_connection_flood_on_the_metrics_port_leaves_publishes_reads_and_health_working() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put("secret/app/db", &[("password", PASSWORD)]);
+    let (bao, key) = app_cluster(&[("secret/app/db", &[("password", PASSWORD)])]);
 
     let node = CsiNode::new("node-flood");
     let _keeper = Keeper::start(&node.keeper_socket_path());

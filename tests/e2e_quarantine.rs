@@ -47,10 +47,7 @@ fn cold_value(name: &str) -> String {
 
 /// OpenBao with JWT logins for `ns/app`, the password and the cold secrets.
 fn cluster() -> (Bao, SigningKey) {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put(DB, &[("password", V1)]);
+    let (bao, key) = app_cluster(&[(DB, &[("password", V1)])]);
     for name in ["c1", "c2", "c3"] {
         bao.kv_put(&format!("secret/app/{name}"), &[("v", &cold_value(name))]);
     }

@@ -63,12 +63,7 @@ const ROTATION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// OpenBao with JWT logins for `ns/app` and the two secrets at their first versions.
 fn cluster() -> (Bao, SigningKey) {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put(DB, &[("password", V1)]);
-    bao.kv_put(COLD_PATH, &[("v", COLD)]);
-    (bao, key)
+    app_cluster(&[(DB, &[("password", V1)]), (COLD_PATH, &[("v", COLD)])])
 }
 
 fn unix_now() -> f64 {
