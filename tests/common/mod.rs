@@ -5,7 +5,7 @@
 //! * [`backend`], [`semantics`]: the consistency semantics written once over a
 //!   [`backend::Backend`] and run over both `MockSource` behind a real FUSE mount in the test
 //!   process (`tests/fuse_mock.rs`) and OpenBao behind the binary;
-//! * [`csi`], [`k8s`], [`jwt`], [`pg`], [`reader`]: the CSI node plugin and kubelet, the
+//! * [`csi`], [`kubelet`], [`k8s`], [`jwt`], [`pg`], [`reader`]: the CSI node plugin and kubelet, the
 //!   Kubernetes API and service-account tokens, PostgreSQL, reader processes;
 //! * [`files`], [`probe`], [`poll`]: bounded filesystem calls through a mount, timed sampling
 //!   of reads, deadlines;
@@ -29,6 +29,7 @@ pub mod files;
 pub mod http;
 pub mod jwt;
 pub mod k8s;
+pub mod kubelet;
 pub mod mounts;
 pub mod pg;
 pub mod poll;
