@@ -86,22 +86,12 @@ impl Plugin {
 
     /// The value of `series` (0 when absent or unreadable).
     fn metric(&self, series: &str) -> f64 {
-        match try_http_status(&self.metrics_addr, "/metrics") {
-            Ok((200, text)) => metric_value(&text, series),
-            _ => 0.0,
-        }
+        scrape(&self.metrics_addr, series)
     }
 
     /// Waits until `series` is at least `min`; panics naming `what` otherwise.
     fn wait_metric(&self, series: &str, min: f64, node: &CsiNode, what: &str) {
-        let reached = poll(Duration::from_secs(10), Duration::from_millis(20), || {
-            let v = self.metric(series);
-            if v >= min {
-                Ok(v)
-            } else {
-                Err(v)
-            }
-        });
+        let reached = wait_metric(&self.metrics_addr, series, min, Duration::from_secs(10));
         if let Err(last) = reached {
             panic!(
                 "{what}: {series} is {last}, expected at least {min}\n--- daemon output:\n{}",

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::poll::poll;
+
 /// The body of `GET path` from a plain HTTP server on `addr` (a daemon's `/metrics`).
 pub fn http_get(addr: &str, path: &str) -> String {
     match http_status(addr, path) {
@@ -59,6 +61,28 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
                 .ok()
         })
         .unwrap_or(0.0)
+}
+
+/// The value of `series` in the `/metrics` of the daemon at `addr`, or 0 when it is absent or
+/// the metrics cannot be read (a daemon still starting, or gone).
+pub fn scrape(addr: &str, series: &str) -> f64 {
+    match try_http_status(addr, "/metrics") {
+        Ok((200, text)) => metric_value(&text, series),
+        _ => 0.0,
+    }
+}
+
+/// Waits up to `limit` until [`scrape`] finds `series` at least `min`; its last value, as
+/// `Ok` once reached, as `Err` if never.
+pub fn wait_metric(addr: &str, series: &str, min: f64, limit: Duration) -> Result<f64, f64> {
+    poll(limit, Duration::from_millis(20), || {
+        let v = scrape(addr, series);
+        if v >= min {
+            Ok(v)
+        } else {
+            Err(v)
+        }
+    })
 }
 
 /// A free loopback port (for a daemon's `--metrics-addr`).
