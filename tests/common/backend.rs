@@ -346,7 +346,9 @@ impl Drop for InProcess<'_> {
     }
 }
 
-/// Unfreezes the mock store when dropped.
+/// Unfreezes the mock store when dropped, and reports the server back (the source's
+/// `server_recoveries` counts one more), as Vault's source does once its server answers
+/// again: a volume backing off after the outage then asks again at once.
 struct Thaw<'a>(&'a MockSource);
 
 impl Frozen for Thaw<'_> {}
@@ -354,6 +356,8 @@ impl Frozen for Thaw<'_> {}
 impl Drop for Thaw<'_> {
     fn drop(&mut self) {
         self.0.set_latency(Duration::ZERO);
+        self.0.set_server_down();
+        self.0.set_server_up();
     }
 }
 
