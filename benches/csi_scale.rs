@@ -16,7 +16,7 @@
 //! it). Prints figures; asserts nothing about speed.
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::fs::File;
 use std::io::Read;

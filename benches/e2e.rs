@@ -12,7 +12,7 @@
 //! asserts nothing about speed.
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -6,7 +6,7 @@
 //! because they need root, `/dev/fuse` and the `bao` binary; `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io;
@@ -136,6 +136,61 @@ fn expect_errno(result: io::Result<Vec<u8>>, errno: i32, what: &str) {
             io::Error::from_raw_os_error(errno)
         ),
     }
+}
+
+/// A publish of `pod`'s volume `volume` at `target`, logging in as `role` through the `jwt`
+/// mount with the service-account token `jwt` (expiring at `exp`), declaring `secrets` (YAML)
+/// plus any `extra` attributes: the request most tests send.
+fn jwt_request(
+    pod: &Pod,
+    volume: &str,
+    target: &Path,
+    role: &str,
+    secrets: &str,
+    extra: &[(&str, &str)],
+    (jwt, exp): (&str, u64),
+) -> pb::NodePublishVolumeRequest {
+    let mut attributes = vec![("role", role), ("authMount", "jwt"), ("secrets", secrets)];
+    attributes.extend_from_slice(extra);
+    publish_request(pod, volume, target, &attributes, jwt, exp)
+}
+
+/// Publishes `request` (a publish with `what`) expecting it refused with `code`, and nothing
+/// mounted at its target; returns the refusal.
+fn expect_refused(
+    client: &CsiClient,
+    request: pb::NodePublishVolumeRequest,
+    code: Code,
+    what: &str,
+) -> tonic::Status {
+    let target = std::path::PathBuf::from(&request.target_path);
+    let err = client
+        .publish(request)
+        .expect_err(&format!("a publish with {what} succeeded"));
+    assert_eq!(err.code(), code, "{what}: {}", describe(&err));
+    assert!(
+        !is_mounted(&target),
+        "{what}: something is mounted at the target of a refused publish"
+    );
+    err
+}
+
+/// [`expect_refused`] with `PermissionDenied`, the message saying the login as `role` was
+/// refused.
+fn expect_login_refused(
+    client: &CsiClient,
+    request: pb::NodePublishVolumeRequest,
+    role: &str,
+    what: &str,
+) -> tonic::Status {
+    let err = expect_refused(client, request, Code::PermissionDenied, what);
+    let message = err.message().to_lowercase();
+    assert!(
+        message.contains("login") && message.contains(role),
+        "the error should say the login as role {role} was refused: {}",
+        describe(&err)
+    );
+    err
 }
 
 /// Reads `path` until it returns `expected` or `limit` passes; returns the last outcome.
@@ -277,17 +332,14 @@ fn a_pod_publishing_with_jwt_auth_reads_its_secrets_lazily_after_exactly_one_log
     let pod = pod_a();
     let target = node.target_path(&pod, "secrets");
     let (jwt, exp) = pod.signed_token(&key);
-    let mut request = publish_request(
+    let mut request = jwt_request(
         &pod,
         "secrets",
         &target,
-        &[
-            ("role", "team-a"),
-            ("authMount", "jwt"),
-            ("secrets", A_SECRETS_YAML),
-        ],
-        &jwt,
-        exp,
+        "team-a",
+        A_SECRETS_YAML,
+        &[],
+        (&jwt, exp),
     );
     // The pod has fsGroup 2345: kubelet passes it as the volume mount group.
     request.volume_capability = Some(mount_capability("2345"));
@@ -351,17 +403,14 @@ fn a_pod_asking_for_another_teams_secret_gets_eacces_and_never_its_value_while_i
     let a_target = node.target_path(&a, "secrets");
     let (a_jwt, a_exp) = a.signed_token(&key);
     expect_ok(
-        client.publish(publish_request(
+        client.publish(jwt_request(
             &a,
             "secrets",
             &a_target,
-            &[
-                ("role", "team-a"),
-                ("authMount", "jwt"),
-                ("secrets", A_SECRETS_YAML),
-            ],
-            &a_jwt,
-            a_exp,
+            "team-a",
+            A_SECRETS_YAML,
+            &[],
+            (&a_jwt, a_exp),
         )),
         "publish pod A",
         &daemon,
@@ -379,17 +428,14 @@ fn a_pod_asking_for_another_teams_secret_gets_eacces_and_never_its_value_while_i
         { "name": "api-key", "path": "secret/team-b/api", "key": "key" },
     ])
     .to_string();
-    let request = tokens_in_secrets(publish_request(
+    let request = tokens_in_secrets(jwt_request(
         &b,
         "secrets",
         &b_target,
-        &[
-            ("role", "team-b"),
-            ("authMount", "jwt"),
-            ("secrets", &b_secrets),
-        ],
-        &b_jwt,
-        b_exp,
+        "team-b",
+        &b_secrets,
+        &[],
+        (&b_jwt, b_exp),
     ));
     // vaultfs checks identities at login, not per secret: B's publish succeeds and the read of
     // a path B's policy does not grant fails with EACCES (Vault's 403).
@@ -445,58 +491,36 @@ fn a_publish_whose_login_vault_refuses_fails_naming_the_login_and_role_and_mount
 
     // A role that does not exist.
     let target = node.target_path(&pod, "no-role");
-    let err = client
-        .publish(publish_request(
+    expect_login_refused(
+        &client,
+        jwt_request(
             &pod,
             "no-role",
             &target,
-            &[
-                ("role", "no-such-role"),
-                ("authMount", "jwt"),
-                ("secrets", A_SECRETS_YAML),
-            ],
-            &jwt,
-            exp,
-        ))
-        .expect_err("a publish with an unknown role succeeded");
-    assert_eq!(err.code(), Code::PermissionDenied, "{}", describe(&err));
-    let message = err.message().to_lowercase();
-    assert!(
-        message.contains("login") && message.contains("no-such-role"),
-        "the error should say the login as role no-such-role was refused: {}",
-        describe(&err)
-    );
-    assert!(
-        !is_mounted(&target),
-        "something is mounted at the target of a refused publish"
+            "no-such-role",
+            A_SECRETS_YAML,
+            &[],
+            (&jwt, exp),
+        ),
+        "no-such-role",
+        "an unknown role",
     );
 
     // An existing role that does not accept this pod's service account.
     let target = node.target_path(&pod, "wrong-role");
-    let err = client
-        .publish(publish_request(
+    let err = expect_login_refused(
+        &client,
+        jwt_request(
             &pod,
             "wrong-role",
             &target,
-            &[
-                ("role", "team-b"),
-                ("authMount", "jwt"),
-                ("secrets", A_SECRETS_YAML),
-            ],
-            &jwt,
-            exp,
-        ))
-        .expect_err("a publish with a role bound to another service account succeeded");
-    assert_eq!(err.code(), Code::PermissionDenied, "{}", describe(&err));
-    let message = err.message().to_lowercase();
-    assert!(
-        message.contains("login") && message.contains("team-b"),
-        "the error should say the login as role team-b was refused: {}",
-        describe(&err)
-    );
-    assert!(
-        !is_mounted(&target),
-        "something is mounted at the target of a refused publish"
+            "team-b",
+            A_SECRETS_YAML,
+            &[],
+            (&jwt, exp),
+        ),
+        "team-b",
+        "a role bound to another service account",
     );
     assert!(
         !err.message().contains(&jwt),
@@ -531,17 +555,14 @@ fn invalid_publish_requests_are_refused_with_invalid_argument_naming_the_field_b
     let (jwt, exp) = pod.signed_token(&key);
     let target = node.target_path(&pod, "secrets");
     let good = || {
-        publish_request(
+        jwt_request(
             &pod,
             "secrets",
             &target,
-            &[
-                ("role", "team-a"),
-                ("authMount", "jwt"),
-                ("secrets", A_SECRETS_YAML),
-            ],
-            &jwt,
-            exp,
+            "team-a",
+            A_SECRETS_YAML,
+            &[],
+            (&jwt, exp),
         )
     };
 
@@ -584,21 +605,12 @@ fn invalid_publish_requests_are_refused_with_invalid_argument_naming_the_field_b
     for (what, field, mutate) in cases {
         let mut request = good();
         mutate(&mut request);
-        let err = client
-            .publish(request)
-            .expect_err(&format!("a publish with {what} succeeded"));
-        assert_eq!(
-            err.code(),
-            Code::InvalidArgument,
-            "{what}: {}",
-            describe(&err)
-        );
+        let err = expect_refused(&client, request, Code::InvalidArgument, what);
         assert!(
             err.message().contains(field),
             "{what}: the message should name {field}: {}",
             describe(&err)
         );
-        assert!(!is_mounted(&target), "{what}: the target got mounted");
     }
     assert_eq!(
         logins(&bao, "jwt").0,
@@ -740,17 +752,14 @@ fn unpublish_unmounts_revokes_the_volume_token_and_is_idempotent() {
     let pod = pod_a();
     let target = node.target_path(&pod, "secrets");
     let (jwt, exp) = pod.signed_token(&key);
-    let request = publish_request(
+    let request = jwt_request(
         &pod,
         "secrets",
         &target,
-        &[
-            ("role", "team-a"),
-            ("authMount", "jwt"),
-            ("secrets", A_SECRETS_YAML),
-        ],
-        &jwt,
-        exp,
+        "team-a",
+        A_SECRETS_YAML,
+        &[],
+        (&jwt, exp),
     );
 
     let before = token_accessors(&bao);
@@ -841,14 +850,7 @@ fn healthz_names_a_volume_whose_mount_vanished_until_it_is_unpublished() {
     let publish = |pod: &Pod, role: &str, secrets: &str| {
         let target = node.target_path(pod, "secrets");
         let (jwt, exp) = pod.signed_token(&key);
-        let request = publish_request(
-            pod,
-            "secrets",
-            &target,
-            &[("role", role), ("authMount", "jwt"), ("secrets", secrets)],
-            &jwt,
-            exp,
-        );
+        let request = jwt_request(pod, "secrets", &target, role, secrets, &[], (&jwt, exp));
         expect_ok(client.publish(request.clone()), "publish", &daemon);
         (target, request.volume_id)
     };
@@ -912,18 +914,14 @@ fn a_restarted_daemon_takes_back_its_volumes_after_sigterm_and_after_sigkill() {
     let target = node.target_path(&pod, "secrets");
     let file = target.join("db/password");
     let (jwt, exp) = pod.signed_token(&key);
-    let request = publish_request(
+    let request = jwt_request(
         &pod,
         "secrets",
         &target,
-        &[
-            ("role", "team-a"),
-            ("authMount", "jwt"),
-            ("cacheTTL", "1s"),
-            ("secrets", A_SECRETS_YAML),
-        ],
-        &jwt,
-        exp,
+        "team-a",
+        A_SECRETS_YAML,
+        &[("cacheTTL", "1s")],
+        (&jwt, exp),
     );
 
     let mut first = node.daemon(&bao).start();
@@ -1025,18 +1023,14 @@ fn a_container_binding_the_volume_with_host_to_container_propagation_reads_after
     let pod = pod_a();
     let target = node.target_path(&pod, "secrets");
     let (jwt, exp) = pod.signed_token(&key);
-    let request = publish_request(
+    let request = jwt_request(
         &pod,
         "secrets",
         &target,
-        &[
-            ("role", "team-a"),
-            ("authMount", "jwt"),
-            ("cacheTTL", "1s"),
-            ("secrets", A_SECRETS_YAML),
-        ],
-        &jwt,
-        exp,
+        "team-a",
+        A_SECRETS_YAML,
+        &[("cacheTTL", "1s")],
+        (&jwt, exp),
     );
     let mut first = node.daemon(&bao).start();
     expect_ok(first.client().publish(request), "publish", &first);
@@ -1134,18 +1128,19 @@ fn kubernetes_auth_logs_a_pod_in_through_a_token_review_with_its_chosen_server_a
     let b = pod_b();
     let b_target = node.target_path(&b, "secrets");
     let (b_jwt, b_exp) = b.signed_token(&key);
-    let err = client
-        .publish(publish_request(
+    expect_refused(
+        &client,
+        publish_request(
             &b,
             "secrets",
             &b_target,
             &[("role", "team-a"), ("secrets", A_SECRETS_YAML)],
             &b_jwt,
             b_exp,
-        ))
-        .expect_err("pod B logged in as team-a through kubernetes auth");
-    assert_eq!(err.code(), Code::PermissionDenied, "{}", describe(&err));
-    assert!(!is_mounted(&b_target));
+        ),
+        Code::PermissionDenied,
+        "pod B's token for team-a's kubernetes role",
+    );
 }
 
 #[test]
@@ -1158,17 +1153,14 @@ fn a_publish_while_vault_is_unreachable_succeeds_and_the_volume_works_once_vault
     let pod = pod_a();
     let target = node.target_path(&pod, "secrets");
     let (jwt, exp) = pod.signed_token(&key);
-    let request = publish_request(
+    let request = jwt_request(
         &pod,
         "secrets",
         &target,
-        &[
-            ("role", "team-a"),
-            ("authMount", "jwt"),
-            ("secrets", A_SECRETS_YAML),
-        ],
-        &jwt,
-        exp,
+        "team-a",
+        A_SECRETS_YAML,
+        &[],
+        (&jwt, exp),
     );
 
     bao.pause();

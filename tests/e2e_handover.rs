@@ -7,7 +7,7 @@
 //! `--include-ignored`. Every read goes through a helper thread with a deadline, never on a
 //! FUSE thread, and nothing stats a mount that nobody serves (that would block).
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader};

@@ -5,7 +5,7 @@
 //! by default because it needs root, `/dev/fuse` and the `bao` binary; `scripts/test.sh` runs
 //! it with `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::time::Instant;
 
@@ -46,10 +46,7 @@ fn one_mib_spec() -> String {
 #[test]
 #[ignore = "needs root, /dev/fuse, bao"]
 fn hostile_secrets_attributes_are_refused_as_invalid_argument_and_leave_the_daemon_small() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put("secret/app/db", &[("password", PASSWORD)]);
+    let (bao, key) = app_cluster(&[("secret/app/db", &[("password", PASSWORD)])]);
 
     let node = CsiNode::new("node-hostile");
     let daemon = node.daemon(&bao).start();

@@ -4,7 +4,7 @@
 //! request at all for them (checked in its audit log). Ignored by default because it needs
 //! root, `/dev/fuse` and the `bao` binary; `scripts/test.sh` runs it with `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::time::{Duration, Instant};

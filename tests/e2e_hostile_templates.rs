@@ -12,7 +12,7 @@
 //! Real `vaultfs csi` with a keeper, real FUSE, real OpenBao with JWT logins. Ignored by
 //! default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them.
 
-mod common;
+pub mod common;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,9 +81,7 @@ fn publish(
 #[test]
 #[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
 fn a_memory_bomb_template_fails_alone_and_the_daemon_stays_under_64_mib() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
+    let (bao, key) = app_cluster(&[]);
     let node = CsiNode::new("node-template-bomb");
     let (_keeper, daemon) = set_up(&node, &bao);
     let pid = daemon.pid();
@@ -144,9 +142,7 @@ fn daemon_alive(pid: u32) -> bool {
 #[test]
 #[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
 fn a_render_storm_in_one_volume_leaves_other_volumes_answering() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
+    let (bao, key) = app_cluster(&[]);
     let node = CsiNode::new("node-render-storm");
     let (_keeper, daemon) = set_up(&node, &bao);
     // 256 distinct templates, each spending most of its fuel.
@@ -220,9 +216,7 @@ fn a_render_storm_in_one_volume_leaves_other_volumes_answering() {
 #[test]
 #[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
 fn template_only_volumes_of_512_entries_cost_under_1_mib_each() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
+    let (bao, key) = app_cluster(&[]);
     let node = CsiNode::new("node-template-memory");
     let (_keeper, daemon) = set_up(&node, &bao);
     let pid = daemon.pid();

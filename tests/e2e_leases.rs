@@ -17,7 +17,7 @@
 //! Ignored by default (they need root, `/dev/fuse`, `bao` and PostgreSQL); `scripts/test.sh`
 //! runs them with `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::fs::File;
 use std::sync::Arc;

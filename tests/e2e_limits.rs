@@ -5,7 +5,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::time::{Duration, Instant};
 
@@ -285,10 +285,7 @@ fn a_publish_past_max_volumes_is_resource_exhausted_and_kubelet_learns_the_limit
     use common::csi::*;
     use common::k8s::*;
 
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put("secret/app/db", &[("password", "db-pass")]);
+    let (bao, key) = app_cluster(&[("secret/app/db", &[("password", "db-pass")])]);
     let node = CsiNode::new("node-max");
     let daemon = node.daemon(&bao).args(["--max-volumes", "2"]).start();
     let client = daemon.client();

@@ -11,7 +11,7 @@
 //! descriptors, time until `/healthz` answers, connections shed) go to stderr; only generous liveness
 //! bounds are asserted about time.
 
-mod common;
+pub mod common;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -167,10 +167,7 @@ fn read_file_now(path: &Path) -> String {
 #[test]
 #[ignore = "needs root, /dev/fuse, bao"]
 fn a_connection_flood_on_the_metrics_port_leaves_publishes_reads_and_health_working() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put("secret/app/db", &[("password", PASSWORD)]);
+    let (bao, key) = app_cluster(&[("secret/app/db", &[("password", PASSWORD)])]);
 
     let node = CsiNode::new("node-flood");
     let _keeper = Keeper::start(&node.keeper_socket_path());

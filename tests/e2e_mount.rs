@@ -3,11 +3,11 @@
 //! need root, `/dev/fuse` and the `bao` binary; `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -16,6 +16,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::backend::OpenBaoBackend;
+use common::semantics;
 use common::*;
 use serde_json::{json, Value};
 
@@ -226,67 +228,9 @@ fn keyed_files_hold_the_raw_field_and_keyless_files_hold_the_json_object_on_kv_v
 #[test]
 #[ignore = "needs root, /dev/fuse and the bao binary (run by scripts/test.sh)"]
 fn a_rotated_secret_is_seen_by_new_opens_while_an_open_fd_keeps_the_old_value() {
-    let bao = setup();
-    let old = "old-value-0123456789";
-    let new = "new-value-after-rotation-abcdefghijklmnop";
-    assert_ne!(old.len(), new.len());
-    bao.kv_put("secret/app/rot", &[("value", old)]);
-
-    // Descriptors keep their version in strict mode (cached: tests/e2e_cached.rs).
-    let m = Mount::start(
-        &bao,
-        &["rot=secret/app/rot#value"],
-        &["--cache-ttl", "1s", "--consistency", "strict"],
+    semantics::a_rotated_secret_is_seen_by_new_opens_while_an_open_fd_keeps_the_old_value(
+        &OpenBaoBackend::start(),
     );
-    let path = m.file("rot");
-
-    // fd A: open and read the first 7 bytes.
-    let p = path.clone();
-    let (fd_a, head) = within("open and read fd A", FS_OP_TIMEOUT, move || {
-        let mut f = File::open(&p).expect("open fd A");
-        let mut head = [0u8; 7];
-        f.read_exact(&mut head).expect("read head of fd A");
-        (f, head)
-    });
-    assert_eq!(&head, &old.as_bytes()[..7]);
-    assert_eq!(metadata(&path).expect("stat").len(), old.len() as u64);
-
-    bao.kv_put("secret/app/rot", &[("value", new)]);
-    thread::sleep(Duration::from_millis(1600));
-
-    assert_eq!(
-        read_string(&path),
-        new,
-        "a new open after the TTL must see the rotated value"
-    );
-    assert_eq!(
-        metadata(&path).expect("stat after rotation").len(),
-        new.len() as u64,
-        "stat must report the new size"
-    );
-
-    let (rest, whole) = within("read fd A again", FS_OP_TIMEOUT, move || {
-        let mut f = fd_a;
-        let mut rest = Vec::new();
-        f.read_to_end(&mut rest).expect("read rest of fd A");
-        f.seek(SeekFrom::Start(0)).expect("seek fd A");
-        let mut whole = Vec::new();
-        f.read_to_end(&mut whole).expect("re-read fd A");
-        (rest, whole)
-    });
-    assert_eq!(
-        String::from_utf8_lossy(&rest),
-        &old[7..],
-        "fd A must continue with the old value"
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&whole),
-        old,
-        "fd A must still read the old value in full"
-    );
-
-    // And still the new value for new opens.
-    assert_eq!(read_string(&path), new);
 }
 
 fn versioned_value(version: usize) -> String {

@@ -5,7 +5,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::fs;
 
@@ -30,9 +30,7 @@ fn threads(pid: u32) -> u64 {
 #[test]
 #[ignore = "needs root, /dev/fuse, bao"]
 fn every_volume_shares_one_connection_and_a_pod_cannot_walk_out_of_its_own() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
+    let (bao, key) = app_cluster(&[]);
     for i in 0..20 {
         bao.kv_put(&format!("secret/app/s{i}"), &[("v", &format!("value-{i}"))]);
     }

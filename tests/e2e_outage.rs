@@ -5,7 +5,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,12 +24,11 @@ fn timed_read(path: &Path) -> (Duration, std::io::Result<Vec<u8>>) {
 #[test]
 #[ignore = "needs root, /dev/fuse, bao"]
 fn once_one_pod_finds_vault_down_other_pods_get_stale_values_or_eio_at_once_and_recover_with_it() {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put("secret/app/a", &[("v", "a-1")]);
-    bao.kv_put("secret/app/b", &[("v", "b-1")]);
-    bao.kv_put("secret/app/cold", &[("v", "cold-1")]);
+    let (bao, key) = app_cluster(&[
+        ("secret/app/a", &[("v", "a-1")]),
+        ("secret/app/b", &[("v", "b-1")]),
+        ("secret/app/cold", &[("v", "cold-1")]),
+    ]);
 
     let node = CsiNode::new("node-outage");
     let metrics_addr = format!("127.0.0.1:{}", free_port());

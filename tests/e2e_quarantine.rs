@@ -14,7 +14,7 @@
 //! logins. Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them
 //! with `--include-ignored`. Figures go to stderr; time is asserted only with liveness bounds.
 
-mod common;
+pub mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -47,10 +47,7 @@ fn cold_value(name: &str) -> String {
 
 /// OpenBao with JWT logins for `ns/app`, the password and the cold secrets.
 fn cluster() -> (Bao, SigningKey) {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put(DB, &[("password", V1)]);
+    let (bao, key) = app_cluster(&[(DB, &[("password", V1)])]);
     for name in ["c1", "c2", "c3"] {
         bao.kv_put(&format!("secret/app/{name}"), &[("v", &cold_value(name))]);
     }
@@ -89,22 +86,12 @@ impl Plugin {
 
     /// The value of `series` (0 when absent or unreadable).
     fn metric(&self, series: &str) -> f64 {
-        match try_http_status(&self.metrics_addr, "/metrics") {
-            Ok((200, text)) => metric_value(&text, series),
-            _ => 0.0,
-        }
+        scrape(&self.metrics_addr, series)
     }
 
     /// Waits until `series` is at least `min`; panics naming `what` otherwise.
     fn wait_metric(&self, series: &str, min: f64, node: &CsiNode, what: &str) {
-        let reached = poll(Duration::from_secs(10), Duration::from_millis(20), || {
-            let v = self.metric(series);
-            if v >= min {
-                Ok(v)
-            } else {
-                Err(v)
-            }
-        });
+        let reached = wait_metric(&self.metrics_addr, series, min, Duration::from_secs(10));
         if let Err(last) = reached {
             panic!(
                 "{what}: {series} is {last}, expected at least {min}\n--- daemon output:\n{}",

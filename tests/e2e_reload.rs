@@ -14,7 +14,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them with
 //! `--include-ignored`. Signal delays after each rotation go to stderr.
 
-mod common;
+pub mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -246,12 +246,10 @@ impl Drop for Listener {
 // ---------------------------------------------------------------------------------------------
 
 fn cluster() -> (Bao, SigningKey) {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put("secret/app/db", &[("password", "db-v1")]);
-    bao.kv_put("secret/app/api", &[("token", "api-v1")]);
-    (bao, key)
+    app_cluster(&[
+        ("secret/app/db", &[("password", "db-v1")]),
+        ("secret/app/api", &[("token", "api-v1")]),
+    ])
 }
 
 fn publish(

@@ -6,7 +6,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs it with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::thread;
 use std::time::{Duration, Instant};

@@ -18,7 +18,7 @@
 //! daemon's start to the first read it served) go to stderr; only generous liveness bounds
 //! are asserted about time.
 
-mod common;
+pub mod common;
 
 use std::path::PathBuf;
 use std::thread::sleep;
@@ -63,12 +63,7 @@ const ROTATION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// OpenBao with JWT logins for `ns/app` and the two secrets at their first versions.
 fn cluster() -> (Bao, SigningKey) {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put(DB, &[("password", V1)]);
-    bao.kv_put(COLD_PATH, &[("v", COLD)]);
-    (bao, key)
+    app_cluster(&[(DB, &[("password", V1)]), (COLD_PATH, &[("v", COLD)])])
 }
 
 fn unix_now() -> f64 {
@@ -145,31 +140,14 @@ impl Plugin {
         }
     }
 
-    /// `/metrics`, or why it could not be read.
-    fn metrics(&self) -> Result<String, String> {
-        match try_http_status(&self.metrics_addr, "/metrics")? {
-            (200, body) => Ok(body),
-            (status, body) => Err(format!("GET /metrics answered {status}: {body}")),
-        }
-    }
-
     /// The value of `series` (0 when absent or when the metrics cannot be read).
     fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .map(|text| metric_value(&text, series))
-            .unwrap_or(0.0)
+        scrape(&self.metrics_addr, series)
     }
 
     /// Waits up to `limit` until `series` is at least `min`; returns its last value.
     fn wait_metric(&self, series: &str, min: f64, limit: Duration) -> Result<f64, f64> {
-        poll(limit, Duration::from_millis(20), || {
-            let v = self.metric(series);
-            if v >= min {
-                Ok(v)
-            } else {
-                Err(v)
-            }
-        })
+        wait_metric(&self.metrics_addr, series, min, limit)
     }
 }
 

@@ -6,7 +6,7 @@
 //! missing field gives ENOENT and a log line naming it; a runaway template stops at its fuel
 //! limit without holding up the volume's other files.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

@@ -8,7 +8,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -125,10 +125,7 @@ struct Served {
 }
 
 fn serve(node_id: &str) -> Served {
-    require_root();
-    let bao = Bao::start();
-    let key = jwt_app(&bao);
-    bao.kv_put(SECRET, &[("password", "v1")]);
+    let (bao, key) = app_cluster(&[(SECRET, &[("password", "v1")])]);
     let node = CsiNode::new(node_id);
     let keeper = Keeper::start(&node.keeper_socket_path());
     let before = token_accessors(&bao);

@@ -6,7 +6,7 @@
 //! Ignored by default (needs root, `/dev/fuse` and `bao`); `scripts/test.sh` runs them with
 //! `--include-ignored`.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

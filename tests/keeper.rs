@@ -5,7 +5,7 @@
 //! with `CAP_SYS_ADMIN`. Attackers are `tests/common/keeper_peer.py` run as root without
 //! capabilities (`setpriv`).
 
-mod common;
+pub mod common;
 
 use std::fs::File;
 use std::io::{self, PipeReader, PipeWriter, Read, Write};

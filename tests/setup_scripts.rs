@@ -5,7 +5,7 @@
 //! `~/.vault-token`. The whole proof, both README commands in a fresh Debian 12 chroot with
 //! only the Rust toolchain, is described in `docs/internals.md` ("A fresh machine").
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::path::Path;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::jwt::{unverified_claims, SigningKey, ISSUER};
-use super::Bao;
+use super::{require_root, Bao};
 
 /// Whether `text` holds something shaped like a Vault service token (`s.` + 24 characters).
 pub fn find_vault_token(text: &str) -> Option<&str> {
@@ -58,6 +58,19 @@ path "secret/metadata/app/*" { capabilities = ["read"] }"#,
     );
     jwt_role(bao, "jwt", "app", "ns", "app", &["app"], "1h");
     key
+}
+
+/// The cluster most CSI tests start from: a fresh OpenBao (as root, for FUSE) with JWT logins
+/// for `ns/app` ([`jwt_app`]) holding `secrets`, each a KV v2 path and its fields. Returns the
+/// server and the key that signs the pods' tokens.
+pub fn app_cluster(secrets: &[(&str, &[(&str, &str)])]) -> (Bao, SigningKey) {
+    require_root();
+    let bao = Bao::start();
+    let key = jwt_app(&bao);
+    for (path, fields) in secrets {
+        bao.kv_put(path, fields);
+    }
+    (bao, key)
 }
 
 pub fn enable_jwt_auth(bao: &Bao, mount: &str, key: &SigningKey) {

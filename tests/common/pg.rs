@@ -317,20 +317,6 @@ impl Postgres {
         out.lines().next().map(|l| l.trim().to_string())
     }
 
-    /// Names of the roles OpenBao created (every role except the superuser and PostgreSQL's
-    /// built-in `pg_*` roles), sorted.
-    pub fn dynamic_roles(&self) -> Vec<String> {
-        let out = self.query_with_name(
-            "SELECT rolname FROM pg_roles WHERE rolname <> :'name' AND rolname NOT LIKE 'pg\\_%' \
-             ORDER BY rolname;",
-            &self.superuser,
-        );
-        out.lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
-    }
-
     /// Whether `user` can log in over TCP with `password` and run a query.
     pub fn can_login(&self, user: &str, password: &str) -> bool {
         self.try_login(user, password).is_ok()
