@@ -14,8 +14,8 @@
 //! only for tests (`cfg(test)` or the `testing` feature).
 //! `reload` (reload signals: signal names, a pod's processes, the debounce) is used by `volume`
 //! and the wiring and uses only `metrics` and `pidfd` (to signal exactly the process it checked).
-//! `sys` (the Linux calls vaultfs makes itself, one module per topic: process, file, mount,
-//! mountinfo, socket, signal, pidfd) uses no vaultfs module; `pidfd` is `sys::pidfd`.
+//! `sys` (the Linux calls vaultfs makes itself, one module per topic: process, file, fuse,
+//! mount, mountinfo, socket, signal, pidfd) uses no vaultfs module; `pidfd` is `sys::pidfd`.
 //! `keeper` (the process that holds FUSE connections across daemon restarts, and its client)
 //! stands beside this chain: it uses only `logging`, `sys` (its socket calls, and `pidfd` to
 //! check who connects) and `secret` (to wipe what it held), and only `main`, the wiring and

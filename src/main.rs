@@ -666,10 +666,12 @@ fn mount(args: MountArgs) -> ExitCode {
                         args.cache_max_entries,
                         args.cache_max_bytes,
                     ),
-                    // SAFETY: geteuid/getegid cannot fail and take no arguments.
-                    uid: args.uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
-                    // SAFETY: as above.
-                    gid: args.gid.unwrap_or_else(|| unsafe { libc::getegid() }),
+                    uid: args
+                        .uid
+                        .unwrap_or_else(vaultfs::sys::process::effective_uid),
+                    gid: args
+                        .gid
+                        .unwrap_or_else(vaultfs::sys::process::effective_gid),
                     file_mode: args.file_mode,
                     consistency: args.consistency,
                     reload: args.reload_signal.zip(args.reload_pid_file.clone()).map(

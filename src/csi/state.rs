@@ -34,8 +34,7 @@ pub fn make_dir_private(dir: &Path, what: &str) -> std::io::Result<()> {
     if !meta.is_dir() {
         return Err(std::io::Error::other("is not a directory"));
     }
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    let own = unsafe { libc::geteuid() };
+    let own = crate::sys::process::effective_uid();
     if meta.uid() != own {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,

@@ -2,13 +2,16 @@
 //! (`InitRecord`), a fuser session started on a fresh connection or on a live one another
 //! process served (`start_session`), and the resend notification that makes the kernel queue
 //! again the requests nobody answered (`notify_resend`). Knows fuser and the kernel's FUSE
-//! ABI; nothing of volumes or Vault.
+//! ABI; nothing of volumes or Vault. The device and socket calls are `sys`'s (`sys::fuse`,
+//! `sys::socket`, `sys::file::duplicate_onto`): nothing here is `unsafe`.
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use fuser::{Config, Filesystem, Session, SessionACL};
+
+use crate::sys::{self, socket, socket::Received};
 
 /// `fuse_in_header`: len u32, opcode u32, unique u64, nodeid u64, uid, gid, pid u32,
 /// total_extlen u16, padding u16.
@@ -178,19 +181,17 @@ pub fn start_session<FS: Filesystem>(
         Some(record) => (record.clone(), false),
         None => (read_init(device.as_fd())?, true),
     };
-    let (ours, fusers) = seqpacket_pair()?;
-    write_once(ours.as_fd(), record.as_bytes())?;
+    let (ours, fusers) = socket::seqpacket_pair()?;
+    sys::fuse::write_message(ours.as_fd(), record.as_bytes())?;
     let session = Session::from_fd(fs, fusers, acl, config)?;
     let answer = answer_to(&record, ours.as_fd())?;
     if fresh {
-        write_once(device.as_fd(), &answer)?;
+        sys::fuse::write_message(device.as_fd(), &answer)?;
     }
     // From here on the session's descriptor number is the real device: dup3 replaces the
-    // socket atomically, so no read or write of the session can see a closed descriptor.
-    let session_fd = session.as_fd().as_raw_fd();
-    // SAFETY: both are open descriptors; dup3 only changes what `session_fd` designates, which
-    // the session still owns (and closes) as before.
-    check(unsafe { libc::dup3(device.as_raw_fd(), session_fd, libc::O_CLOEXEC) })?;
+    // socket atomically, so no read or write of the session can see a closed descriptor. The
+    // session still owns (and closes) that number as before.
+    sys::file::duplicate_onto(device.as_fd(), session.as_fd())?;
     Ok((session, record))
 }
 
@@ -204,7 +205,7 @@ pub fn notify_resend(device: BorrowedFd<'_>) -> io::Result<()> {
     header[0..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
     header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
     // unique 0: a notification, not an answer.
-    write_once(device, &header)
+    sys::fuse::write_message(device, &header)
 }
 
 pub use crate::fuse::is_resent;
@@ -212,19 +213,7 @@ pub use crate::fuse::is_resent;
 /// Reads the first request of a connection just mounted: the kernel's FUSE_INIT.
 fn read_init(device: BorrowedFd<'_>) -> io::Result<InitRecord> {
     let mut buf = vec![0u8; INIT_READ_BUFFER];
-    let n = loop {
-        // SAFETY: `buf` is valid for writes of its length for the whole call.
-        let n = unsafe { libc::read(device.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let err = io::Error::last_os_error();
-        // ENOENT: the request was interrupted before it was read; the kernel says retry.
-        match err.raw_os_error() {
-            Some(libc::EINTR | libc::EAGAIN | libc::ENOENT) => continue,
-            _ => return Err(err),
-        }
-    };
+    let n = sys::fuse::read_request(device, &mut buf)?;
     buf.truncate(n);
     InitRecord::from_bytes(buf).map_err(|e| {
         io::Error::new(
@@ -236,25 +225,16 @@ fn read_init(device: BorrowedFd<'_>) -> io::Result<InitRecord> {
 
 /// fuser's answer to `init`, waiting in the socket pair: exactly one, successful.
 fn answer_to(init: &InitRecord, ours: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: `buf` is valid for writes of its length for the whole call.
-    let n = unsafe {
-        libc::recv(
-            ours.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
     let handshake_changed = |what: &str| {
         io::Error::other(format!(
             "fuser's INIT handshake {what}; start_session depends on fuser 0.18.0's from_fd"
         ))
     };
-    if n < 0 {
-        return Err(handshake_changed("left no answer"));
-    }
-    buf.truncate(n as usize);
+    let buf = match socket::recv_with_fds(ours, 4096, 0, true) {
+        Ok(Received::Message(message)) => message.bytes,
+        Ok(Received::Closed) => Vec::new(),
+        Err(_) => return Err(handshake_changed("left no answer")),
+    };
     if buf.len() < OUT_HEADER_LEN {
         return Err(handshake_changed("answered with a short message"));
     }
@@ -264,49 +244,6 @@ fn answer_to(init: &InitRecord, ours: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
         return Err(handshake_changed("did not accept the INIT"));
     }
     Ok(buf)
-}
-
-fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors socketpair writes.
-    check(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: socketpair succeeded, so both are open descriptors owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Writes `bytes` as one message (a FUSE device and a seqpacket socket both take a message
-/// whole or not at all).
-fn write_once(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
-    loop {
-        // SAFETY: `bytes` is valid for reads of its length for the whole call.
-        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
-        if n >= 0 {
-            return if n as usize == bytes.len() {
-                Ok(())
-            } else {
-                Err(io::Error::new(io::ErrorKind::WriteZero, "short write"))
-            };
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(err);
-        }
-    }
-}
-
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -8,8 +8,11 @@
 //! descriptor) need one careful writing and one review each, and the modules that use them
 //! (the keeper, the mounter, the wiring) stay plain safe Rust.
 //!
-//! - [`process`]: this process's hardening, allocator, descriptor limit, ids, clock
-//! - [`file`]: private state files, paths resolved past a dead mount
+//! - [`process`]: this process's hardening, allocator, resource limits, ids, clock; the limits
+//!   a child runs under
+//! - [`file`]: private state files, paths resolved past a dead mount, a descriptor made to
+//!   designate another's file (`dup3`), files mapped shared as atomics, `flock`
+//! - [`fuse`]: one message read from or written to the FUSE device (`/dev/fuse`)
 //! - [`mount`]: making and removing mounts (mount(2), `fusermount3`, bind mounts, unmounts)
 //! - [`mountinfo`]: what is mounted where (`statfs`, `statx`, `/proc/self/mountinfo`)
 //! - [`socket`]: `SOCK_SEQPACKET` unix sockets carrying descriptors (`SCM_RIGHTS`), `poll`
@@ -25,6 +28,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 pub mod file;
+pub mod fuse;
 pub mod mount;
 pub mod mountinfo;
 pub mod pidfd;
@@ -42,7 +46,7 @@ pub use mountinfo::{
 };
 pub use process::{
     disable_core_dumps, drop_capabilities, effective_uid, lock_memory, monotonic_now,
-    open_files_limit, raise_open_files_limit, tune_allocator, OpenFilesLimit,
+    open_files_limit, raise_open_files_limit, tune_allocator, ResourceLimit,
 };
 
 /// `path` as a C string, refused if it holds a NUL byte.

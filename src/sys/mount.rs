@@ -60,21 +60,11 @@ pub const FUSERMOUNT: &str = "fusermount3";
 /// and passes the descriptor back over a socket (`_FUSE_COMMFD`). `allow_other` needs
 /// `user_allow_other` in `/etc/fuse.conf`.
 pub fn fusermount(target: &Path, allow_other: bool) -> io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
     use std::os::unix::process::CommandExt;
 
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` is a writable array of two descriptors.
-    check(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: socketpair just returned these two descriptors, owned by nobody else.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // A SOCK_STREAM pair, close-on-exec (std's `pair`), as fusermount3 expects.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let (ours, theirs) = (OwnedFd::from(ours), OwnedFd::from(theirs));
     let theirs_raw = theirs.as_raw_fd();
     let options = format!(
         "ro,nosuid,nodev,noexec,noatime,default_permissions,fsname=vaultfs,subtype=vaultfs{}",

@@ -1,6 +1,6 @@
 //! Unix sockets that carry descriptors: `SOCK_SEQPACKET` sockets (one message per packet, so
 //! no framing of our own), messages sent and received with `SCM_RIGHTS` descriptors attached,
-//! and `poll` over them. Std has no `SOCK_SEQPACKET` and no `SCM_RIGHTS`; these few calls are
+//! and `poll` over them (and over pipes). Std has no `SOCK_SEQPACKET` and no `SCM_RIGHTS`; these few calls are
 //! simpler than a crate (nix, sendfd) for one socket type and one control message.
 
 use std::io;
@@ -36,6 +36,23 @@ pub fn seqpacket_socket(nonblocking: bool) -> io::Result<OwnedFd> {
     let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | flags, 0) })?;
     // SAFETY: fd was just returned by socket and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Two connected `SOCK_SEQPACKET` unix sockets, blocking and close-on-exec: one message per
+/// packet, each read whole.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors socketpair writes.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair succeeded, so both are open descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn socket_address(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
@@ -290,6 +307,24 @@ pub fn poll_input(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<Polled>> {
         .collect())
 }
 
+/// Waits up to `timeout` (to the millisecond, at most `i32::MAX` ms) for `fd` (a socket or a
+/// pipe) to have input or to hang up: `Ok(false)` when the time ran out. An interruption is
+/// returned as `Interrupted`, not retried (`read_exact` and the like retry it).
+pub fn wait_input(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: p is one valid pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc > 0)
+}
+
 /// Blocks until the peer of the connected `socket` has closed its end (or the socket fails).
 pub fn wait_hang_up(socket: BorrowedFd<'_>) -> io::Result<()> {
     let mut p = libc::pollfd {
@@ -376,6 +411,45 @@ mod tests {
             Received::Closed
         ));
         wait_hang_up(c.as_fd()).unwrap();
+    }
+
+    #[test]
+    fn a_seqpacket_pair_keeps_message_boundaries() {
+        let (a, b) = seqpacket_pair().unwrap();
+        send_with_fds(a.as_fd(), b"one", &[], false).unwrap();
+        send_with_fds(a.as_fd(), b"two!", &[], false).unwrap();
+        // Each receive is one packet, even with room for both.
+        assert_eq!(
+            message(recv_with_fds(b.as_fd(), 64, 0, false).unwrap()).bytes,
+            b"one"
+        );
+        assert_eq!(
+            message(recv_with_fds(b.as_fd(), 64, 0, false).unwrap()).bytes,
+            b"two!"
+        );
+        assert!(matches!(
+            recv_with_fds(b.as_fd(), 64, 0, true).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        ));
+        drop(a);
+        assert!(matches!(
+            recv_with_fds(b.as_fd(), 64, 0, true).unwrap(),
+            Received::Closed
+        ));
+    }
+
+    #[test]
+    fn waiting_for_input_times_out_then_sees_input_and_hang_up() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let started = std::time::Instant::now();
+        let short = std::time::Duration::from_millis(30);
+        assert!(!wait_input(b.as_fd(), short).unwrap());
+        assert!(started.elapsed() >= short);
+        send_with_fds(a.as_fd(), b"x", &[], false).unwrap();
+        assert!(wait_input(b.as_fd(), std::time::Duration::from_secs(5)).unwrap());
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(writer);
+        assert!(wait_input(reader.as_fd(), std::time::Duration::from_secs(5)).unwrap());
     }
 
     #[test]
