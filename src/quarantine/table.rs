@@ -2,14 +2,14 @@
 //! per bucket, memory-mapped (`MAP_SHARED`, on tmpfs) so that counting costs an atomic add and
 //! sub and the counts outlive the process however it dies; its header carries the generation
 //! and the clean-exit flag. Also reads the predecessor's table once its `flock` is let go. The
-//! quarantine's mapping, locking and their `unsafe` blocks live here only.
+//! quarantine's mapping and locking live here only (through `sys::file`).
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use super::BUCKETS;
@@ -46,7 +46,7 @@ impl Table {
             .open(&tmp)?;
         // Sparse: untouched buckets cost no memory.
         file.set_len(TABLE_BYTES as u64)?;
-        let base = map(&file)?;
+        let map = crate::sys::file::map_shared(file.as_fd(), TABLE_BYTES)?;
         // The lock is taken through a descriptor of its own: the mapping keeps its descriptor's
         // open file alive, and with it any lock taken through it, until the process is gone.
         drop(file);
@@ -54,66 +54,24 @@ impl Table {
             .read(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(&tmp)?;
-        if !try_lock(&file)? {
+        if !crate::sys::file::try_lock_exclusive(file.as_fd())? {
             return Err(io::Error::other(
                 "a new in-flight table is locked by another process",
             ));
         }
-        let header = |at: usize| {
-            // SAFETY: `at` + 8 lies within the header, 8-aligned, in a mapping that is never
-            // unmapped; the kernel zeroed it.
-            unsafe { &*(base.add(at) as *const AtomicU64) }
-        };
-        header(MAGIC_AT).store(MAGIC, Ordering::Relaxed);
-        header(GENERATION_AT).store(generation, Ordering::Relaxed);
-        // SAFETY: as above, 4 bytes at a 4-aligned offset of the header.
-        let clean = unsafe { &*(base.add(CLEAN_AT) as *const AtomicU32) };
+        map.u64_at(MAGIC_AT).store(MAGIC, Ordering::Relaxed);
+        map.u64_at(GENERATION_AT)
+            .store(generation, Ordering::Relaxed);
+        let clean = map.u32_at(CLEAN_AT);
         clean.store(0, Ordering::SeqCst);
-        // SAFETY: BUCKETS u32 counters follow the header, page-aligned, in a mapping of
-        // TABLE_BYTES that is never unmapped; AtomicU32 has the layout of u32. Other processes
-        // touch them only after this one is gone (the lock).
-        let counters =
-            unsafe { std::slice::from_raw_parts(base.add(HEADER) as *const AtomicU32, BUCKETS) };
+        // Other processes touch the counters only after this one is gone (the lock).
+        let counters = map.u32s(HEADER, BUCKETS);
         std::fs::rename(&tmp, path)?;
         Ok(Self {
             _file: file,
             clean,
             counters,
         })
-    }
-}
-
-/// Maps `file` (TABLE_BYTES long) shared, for the rest of the process's life.
-fn map(file: &File) -> io::Result<*mut u8> {
-    // SAFETY: a new shared mapping of a file of at least TABLE_BYTES; the result is checked.
-    // It is never unmapped, so references into it may be 'static.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            TABLE_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(base.cast())
-}
-
-/// Takes the exclusive `flock` of `file` if free.
-fn try_lock(file: &File) -> io::Result<bool> {
-    // SAFETY: flock on a descriptor this function borrows; no pointers.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(err)
     }
 }
 
@@ -145,7 +103,7 @@ pub(super) fn read_predecessor(path: &Path, wait: Duration) -> io::Result<Predec
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Predecessor::Unknown),
             Err(e) => return Err(e),
         };
-        if !try_lock(&file)? {
+        if !crate::sys::file::try_lock_exclusive(file.as_fd())? {
             if std::time::Instant::now() >= deadline {
                 return Ok(Predecessor::Alive);
             }

@@ -3,7 +3,7 @@
 //! with a deadline, and reaped telling how it ended; and `worker_main`, what the worker runs.
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,18 +31,9 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn spawn(exe: &PathBuf, config: &RenderConfig) -> io::Result<Worker> {
-        use std::os::unix::process::CommandExt;
         // Never above the limit this process already has (an unprivileged user cannot raise it).
-        let mut own = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes one valid rlimit struct.
-        let memory = if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut own) } == 0 {
-            config.memory.min(own.rlim_max)
-        } else {
-            config.memory
-        };
+        let memory = crate::sys::process::address_space_limit()
+            .map_or(config.memory, |own| config.memory.min(own.hard));
         let mut command = Command::new(exe);
         command.arg(WORKER_COMMAND);
         if config.lock_memory {
@@ -54,27 +45,8 @@ impl Worker {
             .stdout(Stdio::piped())
             // The daemon says why a worker stopped, in its own log format.
             .stderr(Stdio::null());
-        // SAFETY: only async-signal-safe calls (setrlimit, prctl) between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: memory,
-                    rlim_max: memory,
-                };
-                let zero = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0
-                    || libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0
-                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
-                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // Its memory limit, no core dumps, no new privileges, killed if this thread dies.
+        crate::sys::process::limit_child(&mut command, memory);
         let mut child = command.spawn()?;
         let to = child.stdin.take().expect("piped");
         let from = child.stdout.take().expect("piped");
@@ -145,24 +117,16 @@ struct Deadline<'a, R> {
     until: Instant,
 }
 
-impl<R: Read + AsRawFd> Read for Deadline<'_, R> {
+impl<R: Read + AsFd> Read for Deadline<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.until.saturating_duration_since(Instant::now());
-        let mut fd = libc::pollfd {
-            fd: self.inner.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fd` is one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut fd, 1, ms) };
-        match n {
-            0 => Err(io::Error::new(
+        match crate::sys::socket::wait_input(self.inner.as_fd(), left) {
+            Ok(false) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the rendering took too long",
             )),
-            n if n < 0 => Err(io::Error::last_os_error()),
-            _ => self.inner.read(buf),
+            Err(e) => Err(e),
+            Ok(true) => self.inner.read(buf),
         }
     }
 }
