@@ -17,6 +17,7 @@ use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
 use crate::quarantine::{Quarantine, QuarantineConfig};
 use crate::reload::ReloadConfig;
+use crate::slot::Slot;
 use crate::source::vault::{Auth, ServerConfig, ServerLimits, VaultServer, VaultSource};
 use crate::spec::VolumeSpec;
 use crate::volume::{Volume, VolumeConfig};
@@ -94,7 +95,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
             consistency: settings.consistency,
             reload: settings.reload,
         },
-        kernel.for_volume(0),
+        kernel.for_volume(Slot::SINGLE),
         &metrics,
     );
 

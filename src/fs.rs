@@ -85,9 +85,11 @@ pub struct FsConfig {
     pub consistency: Consistency,
 }
 
-/// An error with its errno: the single place where vaultfs errors become kernel errors.
+/// An error with its errno and log level: the single place where vaultfs errors become kernel
+/// errors and where it is decided how loudly a failed request is logged.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum FsError {
+    /// No such file, in the spec or in Vault.
     #[error("no such file")]
     NotFound,
     #[error("the secret has no field {0:?}")]
@@ -98,15 +100,9 @@ pub enum FsError {
     /// A template stopped: out of fuel or depth, past the output cap, or misused.
     #[error("template: {0}")]
     TemplateFailed(String),
-    #[error("permission denied by Vault")]
-    PermissionDenied,
-    #[error("Vault unavailable: {0}")]
-    Unavailable(String),
-    #[error("unexpected Vault response: {0}")]
-    Invalid(String),
-    /// The secret is larger than vaultfs serves.
-    #[error("{0}")]
-    TooLarge(String),
+    /// The secret source refused or failed to give the secret (its not-found is `NotFound`).
+    #[error(transparent)]
+    Source(SourceError),
     #[error("read-only filesystem")]
     ReadOnly,
     #[error("not a directory")]
@@ -125,15 +121,26 @@ impl FsError {
             FsError::NotFound | FsError::MissingField(_) | FsError::TemplateMissing(_) => {
                 libc::ENOENT
             }
-            FsError::PermissionDenied => libc::EACCES,
-            FsError::Unavailable(_)
-            | FsError::Invalid(_)
-            | FsError::TemplateFailed(_)
-            | FsError::Quarantined => libc::EIO,
-            FsError::TooLarge(_) => libc::EFBIG,
+            FsError::Source(err) => match err {
+                SourceError::NotFound => libc::ENOENT,
+                SourceError::PermissionDenied | SourceError::LoginRefused(_) => libc::EACCES,
+                SourceError::Unavailable(_) | SourceError::Invalid(_) => libc::EIO,
+                SourceError::TooLarge(_) => libc::EFBIG,
+            },
+            FsError::TemplateFailed(_) | FsError::Quarantined => libc::EIO,
             FsError::ReadOnly => libc::EROFS,
             FsError::NotADirectory => libc::ENOTDIR,
             FsError::IsADirectory => libc::EISDIR,
+        }
+    }
+
+    /// How loudly a request failing with this is logged: everyday answers (a name that does
+    /// not exist, a write, a quarantined volume, whose quarantine is logged once when it
+    /// starts) at debug; everything else at warn, rate-limited by the caller.
+    pub fn level(&self) -> tracing::Level {
+        match self {
+            FsError::NotFound | FsError::ReadOnly | FsError::Quarantined => tracing::Level::DEBUG,
+            _ => tracing::Level::WARN,
         }
     }
 
@@ -142,7 +149,12 @@ impl FsError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            FsError::PermissionDenied | FsError::Unavailable(_) | FsError::Invalid(_)
+            FsError::Source(
+                SourceError::PermissionDenied
+                    | SourceError::LoginRefused(_)
+                    | SourceError::Unavailable(_)
+                    | SourceError::Invalid(_)
+            )
         )
     }
 
@@ -164,12 +176,7 @@ impl From<SourceError> for FsError {
     fn from(err: SourceError) -> Self {
         match err {
             SourceError::NotFound => FsError::NotFound,
-            SourceError::PermissionDenied | SourceError::LoginRefused(_) => {
-                FsError::PermissionDenied
-            }
-            SourceError::Unavailable(m) => FsError::Unavailable(m),
-            SourceError::Invalid(m) => FsError::Invalid(m),
-            SourceError::TooLarge(m) => FsError::TooLarge(m),
+            other => FsError::Source(other),
         }
     }
 }

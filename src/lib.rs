@@ -41,6 +41,7 @@ pub mod quarantine;
 pub mod reload;
 pub mod render;
 pub mod secret;
+pub mod slot;
 pub mod source;
 pub mod spec;
 pub mod sys;

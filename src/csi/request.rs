@@ -12,9 +12,9 @@ use thiserror::Error;
 use super::CsiConfig;
 use crate::config::{format_duration, parse_duration, parse_file_mode};
 use crate::fs::Consistency;
-use crate::fuse::Slot;
 use crate::reload::{PodUid, ProcessName, Signal};
 use crate::secret::Token;
+use crate::slot::Slot;
 use crate::source::vault::VaultServer;
 use crate::spec::{parse_spec_document, VolumeSpec};
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::request::{Capability, Params, PublishRequest, TOKENS};
-use crate::fuse::Slot;
+use crate::slot::Slot;
 
 /// Makes `dir` owner-only: creates it (and missing parents) with mode 0700, or sets an existing
 /// one to 0700 and logs that it did (`what` names the directory and what it holds). Refuses,
@@ -121,7 +121,7 @@ impl StateDir {
         Self {
             volumes: state_dir.join("volumes"),
             slots: state_dir.join("slots"),
-            recorded: parking_lot::Mutex::new(0),
+            recorded: parking_lot::Mutex::default(),
         }
     }
 
@@ -130,7 +130,7 @@ impl StateDir {
         std::fs::read_to_string(&self.slots)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// Records that `slot` is given out, before anything is served under it. Concurrent

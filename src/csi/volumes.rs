@@ -15,11 +15,11 @@ use parking_lot::Mutex;
 use super::request::{invalid, validate, CsiError, Params, PublishRequest};
 use super::state::StateDir;
 use super::CsiConfig;
-use crate::fuse::Slot;
 use crate::health::Watched;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, Mounter};
 use crate::reload::{ReloadConfig, Target};
+use crate::slot::Slot;
 use crate::source::vault::{Auth, Credential, LoginMethod, VaultServer, VaultSource};
 use crate::source::{Identity, SessionStore, SourceError};
 use crate::volume::{cache_config, Serving, Volume, VolumeConfig};
@@ -225,10 +225,10 @@ impl<S: Identity> VolumeManager<S> {
             self.mounter.publishable(params.consistency)?;
         }
         let room = self.reserve_room()?;
-        let slot = match params.slot.filter(|s| *s != 0) {
+        let slot = match params.slot.filter(|s| *s != Slot::SINGLE) {
             Some(recorded) => recorded,
             None => {
-                let slot = self.next_slot.fetch_add(1, Ordering::AcqRel);
+                let slot = Slot(self.next_slot.fetch_add(1, Ordering::AcqRel));
                 if let Err(e) = self.state.record_slot(slot) {
                     return Err(CsiError::Internal(format!(
                         "cannot record the volume's slot under {}: {e}",
@@ -449,10 +449,10 @@ impl<S: Identity> VolumeManager<S> {
             .iter()
             .map(|r| r.slot)
             .max()
-            .unwrap_or(0)
+            .unwrap_or_default()
             .max(self.state.highest_slot());
         self.next_slot
-            .fetch_max(highest.saturating_add(1), Ordering::AcqRel);
+            .fetch_max(highest.0.saturating_add(1), Ordering::AcqRel);
         let mut recovered = 0;
         for record in records {
             let target = PathBuf::from(&record.target_path);

@@ -1,0 +1,404 @@
+//! Which volume a FUSE request is about: the table of volumes one connection serves
+//! (`Volumes`) and, per operation, the route from a connection inode to a volume's file, the
+//! node root or nothing, with the answer in the connection's inode numbers. Knows no `fuser`
+//! type: the adapter (`fuse`) replies; the fs layer (`fs::VaultFs`) answers for a volume.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::RwLock;
+
+use crate::audit::Caller;
+use crate::fs::{Attr, DirEntry, FsError, Kind, ReadSlice, VaultFs};
+use crate::metrics::Op;
+use crate::quarantine::{InFlight, Quarantine};
+use crate::slot::Slot;
+use crate::source::SecretSource;
+use crate::spec::InodeNo;
+
+/// How long the kernel may cache the node root's names and attributes.
+const NODE_ROOT_TTL: Duration = Duration::from_secs(1);
+
+/// The volumes one FUSE connection serves. `vaultfs mount` serves one volume as the whole
+/// filesystem (`Slot::SINGLE`: inode numbers unchanged); `vaultfs csi` serves every volume of
+/// the node on one connection, each as the directory `<slot>` of an otherwise empty root, with
+/// inode numbers `slot.inode(local)`.
+pub struct Volumes<S> {
+    single: Option<Arc<VaultFs<S>>>,
+    by_slot: RwLock<HashMap<Slot, Attached<S>>>,
+    created: SystemTime,
+    /// Counts each volume's requests in flight and fences off quarantined volumes (`vaultfs
+    /// csi`, unless turned off).
+    quarantine: Option<Arc<Quarantine>>,
+}
+
+/// A volume of a node connection.
+struct Attached<S> {
+    fs: Arc<VaultFs<S>>,
+    /// Unpublished: forgotten once its last open file is closed.
+    retiring: bool,
+}
+
+/// What a connection inode designates.
+enum Route<S> {
+    /// The node-wide root (never reachable from a pod: pods see bind mounts of volumes).
+    NodeRoot,
+    Volume {
+        fs: Arc<VaultFs<S>>,
+        slot: Slot,
+        local: InodeNo,
+    },
+    Gone,
+}
+
+/// What a request is about, for its accounting: the connection inode (its failures are logged
+/// once per inode and errno) and, when it is a volume's, the volume and its own inode number
+/// (fenced and counted in flight under the quarantine, named in failure logs).
+pub struct Subject<S> {
+    pub ino: u64,
+    pub file: Option<(Arc<VaultFs<S>>, InodeNo)>,
+}
+
+/// A routed request: what it is about and the work that answers it (run by the adapter, which
+/// may drop it unpolled when the subject's volume is fenced off).
+pub struct Routed<S, F> {
+    pub subject: Subject<S>,
+    pub work: F,
+}
+
+/// The answer to a request, in the connection's inode numbers.
+pub type Answer<T> = Result<T, FsError>;
+
+impl<S: SecretSource> Volumes<S> {
+    /// One volume as the whole filesystem (`vaultfs mount`).
+    pub fn single(fs: Arc<VaultFs<S>>) -> Arc<Self> {
+        Self::new(Some(fs), None)
+    }
+
+    /// An empty node-wide table (`vaultfs csi`), its volumes under `quarantine` if any.
+    pub fn node(quarantine: Option<Arc<Quarantine>>) -> Arc<Self> {
+        Self::new(None, quarantine)
+    }
+
+    fn new(single: Option<Arc<VaultFs<S>>>, quarantine: Option<Arc<Quarantine>>) -> Arc<Self> {
+        Arc::new(Self {
+            single,
+            by_slot: RwLock::default(),
+            created: SystemTime::now(),
+            quarantine,
+        })
+    }
+
+    /// Serves `fs` as directory `slot`, replacing whatever was there.
+    pub fn attach(&self, slot: Slot, fs: Arc<VaultFs<S>>) {
+        if let Some(quarantine) = &self.quarantine {
+            quarantine.attached(slot.0, &fs.config().volume);
+        }
+        let attached = Attached {
+            fs,
+            retiring: false,
+        };
+        self.by_slot.write().insert(slot, attached);
+    }
+
+    /// Stops serving `slot` to new lookups; it is forgotten at once if no file of it is open,
+    /// else when the last one closes.
+    pub fn retire(&self, slot: Slot) {
+        if let Some(quarantine) = &self.quarantine {
+            quarantine.detached(slot.0);
+        }
+        let mut table = self.by_slot.write();
+        if let Some(attached) = table.get_mut(&slot) {
+            if attached.fs.open_handles() == 0 {
+                table.remove(&slot);
+            } else {
+                attached.retiring = true;
+            }
+        }
+    }
+
+    /// Number of volumes served (retiring ones included).
+    pub fn len(&self) -> usize {
+        self.single.iter().count() + self.by_slot.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Looks `name` up in connection directory `parent`: on the node root, the volume of that
+    /// slot (not a retiring one) by its root's attributes; in a volume, the name in that
+    /// directory, whose failures are the named file's when it exists.
+    pub fn lookup(
+        &self,
+        parent: u64,
+        name: String,
+        caller: Caller,
+    ) -> Routed<S, impl Future<Output = Answer<Attr>> + Send + 'static> {
+        enum Found<S> {
+            VolumeRoot(Arc<VaultFs<S>>, Slot),
+            In(Arc<VaultFs<S>>, Slot, InodeNo),
+            Nothing,
+        }
+        let (subject, found) = match self.route(parent) {
+            Route::NodeRoot => match self.by_name(&name) {
+                Some((slot, fs)) => (
+                    volume_subject(&fs, slot, InodeNo::ROOT),
+                    Found::VolumeRoot(fs, slot),
+                ),
+                None => (no_volume(parent), Found::Nothing),
+            },
+            Route::Volume { fs, slot, local } => {
+                let child = fs.child_ino(local, &name).unwrap_or(local);
+                (volume_subject(&fs, slot, child), Found::In(fs, slot, local))
+            }
+            Route::Gone => (no_volume(parent), Found::Nothing),
+        };
+        let work = async move {
+            match found {
+                Found::VolumeRoot(fs, slot) => {
+                    in_slot(slot, fs.getattr(InodeNo::ROOT, caller).await)
+                }
+                Found::In(fs, slot, dir) => in_slot(slot, fs.lookup(dir, &name, caller).await),
+                Found::Nothing => Err(FsError::NotFound),
+            }
+        };
+        Routed { subject, work }
+    }
+
+    /// The attributes of connection inode `ino` (the node root's are the connection's own).
+    pub fn getattr(
+        &self,
+        ino: u64,
+        caller: Caller,
+    ) -> Routed<S, impl Future<Output = Answer<Attr>> + Send + 'static> {
+        let (route, subject) = self.routed(ino);
+        let root = self.root_attr();
+        let work = async move {
+            match route {
+                Route::Volume { fs, slot, local } => in_slot(slot, fs.getattr(local, caller).await),
+                Route::NodeRoot => Ok(root),
+                Route::Gone => Err(FsError::NotFound),
+            }
+        };
+        Routed { subject, work }
+    }
+
+    /// Opens file `ino` for reading: its handle (see `VaultFs::open`).
+    pub fn open(
+        &self,
+        ino: u64,
+        write: bool,
+        caller: Caller,
+    ) -> Routed<S, impl Future<Output = Answer<u64>> + Send + 'static> {
+        let (route, subject) = self.routed(ino);
+        let work = async move {
+            match route {
+                Route::Volume { fs, local, .. } => fs.open(local, write, caller).await,
+                Route::NodeRoot => Err(FsError::IsADirectory),
+                Route::Gone => Err(FsError::NotFound),
+            }
+        };
+        Routed { subject, work }
+    }
+
+    /// An open audited without a handle (see `VaultFs::open_unpinned`).
+    pub fn open_unpinned(
+        &self,
+        ino: u64,
+        write: bool,
+        caller: Caller,
+    ) -> Routed<S, impl Future<Output = Answer<()>> + Send + 'static> {
+        let (route, subject) = self.routed(ino);
+        let work = async move {
+            match route {
+                Route::Volume { fs, local, .. } => fs.open_unpinned(local, write, caller).await,
+                Route::NodeRoot => Err(FsError::IsADirectory),
+                Route::Gone => Err(FsError::NotFound),
+            }
+        };
+        Routed { subject, work }
+    }
+
+    /// Reads file `ino` through handle `fh` (see `VaultFs::read`).
+    pub fn read(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Routed<S, impl Future<Output = Answer<ReadSlice>> + Send + 'static> {
+        let (route, subject) = self.routed(ino);
+        let work = async move {
+            match route {
+                Route::Volume { fs, local, .. } => fs.read(local, fh, offset, size).await,
+                Route::NodeRoot => Err(FsError::IsADirectory),
+                Route::Gone => Err(FsError::NotFound),
+            }
+        };
+        Routed { subject, work }
+    }
+
+    /// The entries of directory `ino` after `offset`. The node root lists only `.` and `..`:
+    /// volumes are reached by name only, and only by the daemon (pods see bind mounts of their
+    /// own volume).
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Routed<S, impl Future<Output = Answer<Vec<DirEntry>>> + Send + 'static> {
+        let (route, subject) = self.routed(ino);
+        let work = async move {
+            match route {
+                Route::Volume { fs, slot, local } => fs.readdir(local, offset).map(|entries| {
+                    entries
+                        .into_iter()
+                        .map(|e| DirEntry {
+                            ino: InodeNo(slot.inode(e.ino)),
+                            ..e
+                        })
+                        .collect()
+                }),
+                Route::NodeRoot => Ok(node_root_entries(offset)),
+                Route::Gone => Err(FsError::NotFound),
+            }
+        };
+        Routed { subject, work }
+    }
+
+    /// Closes handle `fh` of file `ino`; a retiring volume whose last open file this was is
+    /// forgotten.
+    pub fn release(&self, ino: u64, fh: u64) {
+        if let Route::Volume { fs, slot, .. } = self.route(ino) {
+            fs.release(fh);
+            self.released(slot);
+        }
+    }
+
+    /// Whether request `op` about `subject` is refused because its volume is quarantined:
+    /// everything but the attributes of the volume's root directory (mount checks, kubelet's
+    /// and the container runtime's, ask for those; they come from the spec).
+    pub fn fences(&self, op: Op, subject: &Subject<S>) -> bool {
+        let Some(quarantine) = &self.quarantine else {
+            return false;
+        };
+        if subject.file.is_none() {
+            return false;
+        }
+        let (slot, local) = Slot::of(subject.ino);
+        let root = matches!(op, Op::Getattr | Op::Lookup) && local == InodeNo::ROOT;
+        quarantine.fences(slot.0) && !root
+    }
+
+    /// Counts a request about `subject` in flight for its volume, until the result is dropped.
+    pub fn enter(&self, subject: &Subject<S>) -> Option<InFlight> {
+        let quarantine = self.quarantine.as_ref()?;
+        subject.file.as_ref()?;
+        Some(quarantine.enter(Slot::of(subject.ino).0 .0))
+    }
+
+    fn route(&self, ino: u64) -> Route<S> {
+        if let Some(fs) = &self.single {
+            return Route::Volume {
+                fs: fs.clone(),
+                slot: Slot::SINGLE,
+                local: InodeNo(ino),
+            };
+        }
+        if ino == InodeNo::ROOT.0 {
+            return Route::NodeRoot;
+        }
+        let (slot, local) = Slot::of(ino);
+        match self.by_slot.read().get(&slot) {
+            Some(attached) => Route::Volume {
+                fs: attached.fs.clone(),
+                slot,
+                local,
+            },
+            None => Route::Gone,
+        }
+    }
+
+    /// The route of a request about inode `ino` itself, and its subject.
+    fn routed(&self, ino: u64) -> (Route<S>, Subject<S>) {
+        let route = self.route(ino);
+        let subject = match &route {
+            Route::Volume { fs, local, .. } => Subject {
+                ino,
+                file: Some((fs.clone(), *local)),
+            },
+            Route::NodeRoot | Route::Gone => no_volume(ino),
+        };
+        (route, subject)
+    }
+
+    /// The volume a node-root lookup of `name` finds (not a retiring one).
+    fn by_name(&self, name: &str) -> Option<(Slot, Arc<VaultFs<S>>)> {
+        let slot: Slot = name.parse().ok().filter(|s: &Slot| s.to_string() == name)?;
+        let table = self.by_slot.read();
+        let attached = table.get(&slot).filter(|s| !s.retiring)?;
+        Some((slot, attached.fs.clone()))
+    }
+
+    /// Forgets a retiring volume whose last open file just closed.
+    fn released(&self, slot: Slot) {
+        let mut table = self.by_slot.write();
+        if table
+            .get(&slot)
+            .is_some_and(|s| s.retiring && s.fs.open_handles() == 0)
+        {
+            table.remove(&slot);
+        }
+    }
+
+    fn root_attr(&self) -> Attr {
+        Attr {
+            ino: InodeNo::ROOT,
+            kind: Kind::Dir,
+            size: 0,
+            perm: 0o500,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            mtime: self.created,
+            ttl: NODE_ROOT_TTL,
+        }
+    }
+}
+
+/// A request about file `local` of the volume in `slot`.
+fn volume_subject<S>(fs: &Arc<VaultFs<S>>, slot: Slot, local: InodeNo) -> Subject<S> {
+    Subject {
+        ino: slot.inode(local),
+        file: Some((fs.clone(), local)),
+    }
+}
+
+/// A request about connection inode `ino`, of no volume (the node root, an unpublished volume).
+fn no_volume<S>(ino: u64) -> Subject<S> {
+    Subject { ino, file: None }
+}
+
+/// A volume's attributes with the connection's inode number.
+fn in_slot(slot: Slot, attr: Answer<Attr>) -> Answer<Attr> {
+    attr.map(|a| Attr {
+        ino: InodeNo(slot.inode(a.ino)),
+        ..a
+    })
+}
+
+/// The node root's entries after `offset`: `.` and `..` only.
+fn node_root_entries(offset: u64) -> Vec<DirEntry> {
+    [(".", 1), ("..", 2)]
+        .into_iter()
+        .filter(|(_, next)| *next > offset)
+        .map(|(name, next)| DirEntry {
+            ino: InodeNo::ROOT,
+            offset: next,
+            kind: Kind::Dir,
+            name: name.to_string(),
+        })
+        .collect()
+}
