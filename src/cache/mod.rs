@@ -1,6 +1,6 @@
 //! The secret cache: bounded (entries and bytes) LRU of secrets by Vault path, with a TTL,
 //! single flight per path, version-checked refresh, atomic swap, stale-if-error and a bounded
-//! wait on Vault. Owns the slots, get/refresh/store, eviction and byte accounting; the lease
+//! wait on Vault. Owns the entries, get/refresh/store, eviction and byte accounting; the lease
 //! keeper lives in `leases`. Knows nothing of FUSE; talks to Vault only through `SecretSource`.
 
 mod leases;
@@ -99,7 +99,7 @@ impl Drop for Charge {
 }
 
 #[derive(Default)]
-struct SlotState {
+struct EntryState {
     current: Option<Arc<Content>>,
     /// Last successful answer from Vault for this path.
     checked_at: Option<Instant>,
@@ -116,16 +116,16 @@ struct SlotState {
 }
 
 #[derive(Default)]
-struct Slot {
-    state: Mutex<SlotState>,
+struct Entry {
+    state: Mutex<EntryState>,
     /// Held while one task asks Vault about this path (single flight).
     refresh: tokio::sync::Mutex<()>,
     /// A background refresh (during an outage) is running.
     refreshing: AtomicBool,
 }
 
-struct Slots {
-    lru: LruCache<SecretPath, Arc<Slot>>,
+struct Entries {
+    lru: LruCache<SecretPath, Arc<Entry>>,
     bytes: usize,
 }
 
@@ -140,7 +140,7 @@ enum Outcome {
 pub struct SecretCache<S> {
     source: Arc<S>,
     config: CacheConfig,
-    slots: Mutex<Slots>,
+    entries: Mutex<Entries>,
     /// Bytes of every version alive: cached ones and older ones pinned by open files.
     held: Arc<AtomicUsize>,
     generation: AtomicU64,
@@ -161,8 +161,8 @@ impl<S: SecretSource> SecretCache<S> {
     pub fn new(source: Arc<S>, config: CacheConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             source,
-            slots: Mutex::new(Slots {
-                // Unbounded map, bounded by hand in `slot`: a bounded LruCache reserves room for
+            entries: Mutex::new(Entries {
+                // Unbounded map, bounded by hand in `entry`: a bounded LruCache reserves room for
                 // every entry up front, which an idle volume should not pay for.
                 lru: LruCache::unbounded(),
                 bytes: 0,
@@ -192,24 +192,24 @@ impl<S: SecretSource> SecretCache<S> {
     /// be failing, a cached value within `max_stale` is answered at once and Vault is asked
     /// again in the background, at most once per back-off.
     pub async fn get(self: &Arc<Self>, path: &SecretPath) -> Result<Arc<Content>, SourceError> {
-        let slot = self.slot(path);
-        if let Some(content) = self.fresh(&slot) {
+        let entry = self.entry(path);
+        if let Some(content) = self.fresh(&entry) {
             self.metrics.cache_hits.inc();
             return Ok(content);
         }
-        if let Some(stale) = self.stale_during_outage(&slot) {
+        if let Some(stale) = self.stale_during_outage(&entry) {
             self.metrics.cache_stale_serves.inc();
-            if !slot.refreshing.swap(true, Ordering::AcqRel) {
-                let (this, path, slot) = (self.clone(), path.clone(), slot.clone());
+            if !entry.refreshing.swap(true, Ordering::AcqRel) {
+                let (this, path, entry) = (self.clone(), path.clone(), entry.clone());
                 tokio::spawn(async move {
-                    let _ = this.refresh(&path, &slot).await;
-                    slot.refreshing.store(false, Ordering::Release);
+                    let _ = this.refresh(&path, &entry).await;
+                    entry.refreshing.store(false, Ordering::Release);
                 });
             }
             return Ok(stale);
         }
-        let result = self.refresh(path, &slot).await;
-        if slot.state.lock().lease.is_some() {
+        let result = self.refresh(path, &entry).await;
+        if entry.state.lock().lease.is_some() {
             self.ensure_lease_keeper();
             // A new lease may be due before the keeper's next wake-up.
             self.lease_added.notify_one();
@@ -222,28 +222,28 @@ impl<S: SecretSource> SecretCache<S> {
     async fn refresh(
         &self,
         path: &SecretPath,
-        slot: &Arc<Slot>,
+        entry: &Arc<Entry>,
     ) -> Result<Arc<Content>, SourceError> {
         let started = Instant::now();
         let recoveries = self.source.server_recoveries();
-        let _flight = slot.refresh.lock().await;
+        let _flight = entry.refresh.lock().await;
         if self.closing.load(Ordering::Acquire) {
             return Err(SourceError::LoginRefused(
                 "the volume is being unmounted".into(),
             ));
         }
-        if let Some(content) = self.fresh(slot) {
+        if let Some(content) = self.fresh(entry) {
             self.metrics.cache_hits.inc();
             return Ok(content);
         }
         let current = {
-            let state = slot.state.lock();
+            let state = entry.state.lock();
             if let Some((at, err)) = &state.failure {
                 let held = *at >= started || at.elapsed() < self.hold(err, state.failures);
                 if held && !self.recovered_since_failure(&state) {
                     let err = err.clone();
                     drop(state);
-                    return self.stale_or(slot, err);
+                    return self.stale_or(entry, err);
                 }
             }
             state.current.clone()
@@ -263,11 +263,11 @@ impl<S: SecretSource> SecretCache<S> {
         };
         match outcome {
             Ok(Outcome::Unchanged) => {
-                let mut state = slot.state.lock();
+                let mut state = entry.state.lock();
                 state.checked_at = Some(Instant::now());
                 state.failure = None;
                 state.failures = 0;
-                // The slot may have been evicted or cleared meanwhile: answer with the value
+                // The entry may have been evicted or cleared meanwhile: answer with the value
                 // that was checked.
                 Ok(state
                     .current
@@ -275,11 +275,11 @@ impl<S: SecretSource> SecretCache<S> {
                     .or(current)
                     .expect("an unchanged outcome is only reached with a current value"))
             }
-            Ok(Outcome::Changed(fetched)) => Ok(self.store(path, slot, fetched)),
+            Ok(Outcome::Changed(fetched)) => Ok(self.store(path, entry, fetched)),
             Err(err) => {
                 tracing::debug!(path = %path, error = %err, "vault request failed");
                 let vanished = {
-                    let mut state = slot.state.lock();
+                    let mut state = entry.state.lock();
                     state.failure = Some((Instant::now(), err.clone()));
                     state.failed_before_recovery = recoveries;
                     state.failures = if err.is_transient() {
@@ -294,10 +294,10 @@ impl<S: SecretSource> SecretCache<S> {
                     vanished
                 };
                 if vanished {
-                    self.forget_weight(path, slot);
+                    self.forget_weight(path, entry);
                     self.notify(path);
                 }
-                self.stale_or(slot, err)
+                self.stale_or(entry, err)
             }
         }
     }
@@ -321,8 +321,8 @@ impl<S: SecretSource> SecretCache<S> {
 
     /// A cached value to answer with at once because Vault's last answer for this path was an
     /// outage and the value is within `max_stale`.
-    fn stale_during_outage(&self, slot: &Slot) -> Option<Arc<Content>> {
-        let state = slot.state.lock();
+    fn stale_during_outage(&self, entry: &Entry) -> Option<Arc<Content>> {
+        let state = entry.state.lock();
         let (_, err) = state.failure.as_ref()?;
         if err.is_transient()
             && self.servable_stale(&state)
@@ -334,9 +334,9 @@ impl<S: SecretSource> SecretCache<S> {
         }
     }
 
-    /// Whether the server came back after the last failed attempt on this slot started (the
+    /// Whether the server came back after the last failed attempt on this entry started (the
     /// source says so): Vault is worth asking now, whatever the back-off says.
-    fn recovered_since_failure(&self, state: &SlotState) -> bool {
+    fn recovered_since_failure(&self, state: &EntryState) -> bool {
         state
             .failure
             .as_ref()
@@ -347,14 +347,14 @@ impl<S: SecretSource> SecretCache<S> {
     /// Drops every cached secret (unmount). Content still held by open handles is zeroized
     /// when they close.
     pub fn clear(&self) {
-        let mut slots = self.slots.lock();
-        for (_, slot) in slots.lru.iter() {
-            let mut state = slot.state.lock();
+        let mut entries = self.entries.lock();
+        for (_, entry) in entries.lru.iter() {
+            let mut state = entry.state.lock();
             state.current = None;
             self.orphan(state.lease.take());
         }
-        slots.lru.clear();
-        slots.bytes = 0;
+        entries.lru.clear();
+        entries.bytes = 0;
     }
 
     /// How much longer `content` (an answer of `get` for `path`) may be served without asking
@@ -362,10 +362,10 @@ impl<S: SecretSource> SecretCache<S> {
     /// and a stale value is served, at most the retry back-off and never beyond `max_stale`.
     /// Zero once `content` is no longer the cached value (a newer version was swapped in).
     pub fn remaining(&self, path: &SecretPath, content: &Arc<Content>) -> Duration {
-        let Some(slot) = self.slots.lock().lru.peek(path).cloned() else {
+        let Some(entry) = self.entries.lock().lru.peek(path).cloned() else {
             return Duration::ZERO;
         };
-        let state = slot.state.lock();
+        let state = entry.state.lock();
         let current = state
             .current
             .as_ref()
@@ -392,9 +392,9 @@ impl<S: SecretSource> SecretCache<S> {
     /// LRU order nor the hit counters: for a watch that only wants to know what is due.
     pub fn due_in(&self, path: &SecretPath) -> Option<Duration> {
         let current = {
-            let slots = self.slots.lock();
-            let slot = slots.lru.peek(path)?;
-            let current = slot.state.lock().current.clone();
+            let entries = self.entries.lock();
+            let entry = entries.lru.peek(path)?;
+            let current = entry.state.lock().current.clone();
             current
         }?;
         Some(self.remaining(path, &current))
@@ -407,30 +407,31 @@ impl<S: SecretSource> SecretCache<S> {
 
     /// Number of secrets and bytes currently cached.
     pub fn usage(&self) -> (usize, usize) {
-        let slots = self.slots.lock();
-        (slots.lru.len(), slots.bytes)
+        let entries = self.entries.lock();
+        (entries.lru.len(), entries.bytes)
     }
 
-    fn slot(&self, path: &SecretPath) -> Arc<Slot> {
-        let mut slots = self.slots.lock();
-        if let Some(slot) = slots.lru.get(path) {
-            return slot.clone();
+    fn entry(&self, path: &SecretPath) -> Arc<Entry> {
+        let mut entries = self.entries.lock();
+        if let Some(entry) = entries.lru.get(path) {
+            return entry.clone();
         }
-        let slot = Arc::new(Slot::default());
-        slots.lru.push(path.clone(), slot.clone());
-        while slots.lru.len() > self.config.max_entries.get() {
-            if !self.evict_lru(&mut slots) {
+        let entry = Arc::new(Entry::default());
+        entries.lru.push(path.clone(), entry.clone());
+        while entries.lru.len() > self.config.max_entries.get() {
+            if !self.evict_lru(&mut entries) {
                 break;
             }
         }
-        slot
+        entry
     }
 
     /// Whether the least recently used value is also held by an open file (evicting it would
     /// free nothing and revoke a lease still in use).
-    fn lru_is_pinned(slots: &Slots) -> bool {
-        slots.lru.peek_lru().is_some_and(|(_, slot)| {
-            slot.state
+    fn lru_is_pinned(entries: &Entries) -> bool {
+        entries.lru.peek_lru().is_some_and(|(_, entry)| {
+            entry
+                .state
                 .lock()
                 .current
                 .as_ref()
@@ -438,14 +439,14 @@ impl<S: SecretSource> SecretCache<S> {
         })
     }
 
-    /// Drops the least recently used secret (called with `slots` locked): its bytes leave the
+    /// Drops the least recently used secret (called with `entries` locked): its bytes leave the
     /// count, its value goes (zeroized once no handle holds it), its lease is revoked.
-    fn evict_lru(&self, slots: &mut Slots) -> bool {
-        let Some((_, evicted)) = slots.lru.pop_lru() else {
+    fn evict_lru(&self, entries: &mut Entries) -> bool {
+        let Some((_, evicted)) = entries.lru.pop_lru() else {
             return false;
         };
         let mut state = evicted.state.lock();
-        slots.bytes = slots.bytes.saturating_sub(state.weight);
+        entries.bytes = entries.bytes.saturating_sub(state.weight);
         state.weight = 0;
         state.current = None;
         state.checked_at = None;
@@ -453,8 +454,8 @@ impl<S: SecretSource> SecretCache<S> {
         true
     }
 
-    fn fresh(&self, slot: &Slot) -> Option<Arc<Content>> {
-        let state = slot.state.lock();
+    fn fresh(&self, entry: &Entry) -> Option<Arc<Content>> {
+        let state = entry.state.lock();
         let checked = state.checked_at?;
         // A leased value stays fresh while its lease lives: the lease keeper renews it (a
         // re-read would issue new credentials) and rotates it when it can no longer be renewed.
@@ -471,7 +472,7 @@ impl<S: SecretSource> SecretCache<S> {
 
     /// Whether the current value may still be served stale: within `max_stale` of its last
     /// check and, for a leased value, before its lease ends.
-    fn servable_stale(&self, state: &SlotState) -> bool {
+    fn servable_stale(&self, state: &EntryState) -> bool {
         let within_stale = state
             .checked_at
             .is_some_and(|c| c.elapsed() <= self.config.max_stale);
@@ -479,9 +480,9 @@ impl<S: SecretSource> SecretCache<S> {
         within_stale && lease_alive
     }
 
-    fn stale_or(&self, slot: &Slot, err: SourceError) -> Result<Arc<Content>, SourceError> {
+    fn stale_or(&self, entry: &Entry, err: SourceError) -> Result<Arc<Content>, SourceError> {
         if err.is_transient() {
-            let state = slot.state.lock();
+            let state = entry.state.lock();
             if let Some(content) = state
                 .current
                 .as_ref()
@@ -522,9 +523,9 @@ impl<S: SecretSource> SecretCache<S> {
         }
     }
 
-    fn store(&self, path: &SecretPath, slot: &Arc<Slot>, fetched: Fetched) -> Arc<Content> {
+    fn store(&self, path: &SecretPath, entry: &Arc<Entry>, fetched: Fetched) -> Arc<Content> {
         let lease = fetched.lease.clone().map(HeldLease::new);
-        self.store_with(path, slot, fetched, lease, SystemTime::now())
+        self.store_with(path, entry, fetched, lease, SystemTime::now())
     }
 
     /// Stores `fetched` as the current value of `path`, held under `lease`, first seen at
@@ -532,7 +533,7 @@ impl<S: SecretSource> SecretCache<S> {
     fn store_with(
         &self,
         path: &SecretPath,
-        slot: &Arc<Slot>,
+        entry: &Arc<Entry>,
         fetched: Fetched,
         lease: Option<HeldLease>,
         changed_at: SystemTime,
@@ -547,10 +548,10 @@ impl<S: SecretSource> SecretCache<S> {
             changed_at,
         });
         let replaced = {
-            // Lock order everywhere: `slots`, then a slot's `state`.
-            let mut slots = self.slots.lock();
+            // Lock order everywhere: `entries`, then an entry's `state`.
+            let mut entries = self.entries.lock();
             let (replaced, old_weight) = {
-                let mut state = slot.state.lock();
+                let mut state = entry.state.lock();
                 let replaced = state.current.replace(content.clone()).is_some();
                 state.checked_at = Some(Instant::now());
                 state.failure = None;
@@ -558,27 +559,30 @@ impl<S: SecretSource> SecretCache<S> {
                 leases_changed |= std::mem::replace(&mut state.lease, lease).is_some();
                 (replaced, std::mem::replace(&mut state.weight, weight))
             };
-            let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
+            let cached = entries
+                .lru
+                .peek(path)
+                .is_some_and(|s| Arc::ptr_eq(s, entry));
             if cached {
-                slots.bytes = (slots.bytes + weight).saturating_sub(old_weight);
+                entries.bytes = (entries.bytes + weight).saturating_sub(old_weight);
                 // Versions pinned by open files count too: past the bound, cached values go,
                 // least recently used first. Evicting a value an open file still holds frees
                 // nothing, so that stops the eviction unless the cached bytes alone are over.
-                while slots.lru.len() > 1 {
-                    let cached_over = slots.bytes > self.config.max_bytes;
+                while entries.lru.len() > 1 {
+                    let cached_over = entries.bytes > self.config.max_bytes;
                     let held = self.held_bytes();
                     if !cached_over && held <= self.config.max_bytes {
                         break;
                     }
-                    if !cached_over && Self::lru_is_pinned(&slots) {
+                    if !cached_over && Self::lru_is_pinned(&entries) {
                         break;
                     }
-                    if !self.evict_lru(&mut slots) {
+                    if !self.evict_lru(&mut entries) {
                         break;
                     }
                 }
             } else {
-                slot.state.lock().weight = 0;
+                entry.state.lock().weight = 0;
             }
             replaced
         };
@@ -593,11 +597,15 @@ impl<S: SecretSource> SecretCache<S> {
         content
     }
 
-    fn forget_weight(&self, path: &SecretPath, slot: &Arc<Slot>) {
-        let mut slots = self.slots.lock();
-        let weight = std::mem::take(&mut slot.state.lock().weight);
-        if slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            slots.bytes = slots.bytes.saturating_sub(weight);
+    fn forget_weight(&self, path: &SecretPath, entry: &Arc<Entry>) {
+        let mut entries = self.entries.lock();
+        let weight = std::mem::take(&mut entry.state.lock().weight);
+        if entries
+            .lru
+            .peek(path)
+            .is_some_and(|s| Arc::ptr_eq(s, entry))
+        {
+            entries.bytes = entries.bytes.saturating_sub(weight);
         }
     }
 
