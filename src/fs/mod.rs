@@ -538,4 +538,4 @@ impl<S: SecretSource> VaultFs<S> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -8,13 +8,15 @@ use crate::source::mock::MockSource;
 use crate::source::SourceError;
 use crate::spec::parse_secret_arg;
 
-struct World {
-    source: Arc<MockSource>,
-    fs: VaultFs<MockSource>,
+/// A volume of `args` (`name=path[#key]`) over a `MockSource` holding `secret/db` (`user`,
+/// `password`) and `secret/api` (`token`), strict, with the kernel invalidations it reports.
+pub(crate) struct World {
+    pub(crate) source: Arc<MockSource>,
+    pub(crate) fs: VaultFs<MockSource>,
     invalidated: Arc<Mutex<Vec<InodeNo>>>,
 }
 
-fn world(args: &[&str]) -> World {
+pub(crate) fn world(args: &[&str]) -> World {
     world_in(args, Consistency::Strict)
 }
 

@@ -193,15 +193,9 @@ impl<S: SecretSource> Volumes<S> {
         write: bool,
         caller: Caller,
     ) -> Routed<S, impl Future<Output = Answer<u64>> + Send + 'static> {
-        let (route, subject) = self.routed(ino);
-        let work = async move {
-            match route {
-                Route::Volume { fs, local, .. } => fs.open(local, write, caller).await,
-                Route::NodeRoot => Err(FsError::IsADirectory),
-                Route::Gone => Err(FsError::NotFound),
-            }
-        };
-        Routed { subject, work }
+        self.file(ino, move |fs, local| async move {
+            fs.open(local, write, caller).await
+        })
     }
 
     /// An open audited without a handle (see `VaultFs::open_unpinned`).
@@ -211,15 +205,9 @@ impl<S: SecretSource> Volumes<S> {
         write: bool,
         caller: Caller,
     ) -> Routed<S, impl Future<Output = Answer<()>> + Send + 'static> {
-        let (route, subject) = self.routed(ino);
-        let work = async move {
-            match route {
-                Route::Volume { fs, local, .. } => fs.open_unpinned(local, write, caller).await,
-                Route::NodeRoot => Err(FsError::IsADirectory),
-                Route::Gone => Err(FsError::NotFound),
-            }
-        };
-        Routed { subject, work }
+        self.file(ino, move |fs, local| async move {
+            fs.open_unpinned(local, write, caller).await
+        })
     }
 
     /// Reads file `ino` through handle `fh` (see `VaultFs::read`).
@@ -230,10 +218,25 @@ impl<S: SecretSource> Volumes<S> {
         offset: u64,
         size: u32,
     ) -> Routed<S, impl Future<Output = Answer<ReadSlice>> + Send + 'static> {
+        self.file(ino, move |fs, local| async move {
+            fs.read(local, fh, offset, size).await
+        })
+    }
+
+    /// A request about file `ino`, answered by `call` with its volume and own inode number
+    /// (the node root is a directory; an inode of no volume served is gone).
+    fn file<T, F>(
+        &self,
+        ino: u64,
+        call: impl FnOnce(Arc<VaultFs<S>>, InodeNo) -> F + Send + 'static,
+    ) -> Routed<S, impl Future<Output = Answer<T>> + Send + 'static>
+    where
+        F: Future<Output = Answer<T>> + Send + 'static,
+    {
         let (route, subject) = self.routed(ino);
         let work = async move {
             match route {
-                Route::Volume { fs, local, .. } => fs.read(local, fh, offset, size).await,
+                Route::Volume { fs, local, .. } => call(fs, local).await,
                 Route::NodeRoot => Err(FsError::IsADirectory),
                 Route::Gone => Err(FsError::NotFound),
             }
@@ -401,4 +404,111 @@ fn node_root_entries(offset: u64) -> Vec<DirEntry> {
             name: name.to_string(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::tests::world;
+    use crate::source::mock::MockSource;
+
+    fn served(volumes: &Volumes<MockSource>, slot: Slot) -> Arc<MockSource> {
+        let w = world(&["api=secret/api#token", "db/password=secret/db#password"]);
+        volumes.attach(slot, Arc::new(w.fs));
+        w.source
+    }
+
+    async fn lookup(v: &Volumes<MockSource>, parent: u64, name: &str) -> Answer<Attr> {
+        let routed = v.lookup(parent, name.to_string(), Caller::default());
+        routed.work.await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_connection_serves_each_volume_under_its_slot_in_its_inode_numbers() {
+        let volumes = Volumes::node(None);
+        served(&volumes, Slot(3));
+        let root = lookup(&volumes, InodeNo::ROOT.0, "3").await.unwrap();
+        assert_eq!(root.ino, InodeNo(Slot(3).inode(InodeNo::ROOT)));
+        assert_eq!(root.kind, Kind::Dir);
+        let api = lookup(&volumes, root.ino.0, "api").await.unwrap();
+        assert_eq!(
+            Slot::of(api.ino.0).0,
+            Slot(3),
+            "a file of the volume is in its slot"
+        );
+        let routed = volumes.getattr(api.ino.0, Caller::default());
+        assert_eq!(routed.subject.ino, api.ino.0);
+        assert_eq!(routed.work.await.unwrap(), api);
+        let listed = volumes.readdir(root.ino.0, 0).work.await.unwrap();
+        assert!(listed.iter().all(|e| Slot::of(e.ino.0).0 == Slot(3)));
+        let names: Vec<_> = listed.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, [".", "..", "api", "db"]);
+        // Only the slot's own name finds it, and no unserved slot is found.
+        for missing in ["03", "4", "api"] {
+            let routed = volumes.lookup(InodeNo::ROOT.0, missing.into(), Caller::default());
+            assert!(routed.subject.file.is_none(), "{missing}");
+            assert_eq!(routed.work.await, Err(FsError::NotFound), "{missing}");
+        }
+        let unserved = Slot(4).inode(InodeNo::ROOT);
+        assert_eq!(
+            volumes.getattr(unserved, Caller::default()).work.await,
+            Err(FsError::NotFound)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_node_root_lists_nothing_and_opens_as_a_directory() {
+        let volumes = Volumes::node(None);
+        served(&volumes, Slot(1));
+        let root = InodeNo::ROOT.0;
+        let attr = volumes.getattr(root, Caller::default()).work.await.unwrap();
+        assert_eq!(
+            (attr.kind, attr.perm, attr.ttl),
+            (Kind::Dir, 0o500, NODE_ROOT_TTL)
+        );
+        let names: Vec<_> = (volumes.readdir(root, 0).work.await.unwrap())
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, [".", ".."]);
+        assert_eq!(volumes.readdir(root, 2).work.await, Ok(Vec::new()));
+        let open = volumes.open(root, false, Caller::default());
+        assert!(open.subject.file.is_none());
+        assert_eq!(open.work.await, Err(FsError::IsADirectory));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_volume_is_found_by_no_name_but_its_open_file_reads_until_released() {
+        let volumes = Volumes::node(None);
+        served(&volumes, Slot(2));
+        let root = lookup(&volumes, InodeNo::ROOT.0, "2").await.unwrap();
+        let api = lookup(&volumes, root.ino.0, "api").await.unwrap().ino.0;
+        let fh = volumes
+            .open(api, false, Caller::default())
+            .work
+            .await
+            .unwrap();
+        volumes.retire(Slot(2));
+        assert_eq!(
+            lookup(&volumes, InodeNo::ROOT.0, "2").await,
+            Err(FsError::NotFound)
+        );
+        let read = volumes.read(api, fh, 0, 4096).work.await.unwrap();
+        assert_eq!(read.bytes(), b"t-1");
+        assert_eq!(volumes.len(), 1, "kept while a file is open");
+        volumes.release(api, fh);
+        assert!(volumes.is_empty(), "forgotten with its last open file");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_volume_is_the_whole_connection_with_its_own_numbers() {
+        let w = world(&["api=secret/api#token"]);
+        let volumes = Volumes::single(Arc::new(w.fs));
+        let api = lookup(&volumes, InodeNo::ROOT.0, "api").await.unwrap();
+        let local = api.ino;
+        assert!(local.0 < 1 << 32, "no slot in the numbers");
+        let routed = volumes.read(local.0, 0, 0, 4096);
+        assert_eq!(routed.subject.file.as_ref().map(|(_, l)| *l), Some(local));
+        assert_eq!(routed.work.await.unwrap().bytes(), b"t-1");
+    }
 }
