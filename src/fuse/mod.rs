@@ -103,37 +103,17 @@ impl<S: SecretSource> FuseAdapter<S> {
             // One the previous daemon had read and not answered (FUSE_NOTIFY_RESEND).
             self.metrics.resent_requests.inc();
         }
-        if self.volumes.fences(op, &subject) {
-            // Nothing of the volume runs: `work` is dropped unpolled. A quarantine is logged
-            // once, when it starts.
-            let refused = std::future::ready(Err(FsError::Quarantined));
-            return self.drive_work(
-                op,
-                span,
-                Subject {
-                    file: None,
-                    ..subject
-                },
-                refused,
-                done,
-            );
-        }
-        self.drive_work(op, span, subject, work, done);
-    }
-
-    fn drive_work<T, F>(
-        &self,
-        op: Op,
-        span: Span,
-        subject: Subject<S>,
-        work: F,
-        done: impl FnOnce(Result<T, Errno>) + Send + 'static,
-    ) where
-        T: Send + 'static,
-        F: Future<Output = Result<T, FsError>> + Send + 'static,
-    {
+        // A fenced request counts nothing in flight and runs nothing of its volume: `work` is
+        // dropped unpolled. A quarantine is logged once, when it starts.
+        let fenced = self.volumes.fences(op, &subject);
+        let work = async move {
+            if fenced {
+                return Err(FsError::Quarantined);
+            }
+            work.await
+        };
         // Kept until the reply is written: a daemon that dies meanwhile leaves it counted.
-        let in_flight = self.volumes.enter(&subject);
+        let in_flight = (!fenced).then(|| self.volumes.enter(&subject)).flatten();
         let started = Instant::now();
         let metrics = self.metrics.clone();
         let failures = self.failures.clone();

@@ -56,20 +56,20 @@ enum Route<S> {
 /// What a request is about, for its accounting: the connection inode (its failures are logged
 /// once per inode and errno) and, when it is a volume's, the volume and its own inode number
 /// (fenced and counted in flight under the quarantine, named in failure logs).
-pub struct Subject<S> {
-    pub ino: u64,
-    pub file: Option<(Arc<VaultFs<S>>, InodeNo)>,
+pub(super) struct Subject<S> {
+    pub(super) ino: u64,
+    pub(super) file: Option<(Arc<VaultFs<S>>, InodeNo)>,
 }
 
 /// A routed request: what it is about and the work that answers it (run by the adapter, which
 /// may drop it unpolled when the subject's volume is fenced off).
-pub struct Routed<S, F> {
-    pub subject: Subject<S>,
-    pub work: F,
+pub(super) struct Routed<S, F> {
+    pub(super) subject: Subject<S>,
+    pub(super) work: F,
 }
 
 /// The answer to a request, in the connection's inode numbers.
-pub type Answer<T> = Result<T, FsError>;
+pub(super) type Answer<T> = Result<T, FsError>;
 
 impl<S: SecretSource> Volumes<S> {
     /// One volume as the whole filesystem (`vaultfs mount`).
@@ -131,7 +131,7 @@ impl<S: SecretSource> Volumes<S> {
     /// Looks `name` up in connection directory `parent`: on the node root, the volume of that
     /// slot (not a retiring one) by its root's attributes; in a volume, the name in that
     /// directory, whose failures are the named file's when it exists.
-    pub fn lookup(
+    pub(super) fn lookup(
         &self,
         parent: u64,
         name: String,
@@ -169,7 +169,7 @@ impl<S: SecretSource> Volumes<S> {
     }
 
     /// The attributes of connection inode `ino` (the node root's are the connection's own).
-    pub fn getattr(
+    pub(super) fn getattr(
         &self,
         ino: u64,
         caller: Caller,
@@ -187,7 +187,7 @@ impl<S: SecretSource> Volumes<S> {
     }
 
     /// Opens file `ino` for reading: its handle (see `VaultFs::open`).
-    pub fn open(
+    pub(super) fn open(
         &self,
         ino: u64,
         write: bool,
@@ -199,7 +199,7 @@ impl<S: SecretSource> Volumes<S> {
     }
 
     /// An open audited without a handle (see `VaultFs::open_unpinned`).
-    pub fn open_unpinned(
+    pub(super) fn open_unpinned(
         &self,
         ino: u64,
         write: bool,
@@ -211,7 +211,7 @@ impl<S: SecretSource> Volumes<S> {
     }
 
     /// Reads file `ino` through handle `fh` (see `VaultFs::read`).
-    pub fn read(
+    pub(super) fn read(
         &self,
         ino: u64,
         fh: u64,
@@ -247,7 +247,7 @@ impl<S: SecretSource> Volumes<S> {
     /// The entries of directory `ino` after `offset`. The node root lists only `.` and `..`:
     /// volumes are reached by name only, and only by the daemon (pods see bind mounts of their
     /// own volume).
-    pub fn readdir(
+    pub(super) fn readdir(
         &self,
         ino: u64,
         offset: u64,
@@ -273,7 +273,7 @@ impl<S: SecretSource> Volumes<S> {
 
     /// Closes handle `fh` of file `ino`; a retiring volume whose last open file this was is
     /// forgotten.
-    pub fn release(&self, ino: u64, fh: u64) {
+    pub(super) fn release(&self, ino: u64, fh: u64) {
         if let Route::Volume { fs, slot, .. } = self.route(ino) {
             fs.release(fh);
             self.released(slot);
@@ -283,7 +283,7 @@ impl<S: SecretSource> Volumes<S> {
     /// Whether request `op` about `subject` is refused because its volume is quarantined:
     /// everything but the attributes of the volume's root directory (mount checks, kubelet's
     /// and the container runtime's, ask for those; they come from the spec).
-    pub fn fences(&self, op: Op, subject: &Subject<S>) -> bool {
+    pub(super) fn fences(&self, op: Op, subject: &Subject<S>) -> bool {
         let Some(quarantine) = &self.quarantine else {
             return false;
         };
@@ -296,7 +296,7 @@ impl<S: SecretSource> Volumes<S> {
     }
 
     /// Counts a request about `subject` in flight for its volume, until the result is dropped.
-    pub fn enter(&self, subject: &Subject<S>) -> Option<InFlight> {
+    pub(super) fn enter(&self, subject: &Subject<S>) -> Option<InFlight> {
         let quarantine = self.quarantine.as_ref()?;
         subject.file.as_ref()?;
         Some(quarantine.enter(Slot::of(subject.ino).0 .0))
