@@ -18,6 +18,7 @@ use crate::metrics::{self, Metrics};
 use crate::mount::keeper_link::KeeperLink;
 use crate::mount::{self, KernelNotifier, MountConfig};
 use crate::quarantine::{Quarantine, QuarantineConfig};
+use crate::slot::Slot;
 use crate::source::vault::{
     Auth, ServerConfig, ServerLimits, VaultServer, VaultServers, VaultSource,
 };
@@ -97,7 +98,7 @@ pub async fn run_mount(settings: MountSettings) -> anyhow::Result<()> {
         Arc::new(source),
         spec,
         volume,
-        kernel.for_volume(0),
+        kernel.for_volume(Slot::SINGLE),
         &metrics,
     );
 

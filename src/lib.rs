@@ -7,6 +7,8 @@
 //! invalidations at construction; `mount` owns the FUSE connections (one per `vaultfs mount`,
 //! one node-wide for `vaultfs csi`) and the bind mounts. `tonic` is imported only by `csi`;
 //! `fuser` only by `fuse` and `mount`; HTTP and Vault auth live only in `source::vault`.
+//! `slot` (a volume's number on its FUSE connection, and the connection's inode numbers) uses
+//! only `spec`; `csi`, `mount`, `fuse` and the wiring number volumes with it.
 //! Everything below `fuse` is plain Rust, testable without a kernel. `volume` and `csi` use a
 //! volume's identity only through `source::Identity` and mounts only through
 //! `mount::Mounter`, which is generic over the source: the CSI contract tier runs the whole
@@ -41,6 +43,7 @@ pub mod quarantine;
 pub mod reload;
 pub mod render;
 pub mod secret;
+pub mod slot;
 pub mod source;
 pub mod spec;
 pub mod sys;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{LeaseSink, SecretCache, Slot, Slots};
+use super::{Entries, Entry, LeaseSink, SecretCache};
 use crate::source::{pacing, Fetched, HandedLease, Lease, NodeTime, SecretSource, SourceError};
 use crate::spec::SecretPath;
 
@@ -115,10 +115,10 @@ impl<S: SecretSource> SecretCache<S> {
             let Some(this) = cache.upgrade() else {
                 return;
             };
-            for (path, slot, at) in due {
+            for (path, entry, at) in due {
                 if at <= Instant::now() {
-                    if let Some(slot) = slot.upgrade() {
-                        this.renew_or_rotate(&path, &slot).await;
+                    if let Some(entry) = entry.upgrade() {
+                        this.renew_or_rotate(&path, &entry).await;
                     }
                 }
             }
@@ -126,27 +126,27 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     /// The cached values holding a lease, with when each is next due.
-    fn held_leases(&self) -> Vec<(SecretPath, Weak<Slot>, Instant)> {
-        let slots = self.slots.lock();
-        slots
+    fn held_leases(&self) -> Vec<(SecretPath, Weak<Entry>, Instant)> {
+        let entries = self.entries.lock();
+        entries
             .lru
             .iter()
-            .filter_map(|(path, slot)| {
-                let next = slot.state.lock().lease.as_ref()?.next?;
-                Some((path.clone(), Arc::downgrade(slot), next))
+            .filter_map(|(path, entry)| {
+                let next = entry.state.lock().lease.as_ref()?.next?;
+                Some((path.clone(), Arc::downgrade(entry), next))
             })
             .collect()
     }
 
     /// Extends a value's lease; when Vault will not extend it by the full period (max TTL) or
     /// no longer knows it, reads new credentials and swaps them in before the old ones expire.
-    async fn renew_or_rotate(&self, path: &SecretPath, slot: &Arc<Slot>) {
+    async fn renew_or_rotate(&self, path: &SecretPath, entry: &Arc<Entry>) {
         // One conversation with Vault per path at a time, shared with `refresh`.
-        let _flight = slot.refresh.lock().await;
+        let _flight = entry.refresh.lock().await;
         if self.closing.load(Ordering::Acquire) {
             return;
         }
-        let Some((lease, original, ends)) = slot
+        let Some((lease, original, ends)) = entry
             .state
             .lock()
             .lease
@@ -164,7 +164,7 @@ impl<S: SecretSource> SecretCache<S> {
                 // TTL: stop renewing and rotate now, while the old credentials still work.
                 Ok(Ok(period)) => {
                     if let pacing::Plan::RenewIn(after) = pacing::plan(period, original, true) {
-                        if let Some(held) = slot
+                        if let Some(held) = entry
                             .state
                             .lock()
                             .lease
@@ -186,27 +186,27 @@ impl<S: SecretSource> SecretCache<S> {
                     SourceError::NotFound | SourceError::Invalid(_) | SourceError::PermissionDenied,
                 )) => {}
                 Ok(Err(err)) => {
-                    return self.retry_lease_later(slot, &lease, ends, &err.to_string())
+                    return self.retry_lease_later(entry, &lease, ends, &err.to_string())
                 }
-                Err(_) => return self.retry_lease_later(slot, &lease, ends, "no answer"),
+                Err(_) => return self.retry_lease_later(entry, &lease, ends, "no answer"),
             }
         }
         match tokio::time::timeout(timeout, self.source.read(path)).await {
             Ok(Ok(fetched)) => {
                 tracing::info!(path = %path, "lease cannot be extended further; new credentials read");
-                self.store(path, slot, fetched);
+                self.store(path, entry, fetched);
             }
-            Ok(Err(err)) => self.retry_lease_later(slot, &lease, ends, &err.to_string()),
-            Err(_) => self.retry_lease_later(slot, &lease, ends, "no answer"),
+            Ok(Err(err)) => self.retry_lease_later(entry, &lease, ends, &err.to_string()),
+            Err(_) => self.retry_lease_later(entry, &lease, ends, "no answer"),
         }
     }
 
     /// Schedules another attempt with a doubling back-off, never later than the lease's end
     /// (the last attempt then reads new credentials). Once the lease has ended (Vault was
     /// unavailable at its end), the back-off alone paces the attempts to read new credentials.
-    fn retry_lease_later(&self, slot: &Slot, lease: &Lease, ends: Instant, reason: &str) {
+    fn retry_lease_later(&self, entry: &Entry, lease: &Lease, ends: Instant, reason: &str) {
         tracing::warn!(reason, "could not renew a lease; retrying");
-        if let Some(held) = slot
+        if let Some(held) = entry
             .state
             .lock()
             .lease
@@ -243,20 +243,20 @@ impl<S: SecretSource> SecretCache<S> {
             return;
         };
         // Read and told under the table's lock: of two calls, the later tells the later state.
-        let slots = self.slots.lock();
-        sink(self.handed_from(&slots));
+        let entries = self.entries.lock();
+        sink(self.handed_from(&entries));
     }
 
     /// The values held under a live lease, for a successor daemon.
-    fn handed_from(&self, slots: &Slots) -> Vec<HandedLease> {
+    fn handed_from(&self, entries: &Entries) -> Vec<HandedLease> {
         if self.closing.load(Ordering::Acquire) {
             return Vec::new();
         }
-        slots
+        entries
             .lru
             .iter()
-            .filter_map(|(path, slot)| {
-                let state = slot.state.lock();
+            .filter_map(|(path, entry)| {
+                let state = entry.state.lock();
                 let (held, content) = (state.lease.as_ref()?, state.current.as_ref()?);
                 held.alive().then(|| HandedLease {
                     path: path.clone(),
@@ -285,10 +285,10 @@ impl<S: SecretSource> SecretCache<S> {
             if !held.alive() {
                 continue;
             }
-            let slot = self.slot(&handed.path);
+            let entry = self.entry(&handed.path);
             self.store_with(
                 &handed.path,
-                &slot,
+                &entry,
                 handed.fetched,
                 Some(held),
                 handed.changed_at,
@@ -308,17 +308,17 @@ impl<S: SecretSource> SecretCache<S> {
     pub async fn revoke_leases(&self) {
         self.closing.store(true, Ordering::Release);
         self.lease_added.notify_one();
-        let slots: Vec<Arc<Slot>> = self
-            .slots
+        let entries: Vec<Arc<Entry>> = self
+            .entries
             .lock()
             .lru
             .iter()
             .map(|(_, s)| s.clone())
             .collect();
         let mut leases: Vec<Lease> = std::mem::take(&mut *self.orphaned_leases.lock());
-        for slot in slots {
-            let _flight = slot.refresh.lock().await;
-            leases.extend(slot.state.lock().lease.take().map(|h| h.lease));
+        for entry in entries {
+            let _flight = entry.refresh.lock().await;
+            leases.extend(entry.state.lock().lease.take().map(|h| h.lease));
         }
         self.leases_changed();
         self.revoke_all(leases).await;

@@ -1,14 +1,14 @@
 //! The secret cache: bounded (entries and bytes) LRU of secrets by Vault path, with a TTL,
 //! single flight per path, version-checked refresh, atomic swap, stale-if-error and a bounded
 //! wait on Vault. This file owns the cache's configuration, the served `Content` and the
-//! public calls (get, remaining freshness, clear, usage); the slots, eviction and byte
-//! accounting live in `slots`, asking Vault (single flight, back-off, stale-if-error) in
+//! public calls (get, remaining freshness, clear, usage); the entries, eviction and byte
+//! accounting live in `entries`, asking Vault (single flight, back-off, stale-if-error) in
 //! `refresh`, the lease keeper in `leases`. Knows nothing of FUSE; talks to Vault only through
 //! `SecretSource`.
 
+mod entries;
 mod leases;
 mod refresh;
-mod slots;
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,8 +24,8 @@ use crate::source::pacing;
 use crate::source::{Fetched, Lease, LeaseSink, SecretSource, SourceError};
 
 use crate::spec::SecretPath;
+use entries::{Charge, Entries, Entry};
 use leases::HeldLease;
-use slots::{Charge, Slot, Slots};
 
 /// Cache behaviour.
 #[derive(Clone, Debug)]
@@ -88,7 +88,7 @@ pub type SwapHook = Box<dyn Fn(&SecretPath) + Send + Sync>;
 pub struct SecretCache<S> {
     source: Arc<S>,
     config: CacheConfig,
-    slots: Mutex<Slots>,
+    entries: Mutex<Entries>,
     /// Bytes of every version alive: cached ones and older ones pinned by open files.
     held: Arc<AtomicUsize>,
     generation: AtomicU64,
@@ -109,8 +109,8 @@ impl<S: SecretSource> SecretCache<S> {
     pub fn new(source: Arc<S>, config: CacheConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             source,
-            slots: Mutex::new(Slots {
-                // Unbounded map, bounded by hand in `slot`: a bounded LruCache reserves room for
+            entries: Mutex::new(Entries {
+                // Unbounded map, bounded by hand in `entry`: a bounded LruCache reserves room for
                 // every entry up front, which an idle volume should not pay for.
                 lru: LruCache::unbounded(),
                 bytes: 0,
@@ -140,24 +140,24 @@ impl<S: SecretSource> SecretCache<S> {
     /// be failing, a cached value within `max_stale` is answered at once and Vault is asked
     /// again in the background, at most once per back-off.
     pub async fn get(self: &Arc<Self>, path: &SecretPath) -> Result<Arc<Content>, SourceError> {
-        let slot = self.slot(path);
-        if let Some(content) = self.fresh(&slot) {
+        let entry = self.entry(path);
+        if let Some(content) = self.fresh(&entry) {
             self.metrics.cache_hits.inc();
             return Ok(content);
         }
-        if let Some(stale) = self.stale_during_outage(&slot) {
+        if let Some(stale) = self.stale_during_outage(&entry) {
             self.metrics.cache_stale_serves.inc();
-            if !slot.refreshing.swap(true, Ordering::AcqRel) {
-                let (this, path, slot) = (self.clone(), path.clone(), slot.clone());
+            if !entry.refreshing.swap(true, Ordering::AcqRel) {
+                let (this, path, entry) = (self.clone(), path.clone(), entry.clone());
                 tokio::spawn(async move {
-                    let _ = this.refresh(&path, &slot).await;
-                    slot.refreshing.store(false, Ordering::Release);
+                    let _ = this.refresh(&path, &entry).await;
+                    entry.refreshing.store(false, Ordering::Release);
                 });
             }
             return Ok(stale);
         }
-        let result = self.refresh(path, &slot).await;
-        if slot.state.lock().lease.is_some() {
+        let result = self.refresh(path, &entry).await;
+        if entry.state.lock().lease.is_some() {
             self.ensure_lease_keeper();
             // A new lease may be due before the keeper's next wake-up.
             self.lease_added.notify_one();
@@ -168,14 +168,14 @@ impl<S: SecretSource> SecretCache<S> {
     /// Drops every cached secret (unmount). Content still held by open handles is zeroized
     /// when they close.
     pub fn clear(&self) {
-        let mut slots = self.slots.lock();
-        for (_, slot) in slots.lru.iter() {
-            let mut state = slot.state.lock();
+        let mut entries = self.entries.lock();
+        for (_, entry) in entries.lru.iter() {
+            let mut state = entry.state.lock();
             state.current = None;
             self.orphan(state.lease.take());
         }
-        slots.lru.clear();
-        slots.bytes = 0;
+        entries.lru.clear();
+        entries.bytes = 0;
     }
 
     /// How much longer `content` (an answer of `get` for `path`) may be served without asking
@@ -183,10 +183,10 @@ impl<S: SecretSource> SecretCache<S> {
     /// and a stale value is served, at most the retry back-off and never beyond `max_stale`.
     /// Zero once `content` is no longer the cached value (a newer version was swapped in).
     pub fn remaining(&self, path: &SecretPath, content: &Arc<Content>) -> Duration {
-        let Some(slot) = self.slots.lock().lru.peek(path).cloned() else {
+        let Some(entry) = self.entries.lock().lru.peek(path).cloned() else {
             return Duration::ZERO;
         };
-        let state = slot.state.lock();
+        let state = entry.state.lock();
         let current = state
             .current
             .as_ref()
@@ -213,9 +213,9 @@ impl<S: SecretSource> SecretCache<S> {
     /// LRU order nor the hit counters: for a watch that only wants to know what is due.
     pub fn due_in(&self, path: &SecretPath) -> Option<Duration> {
         let current = {
-            let slots = self.slots.lock();
-            let slot = slots.lru.peek(path)?;
-            let current = slot.state.lock().current.clone();
+            let entries = self.entries.lock();
+            let entry = entries.lru.peek(path)?;
+            let current = entry.state.lock().current.clone();
             current
         }?;
         Some(self.remaining(path, &current))
@@ -228,8 +228,8 @@ impl<S: SecretSource> SecretCache<S> {
 
     /// Number of secrets and bytes currently cached.
     pub fn usage(&self) -> (usize, usize) {
-        let slots = self.slots.lock();
-        (slots.lru.len(), slots.bytes)
+        let entries = self.entries.lock();
+        (entries.lru.len(), entries.bytes)
     }
 
     fn notify(&self, path: &SecretPath) {

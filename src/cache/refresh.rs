@@ -1,6 +1,6 @@
-//! Asking Vault about one path: single flight per slot, a version check before a read,
+//! Asking Vault about one path: single flight per entry, a version check before a read,
 //! a bounded wait, the back-off after failures and stale-if-error. What is fresh, what may be
-//! served stale and for how long are decided here; storing the answer is the slots' job.
+//! served stale and for how long are decided here; storing the answer is the entries' job.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::entries::{Entry, EntryState};
 use super::leases::HeldLease;
-use super::slots::{Slot, SlotState};
 use super::{Content, SecretCache};
 use crate::source::{Fetched, SecretSource, SourceError};
 use crate::spec::SecretPath;
@@ -25,26 +25,26 @@ impl<S: SecretSource> SecretCache<S> {
     pub(super) async fn refresh(
         &self,
         path: &SecretPath,
-        slot: &Arc<Slot>,
+        entry: &Arc<Entry>,
     ) -> Result<Arc<Content>, SourceError> {
         let started = Instant::now();
         let recoveries = self.source.server_recoveries();
-        let _flight = slot.refresh.lock().await;
+        let _flight = entry.refresh.lock().await;
         if self.closing.load(Ordering::Acquire) {
             return Err(SourceError::Closed);
         }
-        if let Some(content) = self.fresh(slot) {
+        if let Some(content) = self.fresh(entry) {
             self.metrics.cache_hits.inc();
             return Ok(content);
         }
         let current = {
-            let state = slot.state.lock();
+            let state = entry.state.lock();
             if let Some((at, err)) = &state.failure {
                 let held = *at >= started || at.elapsed() < self.hold(err, state.failures);
                 if held && !self.recovered_since_failure(&state) {
                     let err = err.clone();
                     drop(state);
-                    return self.stale_or(slot, err);
+                    return self.stale_or(entry, err);
                 }
             }
             state.current.clone()
@@ -64,11 +64,11 @@ impl<S: SecretSource> SecretCache<S> {
         };
         match outcome {
             Ok(Outcome::Unchanged) => {
-                let mut state = slot.state.lock();
+                let mut state = entry.state.lock();
                 state.checked_at = Some(Instant::now());
                 state.failure = None;
                 state.failures = 0;
-                // The slot may have been evicted or cleared meanwhile: answer with the value
+                // The entry may have been evicted or cleared meanwhile: answer with the value
                 // that was checked.
                 Ok(state
                     .current
@@ -76,11 +76,11 @@ impl<S: SecretSource> SecretCache<S> {
                     .or(current)
                     .expect("an unchanged outcome is only reached with a current value"))
             }
-            Ok(Outcome::Changed(fetched)) => Ok(self.store(path, slot, fetched)),
+            Ok(Outcome::Changed(fetched)) => Ok(self.store(path, entry, fetched)),
             Err(err) => {
                 tracing::debug!(path = %path, error = %err, "vault request failed");
                 let vanished = {
-                    let mut state = slot.state.lock();
+                    let mut state = entry.state.lock();
                     state.failure = Some((Instant::now(), err.clone()));
                     state.failed_before_recovery = recoveries;
                     state.failures = if err.is_transient() {
@@ -95,10 +95,10 @@ impl<S: SecretSource> SecretCache<S> {
                     vanished
                 };
                 if vanished {
-                    self.forget_weight(path, slot);
+                    self.forget_weight(path, entry);
                     self.notify(path);
                 }
-                self.stale_or(slot, err)
+                self.stale_or(entry, err)
             }
         }
     }
@@ -122,8 +122,8 @@ impl<S: SecretSource> SecretCache<S> {
 
     /// A cached value to answer with at once because Vault's last answer for this path was an
     /// outage and the value is within `max_stale`.
-    pub(super) fn stale_during_outage(&self, slot: &Slot) -> Option<Arc<Content>> {
-        let state = slot.state.lock();
+    pub(super) fn stale_during_outage(&self, entry: &Entry) -> Option<Arc<Content>> {
+        let state = entry.state.lock();
         let (_, err) = state.failure.as_ref()?;
         if err.is_transient()
             && self.servable_stale(&state)
@@ -135,9 +135,9 @@ impl<S: SecretSource> SecretCache<S> {
         }
     }
 
-    /// Whether the server came back after the last failed attempt on this slot started (the
+    /// Whether the server came back after the last failed attempt on this entry started (the
     /// source says so): Vault is worth asking now, whatever the back-off says.
-    fn recovered_since_failure(&self, state: &SlotState) -> bool {
+    fn recovered_since_failure(&self, state: &EntryState) -> bool {
         state
             .failure
             .as_ref()
@@ -145,8 +145,8 @@ impl<S: SecretSource> SecretCache<S> {
             && self.source.server_recoveries() != state.failed_before_recovery
     }
 
-    pub(super) fn fresh(&self, slot: &Slot) -> Option<Arc<Content>> {
-        let state = slot.state.lock();
+    pub(super) fn fresh(&self, entry: &Entry) -> Option<Arc<Content>> {
+        let state = entry.state.lock();
         let checked = state.checked_at?;
         // A leased value stays fresh while its lease lives: the lease keeper renews it (a
         // re-read would issue new credentials) and rotates it when it can no longer be renewed.
@@ -163,7 +163,7 @@ impl<S: SecretSource> SecretCache<S> {
 
     /// Whether the current value may still be served stale: within `max_stale` of its last
     /// check and, for a leased value, before its lease ends.
-    fn servable_stale(&self, state: &SlotState) -> bool {
+    fn servable_stale(&self, state: &EntryState) -> bool {
         let within_stale = state
             .checked_at
             .is_some_and(|c| c.elapsed() <= self.config.max_stale);
@@ -171,9 +171,9 @@ impl<S: SecretSource> SecretCache<S> {
         within_stale && lease_alive
     }
 
-    fn stale_or(&self, slot: &Slot, err: SourceError) -> Result<Arc<Content>, SourceError> {
+    fn stale_or(&self, entry: &Entry, err: SourceError) -> Result<Arc<Content>, SourceError> {
         if err.is_transient() {
-            let state = slot.state.lock();
+            let state = entry.state.lock();
             if let Some(content) = state
                 .current
                 .as_ref()

@@ -1,11 +1,15 @@
 //! The gRPC face of the node plugin: CSI Identity and Node services. Each RPC converts its
 //! protobuf request, calls the `VolumeManager`, and maps `CsiError` to a gRPC `Status` in one
-//! place. Requests are never logged whole: they carry service-account tokens.
+//! place. Each volume call runs in a span (`csi`) with a request id this daemon gives it, so
+//! that every line logged on its behalf can be told apart. Requests are never logged whole:
+//! they carry service-account tokens.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::pb;
 use super::DRIVER_NAME;
@@ -22,6 +26,15 @@ fn code_name(result: &Result<(), CsiError>) -> &'static str {
         Err(CsiError::Unavailable(_)) => "Unavailable",
         Err(CsiError::Internal(_)) => "Internal",
     }
+}
+
+/// Numbers the volume calls this daemon answers, for their spans.
+static NEXT_CALL: AtomicU64 = AtomicU64::new(1);
+
+/// The span of one call of `rpc` about `volume_id`, with a new request id.
+fn call_span(rpc: &'static str, volume_id: &str) -> tracing::Span {
+    let req = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
+    tracing::info_span!("csi", req, rpc, volume_id)
 }
 
 fn status(err: CsiError) -> Status {
@@ -111,7 +124,9 @@ impl<S: Identity> pb::node_server::Node for NodeService<S> {
         let started = Instant::now();
         let req = publish_request(request.into_inner());
         let (volume_id, target) = (req.volume_id.clone(), req.target_path.clone());
-        let result = self.manager.publish(&req).await;
+        let span = call_span("NodePublishVolume", &volume_id);
+        let result = self.manager.publish(&req).instrument(span.clone()).await;
+        let _in_call = span.enter();
         let elapsed = started.elapsed();
         self.manager
             .metrics()
@@ -130,10 +145,13 @@ impl<S: Identity> pb::node_server::Node for NodeService<S> {
         request: Request<pb::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
+        let span = call_span("NodeUnpublishVolume", &req.volume_id);
         let result = self
             .manager
             .unpublish(&req.volume_id, &req.target_path)
+            .instrument(span.clone())
             .await;
+        let _in_call = span.enter();
         if let Err(e) = &result {
             tracing::warn!(volume_id = req.volume_id, target = req.target_path, error = %e, "NodeUnpublishVolume failed");
         }

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::request::{CsiError, Params};
 use super::CsiConfig;
-use crate::fuse::Slot;
 use crate::secret::Token;
+use crate::slot::Slot;
 
 /// Makes `dir` owner-only: creates it (and missing parents) with mode 0700, or sets an existing
 /// one to 0700 and logs that it did (`what` names the directory and what it holds). Refuses,
@@ -133,7 +133,7 @@ impl StateDir {
         Self {
             volumes: state_dir.join("volumes"),
             slots: state_dir.join("slots"),
-            recorded: parking_lot::Mutex::new(0),
+            recorded: parking_lot::Mutex::default(),
         }
     }
 
@@ -142,7 +142,7 @@ impl StateDir {
         std::fs::read_to_string(&self.slots)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// Records that `slot` is given out, before anything is served under it. Concurrent

@@ -18,11 +18,11 @@ use parking_lot::Mutex;
 use super::request::{invalid, validate, CsiError, Params, PublishRequest};
 use super::state::StateDir;
 use super::CsiConfig;
-use crate::fuse::Slot;
 use crate::health::Watched;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, MountError, Mounted, Mounter, TakenOver};
 use crate::reload::{ReloadConfig, Target};
+use crate::slot::Slot;
 use crate::source::{Connect, Identity, Login, SessionStore, SourceError};
 use crate::volume::{cache_config, Serving, Volume, VolumeConfig};
 
@@ -269,7 +269,7 @@ impl<S: Identity> VolumeManager<S> {
             } else {
                 match recorded {
                     // Records written before slots existed have none: a new one is given.
-                    0 => match self.new_slot() {
+                    Slot::SINGLE => match self.new_slot() {
                         Ok(slot) => self.recover_one(params, slot, taken).await,
                         Err(e) => Err(e),
                     },
@@ -283,7 +283,7 @@ impl<S: Identity> VolumeManager<S> {
 
     /// A slot no volume had, recorded as given out before anything is served under it.
     fn new_slot(&self) -> Result<Slot, CsiError> {
-        let slot = self.next_slot.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(self.next_slot.fetch_add(1, Ordering::AcqRel));
         self.state.record_slot(slot).map_err(|e| {
             CsiError::Internal(format!(
                 "cannot record the volume's slot under {}: {e}",
@@ -508,10 +508,10 @@ impl<S: Identity> VolumeManager<S> {
             .iter()
             .map(|r| r.slot)
             .max()
-            .unwrap_or(0)
+            .unwrap_or_default()
             .max(self.state.highest_slot());
         self.next_slot
-            .fetch_max(highest.saturating_add(1), Ordering::AcqRel);
+            .fetch_max(highest.0.saturating_add(1), Ordering::AcqRel);
         let mut recovered = 0;
         for record in records {
             let target = PathBuf::from(&record.target_path);

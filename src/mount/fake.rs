@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{MountConfig, MountError, Mounted, Mounter};
 use crate::fs::{Consistency, Invalidate, VaultFs};
-use crate::fuse::Slot;
+use crate::slot::Slot;
 use crate::source::SecretSource;
 
 /// A `Mounter` that mounts nothing and records what it was asked, for tests without root.
@@ -52,8 +52,8 @@ impl<S> FakeMounter<S> {
     }
 
     /// The slots of every mount so far, in order.
-    pub fn slots(&self) -> Vec<Slot> {
-        self.state.lock().slots.clone()
+    pub fn slots(&self) -> Vec<u32> {
+        self.state.lock().slots.iter().map(|s| s.0).collect()
     }
 
     /// Mount and unmount calls so far.

@@ -18,8 +18,9 @@ use fuser::{BackgroundSession, Config, INodeNo, Notifier, SessionACL};
 use thiserror::Error;
 
 use crate::fs::{Consistency, Invalidate, VaultFs};
-use crate::fuse::{FuseAdapter, Slot, Volumes};
+use crate::fuse::{FuseAdapter, Volumes};
 use crate::metrics::Metrics;
+use crate::slot::Slot;
 use crate::source::SecretSource;
 use crate::spec::InodeNo;
 use crate::sys;
@@ -107,13 +108,12 @@ impl KernelNotifier {
     }
 
     /// The invalidation callback of volume `slot`, whose inode numbers on the connection are
-    /// `slot << 32 | local` (slot 0: a connection serving one volume, numbers unchanged).
+    /// `slot.inode(local)` (`Slot::SINGLE`: a connection serving one volume, numbers unchanged).
     pub fn for_volume(&self, slot: Slot) -> Invalidate {
         let (tx, notifier) = (self.tx.clone(), self.notifier.clone());
-        let high = u64::from(slot) << 32;
         Box::new(move |ino| {
             if let Some(n) = notifier.get() {
-                let _ = tx.send((n.clone(), InodeNo(high | ino.0)));
+                let _ = tx.send((n.clone(), InodeNo(slot.inode(ino))));
             }
         })
     }
@@ -191,7 +191,7 @@ pub fn prepare_target(target: &Path, create_missing: bool) -> Result<(), MountEr
 
 /// Mounts `fs` read-only at `target` on a connection of its own, in the volume's consistency
 /// mode, and serves it on a background thread. `kernel` is the notifier `fs` was built with
-/// (`for_volume(0)`).
+/// (`for_volume(Slot::SINGLE)`).
 pub fn mount<S: SecretSource>(
     fs: Arc<VaultFs<S>>,
     target: &Path,
@@ -332,7 +332,7 @@ pub trait Mounter<S: SecretSource>: Send + Sync + 'static {
     fn invalidate(&self, slot: Slot, consistency: Consistency) -> Invalidate;
 
     /// Serves `fs` as volume `slot` and mounts it at `target` (over a dead mount there, see
-    /// `prepare_target`). `slot` is the volume's stable number (see `fuse::Slot`).
+    /// `prepare_target`). `slot` is the volume's stable number (see `slot::Slot`).
     fn mount(
         &self,
         target: &Path,

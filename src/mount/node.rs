@@ -12,9 +12,10 @@ use super::{
     Mounter,
 };
 use crate::fs::{Consistency, Invalidate, VaultFs};
-use crate::fuse::{FuseAdapter, Slot, Volumes};
+use crate::fuse::{FuseAdapter, Volumes};
 use crate::metrics::Metrics;
 use crate::quarantine::Quarantine;
+use crate::slot::Slot;
 use crate::source::SecretSource;
 use crate::sys;
 
@@ -131,7 +132,7 @@ impl<S: SecretSource> NodeConnection<S> {
             });
         }
         self.metrics.active_mounts.inc();
-        tracing::info!(target = %target.display(), slot, "mounted");
+        tracing::info!(target = %target.display(), slot = slot.0, "mounted");
         Ok(BindMount {
             volumes: self.volumes.clone(),
             metrics: self.metrics.clone(),
@@ -167,7 +168,7 @@ impl<S: SecretSource> BindMount<S> {
     ) -> Self {
         volumes.attach(slot, fs);
         metrics.active_mounts.inc();
-        tracing::info!(target = %target.display(), slot, "serving the volume again on the connection taken over");
+        tracing::info!(target = %target.display(), slot = slot.0, "serving the volume again on the connection taken over");
         Self {
             volumes: volumes.clone(),
             metrics: metrics.clone(),
@@ -186,7 +187,7 @@ impl<S: SecretSource> BindMount<S> {
         // Open files keep reading their versions; the volume is forgotten when the last closes.
         self.volumes.retire(self.slot);
         self.metrics.active_mounts.dec();
-        tracing::info!(target = %self.target.display(), slot = self.slot, "unmounted");
+        tracing::info!(target = %self.target.display(), slot = self.slot.0, "unmounted");
         result
     }
 

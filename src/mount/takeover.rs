@@ -19,7 +19,8 @@ use super::keeper_link::TakenConnection;
 use super::node::{BindMount, FuseMounter, NodeConnection};
 use super::Mounted;
 use crate::fs::{Consistency, VaultFs};
-use crate::fuse::{Slot, Volumes};
+use crate::fuse::Volumes;
+use crate::slot::Slot;
 use crate::source::SecretSource;
 use crate::sys;
 

@@ -11,7 +11,7 @@
 //! its successor reads it only once the process is gone. This file wires them: it judges the
 //! predecessor at start, counts requests and fences the volumes served now.
 //!
-//! Knows volumes by slot only (`fuse::Slot`, the volume's number on the node connection) and
+//! Knows volumes by slot only (`slot::Slot`, the volume's number on the node connection) and
 //! their names for logs; uses only `sys` (the record's atomic write) and `config` (durations in
 //! logs) of vaultfs, and is handed its gauge. `fuse` counts and fences requests through it; the
 //! wiring opens it and marks the clean exit.

@@ -405,7 +405,7 @@ impl Backend for MockBackend {
                 consistency: settings.consistency,
                 reload: None,
             },
-            kernel.for_volume(0),
+            kernel.for_volume(vaultfs::slot::Slot::SINGLE),
             &metrics,
         );
         let mounted = mount::mount(

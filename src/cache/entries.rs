@@ -1,5 +1,5 @@
-//! The cache's slots: one per Vault path, in an LRU bounded by entries and bytes. Owns a
-//! slot's state, storing a value into it (the swap), eviction and the byte accounting that
+//! The cache's entries: one per Vault path, in an LRU bounded by entries and bytes. Owns an
+//! entry's state, storing a value into it (the swap), eviction and the byte accounting that
 //! counts every version alive, cached or pinned by an open file.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -39,7 +39,7 @@ impl Drop for Charge {
 }
 
 #[derive(Default)]
-pub(super) struct SlotState {
+pub(super) struct EntryState {
     pub(super) current: Option<Arc<Content>>,
     /// Last successful answer from Vault for this path.
     pub(super) checked_at: Option<Instant>,
@@ -56,40 +56,41 @@ pub(super) struct SlotState {
 }
 
 #[derive(Default)]
-pub(super) struct Slot {
-    pub(super) state: Mutex<SlotState>,
+pub(super) struct Entry {
+    pub(super) state: Mutex<EntryState>,
     /// Held while one task asks Vault about this path (single flight).
     pub(super) refresh: tokio::sync::Mutex<()>,
     /// A background refresh (during an outage) is running.
     pub(super) refreshing: AtomicBool,
 }
 
-pub(super) struct Slots {
-    pub(super) lru: LruCache<SecretPath, Arc<Slot>>,
+pub(super) struct Entries {
+    pub(super) lru: LruCache<SecretPath, Arc<Entry>>,
     pub(super) bytes: usize,
 }
 
 impl<S: SecretSource> SecretCache<S> {
-    pub(super) fn slot(&self, path: &SecretPath) -> Arc<Slot> {
-        let mut slots = self.slots.lock();
-        if let Some(slot) = slots.lru.get(path) {
-            return slot.clone();
+    pub(super) fn entry(&self, path: &SecretPath) -> Arc<Entry> {
+        let mut entries = self.entries.lock();
+        if let Some(entry) = entries.lru.get(path) {
+            return entry.clone();
         }
-        let slot = Arc::new(Slot::default());
-        slots.lru.push(path.clone(), slot.clone());
-        while slots.lru.len() > self.config.max_entries.get() {
-            if !self.evict_lru(&mut slots) {
+        let entry = Arc::new(Entry::default());
+        entries.lru.push(path.clone(), entry.clone());
+        while entries.lru.len() > self.config.max_entries.get() {
+            if !self.evict_lru(&mut entries) {
                 break;
             }
         }
-        slot
+        entry
     }
 
     /// Whether the least recently used value is also held by an open file (evicting it would
     /// free nothing and revoke a lease still in use).
-    fn lru_is_pinned(slots: &Slots) -> bool {
-        slots.lru.peek_lru().is_some_and(|(_, slot)| {
-            slot.state
+    fn lru_is_pinned(entries: &Entries) -> bool {
+        entries.lru.peek_lru().is_some_and(|(_, entry)| {
+            entry
+                .state
                 .lock()
                 .current
                 .as_ref()
@@ -97,14 +98,14 @@ impl<S: SecretSource> SecretCache<S> {
         })
     }
 
-    /// Drops the least recently used secret (called with `slots` locked): its bytes leave the
+    /// Drops the least recently used secret (called with `entries` locked): its bytes leave the
     /// count, its value goes (zeroized once no handle holds it), its lease is revoked.
-    fn evict_lru(&self, slots: &mut Slots) -> bool {
-        let Some((_, evicted)) = slots.lru.pop_lru() else {
+    fn evict_lru(&self, entries: &mut Entries) -> bool {
+        let Some((_, evicted)) = entries.lru.pop_lru() else {
             return false;
         };
         let mut state = evicted.state.lock();
-        slots.bytes = slots.bytes.saturating_sub(state.weight);
+        entries.bytes = entries.bytes.saturating_sub(state.weight);
         state.weight = 0;
         state.current = None;
         state.checked_at = None;
@@ -115,11 +116,11 @@ impl<S: SecretSource> SecretCache<S> {
     pub(super) fn store(
         &self,
         path: &SecretPath,
-        slot: &Arc<Slot>,
+        entry: &Arc<Entry>,
         fetched: Fetched,
     ) -> Arc<Content> {
         let lease = fetched.lease.clone().map(HeldLease::new);
-        self.store_with(path, slot, fetched, lease, SystemTime::now())
+        self.store_with(path, entry, fetched, lease, SystemTime::now())
     }
 
     /// Stores `fetched` as the current value of `path`, held under `lease`, first seen at
@@ -127,7 +128,7 @@ impl<S: SecretSource> SecretCache<S> {
     pub(super) fn store_with(
         &self,
         path: &SecretPath,
-        slot: &Arc<Slot>,
+        entry: &Arc<Entry>,
         fetched: Fetched,
         lease: Option<HeldLease>,
         changed_at: SystemTime,
@@ -142,10 +143,10 @@ impl<S: SecretSource> SecretCache<S> {
             changed_at,
         });
         let replaced = {
-            // Lock order everywhere: `slots`, then a slot's `state`.
-            let mut slots = self.slots.lock();
+            // Lock order everywhere: `entries`, then an entry's `state`.
+            let mut entries = self.entries.lock();
             let (replaced, old_weight) = {
-                let mut state = slot.state.lock();
+                let mut state = entry.state.lock();
                 let replaced = state.current.replace(content.clone()).is_some();
                 state.checked_at = Some(Instant::now());
                 state.failure = None;
@@ -153,27 +154,30 @@ impl<S: SecretSource> SecretCache<S> {
                 leases_changed |= std::mem::replace(&mut state.lease, lease).is_some();
                 (replaced, std::mem::replace(&mut state.weight, weight))
             };
-            let cached = slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot));
+            let cached = entries
+                .lru
+                .peek(path)
+                .is_some_and(|s| Arc::ptr_eq(s, entry));
             if cached {
-                slots.bytes = (slots.bytes + weight).saturating_sub(old_weight);
+                entries.bytes = (entries.bytes + weight).saturating_sub(old_weight);
                 // Versions pinned by open files count too: past the bound, cached values go,
                 // least recently used first. Evicting a value an open file still holds frees
                 // nothing, so that stops the eviction unless the cached bytes alone are over.
-                while slots.lru.len() > 1 {
-                    let cached_over = slots.bytes > self.config.max_bytes;
+                while entries.lru.len() > 1 {
+                    let cached_over = entries.bytes > self.config.max_bytes;
                     let held = self.held_bytes();
                     if !cached_over && held <= self.config.max_bytes {
                         break;
                     }
-                    if !cached_over && Self::lru_is_pinned(&slots) {
+                    if !cached_over && Self::lru_is_pinned(&entries) {
                         break;
                     }
-                    if !self.evict_lru(&mut slots) {
+                    if !self.evict_lru(&mut entries) {
                         break;
                     }
                 }
             } else {
-                slot.state.lock().weight = 0;
+                entry.state.lock().weight = 0;
             }
             replaced
         };
@@ -188,11 +192,15 @@ impl<S: SecretSource> SecretCache<S> {
         content
     }
 
-    pub(super) fn forget_weight(&self, path: &SecretPath, slot: &Arc<Slot>) {
-        let mut slots = self.slots.lock();
-        let weight = std::mem::take(&mut slot.state.lock().weight);
-        if slots.lru.peek(path).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            slots.bytes = slots.bytes.saturating_sub(weight);
+    pub(super) fn forget_weight(&self, path: &SecretPath, entry: &Arc<Entry>) {
+        let mut entries = self.entries.lock();
+        let weight = std::mem::take(&mut entry.state.lock().weight);
+        if entries
+            .lru
+            .peek(path)
+            .is_some_and(|s| Arc::ptr_eq(s, entry))
+        {
+            entries.bytes = entries.bytes.saturating_sub(weight);
         }
     }
 }
