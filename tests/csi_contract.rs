@@ -520,6 +520,13 @@ async fn unpublish_unmounts_forgets_state_and_is_idempotent() {
         .await
         .unwrap_err();
     assert!(status.message().contains("target_path"));
+    let metrics = p.manager.metrics().render();
+    for line in [
+        "vaultfs_csi_request_duration_seconds_count{rpc=\"NodeUnpublishVolume\",code=\"OK\"} 3",
+        "vaultfs_csi_request_duration_seconds_count{rpc=\"NodeUnpublishVolume\",code=\"InvalidArgument\"} 2",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
     p.stop().await;
 }
 

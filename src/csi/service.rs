@@ -144,6 +144,7 @@ impl<S: Identity> pb::node_server::Node for NodeService<S> {
         &self,
         request: Request<pb::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
+        let started = Instant::now();
         let req = request.into_inner();
         let span = call_span("NodeUnpublishVolume", &req.volume_id);
         let result = self
@@ -152,6 +153,11 @@ impl<S: Identity> pb::node_server::Node for NodeService<S> {
             .instrument(span.clone())
             .await;
         let _in_call = span.enter();
+        self.manager.metrics().csi_request(
+            "NodeUnpublishVolume",
+            code_name(&result),
+            started.elapsed(),
+        );
         if let Err(e) = &result {
             tracing::warn!(volume_id = req.volume_id, target = req.target_path, error = %e, "NodeUnpublishVolume failed");
         }
