@@ -2,11 +2,16 @@
 //! on first access, held in memory with a TTL and hot-swapped when they change in Vault.
 //!
 //! Dependencies point one way only:
-//! `main → app → csi → volume → mount → fuse → fs → cache → source → {secret, spec} → logging`.
-//! `volume` alone builds, starts and tears down a volume, wired to its connection's kernel
-//! invalidations at construction; `mount` owns the FUSE connections (one per `vaultfs mount`,
-//! one node-wide for `vaultfs csi`) and the bind mounts. `tonic` is imported only by `csi`;
-//! `fuser` only by `fuse` and `mount`; HTTP and Vault auth live only in `source::vault`.
+//! `main → app → csi → volume → mount → fuse → fs → cache → source → {secret, spec} → logging`,
+//! with `config` (durations, file modes and the defaults, each written once) a leaf any of them
+//! may use. `volume` alone builds, starts and tears down a volume, wired to its connection's
+//! kernel invalidations at construction; `mount` owns the FUSE connections (one per `vaultfs
+//! mount`, one node-wide for `vaultfs csi`), the bind mounts and a restart's hand-over of the
+//! node's connections (`mount::TakenOver`: take, adopt, serve, in that order only).
+//! `tonic` is imported only by `csi`; `fuser` only by `fuse` and `mount`; HTTP and Vault auth
+//! live only in `source::vault`, and `csi` makes identities only through `source::Connect`
+//! with a source-neutral `source::Login`. What a daemon hands its successor of a volume's Vault
+//! session is `source::handoff`.
 //! `slot` (a volume's number on its FUSE connection, and the connection's inode numbers) uses
 //! only `spec`; `csi`, `mount`, `fuse` and the wiring number volumes with it.
 //! Everything below `fuse` is plain Rust, testable without a kernel. `volume` and `csi` use a
@@ -16,8 +21,9 @@
 //! only for tests (`cfg(test)` or the `testing` feature).
 //! `reload` (reload signals: signal names, a pod's processes, the debounce) is used by `volume`
 //! and the wiring and uses only `metrics` and `pidfd` (to signal exactly the process it checked).
-//! `sys` (the Linux calls vaultfs makes itself, one module per topic: process, file, fuse,
-//! mount, mountinfo, socket, signal, pidfd) uses no vaultfs module; `pidfd` is `sys::pidfd`.
+//! `sys` (every Linux call vaultfs makes itself, one module per topic: process, file, fuse,
+//! mount, mountinfo, socket, signal, pidfd; no `unsafe` block outside it) uses no vaultfs
+//! module; `pidfd` is `sys::pidfd`.
 //! `keeper` (the process that holds FUSE connections across daemon restarts, and its client)
 //! stands beside this chain: it uses only `logging`, `sys` (its socket calls, and `pidfd` to
 //! check who connects) and `secret` (to wipe what it held), and only `main`, the wiring and
