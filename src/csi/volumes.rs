@@ -241,16 +241,23 @@ impl<S: Identity> VolumeManager<S> {
                 return Err(CsiError::PermissionDenied(reason));
             }
         }
-        let mounted = self.mounter.mount(
-            &params.target,
-            slot,
-            volume.fs(),
-            &MountConfig {
-                allow_other: true,
-                create_target: true,
-            },
-        );
+        let mounted = self.mount(&params, slot, &volume);
         self.install(params, slot, volume, mounted, room).await
+    }
+
+    /// Mounts `volume` as volume `slot` at its target (over a dead mount there).
+    fn mount(
+        &self,
+        params: &Params,
+        slot: Slot,
+        volume: &Volume<S>,
+    ) -> Result<Box<dyn Mounted>, MountError> {
+        let config = MountConfig {
+            allow_other: true,
+            create_target: true,
+        };
+        self.mounter
+            .mount(&params.target, slot, volume.fs(), &config)
     }
 
     /// `recover_one` under the target's lock, unless the target is served already.
@@ -327,15 +334,7 @@ impl<S: Identity> VolumeManager<S> {
         let adopted = taken.and_then(|t| t.adopt(&params.target, slot, volume.fs()));
         let mounted = match adopted {
             Some(mounted) => Ok(mounted),
-            None => self.mounter.mount(
-                &params.target,
-                slot,
-                volume.fs(),
-                &MountConfig {
-                    allow_other: true,
-                    create_target: true,
-                },
-            ),
+            None => self.mount(&params, slot, &volume),
         };
         self.install(params, slot, volume, mounted, room).await
     }

@@ -480,10 +480,8 @@ fn unseal(record: &Sealed) -> Option<Session> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::{SecretData, Token};
-    use crate::source::{Fetched, Lease, NodeTime, SessionStep};
-    use crate::spec::SecretPath;
-    use std::time::UNIX_EPOCH;
+    use crate::secret::Token;
+    use crate::source::SessionStep;
 
     #[test]
     fn sealed_records_show_no_token_or_value() {
@@ -500,23 +498,7 @@ mod tests {
 
     #[test]
     fn leased_values_over_the_record_limit_are_not_stashed() {
-        let at = |ms| NodeTime::from_duration(Duration::from_millis(ms));
-        let lease = |password: &str| HandedLease {
-            path: SecretPath::parse("database/creds/app").unwrap(),
-            fetched: Fetched {
-                version: None,
-                data: SecretData::from_pairs([("password", password)]),
-                lease: Some(Lease {
-                    id: "database/creds/app/abc".into(),
-                    duration: Duration::from_secs(60),
-                    renewable: true,
-                }),
-            },
-            period: Duration::from_secs(45),
-            ends_at: at(1_700_000_045_000),
-            next_at: None,
-            changed_at: UNIX_EPOCH,
-        };
+        use crate::source::handoff::tests::lease;
         let record = seal_leases(&[lease("p@ss")]).expect("small enough");
         assert!(!format!("{record:?}").contains("p@ss"));
         assert_eq!(unseal_leases(&record).map(|l| l.len()), Some(1));

@@ -189,14 +189,15 @@ fn unix_ms(at: SystemTime) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn at(ms: u64) -> NodeTime {
         NodeTime::from_duration(Duration::from_millis(ms))
     }
 
-    fn lease(password: &str) -> HandedLease {
+    /// A renewable database credential with `password`, as a volume hands it over.
+    pub(crate) fn lease(password: &str) -> HandedLease {
         HandedLease {
             path: SecretPath::parse("database/creds/app").unwrap(),
             fetched: Fetched {
