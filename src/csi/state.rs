@@ -90,6 +90,18 @@ impl StateRecord {
     /// checked against this node's settings as at publish, and the token it was last published
     /// with. The volume's slot is the record's (`slot`).
     pub(super) fn params(&self, config: &CsiConfig) -> Result<Params, CsiError> {
+        // As a publish checks them: a record is a file anyone with root may have edited.
+        if self.volume_id.is_empty() {
+            return Err(CsiError::InvalidArgument(
+                "the record has no volume_id".into(),
+            ));
+        }
+        if !Path::new(&self.target_path).is_absolute() {
+            return Err(CsiError::InvalidArgument(format!(
+                "the recorded target_path {:?} is not an absolute path",
+                self.target_path
+            )));
+        }
         let mount_group = match self.mount_group.as_str() {
             "" => None,
             g => Some(g.parse().map_err(|_| {
@@ -237,6 +249,59 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn record(volume_id: &str, target_path: &str) -> StateRecord {
+        StateRecord {
+            volume_id: volume_id.into(),
+            target_path: target_path.into(),
+            context: BTreeMap::from([
+                ("role".to_string(), "app".to_string()),
+                (
+                    "secrets".to_string(),
+                    "[{name: a, path: secret/data/a}]".to_string(),
+                ),
+            ]),
+            audience: "vault".into(),
+            token: "sa-token".into(),
+            mount_group: String::new(),
+            slot: Slot(3),
+        }
+    }
+
+    fn config() -> CsiConfig {
+        CsiConfig {
+            node_id: "node".into(),
+            state_dir: PathBuf::from("/run/vaultfs"),
+            servers: [String::new()].into(),
+            vault_timeout: std::time::Duration::from_secs(5),
+            cache_max_entries: 16,
+            cache_max_bytes: 1 << 20,
+            min_cache_ttl: std::time::Duration::from_secs(5),
+            max_volumes: 10,
+            max_entries: 16,
+            allow_reload_signals: false,
+        }
+    }
+
+    #[test]
+    fn a_record_gives_its_volume_params_and_refuses_what_a_publish_would() {
+        let params = record("csi-1", "/pods/a/volumes/v/mount")
+            .params(&config())
+            .expect("a recorded volume");
+        assert_eq!(params.volume_id, "csi-1");
+        assert_eq!(params.token.expose(), "sa-token");
+        for (id, target, expected) in [
+            ("", "/pods/a", "no volume_id"),
+            ("csi-1", "pods/a", "not an absolute path"),
+        ] {
+            let err = record(id, target).params(&config()).err().expect("refused");
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+        let mut other = record("csi-1", "/pods/a");
+        other.audience = "other".into();
+        let err = other.params(&config()).err().expect("refused");
+        assert!(err.to_string().contains("no token for audience"), "{err}");
     }
 
     #[test]

@@ -274,14 +274,7 @@ impl<S: Identity> VolumeManager<S> {
             if self.volumes.lock().contains_key(&target) {
                 Ok(())
             } else {
-                match recorded {
-                    // Records written before slots existed have none: a new one is given.
-                    Slot::SINGLE => match self.new_slot() {
-                        Ok(slot) => self.recover_one(params, slot, taken).await,
-                        Err(e) => Err(e),
-                    },
-                    slot => self.recover_one(params, slot, taken).await,
-                }
+                self.recover_one(params, recorded, taken).await
             }
         };
         self.release_target_lock(&target, lock);
@@ -300,7 +293,8 @@ impl<S: Identity> VolumeManager<S> {
         Ok(slot)
     }
 
-    /// Serves again, as volume `slot`, a volume an earlier daemon recorded: on the connection
+    /// Serves again, as volume `recorded` (a new slot for records from before slots), a volume
+    /// an earlier daemon recorded: on the connection
     /// `taken` over from it when there is one (its bind is still in place), else mounted anew
     /// over the dead mount it left. Its Vault session and leased values are taken over from the
     /// store when the predecessor left them there; otherwise it logs in on first use with the
@@ -308,10 +302,15 @@ impl<S: Identity> VolumeManager<S> {
     async fn recover_one(
         &self,
         params: Params,
-        slot: Slot,
+        recorded: Slot,
         taken: Option<&TakenOver<S>>,
     ) -> Result<(), CsiError> {
         let room = self.reserve_room()?;
+        let slot = match recorded {
+            // Records written before slots existed have none: a new one is given.
+            Slot::SINGLE => self.new_slot()?,
+            slot => slot,
+        };
         let volume = self.assemble(&params, slot)?;
         if let Some(store) = self.sessions.clone() {
             let key = session_key(slot);

@@ -63,7 +63,10 @@ impl FsError {
     /// starts) at debug; everything else at warn, rate-limited by the caller.
     pub fn level(&self) -> tracing::Level {
         match self {
-            FsError::NotFound | FsError::ReadOnly | FsError::Quarantined => tracing::Level::DEBUG,
+            FsError::NotFound
+            | FsError::Source(SourceError::NotFound)
+            | FsError::ReadOnly
+            | FsError::Quarantined => tracing::Level::DEBUG,
             _ => tracing::Level::WARN,
         }
     }

@@ -49,7 +49,7 @@ impl<S: SecretSource> FuseMounter<S> {
         let Some(keeper) = &self.keeper else {
             return Ok(None);
         };
-        let connections: Vec<_> = keeper
+        let mut connections: Vec<_> = keeper
             .take()?
             .into_iter()
             .map(|(consistency, connection)| {
@@ -61,6 +61,8 @@ impl<S: SecretSource> FuseMounter<S> {
                 }
             })
             .collect();
+        // Strict first, then cached, whatever order the keeper holds them in.
+        connections.sort_by_key(|t| t.consistency != Consistency::Strict);
         Ok((!connections.is_empty()).then(|| TakenOver {
             mounter: self.clone(),
             connections,
@@ -108,9 +110,9 @@ impl<S: SecretSource> TakenOver<S> {
 
     /// Serves every connection taken over, with the volumes adopted into it: for each, waits
     /// until the predecessor is gone, asks the kernel to resend what it left unanswered, serves
-    /// it and hands it to the keeper again. Then detaches the gone pods' targets. A connection
-    /// that cannot be served is released from the keeper and aborted, so that the next daemon
-    /// mounts anew over dead mounts instead of waiting on live ones.
+    /// it and hands it to the keeper again; once the first is served, detaches the gone pods'
+    /// targets. A connection that cannot be served is released from the keeper and aborted, so
+    /// that the next daemon mounts anew over dead mounts instead of waiting on live ones.
     pub fn serve(self) -> io::Result<()> {
         let mounter = &self.mounter;
         for taken in self.connections {
@@ -151,10 +153,12 @@ impl<S: SecretSource> TakenOver<S> {
                 );
             }
             *node.served.lock() = Some(Arc::new(served));
-        }
-        for target in self.detach_later.into_inner() {
-            if let Err(e) = sys::detach_all_of_type(&target, sys::FSTYPE) {
-                tracing::warn!(target = %target.display(), error = %e, "could not detach a gone pod's volume");
+            // Once one connection is served, gone pods' binds can be detached (whatever
+            // happens to the next one): their records and sessions are forgotten already.
+            for target in std::mem::take(&mut *self.detach_later.lock()) {
+                if let Err(e) = sys::detach_all_of_type(&target, sys::FSTYPE) {
+                    tracing::warn!(target = %target.display(), error = %e, "could not detach a gone pod's volume");
+                }
             }
         }
         Ok(())

@@ -205,10 +205,15 @@ impl Tokens {
         true
     }
 
+    /// No further logins or reads from now on (`revoke` closes first too).
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
     /// Closes the token life: no further logins; a token obtained by logging in is revoked
     /// (within `REVOKE_WAIT`), a given one left alone.
     pub(super) async fn revoke(&self, client: &Client) {
-        self.closed.store(true, Ordering::SeqCst);
+        self.close();
         if self.is_static() {
             return;
         }
