@@ -4,7 +4,8 @@
 #
 #   tests/k8s/run.sh            (as root; VAULTFS_BIN=/path/to/vaultfs skips the release build)
 #
-# Uses the k8s-lab kit at ${K8S_LAB:-<repo>/../shared/k8s-lab} (read-only; its state is in
+# Uses the k8s-lab kit at ${K8S_LAB:-<repo>/../shared/k8s-lab} (for a clone made elsewhere, such
+# as a clean clone in /tmp, the kit beside the local repository it was cloned from; read-only; its state is in
 # ${K8S_LAB_STATE:-/var/tmp/k8s-lab}): wipes any cluster state it has (down.sh --purge), runs
 # setup.sh and up.sh, builds vaultfs (cargo build --release) unless VAULTFS_BIN is set, packs it
 # into an image imported into the cluster's containerd, installs the test dependencies
@@ -17,6 +18,13 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 kit=${K8S_LAB:-$root/../shared/k8s-lab}
+if [ -z "${K8S_LAB:-}" ] && [ ! -x "$kit/up.sh" ]; then
+    # A clone of a local repository (`git clone /work/main /tmp/x`): the kit beside that one.
+    origin=$(git -C "$root" remote get-url origin 2>/dev/null || true)
+    if [ -n "$origin" ] && [ -d "$origin" ]; then
+        kit=$(cd "$origin" && pwd)/../shared/k8s-lab
+    fi
+fi
 export K8S_LAB_STATE=${K8S_LAB_STATE:-/var/tmp/k8s-lab}
 [ "$(id -u)" -eq 0 ] || { echo "tests/k8s/run.sh: must run as root (the cluster and FUSE need it)" >&2; exit 1; }
 [ -x "$kit/up.sh" ] || { echo "tests/k8s/run.sh: no k8s-lab kit at $kit (set K8S_LAB)" >&2; exit 1; }
