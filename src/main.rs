@@ -659,7 +659,7 @@ fn mount(args: MountArgs) -> ExitCode {
                 volume: vaultfs::volume::VolumeConfig {
                     name: mountpoint.display().to_string(),
                     pod: None,
-                    cache: vaultfs::volume::cache_config(
+                    cache: vaultfs::cache::CacheConfig::new(
                         args.cache_ttl,
                         args.max_stale,
                         args.vault_timeout,

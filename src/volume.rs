@@ -7,7 +7,6 @@
 //! node plugin (`csi`) both use it; it knows neither the command line, gRPC nor Vault (only
 //! `source::Identity`), and mounts only through what its caller hands it.
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,6 @@ use crate::metrics::Metrics;
 use crate::mount::Mounted;
 use crate::reload::{ReloadConfig, Reloader};
 use crate::secret::Token;
-use crate::source::pacing;
 use crate::source::{HandedLease, Identity, LeaseSink};
 use crate::spec::VolumeSpec;
 
@@ -30,25 +28,6 @@ pub fn kernel_ttl(cache_ttl: Duration, consistency: Consistency) -> Duration {
     match consistency {
         Consistency::Strict => cache_ttl.min(Duration::from_secs(1)),
         Consistency::Cached => cache_ttl,
-    }
-}
-
-/// Cache settings of a volume, with the back-off of `source::pacing`.
-pub fn cache_config(
-    ttl: Duration,
-    max_stale: Duration,
-    vault_timeout: Duration,
-    max_entries: usize,
-    max_bytes: usize,
-) -> CacheConfig {
-    CacheConfig {
-        ttl,
-        max_stale,
-        vault_timeout,
-        retry_backoff: ttl.min(pacing::RETRY_BACKOFF),
-        max_retry_backoff: pacing::MAX_RETRY_BACKOFF,
-        max_entries: NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN),
-        max_bytes,
     }
 }
 

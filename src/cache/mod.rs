@@ -48,17 +48,38 @@ pub struct CacheConfig {
     pub max_bytes: usize,
 }
 
-impl Default for CacheConfig {
-    fn default() -> Self {
+impl CacheConfig {
+    /// Settings of a cache serving for `ttl`, with the back-off of `source::pacing` (never
+    /// longer than the TTL at first).
+    pub fn new(
+        ttl: Duration,
+        max_stale: Duration,
+        vault_timeout: Duration,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Self {
         Self {
-            ttl: config::DEFAULT_CACHE_TTL.value,
-            max_stale: config::DEFAULT_MAX_STALE.value,
-            vault_timeout: pacing::DEFAULT_VAULT_TIMEOUT,
-            retry_backoff: pacing::RETRY_BACKOFF,
+            ttl,
+            max_stale,
+            vault_timeout,
+            retry_backoff: ttl.min(pacing::RETRY_BACKOFF),
             max_retry_backoff: pacing::MAX_RETRY_BACKOFF,
-            max_entries: NonZeroUsize::new(config::DEFAULT_CACHE_MAX_ENTRIES).expect("non-zero"),
-            max_bytes: config::DEFAULT_CACHE_MAX_BYTES,
+            max_entries: NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN),
+            max_bytes,
         }
+    }
+}
+
+impl Default for CacheConfig {
+    /// `vaultfs mount`'s defaults.
+    fn default() -> Self {
+        Self::new(
+            config::DEFAULT_CACHE_TTL.value,
+            config::DEFAULT_MAX_STALE.value,
+            config::DEFAULT_VAULT_TIMEOUT.value,
+            config::DEFAULT_CACHE_MAX_ENTRIES,
+            config::DEFAULT_CACHE_MAX_BYTES,
+        )
     }
 }
 

@@ -18,13 +18,14 @@ use parking_lot::Mutex;
 use super::request::{invalid, validate, CsiError, Params, PublishRequest};
 use super::state::StateDir;
 use super::CsiConfig;
+use crate::cache::CacheConfig;
 use crate::health::Watched;
 use crate::metrics::Metrics;
 use crate::mount::{MountConfig, MountError, Mounted, Mounter, TakenOver};
 use crate::reload::{ReloadConfig, Target};
 use crate::slot::Slot;
 use crate::source::{Connect, Identity, Login, SessionStore, SourceError};
-use crate::volume::{cache_config, Serving, Volume, VolumeConfig};
+use crate::volume::{Serving, Volume, VolumeConfig};
 
 /// Longest a publish waits for the pod's Vault login before mounting anyway.
 const PUBLISH_LOGIN_WAIT: Duration = Duration::from_secs(2);
@@ -349,7 +350,7 @@ impl<S: Identity> VolumeManager<S> {
             VolumeConfig {
                 name: params.label.clone(),
                 pod: params.pod.clone(),
-                cache: cache_config(
+                cache: CacheConfig::new(
                     params.cache_ttl,
                     crate::config::DEFAULT_MAX_STALE.value,
                     self.config.vault_timeout,

@@ -6,9 +6,6 @@
 
 use std::time::Duration;
 
-/// The longest an access waits for the store before failing or serving stale data, by default
-/// (`--vault-timeout`; also the bound on each HTTP request to Vault).
-pub const DEFAULT_VAULT_TIMEOUT: Duration = crate::config::DEFAULT_VAULT_TIMEOUT.value;
 /// After the store was unavailable, how long to answer from the last outcome before asking
 /// again, at most (a shorter cache TTL shortens it); doubles with each consecutive failure.
 pub const RETRY_BACKOFF: Duration = Duration::from_secs(1);

@@ -25,7 +25,7 @@ use vaultfs::secret::Token;
 use vaultfs::source::mock::MockSource;
 use vaultfs::source::{Fetched, Identity, Lease, SecretSource, SourceError, Version};
 use vaultfs::spec::{parse_secret_arg, SecretPath, VolumeSpec};
-use vaultfs::volume::{cache_config, Serving, Volume, VolumeConfig};
+use vaultfs::volume::{Serving, Volume, VolumeConfig};
 
 use super::bao::{Bao, Paused};
 use super::daemon::Mount;
@@ -390,7 +390,7 @@ impl Backend for MockBackend {
             VolumeConfig {
                 name: dir.path().display().to_string(),
                 pod: None,
-                cache: cache_config(
+                cache: CacheConfig::new(
                     settings.cache_ttl,
                     settings.max_stale.unwrap_or(defaults.max_stale),
                     settings.vault_timeout.unwrap_or(defaults.vault_timeout),
