@@ -113,7 +113,10 @@ pub struct SecretCache<S> {
     /// Bytes of every version alive: cached ones and older ones pinned by open files.
     held: Arc<AtomicUsize>,
     generation: AtomicU64,
-    on_swap: Option<SwapHook>,
+    /// Told about every swapped or vanished secret: one hook per volume that shows this cache
+    /// (several when volumes of one identity share it), by subscription number.
+    on_swap: parking_lot::RwLock<Vec<(u64, SwapHook)>>,
+    next_subscription: AtomicU64,
     metrics: Arc<Metrics>,
     keeper_running: AtomicBool,
     /// Wakes the lease keeper when a new lease is stored or one must be revoked.
@@ -139,7 +142,8 @@ impl<S: SecretSource> SecretCache<S> {
             config,
             held: Arc::default(),
             generation: AtomicU64::new(0),
-            on_swap: None,
+            on_swap: parking_lot::RwLock::default(),
+            next_subscription: AtomicU64::new(0),
             metrics,
             keeper_running: AtomicBool::new(false),
             lease_added: Arc::default(),
@@ -150,10 +154,24 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     /// The cache, telling `hook` about every swapped or vanished secret (kernel cache
-    /// invalidation). Wired once, before the cache is shared.
-    pub fn with_swap_hook(mut self, hook: SwapHook) -> Self {
-        self.on_swap = Some(hook);
+    /// invalidation), for as long as the cache lives.
+    pub fn with_swap_hook(self, hook: SwapHook) -> Self {
+        self.subscribe(hook);
         self
+    }
+
+    /// Tells `hook` about every swapped or vanished secret from now on, until `unsubscribe`
+    /// with the number returned: each volume showing this cache subscribes its own kernel
+    /// invalidations (and reload signal).
+    pub fn subscribe(&self, hook: SwapHook) -> u64 {
+        let id = self.next_subscription.fetch_add(1, Ordering::AcqRel);
+        self.on_swap.write().push((id, hook));
+        id
+    }
+
+    /// Stops telling the hook `subscribe` returned `id` for (its volume is gone).
+    pub fn unsubscribe(&self, id: u64) {
+        self.on_swap.write().retain(|(other, _)| *other != id);
     }
 
     /// The current content of `path`: from memory while fresh, otherwise after asking Vault
@@ -254,7 +272,7 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     fn notify(&self, path: &SecretPath) {
-        if let Some(hook) = &self.on_swap {
+        for (_, hook) in self.on_swap.read().iter() {
             hook(path);
         }
     }
@@ -292,6 +310,36 @@ mod tests {
 
     pub(super) fn value(c: &Content, key: &str) -> String {
         String::from_utf8(c.fetched.data.render(Some(key)).unwrap().expose().to_vec()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_subscriber_is_told_a_swap_until_it_unsubscribes() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let cache = cache(&source, CacheConfig::default());
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = |name: &'static str| -> SwapHook {
+            let told = told.clone();
+            Box::new(move |p| told.lock().push((name, p.to_string())))
+        };
+        let a = cache.subscribe(subscriber("a"));
+        let b = cache.subscribe(subscriber("b"));
+        assert_ne!(a, b);
+        let p = path("secret/a");
+        cache.get(&p).await.unwrap();
+        source.put("secret/a", &[("k", "v2")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        cache.get(&p).await.unwrap();
+        assert_eq!(
+            *told.lock(),
+            vec![("a", "secret/a".to_string()), ("b", "secret/a".to_string())]
+        );
+        cache.unsubscribe(a);
+        told.lock().clear();
+        source.put("secret/a", &[("k", "v3")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        cache.get(&p).await.unwrap();
+        assert_eq!(*told.lock(), vec![("b", "secret/a".to_string())]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,6 +13,7 @@ use crate::config::{format_duration, parse_duration, parse_file_mode, DEFAULT_CA
 use crate::fs::Consistency;
 use crate::reload::{PodUid, ProcessName, Signal};
 use crate::secret::Token;
+use crate::source::ServiceAccount;
 use crate::spec::{parse_spec_document, VolumeSpec};
 
 /// Keys kubelet adds to the volume context (with `podInfoOnMount` and `tokenRequests`).
@@ -121,6 +122,8 @@ pub(super) struct Params {
     pub(super) label: String,
     /// `namespace/name/uid` of the pod, for audit events.
     pub(super) pod: Option<String>,
+    /// The pod's service account as kubelet reports it (the key of a shared identity).
+    pub(super) service_account: Option<ServiceAccount>,
     /// `reloadSignal`, `reloadProcess` and the pod's uid: whom to signal after a change.
     pub(super) reload: Option<(Signal, ProcessName, PodUid)>,
     /// The context without the tokens, as kept in the state file.
@@ -309,6 +312,15 @@ impl Params {
                 attr(POD_UID).unwrap_or("-")
             )
         });
+        // Both from kubelet (`podInfoOnMount`); a pod may not set them (`csi.storage.k8s.io/`
+        // keys in its attributes are kubelet's: kubelet overwrites them).
+        let service_account =
+            attr(POD_NAMESPACE)
+                .zip(attr(SERVICE_ACCOUNT))
+                .map(|(namespace, name)| ServiceAccount {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                });
         Ok(Params {
             volume_id,
             target,
@@ -324,6 +336,7 @@ impl Params {
             audience,
             label,
             pod,
+            service_account,
             reload,
             context,
         })

@@ -84,6 +84,7 @@ fn login_of(params: &Params) -> Login {
         audience: params.audience.clone(),
         credential: params.token.clone(),
         pod: params.pod.clone(),
+        service_account: params.service_account.clone(),
         volume: params.label.clone(),
     }
 }

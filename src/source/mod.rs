@@ -20,7 +20,7 @@ pub mod mock;
 pub mod pacing;
 pub mod vault;
 
-pub use login::{Connect, Login};
+pub use login::{Connect, IdentityKey, Login, ServiceAccount};
 
 /// A version of a secret as Vault numbers it (KV v2 metadata version).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

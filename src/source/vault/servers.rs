@@ -67,6 +67,7 @@ mod tests {
             audience: "vault".into(),
             credential: Token::new("a-jwt".into()),
             pod: None,
+            service_account: None,
             volume: "ns/pod/vol".into(),
         }
     }
