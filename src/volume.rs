@@ -17,7 +17,7 @@ use crate::mount::Mounted;
 use crate::reload::{ReloadConfig, Reloader};
 use crate::secret::Token;
 use crate::source::{HandedLease, Identity, LeaseSink};
-use crate::spec::VolumeSpec;
+use crate::spec::{SecretPath, VolumeSpec};
 
 /// How long the kernel may cache names and attributes. Strict: never beyond the cache TTL, and
 /// at most a second, so a re-check of Vault is never hidden behind the kernel's caches for long.
@@ -51,10 +51,84 @@ pub struct VolumeConfig {
 pub struct Volume<S> {
     source: Arc<S>,
     cache: Arc<SecretCache<S>>,
+    /// The volume's subscription to its cache's swaps (kernel invalidations, reload signal).
+    subscription: u64,
+    /// The identity and cache this volume shares with others of its identity, if it does.
+    shared: Option<Arc<SharedIdentity<S>>>,
     fs: Arc<VaultFs<S>>,
     spec: Arc<VolumeSpec>,
     reloader: Option<Arc<Reloader>>,
     ttl: Duration,
+}
+
+/// What the volumes of one identity share (`vaultfs csi --share-identities`): the identity,
+/// so one session (one login, one renewal, one revocation), and its cache, so one copy of each
+/// value and one Vault read per secret per TTL for all of them. The first volume makes it,
+/// later ones join; the last to leave revokes its leases and session and clears the cache,
+/// and it is never joined again.
+pub struct SharedIdentity<S> {
+    source: Arc<S>,
+    cache: Arc<SecretCache<S>>,
+    /// Volumes using it; `None` once the last one left.
+    users: parking_lot::Mutex<Option<usize>>,
+    /// The identity's background work (token renewal), run once for all its volumes.
+    serving: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl<S: Identity> SharedIdentity<S> {
+    /// An identity over `source`, with a cache of `config`; no volume uses it yet.
+    pub fn new(source: Arc<S>, config: CacheConfig, metrics: &Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            cache: Arc::new(SecretCache::new(source.clone(), config, metrics.clone())),
+            source,
+            users: parking_lot::Mutex::new(Some(0)),
+            serving: parking_lot::Mutex::default(),
+        })
+    }
+
+    /// The shared identity (to log in ahead of mounting, say).
+    pub fn source(&self) -> &Arc<S> {
+        &self.source
+    }
+
+    /// How many volumes use it now.
+    pub fn users(&self) -> usize {
+        self.users.lock().unwrap_or(0)
+    }
+
+    /// Counts one more volume; `false` once the last one left (make a new one).
+    fn join(&self) -> bool {
+        match self.users.lock().as_mut() {
+            Some(users) => {
+                *users += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Counts one volume less; `true` for the last, which closes it for good.
+    fn leave(&self) -> bool {
+        let mut users = self.users.lock();
+        match users.as_mut() {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                *users = None;
+                true
+            }
+        }
+    }
+
+    /// Starts the identity's background work once, for every volume that will join.
+    fn serve(&self, paths: Vec<SecretPath>) {
+        let mut serving = self.serving.lock();
+        if serving.is_none() {
+            *serving = Some(tokio::spawn(self.source.clone().serve(paths)));
+        }
+    }
 }
 
 /// Shortest pause of the watch between two passes (a file whose freshness just ran out may
@@ -67,6 +141,47 @@ impl<S: Identity> Volume<S> {
     /// the volume's reloader. Sends nothing to Vault.
     pub fn build(
         source: Arc<S>,
+        spec: VolumeSpec,
+        config: VolumeConfig,
+        invalidate: Invalidate,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let cache = Arc::new(SecretCache::new(
+            source.clone(),
+            config.cache.clone(),
+            metrics.clone(),
+        ));
+        Self::over(source, cache, None, spec, config, invalidate, metrics)
+    }
+
+    /// Builds the volume over `shared`, the identity and cache of the volumes of its identity:
+    /// no login and no value of its own. `None` when the last volume of `shared` left
+    /// meanwhile (the caller makes a new one). `config.cache` is the shared cache's.
+    pub fn build_on(
+        shared: &Arc<SharedIdentity<S>>,
+        spec: VolumeSpec,
+        config: VolumeConfig,
+        invalidate: Invalidate,
+        metrics: &Arc<Metrics>,
+    ) -> Option<Self> {
+        if !shared.join() {
+            return None;
+        }
+        Some(Self::over(
+            shared.source.clone(),
+            shared.cache.clone(),
+            Some(shared.clone()),
+            spec,
+            config,
+            invalidate,
+            metrics,
+        ))
+    }
+
+    fn over(
+        source: Arc<S>,
+        cache: Arc<SecretCache<S>>,
+        shared: Option<Arc<SharedIdentity<S>>>,
         spec: VolumeSpec,
         config: VolumeConfig,
         invalidate: Invalidate,
@@ -87,9 +202,7 @@ impl<S: Identity> Volume<S> {
             }),
             None => invalidate_files,
         };
-        let cache = Arc::new(
-            SecretCache::new(source.clone(), config.cache, metrics.clone()).with_swap_hook(on_swap),
-        );
+        let subscription = cache.subscribe(on_swap);
         let fs = Arc::new(VaultFs::new(
             spec.clone(),
             cache.clone(),
@@ -106,6 +219,8 @@ impl<S: Identity> Volume<S> {
         Self {
             source,
             cache,
+            subscription,
+            shared,
             fs,
             spec,
             reloader,
@@ -149,7 +264,12 @@ impl<S: Identity> Volume<S> {
             .iter()
             .filter_map(|e| e.secret().map(|(p, _)| p.clone()))
             .collect();
-        tasks.spawn(self.source.clone().serve(paths));
+        match &self.shared {
+            Some(shared) => shared.serve(paths),
+            None => {
+                tasks.spawn(self.source.clone().serve(paths));
+            }
+        }
         if let Some(reloader) = &self.reloader {
             tasks.spawn(reloader.clone().run());
             tasks.spawn(watch(self.fs.clone(), self.ttl));
@@ -161,9 +281,13 @@ impl<S: Identity> Volume<S> {
         }
     }
 
-    /// Gives up a volume that never served: revokes the token a login may have obtained.
+    /// Gives up a volume that never served: revokes the token a login may have obtained
+    /// (a shared identity's only when this was its last volume).
     pub async fn abandon(self) {
-        self.source.revoke().await;
+        self.cache.unsubscribe(self.subscription);
+        if self.shared.as_ref().is_none_or(|shared| shared.leave()) {
+            self.source.revoke().await;
+        }
     }
 }
 
@@ -207,10 +331,26 @@ impl<S: Identity> Serving<S> {
     pub async fn tear_down(mut self) -> std::io::Result<()> {
         self.tasks.abort_all();
         let unmounted = self.mounted.take().map_or(Ok(()), |m| m.unmount());
-        self.volume.cache.revoke_leases().await;
-        self.volume.source.revoke().await;
-        self.volume.fs.forget_reported();
-        self.volume.cache.clear();
+        let volume = &self.volume;
+        volume.cache.unsubscribe(volume.subscription);
+        // A shared identity and its cache stay while other volumes use them.
+        let last = volume.shared.as_ref().is_none_or(|shared| {
+            let last = shared.leave();
+            if last {
+                if let Some(serving) = shared.serving.lock().take() {
+                    serving.abort();
+                }
+            }
+            last
+        });
+        if last {
+            volume.cache.revoke_leases().await;
+            volume.source.revoke().await;
+        }
+        volume.fs.forget_reported();
+        if last {
+            volume.cache.clear();
+        }
         unmounted
     }
 
@@ -221,5 +361,99 @@ impl<S: Identity> Serving<S> {
         if let Some(mounted) = self.mounted.take() {
             std::mem::forget(mounted);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::mock::MockSource;
+    use crate::spec::parse_secret_arg;
+
+    struct NoMount;
+
+    impl Mounted for NoMount {
+        fn unmount(self: Box<Self>) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn config(name: &str) -> VolumeConfig {
+        VolumeConfig {
+            name: name.into(),
+            pod: Some(format!("team-a/{name}/uid")),
+            cache: CacheConfig::default(),
+            uid: 0,
+            gid: 0,
+            file_mode: 0o444,
+            consistency: Consistency::Cached,
+            reload: None,
+        }
+    }
+
+    fn spec() -> VolumeSpec {
+        VolumeSpec::new(vec![parse_secret_arg("db=secret/db").unwrap()]).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn volumes_of_one_identity_share_its_cache_and_the_last_one_revokes() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/db", &[("password", "v1")]);
+        let metrics = Arc::new(Metrics::new());
+        let shared = SharedIdentity::new(source.clone(), CacheConfig::default(), &metrics);
+        let told = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let volume = |name: &'static str| {
+            let told = told.clone();
+            Volume::build_on(
+                &shared,
+                spec(),
+                config(name),
+                Box::new(move |ino| told.lock().push((name, ino))),
+                &metrics,
+            )
+            .expect("the identity is in use")
+        };
+        let (a, b) = (volume("pod-a"), volume("pod-b"));
+        assert_eq!(shared.users(), 2);
+        assert!(Arc::ptr_eq(&a.cache, &b.cache));
+        let p = SecretPath::parse("secret/db").unwrap();
+        a.cache.get(&p).await.unwrap();
+        b.cache.get(&p).await.unwrap();
+        assert_eq!(source.reads(), 1, "one Vault read for both volumes");
+
+        source.put("secret/db", &[("password", "v2")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        b.cache.get(&p).await.unwrap();
+        let mut names: Vec<_> = told.lock().iter().map(|(n, _)| *n).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec!["pod-a", "pod-b"],
+            "both volumes' files invalidated"
+        );
+
+        let (a, b) = (a.serve(Box::new(NoMount)), b.serve(Box::new(NoMount)));
+        a.tear_down().await.unwrap();
+        assert!(
+            !source.identity_calls().revoked,
+            "pod-b still uses the session"
+        );
+        assert_eq!(shared.users(), 1);
+        told.lock().clear();
+        source.put("secret/db", &[("password", "v3")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        shared.cache.get(&p).await.unwrap();
+        assert!(
+            told.lock().iter().all(|(n, _)| *n == "pod-b"),
+            "a gone volume is told nothing"
+        );
+        b.tear_down().await.unwrap();
+        assert!(source.identity_calls().revoked, "the last volume revokes");
+        assert_eq!(shared.cache.usage().0, 0, "and clears the cache");
+        assert!(
+            Volume::build_on(&shared, spec(), config("pod-c"), Box::new(|_| {}), &metrics)
+                .is_none(),
+            "a closed identity is never joined again"
+        );
     }
 }
