@@ -114,6 +114,9 @@ struct CsiArgs {
     /// that name (needs hostPID: true); without it such volumes are refused at publish.
     #[arg(long)]
     allow_reload_signals: bool,
+    /// Volumes of one identity (Vault server, auth mount, role, audience, the pod's service account, cache TTL) share one Vault session and one cache; assumes the role's policies depend only on the service account.
+    #[arg(long)]
+    share_identities: bool,
     /// Socket of a `vaultfs keeper` that holds the node's FUSE connection across restarts; on
     /// start, a connection it holds is taken over and served at once.
     #[arg(long, value_name = "PATH")]
@@ -577,6 +580,7 @@ fn csi(args: CsiArgs) -> ExitCode {
             max_volumes: args.max_volumes,
             max_entries: args.max_volume_entries,
             allow_reload_signals: args.allow_reload_signals,
+            share_identities: args.share_identities,
         },
         servers,
         keeper_socket: args.keeper_socket,

@@ -44,7 +44,7 @@ struct Plugin {
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-fn config(state_dir: &Path) -> CsiConfig {
+fn config(state_dir: &Path, share_identities: bool) -> CsiConfig {
     let servers = BTreeSet::from([String::new(), "backup".to_string()]);
     CsiConfig {
         node_id: "node-1".into(),
@@ -57,6 +57,7 @@ fn config(state_dir: &Path) -> CsiConfig {
         max_volumes: 4,
         max_entries: 3,
         allow_reload_signals: false,
+        share_identities,
     }
 }
 
@@ -92,6 +93,15 @@ impl Plugin {
     }
 
     async fn start_in(dir: tempfile::TempDir) -> Plugin {
+        Self::start_with(dir, false).await
+    }
+
+    /// With `vaultfs csi --share-identities`.
+    async fn start_sharing() -> Plugin {
+        Self::start_with(tempfile::tempdir().expect("tempdir"), true).await
+    }
+
+    async fn start_with(dir: tempfile::TempDir, share_identities: bool) -> Plugin {
         let fake = Arc::new(FakeMounter::default());
         let made: Made = Arc::default();
         let logins: Arc<Mutex<Logins>> = Arc::default();
@@ -107,7 +117,7 @@ impl Plugin {
             Ok(source)
         });
         let manager = Arc::new(VolumeManager::with_identities(
-            config(&dir.path().join("state")),
+            config(&dir.path().join("state"), share_identities),
             identities,
             fake.clone(),
             Arc::new(Metrics::new()),
@@ -744,5 +754,56 @@ async fn a_template_with_a_syntax_error_is_refused_at_publish_naming_entry_line_
         status.message()
     );
     assert!(p.fake.fs_at(&target).is_none(), "nothing was mounted");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn with_shared_identities_pods_of_one_service_account_share_one_login_and_the_last_revokes() {
+    let mut p = Plugin::start_sharing().await;
+    let pod = |name: &str, namespace: &str, account: &str, volume_id: &str| {
+        let target = p.target(name);
+        let mut req = request(&target, &format!("jwt-{name}"));
+        req.volume_id = volume_id.into();
+        let context = &mut req.volume_context;
+        context.insert("csi.storage.k8s.io/pod.name".into(), name.into());
+        context.insert("csi.storage.k8s.io/pod.namespace".into(), namespace.into());
+        context.insert(
+            "csi.storage.k8s.io/serviceAccount.name".into(),
+            account.into(),
+        );
+        (target, req)
+    };
+    let (a, req_a) = pod("pod-a", "team-a", "app", "csi-a");
+    let (b, req_b) = pod("pod-b", "team-a", "app", "csi-b");
+    let (c, req_c) = pod("pod-c", "team-a", "other", "csi-c");
+    let (d, req_d) = pod("pod-d", "team-b", "app", "csi-d");
+    for req in [req_a, req_b, req_c, req_d] {
+        p.publish(req).await.unwrap();
+    }
+    let made: Vec<String> = p.made.lock().iter().map(|m| m.0.clone()).collect();
+    assert_eq!(
+        made,
+        vec![
+            "team-a/pod-a/csi-a",
+            "team-a/pod-c/csi-c",
+            "team-b/pod-d/csi-d"
+        ],
+        "pod-b joins pod-a's identity; another account or namespace gets its own"
+    );
+    for i in 0..3 {
+        assert_eq!(p.identity(i).0.logins, 1, "identity {i} logged in once");
+    }
+    let (fs_a, fs_b) = (p.fake.fs_at(&a).unwrap(), p.fake.fs_at(&b).unwrap());
+    assert!(!Arc::ptr_eq(&fs_a, &fs_b), "each volume its own files");
+
+    p.unpublish("csi-a", &a).await.unwrap();
+    assert!(!p.identity(0).0.revoked, "pod-b still uses the identity");
+    p.unpublish("csi-b", &b).await.unwrap();
+    assert!(
+        p.identity(0).0.revoked,
+        "the last volume of the identity revokes"
+    );
+    p.unpublish("csi-c", &c).await.unwrap();
+    p.unpublish("csi-d", &d).await.unwrap();
     p.stop().await;
 }

@@ -63,6 +63,9 @@ pub struct CsiConfig {
     /// Volumes may set `reloadSignal` (`--allow-reload-signals`): the daemon then signals
     /// processes of their pods, which needs the host's PID namespace (`hostPID: true`).
     pub allow_reload_signals: bool,
+    /// Volumes of one identity share one session and one cache (`--share-identities`; see
+    /// `source::IdentityKey` for what "one identity" means).
+    pub share_identities: bool,
 }
 
 /// Defaults of the node-wide limits.

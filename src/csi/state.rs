@@ -281,6 +281,7 @@ mod tests {
             max_volumes: 10,
             max_entries: 16,
             allow_reload_signals: false,
+            share_identities: false,
         }
     }
 

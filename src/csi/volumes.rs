@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -24,8 +24,8 @@ use crate::metrics::Metrics;
 use crate::mount::{MountConfig, MountError, Mounted, Mounter, TakenOver};
 use crate::reload::{ReloadConfig, Target};
 use crate::slot::Slot;
-use crate::source::{Connect, Identity, Login, SessionStore, SourceError};
-use crate::volume::{Serving, Volume, VolumeConfig};
+use crate::source::{Connect, Identity, IdentityKey, Login, SessionStore, SourceError};
+use crate::volume::{Serving, SharedIdentity, Volume, VolumeConfig};
 
 /// Longest a publish waits for the pod's Vault login before mounting anyway.
 const PUBLISH_LOGIN_WAIT: Duration = Duration::from_secs(2);
@@ -73,6 +73,8 @@ pub struct VolumeManager<S> {
     target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// Where the volumes' Vault sessions are kept for the next daemon (the keeper), if anywhere.
     sessions: Option<Arc<dyn SessionStore>>,
+    /// The shared identities volumes may join (`--share-identities`), by key.
+    identities: Mutex<HashMap<IdentityKey, Weak<SharedIdentity<S>>>>,
 }
 
 /// What the volume of `params` logs in with.
@@ -87,6 +89,17 @@ fn login_of(params: &Params) -> Login {
         service_account: params.service_account.clone(),
         volume: params.label.clone(),
     }
+}
+
+/// How a volume came by its identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Joined {
+    /// Its own (no sharing): it logs in for itself.
+    Alone,
+    /// The first volume of a shared identity: it logs in for all of them.
+    First,
+    /// A later volume of a shared identity: no login of its own.
+    Shared,
 }
 
 /// The name a volume's session is stashed under: by slot, which no other volume gets.
@@ -113,6 +126,7 @@ impl<S: Identity> VolumeManager<S> {
             next_slot: AtomicU32::new(1),
             target_locks: Mutex::new(HashMap::new()),
             sessions: None,
+            identities: Mutex::new(HashMap::new()),
         }
     }
 
@@ -217,7 +231,13 @@ impl<S: Identity> VolumeManager<S> {
         self.mounter.publishable(params.consistency)?;
         let room = self.reserve_room()?;
         let slot = self.new_slot()?;
-        let volume = self.assemble(&params, slot)?;
+        let (volume, joined) = self.assemble(&params, slot)?;
+        if joined == Joined::Shared {
+            // Its identity is logged in (or logging in) for the volumes that share it.
+            tracing::info!(volume = %params.label, "joined the shared identity of its service account");
+            let mounted = self.mount(&params, slot, &volume);
+            return self.install(params, slot, volume, mounted, room).await;
+        }
         self.keep_sessions(&volume, slot);
         // A pod must not wait long on an unreachable Vault: give the login a short bound
         // and mount anyway when it runs out (the first read logs in).
@@ -313,8 +333,8 @@ impl<S: Identity> VolumeManager<S> {
             Slot::SINGLE => self.new_slot()?,
             slot => slot,
         };
-        let volume = self.assemble(&params, slot)?;
-        if let Some(store) = self.sessions.clone() {
+        let (volume, joined) = self.assemble(&params, slot)?;
+        if let Some(store) = self.sessions.clone().filter(|_| joined != Joined::Shared) {
             let key = session_key(slot);
             let (session, leases) =
                 tokio::task::spawn_blocking(move || (store.take(&key), store.take_leases(&key)))
@@ -331,7 +351,9 @@ impl<S: Identity> VolumeManager<S> {
             self.metrics.vault_leases_taken_over.inc_by(leases as u64);
             tracing::info!(volume = %params.label, resumed, leases, "took over the previous daemon's Vault session");
         }
-        self.keep_sessions(&volume, slot);
+        if joined != Joined::Shared {
+            self.keep_sessions(&volume, slot);
+        }
         let adopted = taken.and_then(|t| t.adopt(&params.target, slot, volume.fs()));
         let mounted = match adopted {
             Some(mounted) => Ok(mounted),
@@ -341,39 +363,82 @@ impl<S: Identity> VolumeManager<S> {
     }
 
     /// Builds the volume `params` describe as volume `slot`: its identity (logging in with the
-    /// pod's token), cache and files, wired to its connection's kernel notifications.
-    fn assemble(&self, params: &Params, slot: Slot) -> Result<Volume<S>, CsiError> {
-        let identity = (self.connect)(login_of(params))
-            .map_err(|e| CsiError::InvalidArgument(format!("volumeAttributes.vaultServer: {e}")))?;
-        Ok(Volume::build(
-            identity,
+    /// pod's token), cache and files, wired to its connection's kernel notifications. With
+    /// `--share-identities`, a volume whose identity another volume has already joins that
+    /// identity and its cache (`Joined::Shared`: no login of its own).
+    fn assemble(&self, params: &Params, slot: Slot) -> Result<(Volume<S>, Joined), CsiError> {
+        let login = login_of(params);
+        let config = || VolumeConfig {
+            name: params.label.clone(),
+            pod: params.pod.clone(),
+            cache: CacheConfig::new(
+                params.cache_ttl,
+                crate::config::DEFAULT_MAX_STALE.value,
+                self.config.vault_timeout,
+                self.config.cache_max_entries,
+                self.config.cache_max_bytes,
+            ),
+            uid: 0,
+            gid: params.mount_group.unwrap_or(0),
+            file_mode: params.file_mode,
+            consistency: params.consistency,
+            reload: params
+                .reload
+                .clone()
+                .map(|(signal, process, uid)| ReloadConfig {
+                    signal,
+                    target: Target::Pod { uid, process },
+                    min_interval: params.cache_ttl,
+                }),
+        };
+        let invalidate = || self.mounter.invalidate(slot, params.consistency);
+        let connect = |login| {
+            (self.connect)(login).map_err(|e| {
+                CsiError::InvalidArgument(format!("volumeAttributes.vaultServer: {e}"))
+            })
+        };
+        let key = login
+            .identity_key(params.cache_ttl)
+            .filter(|_| self.config.share_identities);
+        let Some(key) = key else {
+            let volume = Volume::build(
+                connect(login)?,
+                params.spec.clone(),
+                config(),
+                invalidate(),
+                &self.metrics,
+            );
+            return Ok((volume, Joined::Alone));
+        };
+        let mut identities = self.identities.lock();
+        identities.retain(|_, shared| shared.strong_count() > 0);
+        let joined = identities
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .and_then(|shared| {
+                Volume::build_on(
+                    &shared,
+                    params.spec.clone(),
+                    config(),
+                    invalidate(),
+                    &self.metrics,
+                )
+            });
+        if let Some(volume) = joined {
+            return Ok((volume, Joined::Shared));
+        }
+        let config = config();
+        let shared = SharedIdentity::new(connect(login)?, config.cache.clone(), &self.metrics);
+        identities.insert(key, Arc::downgrade(&shared));
+        let volume = Volume::build_on(
+            &shared,
             params.spec.clone(),
-            VolumeConfig {
-                name: params.label.clone(),
-                pod: params.pod.clone(),
-                cache: CacheConfig::new(
-                    params.cache_ttl,
-                    crate::config::DEFAULT_MAX_STALE.value,
-                    self.config.vault_timeout,
-                    self.config.cache_max_entries,
-                    self.config.cache_max_bytes,
-                ),
-                uid: 0,
-                gid: params.mount_group.unwrap_or(0),
-                file_mode: params.file_mode,
-                consistency: params.consistency,
-                reload: params
-                    .reload
-                    .clone()
-                    .map(|(signal, process, uid)| ReloadConfig {
-                        signal,
-                        target: Target::Pod { uid, process },
-                        min_interval: params.cache_ttl,
-                    }),
-            },
-            self.mounter.invalidate(slot, params.consistency),
+            config,
+            invalidate(),
             &self.metrics,
-        ))
+        )
+        .expect("a new shared identity is open");
+        Ok((volume, Joined::First))
     }
 
     /// Keeps the Vault session and leased values of volume `slot` in the store, for the next
