@@ -760,9 +760,16 @@ async fn a_template_with_a_syntax_error_is_refused_at_publish_naming_entry_line_
 #[tokio::test]
 async fn with_shared_identities_pods_of_one_service_account_share_one_login_and_the_last_revokes() {
     let mut p = Plugin::start_sharing().await;
+    // A service-account token as kubelet hands it over: a JWT whose subject is the account.
+    let jwt = |namespace: &str, account: &str| {
+        use base64::Engine;
+        let claims = format!(r#"{{"sub":"system:serviceaccount:{namespace}:{account}"}}"#);
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims);
+        format!("eyJhbGciOiJSUzI1NiJ9.{payload}.signature")
+    };
     let pod = |name: &str, namespace: &str, account: &str, volume_id: &str| {
         let target = p.target(name);
-        let mut req = request(&target, &format!("jwt-{name}"));
+        let mut req = request(&target, &jwt(namespace, account));
         req.volume_id = volume_id.into();
         let context = &mut req.volume_context;
         context.insert("csi.storage.k8s.io/pod.name".into(), name.into());
@@ -777,20 +784,31 @@ async fn with_shared_identities_pods_of_one_service_account_share_one_login_and_
     let (b, req_b) = pod("pod-b", "team-a", "app", "csi-b");
     let (c, req_c) = pod("pod-c", "team-a", "other", "csi-c");
     let (d, req_d) = pod("pod-d", "team-b", "app", "csi-d");
+    // Says it runs as team-a's `app` (kubelet's keys written as attributes, as without
+    // podInfoOnMount), but its token is `other`'s: it must not join `app`'s identity.
+    let (e, mut req_e) = pod("pod-e", "team-a", "app", "csi-e");
+    req_e
+        .volume_context
+        .insert(TOKENS.to_string(), tokens_json(&jwt("team-a", "other")));
     for req in [req_a, req_b, req_c, req_d] {
         p.publish(req).await.unwrap();
     }
+    // Room for one more (--max-volumes 4).
+    p.unpublish("csi-d", &d).await.unwrap();
+    p.publish(req_e).await.unwrap();
     let made: Vec<String> = p.made.lock().iter().map(|m| m.0.clone()).collect();
     assert_eq!(
         made,
         vec![
             "team-a/pod-a/csi-a",
             "team-a/pod-c/csi-c",
-            "team-b/pod-d/csi-d"
+            "team-b/pod-d/csi-d",
+            "team-a/pod-e/csi-e"
         ],
-        "pod-b joins pod-a's identity; another account or namespace gets its own"
+        "pod-b joins pod-a's identity; another account or namespace, or a token of another account, gets its own"
     );
-    for i in 0..3 {
+    p.unpublish("csi-e", &e).await.unwrap();
+    for i in 0..4 {
         assert_eq!(p.identity(i).0.logins, 1, "identity {i} logged in once");
     }
     let (fs_a, fs_b) = (p.fake.fs_at(&a).unwrap(), p.fake.fs_at(&b).unwrap());
@@ -804,6 +822,5 @@ async fn with_shared_identities_pods_of_one_service_account_share_one_login_and_
         "the last volume of the identity revokes"
     );
     p.unpublish("csi-c", &c).await.unwrap();
-    p.unpublish("csi-d", &d).await.unwrap();
     p.stop().await;
 }

@@ -102,6 +102,39 @@ enum Joined {
     Shared,
 }
 
+/// Whether the login's token is one of the service account kubelet reports for its pod (the
+/// JWT's `sub` is `system:serviceaccount:<namespace>:<name>`), so that a volume joins only the
+/// identity its own token would log in as. The signature is not checked: kubelet gave the
+/// token, and Vault checks it at the login the identity's first volume made. A token that says
+/// nothing, or another account, shares nothing (logged): its volume logs in for itself.
+fn token_is_of(login: &Login) -> bool {
+    use base64::Engine;
+    let Some(account) = &login.service_account else {
+        return false;
+    };
+    let expected = format!(
+        "system:serviceaccount:{}:{}",
+        account.namespace, account.name
+    );
+    let subject = login
+        .credential
+        .expose()
+        .split('.')
+        .nth(1)
+        .and_then(|payload| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+        .and_then(|claims| claims.get("sub")?.as_str().map(str::to_string));
+    let matches = subject.as_deref() == Some(expected.as_str());
+    if !matches {
+        tracing::warn!(volume = %login.volume, expected = %expected, "the pod's token is not of the service account kubelet reports; its volume shares no identity");
+    }
+    matches
+}
+
 /// The name a volume's session is stashed under: by slot, which no other volume gets.
 fn session_key(slot: Slot) -> String {
     format!("volume-{slot}")
@@ -399,7 +432,8 @@ impl<S: Identity> VolumeManager<S> {
         };
         let key = login
             .identity_key(params.cache_ttl)
-            .filter(|_| self.config.share_identities);
+            .filter(|_| self.config.share_identities)
+            .filter(|_| token_is_of(&login));
         let Some(key) = key else {
             let volume = Volume::build(
                 connect(login)?,
