@@ -92,12 +92,13 @@ fn login_of(params: &Params) -> Login {
 }
 
 /// How a volume came by its identity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Joined {
     /// Its own (no sharing): it logs in for itself.
     Alone,
-    /// The first volume of a shared identity: it logs in for all of them.
-    First,
+    /// The first volume of a shared identity: it logs in for all of them, and keeps the
+    /// identity's session under this name (`IdentityKey::stable_name`) for the next daemon.
+    First(String),
     /// A later volume of a shared identity: no login of its own.
     Shared,
 }
@@ -138,6 +139,16 @@ fn token_is_of(login: &Login) -> bool {
 /// The name a volume's session is stashed under: by slot, which no other volume gets.
 fn session_key(slot: Slot) -> String {
     format!("volume-{slot}")
+}
+
+/// The name volume `slot`'s session is stashed under, if it keeps one: a shared identity's is
+/// kept once, by its first volume, under the identity's name.
+fn stash_name(slot: Slot, joined: &Joined) -> Option<String> {
+    match joined {
+        Joined::Alone => Some(session_key(slot)),
+        Joined::First(name) => Some(name.clone()),
+        Joined::Shared => None,
+    }
 }
 
 impl<S: Identity> VolumeManager<S> {
@@ -265,13 +276,13 @@ impl<S: Identity> VolumeManager<S> {
         let room = self.reserve_room()?;
         let slot = self.new_slot()?;
         let (volume, joined) = self.assemble(&params, slot)?;
-        if joined == Joined::Shared {
+        let Some(stash) = stash_name(slot, &joined) else {
             // Its identity is logged in (or logging in) for the volumes that share it.
             tracing::info!(volume = %params.label, "joined the shared identity of its service account");
             let mounted = self.mount(&params, slot, &volume);
             return self.install(params, slot, volume, mounted, room).await;
-        }
-        self.keep_sessions(&volume, slot);
+        };
+        self.keep_sessions(&volume, &stash);
         // A pod must not wait long on an unreachable Vault: give the login a short bound
         // and mount anyway when it runs out (the first read logs in).
         let wait = self.config.vault_timeout.min(PUBLISH_LOGIN_WAIT);
@@ -367,8 +378,8 @@ impl<S: Identity> VolumeManager<S> {
             slot => slot,
         };
         let (volume, joined) = self.assemble(&params, slot)?;
-        if let Some(store) = self.sessions.clone().filter(|_| joined != Joined::Shared) {
-            let key = session_key(slot);
+        let stash = stash_name(slot, &joined);
+        if let Some((store, key)) = self.sessions.clone().zip(stash.clone()) {
             let (session, leases) =
                 tokio::task::spawn_blocking(move || (store.take(&key), store.take_leases(&key)))
                     .await
@@ -384,8 +395,8 @@ impl<S: Identity> VolumeManager<S> {
             self.metrics.vault_leases_taken_over.inc_by(leases as u64);
             tracing::info!(volume = %params.label, resumed, leases, "took over the previous daemon's Vault session");
         }
-        if joined != Joined::Shared {
-            self.keep_sessions(&volume, slot);
+        if let Some(stash) = &stash {
+            self.keep_sessions(&volume, stash);
         }
         let adopted = taken.and_then(|t| t.adopt(&params.target, slot, volume.fs()));
         let mounted = match adopted {
@@ -463,6 +474,7 @@ impl<S: Identity> VolumeManager<S> {
         }
         let config = config();
         let shared = SharedIdentity::new(connect(login)?, config.cache.clone(), &self.metrics);
+        let key_name = key.stable_name();
         identities.insert(key, Arc::downgrade(&shared));
         let volume = Volume::build_on(
             &shared,
@@ -472,16 +484,15 @@ impl<S: Identity> VolumeManager<S> {
             &self.metrics,
         )
         .expect("a new shared identity is open");
-        Ok((volume, Joined::First))
+        Ok((volume, Joined::First(key_name)))
     }
 
-    /// Keeps the Vault session and leased values of volume `slot` in the store, for the next
-    /// daemon, as they change.
-    fn keep_sessions(&self, volume: &Volume<S>, slot: Slot) {
+    /// Keeps the Vault session and leased values of `volume` in the store under `name`, for
+    /// the next daemon, as they change.
+    fn keep_sessions(&self, volume: &Volume<S>, name: &str) {
         if let Some(store) = &self.sessions {
-            let key = session_key(slot);
-            volume.source().on_session_change(store.sink(&key));
-            volume.on_leases_change(store.lease_sink(&key));
+            volume.source().on_session_change(store.sink(name));
+            volume.on_leases_change(store.lease_sink(name));
         }
     }
 

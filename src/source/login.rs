@@ -52,6 +52,30 @@ pub struct IdentityKey {
     cache_ttl: std::time::Duration,
 }
 
+impl IdentityKey {
+    /// A name for this identity that every daemon computes alike (FNV-1a of its parts, not
+    /// the process's random hasher): what its session is stashed under for a successor.
+    pub fn stable_name(&self) -> String {
+        let ttl_ms = self.cache_ttl.as_millis().to_string();
+        let parts = [
+            self.server.as_str(),
+            &self.auth_mount,
+            &self.role,
+            &self.audience,
+            &self.service_account.namespace,
+            &self.service_account.name,
+            &ttl_ms,
+        ];
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for part in parts {
+            for b in part.bytes().chain([0]) {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        format!("identity-{hash:016x}")
+    }
+}
+
 impl Login {
     /// The identity this login is, for volumes served with `cache_ttl`; `None` without the
     /// pod's service account (nothing proves two such pods are the same identity).
@@ -126,6 +150,14 @@ mod tests {
             login("team-a", "app").identity_key(Duration::from_secs(60)),
             Some(base.clone()),
             "another cache TTL"
+        );
+        let name = base.stable_name();
+        assert_eq!(name, key(login("team-a", "app")).unwrap().stable_name());
+        assert_ne!(name, key(login("team-b", "app")).unwrap().stable_name());
+        assert!(name.starts_with("identity-") && name.len() == "identity-".len() + 16);
+        assert_eq!(
+            name, "identity-ea78c3afa587a96b",
+            "the same in every daemon and every version: a successor finds the session by it"
         );
         let mut undescribed = login("team-a", "app");
         undescribed.service_account = None;
