@@ -33,8 +33,16 @@ struct Plugin {
 
 impl Plugin {
     fn start(node: &CsiNode, bao: &Bao) -> Plugin {
+        Self::start_with(node, bao, &[])
+    }
+
+    fn start_with(node: &CsiNode, bao: &Bao, args: &[&str]) -> Plugin {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let daemon = node.daemon(bao).with_keeper(&metrics_addr).start();
+        let daemon = node
+            .daemon(bao)
+            .with_keeper(&metrics_addr)
+            .args(args.iter().copied())
+            .start();
         Plugin {
             daemon,
             metrics_addr,
@@ -256,4 +264,102 @@ fn with_keeper_and_daemon_both_killed_each_volume_logs_in_once_more_at_most() {
         "at most one extra token per volume: {live} live for {VOLUMES} volumes"
     );
     assert_eq!(plugin.total("vaultfs_vault_tokens_taken_over_total"), 0.0);
+}
+
+/// With `--share-identities`, the 20 pods of one service account are one Vault identity: one
+/// login and one token for all of them; a `kill -9` restart takes that one session over (no
+/// login); unpublishing pods keeps it for the others, and the last unpublish revokes it.
+#[test]
+#[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
+fn shared_identities_log_in_once_per_service_account_and_restarts_log_in_not_at_all() {
+    const SHARE: &[&str] = &["--share-identities"];
+    let (bao, key) = app_cluster(&[(SECRET, &[("password", "v1")])]);
+    let node = CsiNode::new("node-shared");
+    let keeper = Keeper::start(&node.keeper_socket_path());
+    let before = token_accessors(&bao);
+    let mut plugin = Plugin::start_with(&node, &bao, SHARE);
+    let pods: Vec<(Pod, PathBuf)> = (0..VOLUMES)
+        .map(|i| {
+            publish_app(
+                &node,
+                &key,
+                &plugin.daemon,
+                &format!("app-{i:02}"),
+                SECRETS,
+                &[("cacheTTL", "1s")],
+            )
+        })
+        .collect();
+    let files: Vec<PathBuf> = pods.iter().map(|(_, t)| t.join("password")).collect();
+    all_read(&files, "v1", "after publishing", &node);
+    keeper_holds(&keeper);
+    let tokens: BTreeSet<String> = token_accessors(&bao).difference(&before).cloned().collect();
+    assert_eq!(
+        tokens.len(),
+        1,
+        "one token for the {VOLUMES} pods of one service account"
+    );
+    assert_eq!(plugin.total("vaultfs_vault_logins_total"), 1.0);
+
+    let stashed = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || match plugin.total("vaultfs_keeper_stashed_sessions") {
+            n if n >= 1.0 => Ok(()),
+            n => Err(n),
+        },
+    );
+    assert!(
+        stashed.is_ok(),
+        "the shared session is stashed: {stashed:?}"
+    );
+    plugin.daemon.kill();
+    plugin = Plugin::start_with(&node, &bao, SHARE);
+    all_read(&files, "v1", "after kill -9", &node);
+    bao.kv_put(SECRET, &[("password", "v2")]);
+    all_read(&files, "v2", "a rotation after kill -9", &node);
+    let now: BTreeSet<String> = token_accessors(&bao).difference(&before).cloned().collect();
+    assert_eq!(now, tokens, "after kill -9: the same one token, none added");
+    assert_eq!(
+        plugin.total("vaultfs_vault_logins_total"),
+        0.0,
+        "after kill -9: no login; daemon output:\n{}",
+        node.all_logs()
+    );
+
+    let (last, others) = pods.split_last().expect("pods");
+    for (pod, target) in others {
+        plugin
+            .daemon
+            .client()
+            .unpublish(&pod.volume_id("secrets"), target)
+            .expect("unpublish");
+    }
+    let live: BTreeSet<String> = token_accessors(&bao).difference(&before).cloned().collect();
+    assert_eq!(live, tokens, "the last pod still uses the shared token");
+    all_read(
+        &files[VOLUMES - 1..],
+        "v2",
+        "the last pod after the others left",
+        &node,
+    );
+    plugin
+        .daemon
+        .client()
+        .unpublish(&last.0.volume_id("secrets"), &last.1)
+        .expect("unpublish");
+    let gone = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        let live: BTreeSet<String> = token_accessors(&bao).difference(&before).cloned().collect();
+        if live.is_empty() {
+            Ok(())
+        } else {
+            Err(live)
+        }
+    });
+    assert!(
+        gone.is_ok(),
+        "the last unpublish revokes the shared token: {gone:?}"
+    );
+    drop(plugin);
+    drop(keeper);
 }
