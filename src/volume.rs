@@ -7,6 +7,7 @@
 //! node plugin (`csi`) both use it; it knows neither the command line, gRPC nor Vault (only
 //! `source::Identity`), and mounts only through what its caller hands it.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::mount::Mounted;
 use crate::reload::{ReloadConfig, Reloader};
 use crate::secret::Token;
-use crate::source::{HandedLease, Identity, LeaseSink};
+use crate::source::{HandedLease, Identity, LeaseSink, Session};
 use crate::spec::{SecretPath, VolumeSpec};
 
 /// How long the kernel may cache names and attributes. Strict: never beyond the cache TTL, and
@@ -50,11 +51,14 @@ pub struct VolumeConfig {
 /// A built volume: its identity, cache and filesystem, not yet serving.
 pub struct Volume<S> {
     source: Arc<S>,
+    /// The volume's cache: all of it, or over a shared identity's cache, its own leased values
+    /// (`SecretCache::layered`).
     cache: Arc<SecretCache<S>>,
     /// The volume's subscription to its cache's swaps (kernel invalidations, reload signal).
     subscription: u64,
-    /// The identity and cache this volume shares with others of its identity, if it does.
-    shared: Option<Arc<SharedIdentity<S>>>,
+    /// The identity and cache this volume shares with others of its identity, if it does,
+    /// and its subscription to that cache's swaps.
+    shared: Option<(Arc<SharedIdentity<S>>, u64)>,
     fs: Arc<VaultFs<S>>,
     spec: Arc<VolumeSpec>,
     reloader: Option<Arc<Reloader>>,
@@ -73,6 +77,8 @@ pub struct SharedIdentity<S> {
     users: parking_lot::Mutex<Option<usize>>,
     /// The identity's background work (token renewal), run once for all its volumes.
     serving: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Its session was taken over from a predecessor daemon (leases read under it live on).
+    resumed: std::sync::atomic::AtomicBool,
 }
 
 impl<S: Identity> SharedIdentity<S> {
@@ -83,6 +89,7 @@ impl<S: Identity> SharedIdentity<S> {
             source,
             users: parking_lot::Mutex::new(Some(0)),
             serving: parking_lot::Mutex::default(),
+            resumed: Default::default(),
         })
     }
 
@@ -167,9 +174,10 @@ impl<S: Identity> Volume<S> {
         if !shared.join() {
             return None;
         }
+        let own = Arc::new(SecretCache::layered(&shared.cache, spec.shared_paths()));
         Some(Self::over(
             shared.source.clone(),
-            shared.cache.clone(),
+            own,
             Some(shared.clone()),
             spec,
             config,
@@ -194,15 +202,23 @@ impl<S: Identity> Volume<S> {
             .reload
             .map(|r| Arc::new(Reloader::new(r, config.name.clone(), metrics.clone())));
         let invalidate_files = fs::swap_hook(spec.clone(), invalidate);
-        let on_swap: crate::cache::SwapHook = match reloader.clone() {
+        let on_swap: Arc<dyn Fn(&SecretPath) + Send + Sync> = match reloader.clone() {
             // The kernel's invalidations are queued first: the signal follows the new version.
-            Some(reloader) => Box::new(move |path| {
+            Some(reloader) => Arc::new(move |path| {
                 invalidate_files(path);
                 reloader.changed();
             }),
-            None => invalidate_files,
+            None => Arc::new(invalidate_files),
         };
-        let subscription = cache.subscribe(on_swap);
+        let hook = || -> crate::cache::SwapHook {
+            let on_swap = on_swap.clone();
+            Box::new(move |path| on_swap(path))
+        };
+        let subscription = cache.subscribe(hook());
+        let shared = shared.map(|shared| {
+            let subscription = shared.cache.subscribe(hook());
+            (shared, subscription)
+        });
         let fs = Arc::new(VaultFs::new(
             spec.clone(),
             cache.clone(),
@@ -228,15 +244,45 @@ impl<S: Identity> Volume<S> {
         }
     }
 
-    /// Serves the leased values a predecessor daemon held and keeps renewing their leases;
-    /// returns how many were taken.
-    pub fn adopt_leases(&self, handed: Vec<HandedLease>) -> usize {
-        self.cache.adopt_leases(handed)
+    /// Takes over a predecessor daemon's Vault `session`; `true` when the volume's session is
+    /// one a predecessor left (for a volume that joined a shared identity without a session:
+    /// when the identity's first volume took one over), so the leases read under it live on.
+    pub fn resume(&self, session: Option<Session>) -> bool {
+        let shared = self.shared.as_ref().map(|(shared, _)| shared);
+        match session {
+            Some(session) => {
+                let resumed = self.source.resume(session);
+                if let Some(shared) = shared.filter(|_| resumed) {
+                    shared.resumed.store(true, Ordering::Release);
+                }
+                resumed
+            }
+            None => shared.is_some_and(|shared| shared.resumed.load(Ordering::Acquire)),
+        }
     }
 
-    /// Tells `sink` the volume's leased values whenever they or their leases change.
+    /// Serves the leased values a predecessor daemon held and keeps renewing their leases:
+    /// `own`, the volume's, and `shared`, those its shared identity's volumes share. Returns
+    /// how many were taken.
+    pub fn adopt_leases(&self, own: Vec<HandedLease>, shared: Vec<HandedLease>) -> usize {
+        let shared = match &self.shared {
+            Some((identity, _)) => identity.cache.adopt_leases(shared),
+            None => 0,
+        };
+        self.cache.adopt_leases(own) + shared
+    }
+
+    /// Tells `sink` the volume's own leased values whenever they or their leases change.
     pub fn on_leases_change(&self, sink: LeaseSink) {
         self.cache.on_leases_change(sink);
+    }
+
+    /// Tells `sink` the leased values the volumes of its shared identity share, whenever they
+    /// or their leases change (for the identity's first volume to keep).
+    pub fn on_shared_leases_change(&self, sink: LeaseSink) {
+        if let Some((identity, _)) = &self.shared {
+            identity.cache.on_leases_change(sink);
+        }
     }
 
     /// The volume's identity (to log in ahead of mounting, say).
@@ -265,7 +311,7 @@ impl<S: Identity> Volume<S> {
             .filter_map(|e| e.secret().map(|(p, _)| p.clone()))
             .collect();
         match &self.shared {
-            Some(shared) => shared.serve(paths),
+            Some((shared, _)) => shared.serve(paths),
             None => {
                 tasks.spawn(self.source.clone().serve(paths));
             }
@@ -284,10 +330,25 @@ impl<S: Identity> Volume<S> {
     /// Gives up a volume that never served: revokes the token a login may have obtained
     /// (a shared identity's only when this was its last volume).
     pub async fn abandon(self) {
-        self.cache.unsubscribe(self.subscription);
-        if self.shared.as_ref().is_none_or(|shared| shared.leave()) {
+        if self.leave() {
             self.source.revoke().await;
         }
+    }
+
+    /// Stops telling this volume of swaps and leaves its shared identity, if any: `true` when
+    /// the identity is this volume's alone now (its session is to be revoked).
+    fn leave(&self) -> bool {
+        self.cache.unsubscribe(self.subscription);
+        self.shared.as_ref().is_none_or(|(shared, subscription)| {
+            shared.cache.unsubscribe(*subscription);
+            let last = shared.leave();
+            if last {
+                if let Some(serving) = shared.serving.lock().take() {
+                    serving.abort();
+                }
+            }
+            last
+        })
     }
 }
 
@@ -332,24 +393,21 @@ impl<S: Identity> Serving<S> {
         self.tasks.abort_all();
         let unmounted = self.mounted.take().map_or(Ok(()), |m| m.unmount());
         let volume = &self.volume;
-        volume.cache.unsubscribe(volume.subscription);
-        // A shared identity and its cache stay while other volumes use them.
-        let last = volume.shared.as_ref().is_none_or(|shared| {
-            let last = shared.leave();
-            if last {
-                if let Some(serving) = shared.serving.lock().take() {
-                    serving.abort();
-                }
-            }
-            last
-        });
+        // A shared identity and its cache stay while other volumes use them; the volume's own
+        // leased values go with it.
+        let last = volume.leave();
+        volume.cache.revoke_leases().await;
+        let shared = volume.shared.as_ref().map(|(shared, _)| &shared.cache);
         if last {
-            volume.cache.revoke_leases().await;
+            if let Some(shared) = shared {
+                shared.revoke_leases().await;
+            }
             volume.source.revoke().await;
         }
         volume.fs.forget_reported();
-        if last {
-            volume.cache.clear();
+        volume.cache.clear();
+        if let Some(shared) = shared.filter(|_| last) {
+            shared.clear();
         }
         unmounted
     }
@@ -415,11 +473,11 @@ mod tests {
         };
         let (a, b) = (volume("pod-a"), volume("pod-b"));
         assert_eq!(shared.users(), 2);
-        assert!(Arc::ptr_eq(&a.cache, &b.cache));
         let p = SecretPath::parse("secret/db").unwrap();
         a.cache.get(&p).await.unwrap();
         b.cache.get(&p).await.unwrap();
         assert_eq!(source.reads(), 1, "one Vault read for both volumes");
+        assert_eq!(shared.cache.usage().0, 1, "one copy, in the shared cache");
 
         source.put("secret/db", &[("password", "v2")]);
         tokio::time::advance(Duration::from_secs(31)).await;
@@ -455,5 +513,43 @@ mod tests {
                 .is_none(),
             "a closed identity is never joined again"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_volume_keeps_its_own_leases_and_revokes_them_when_it_goes() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen")]);
+        source.set_lease(
+            Some(Duration::from_secs(60)),
+            Some(Duration::from_secs(600)),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let shared = SharedIdentity::new(source.clone(), CacheConfig::default(), &metrics);
+        let spec =
+            || VolumeSpec::new(vec![parse_secret_arg("db=database/creds/app").unwrap()]).unwrap();
+        let volume = |name: &'static str| {
+            Volume::build_on(&shared, spec(), config(name), Box::new(|_| {}), &metrics)
+                .expect("the identity is in use")
+        };
+        let (a, b) = (volume("pod-a"), volume("pod-b"));
+        let p = SecretPath::parse("database/creds/app").unwrap();
+        let lease = |content: Arc<crate::cache::Content>| content.fetched.lease.clone().unwrap().id;
+        let lease_a = lease(a.cache.get(&p).await.unwrap());
+        let lease_b = lease(b.cache.get(&p).await.unwrap());
+        assert_ne!(lease_a, lease_b, "one credential per pod");
+        assert_eq!(source.reads(), 2);
+
+        let (a, b) = (a.serve(Box::new(NoMount)), b.serve(Box::new(NoMount)));
+        a.tear_down().await.unwrap();
+        assert_eq!(
+            source.revoked(),
+            vec![lease_a.clone()],
+            "pod-a's lease only"
+        );
+        assert!(!source.identity_calls().revoked);
+        assert_eq!(lease(b.volume.cache.get(&p).await.unwrap()), lease_b);
+        b.tear_down().await.unwrap();
+        assert_eq!(source.revoked(), vec![lease_a, lease_b]);
+        assert!(source.identity_calls().revoked, "the last volume revokes");
     }
 }

@@ -136,6 +136,9 @@ impl<S: SecretSource> SecretCache<S> {
         let weight = fetched.data.weight();
         // A leased value stored, or one replaced: the successor's record changes.
         let mut leases_changed = lease.is_some();
+        if lease.is_some() {
+            self.leased.lock().insert(path.clone());
+        }
         let content = Arc::new(Content {
             _charge: Charge::new(&self.held, weight),
             fetched,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Entries, Entry, LeaseSink, SecretCache};
+use super::{Content, Entries, Entry, LeaseSink, SecretCache};
 use crate::source::{pacing, Fetched, HandedLease, Lease, NodeTime, SecretSource, SourceError};
 use crate::spec::SecretPath;
 
@@ -53,8 +53,24 @@ impl HeldLease {
         self.period.saturating_sub(self.granted.elapsed())
     }
 
+    /// `content` of `path` held under this lease, as a successor (the next daemon, or the
+    /// volume that takes it over) keeps it.
+    pub(super) fn handed(&self, path: &SecretPath, content: &Content) -> HandedLease {
+        HandedLease {
+            path: path.clone(),
+            fetched: Fetched {
+                lease: Some(self.lease.clone()),
+                ..content.fetched.clone()
+            },
+            period: self.period,
+            ends_at: NodeTime::of(self.granted + self.period),
+            next_at: self.next.map(NodeTime::of),
+            changed_at: content.changed_at,
+        }
+    }
+
     /// A lease a predecessor daemon held, with its timing.
-    fn handed(handed: &HandedLease, lease: Lease) -> Self {
+    fn from_handed(handed: &HandedLease, lease: Lease) -> Self {
         let ends = handed.ends_at.instant();
         Self {
             granted: ends.checked_sub(handed.period).unwrap_or(ends),
@@ -258,17 +274,7 @@ impl<S: SecretSource> SecretCache<S> {
             .filter_map(|(path, entry)| {
                 let state = entry.state.lock();
                 let (held, content) = (state.lease.as_ref()?, state.current.as_ref()?);
-                held.alive().then(|| HandedLease {
-                    path: path.clone(),
-                    fetched: Fetched {
-                        lease: Some(held.lease.clone()),
-                        ..content.fetched.clone()
-                    },
-                    period: held.period,
-                    ends_at: NodeTime::of(held.granted + held.period),
-                    next_at: held.next.map(NodeTime::of),
-                    changed_at: content.changed_at,
-                })
+                held.alive().then(|| held.handed(path, content))
             })
             .collect()
     }
@@ -281,7 +287,7 @@ impl<S: SecretSource> SecretCache<S> {
             let Some(lease) = handed.fetched.lease.clone() else {
                 continue;
             };
-            let held = HeldLease::handed(&handed, lease);
+            let held = HeldLease::from_handed(&handed, lease);
             if !held.alive() {
                 continue;
             }

@@ -7,9 +7,11 @@
 //! `SecretSource`.
 
 mod entries;
+mod layer;
 mod leases;
 mod refresh;
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use crate::source::{Fetched, Lease, LeaseSink, SecretSource, SourceError};
 
 use crate::spec::SecretPath;
 use entries::{Charge, Entries, Entry};
+use layer::Layer;
 use leases::HeldLease;
 
 /// Cache behaviour.
@@ -127,6 +130,13 @@ pub struct SecretCache<S> {
     closing: AtomicBool,
     /// Told the leased values whenever they or their leases change (`on_leases_change`).
     lease_sink: Mutex<Option<LeaseSink>>,
+    /// Paths whose values came with a lease (dynamic secrets).
+    leased: Mutex<HashSet<SecretPath>>,
+    /// Of a shared cache: paths whose leased values some volume shares (`share: true`), so
+    /// never handed to one volume.
+    shared_leased: Mutex<HashSet<SecretPath>>,
+    /// Of a volume's cache over its identity's shared cache (`layered`).
+    layer: Option<Layer<S>>,
 }
 
 impl<S: SecretSource> SecretCache<S> {
@@ -150,6 +160,9 @@ impl<S: SecretSource> SecretCache<S> {
             orphaned_leases: Mutex::new(Vec::new()),
             closing: AtomicBool::new(false),
             lease_sink: Mutex::new(None),
+            leased: Mutex::default(),
+            shared_leased: Mutex::default(),
+            layer: None,
         }
     }
 
@@ -177,8 +190,16 @@ impl<S: SecretSource> SecretCache<S> {
     /// The current content of `path`: from memory while fresh, otherwise after asking Vault
     /// (one request per path at a time, bounded by `vault_timeout`). While Vault is known to
     /// be failing, a cached value within `max_stale` is answered at once and Vault is asked
-    /// again in the background, at most once per back-off.
+    /// again in the background, at most once per back-off. A layered cache answers from the
+    /// shared cache but for its own leased values (`layer`).
     pub async fn get(self: &Arc<Self>, path: &SecretPath) -> Result<Arc<Content>, SourceError> {
+        match self.answered_by_shared(path) {
+            Some(shared) => self.get_through(shared, path).await,
+            None => self.get_own(path).await,
+        }
+    }
+
+    async fn get_own(self: &Arc<Self>, path: &SecretPath) -> Result<Arc<Content>, SourceError> {
         let entry = self.entry(path);
         if let Some(content) = self.fresh(&entry) {
             self.metrics.cache_hits.inc();
@@ -222,6 +243,9 @@ impl<S: SecretSource> SecretCache<S> {
     /// and a stale value is served, at most the retry back-off and never beyond `max_stale`.
     /// Zero once `content` is no longer the cached value (a newer version was swapped in).
     pub fn remaining(&self, path: &SecretPath, content: &Arc<Content>) -> Duration {
+        if let Some(shared) = self.answered_by_shared(path) {
+            return shared.remaining(path, content);
+        }
         let Some(entry) = self.entries.lock().lru.peek(path).cloned() else {
             return Duration::ZERO;
         };
@@ -251,6 +275,9 @@ impl<S: SecretSource> SecretCache<S> {
     /// (`remaining` of the current value); `None` when no value is cached. Touches neither the
     /// LRU order nor the hit counters: for a watch that only wants to know what is due.
     pub fn due_in(&self, path: &SecretPath) -> Option<Duration> {
+        if let Some(shared) = self.answered_by_shared(path) {
+            return shared.due_in(path);
+        }
         let current = {
             let entries = self.entries.lock();
             let entry = entries.lru.peek(path)?;

@@ -141,13 +141,29 @@ fn session_key(slot: Slot) -> String {
     format!("volume-{slot}")
 }
 
-/// The name volume `slot`'s session is stashed under, if it keeps one: a shared identity's is
-/// kept once, by its first volume, under the identity's name.
-fn stash_name(slot: Slot, joined: &Joined) -> Option<String> {
-    match joined {
-        Joined::Alone => Some(session_key(slot)),
-        Joined::First(name) => Some(name.clone()),
-        Joined::Shared => None,
+/// The names volume `slot`'s Vault session and leased values are kept under, for the next
+/// daemon: its own leased values by slot, always; the session by slot when the volume has it
+/// alone; a shared identity's session and shared leased values once, by its first volume,
+/// under the identity's name.
+struct Stash {
+    own: String,
+    session: Option<String>,
+    identity: Option<String>,
+}
+
+impl Stash {
+    fn of(slot: Slot, joined: &Joined) -> Self {
+        let own = session_key(slot);
+        let (session, identity) = match joined {
+            Joined::Alone => (Some(own.clone()), None),
+            Joined::First(name) => (Some(name.clone()), Some(name.clone())),
+            Joined::Shared => (None, None),
+        };
+        Self {
+            own,
+            session,
+            identity,
+        }
     }
 }
 
@@ -276,13 +292,13 @@ impl<S: Identity> VolumeManager<S> {
         let room = self.reserve_room()?;
         let slot = self.new_slot()?;
         let (volume, joined) = self.assemble(&params, slot)?;
-        let Some(stash) = stash_name(slot, &joined) else {
+        self.keep_sessions(&volume, &Stash::of(slot, &joined));
+        if joined == Joined::Shared {
             // Its identity is logged in (or logging in) for the volumes that share it.
             tracing::info!(volume = %params.label, "joined the shared identity of its service account");
             let mounted = self.mount(&params, slot, &volume);
             return self.install(params, slot, volume, mounted, room).await;
-        };
-        self.keep_sessions(&volume, &stash);
+        }
         // A pod must not wait long on an unreachable Vault: give the login a short bound
         // and mount anyway when it runs out (the first read logs in).
         let wait = self.config.vault_timeout.min(PUBLISH_LOGIN_WAIT);
@@ -304,6 +320,9 @@ impl<S: Identity> VolumeManager<S> {
                     SourceError::LoginRefused(m) | SourceError::Invalid(m) => m,
                     other => format!("login to auth/{} failed: {other}", params.auth_mount),
                 };
+                // Leaves a shared identity it opened, so its count stays true for the volumes
+                // that joined meanwhile.
+                volume.abandon().await;
                 return Err(CsiError::PermissionDenied(reason));
             }
         }
@@ -378,26 +397,39 @@ impl<S: Identity> VolumeManager<S> {
             slot => slot,
         };
         let (volume, joined) = self.assemble(&params, slot)?;
-        let stash = stash_name(slot, &joined);
-        if let Some((store, key)) = self.sessions.clone().zip(stash.clone()) {
-            let (session, leases) =
-                tokio::task::spawn_blocking(move || (store.take(&key), store.take_leases(&key)))
-                    .await
-                    .unwrap_or_default();
-            let resumed = session.is_some_and(|s| volume.source().resume(s));
+        let stash = Stash::of(slot, &joined);
+        if let Some(store) = self.sessions.clone() {
+            let (session, identity, own) = (
+                stash.session.clone(),
+                stash.identity.clone(),
+                stash.own.clone(),
+            );
+            let (session, own_leases, shared_leases) = tokio::task::spawn_blocking(move || {
+                (
+                    session.and_then(|key| store.take(&key)),
+                    store.take_leases(&own),
+                    identity
+                        .map(|key| store.take_leases(&key))
+                        .unwrap_or_default(),
+                )
+            })
+            .await
+            .unwrap_or_default();
+            let taken = session.is_some();
+            let resumed = volume.resume(session);
+            if taken && resumed {
+                self.metrics.vault_tokens_taken_over.inc();
+            }
             // Vault revokes a token's leases with it: without the token they may be dead.
             let leases = if resumed {
-                self.metrics.vault_tokens_taken_over.inc();
-                volume.adopt_leases(leases)
+                volume.adopt_leases(own_leases, shared_leases)
             } else {
                 0
             };
             self.metrics.vault_leases_taken_over.inc_by(leases as u64);
             tracing::info!(volume = %params.label, resumed, leases, "took over the previous daemon's Vault session");
         }
-        if let Some(stash) = &stash {
-            self.keep_sessions(&volume, stash);
-        }
+        self.keep_sessions(&volume, &stash);
         let adopted = taken.and_then(|t| t.adopt(&params.target, slot, volume.fs()));
         let mounted = match adopted {
             Some(mounted) => Ok(mounted),
@@ -487,12 +519,18 @@ impl<S: Identity> VolumeManager<S> {
         Ok((volume, Joined::First(key_name)))
     }
 
-    /// Keeps the Vault session and leased values of `volume` in the store under `name`, for
-    /// the next daemon, as they change.
-    fn keep_sessions(&self, volume: &Volume<S>, name: &str) {
-        if let Some(store) = &self.sessions {
+    /// Keeps the Vault session and leased values of `volume` in the store under the names of
+    /// `stash`, for the next daemon, as they change.
+    fn keep_sessions(&self, volume: &Volume<S>, stash: &Stash) {
+        let Some(store) = &self.sessions else {
+            return;
+        };
+        volume.on_leases_change(store.lease_sink(&stash.own));
+        if let Some(name) = &stash.session {
             volume.source().on_session_change(store.sink(name));
-            volume.on_leases_change(store.lease_sink(name));
+        }
+        if let Some(name) = &stash.identity {
+            volume.on_shared_leases_change(store.lease_sink(name));
         }
     }
 

@@ -27,6 +27,8 @@ struct EntryDocument {
     key: Option<String>,
     #[serde(default)]
     template: Option<String>,
+    #[serde(default)]
+    share: bool,
 }
 
 impl EntryDocument {
@@ -36,7 +38,13 @@ impl EntryDocument {
             reason: reason.to_string(),
         };
         match (&self.path, &self.template) {
-            (Some(path), None) => entry(&self.name, path, self.key.clone()),
+            (Some(path), None) => Ok(SecretEntry {
+                share: self.share,
+                ..entry(&self.name, path, self.key.clone())?
+            }),
+            (None, Some(_)) if self.share => Err(bad(
+                "`share` belongs to `path` entries: the leased secrets a template reads are the volume's own",
+            )),
             (None, Some(text)) if self.key.is_none() => template_entry(&self.name, text),
             (None, Some(_)) => Err(bad(
                 "`key` belongs to `path` entries; a template picks fields itself, e.g. {{ secret('secret/app/db').password }}",
@@ -61,6 +69,7 @@ pub fn template_entry(name: &str, text: &str) -> Result<SecretEntry, SpecError> 
     Ok(SecretEntry {
         name: name.to_string(),
         shows: Shows::Template(Arc::new(template)),
+        share: false,
     })
 }
 
@@ -192,6 +201,7 @@ fn entry(name: &str, path: &str, key: Option<String>) -> Result<SecretEntry, Spe
     Ok(SecretEntry {
         name: name.to_string(),
         shows: Shows::Secret { path, key },
+        share: false,
     })
 }
 
@@ -251,6 +261,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"db\"") && err.contains("'%'"), "{err}");
+    }
+
+    #[test]
+    fn share_marks_path_entries_and_is_refused_on_templates() {
+        let entries = parse_spec_document(
+            "secrets:\n- {name: db, path: database/creds/app, share: true}\n- {name: kv, path: secret/app}\n",
+        )
+        .unwrap();
+        assert!(entries[0].share && !entries[1].share);
+        let spec = VolumeSpec::new(entries).unwrap();
+        let shared: Vec<_> = spec.shared_paths().into_iter().collect();
+        assert_eq!(
+            shared,
+            vec![SecretPath::parse("database/creds/app").unwrap()]
+        );
+        let err = parse_spec_document(
+            "secrets:\n- {name: t, template: \"{{ secret('secret/a').k }}\", share: true}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`share` belongs to `path` entries"), "{err}");
+        assert!(err.starts_with("secret entry \"t\": "), "{err}");
     }
 
     #[test]

@@ -116,6 +116,16 @@ impl VolumeSpec {
         }
     }
 
+    /// The Vault paths whose leased values the volume shares with the other volumes of its
+    /// identity (`share: true`).
+    pub fn shared_paths(&self) -> std::collections::HashSet<SecretPath> {
+        self.entries
+            .iter()
+            .filter(|e| e.share)
+            .filter_map(|e| e.secret().map(|(path, _)| path.clone()))
+            .collect()
+    }
+
     /// The file inodes that show a given Vault path (templates: that read it last time).
     pub fn files_of<'a>(&'a self, path: &'a SecretPath) -> impl Iterator<Item = InodeNo> + 'a {
         self.nodes.iter().filter_map(move |n| match n.kind {

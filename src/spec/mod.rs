@@ -30,6 +30,10 @@ impl InodeNo {
 pub struct SecretEntry {
     pub name: String,
     pub shows: Shows,
+    /// With `vaultfs csi --share-identities`: a leased value (a dynamic secret) of this entry
+    /// is shared with the other volumes of the pod's identity instead of being the volume's
+    /// own (`share: true`; path entries only).
+    pub share: bool,
 }
 
 /// What a file shows.
@@ -87,7 +91,7 @@ pub enum SpecError {
     Argument { arg: String, reason: String },
     #[error("secret entry {name:?}: {reason}")]
     Entry { name: String, reason: String },
-    #[error("invalid secrets spec: {0}; expected `secrets: [{{name, path, key?}} or {{name, template}}, ...]`")]
+    #[error("invalid secrets spec: {0}; expected `secrets: [{{name, path, key?, share?}} or {{name, template}}, ...]`")]
     Document(String),
     #[error("no secrets declared: give at least one --secret NAME=PATH[#KEY], --template NAME=FILE or --spec FILE")]
     Empty,
