@@ -1149,6 +1149,7 @@ fn chart_variants() -> Vec<(&'static str, Value)> {
             "reload signals, metrics, Vault options, another kubelet root, namespace",
             serde_json::json!({
                 "reloadSignals": {"enabled": true},
+                "shareIdentities": true,
                 "metrics": {
                     "podMonitor": {"enabled": true},
                     "serviceMonitor": {"enabled": true},
@@ -1210,6 +1211,8 @@ fn helm_chart_lints_renders_and_passes_strict_validation() {
         let reload = values["reloadSignals"]["enabled"] == true;
         assert_eq!(plugin_pod["hostPID"] == true, reload, "{what}: hostPID");
         assert_eq!(inv.has("allow-reload-signals"), reload, "{what}");
+        let share = values["shareIdentities"] == true;
+        assert_eq!(inv.has("share-identities"), share, "{what}: --share-identities");
         let keeper = values["keeper"]["enabled"] != false;
         if keeper {
             let (_, keeper_pod, _) = workload_running(&objs, "keeper");
