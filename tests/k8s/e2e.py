@@ -7,7 +7,8 @@ Phases, each on a fresh install of its manifests through a generated overlay (ov
                          a pod started while Vault is down, keeper replacement and three plugin
                          restarts under reading pods (each followed by a new pod), uninstall;
   deploy/reload-signals  a template entry and a reload signal, uninstall;
-  Helm chart             rendered by scripts/helm-offline.py: one publish and read, uninstall.
+  Helm chart             rendered by scripts/helm-offline.py with shareIdentities: one publish
+                         and read, pods of one service account sharing one login, uninstall.
 Prints PASS/FAIL lines and the measured figures; writes "PASSED FAILED" to K8S_E2E_RESULTS.
 """
 
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import checks_basic  # noqa: E402
 import checks_reload  # noqa: E402
 import checks_restart  # noqa: E402
+import checks_shared  # noqa: E402
 import pods as P  # noqa: E402
 from harness import IMAGE, ROOT, WORK, Abort, Report, install, overlay, uninstall  # noqa: E402
 from kube import apply, kubectl, now  # noqa: E402
@@ -92,7 +94,8 @@ def phase_helm(r, bao):
                 f"K8S_E2E_HELM_PYTHON={python!r} cannot import helm_sdkpy")
         return
     repo, _, tag = IMAGE.rpartition(":")
-    values = {"image": {"repository": repo, "tag": tag}, "vault": {"addr": bao.addr}, "namespace": {"create": True}}
+    values = {"image": {"repository": repo, "tag": tag}, "vault": {"addr": bao.addr}, "namespace": {"create": True},
+              "shareIdentities": True}
     out = subprocess.run([python, os.path.join(ROOT, "scripts", "helm-offline.py"), "render",
                           os.path.join(ROOT, "deploy", "helm", "vaultfs"), json.dumps(values)],
                          capture_output=True, text=True)
@@ -106,6 +109,7 @@ def phase_helm(r, bao):
     try:
         install(r, ov, "Helm chart")
         r.guard("Helm chart install: publish and read from a pod", checks_reload.helm_read, r)
+        r.guard("shared identity", checks_shared.shared_identity, r, bao)
     finally:
         uninstall(r, ov, "Helm chart")
 
