@@ -254,6 +254,12 @@ impl Reloader {
         self.wake.notify_one();
     }
 
+    /// Whether a change waits for its signal.
+    #[cfg(test)]
+    pub(crate) fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
     /// Sends the signal after changes, until the task is aborted (the volume's teardown).
     pub async fn run(self: Arc<Self>) {
         let mut last_sent: Option<Instant> = None;

@@ -204,10 +204,16 @@ impl<S: Identity> Volume<S> {
         let invalidate_files = fs::swap_hook(spec.clone(), invalidate);
         let on_swap: Arc<dyn Fn(&SecretPath) + Send + Sync> = match reloader.clone() {
             // The kernel's invalidations are queued first: the signal follows the new version.
-            Some(reloader) => Arc::new(move |path| {
-                invalidate_files(path);
-                reloader.changed();
-            }),
+            // A shared cache tells every volume of every path: only this volume's files count.
+            Some(reloader) => {
+                let spec = spec.clone();
+                Arc::new(move |path| {
+                    invalidate_files(path);
+                    if spec.files_of(path).next().is_some() {
+                        reloader.changed();
+                    }
+                })
+            }
             None => Arc::new(invalidate_files),
         };
         let hook = || -> crate::cache::SwapHook {
@@ -425,6 +431,7 @@ impl<S: Identity> Serving<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reload::ReloadConfig;
     use crate::source::mock::MockSource;
     use crate::spec::parse_secret_arg;
 
@@ -551,5 +558,54 @@ mod tests {
         b.tear_down().await.unwrap();
         assert_eq!(source.revoked(), vec![lease_a, lease_b]);
         assert!(source.identity_calls().revoked, "the last volume revokes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_cache_signals_only_the_volumes_that_show_the_changed_secret() {
+        let source = Arc::new(MockSource::new());
+        source.put("secret/db", &[("password", "v1")]);
+        source.put("secret/other", &[("k", "v1")]);
+        let metrics = Arc::new(Metrics::new());
+        let shared = SharedIdentity::new(source.clone(), CacheConfig::default(), &metrics);
+        let reloading = |name: &str| VolumeConfig {
+            reload: Some(ReloadConfig {
+                signal: "SIGHUP".parse().unwrap(),
+                target: crate::reload::Target::PidFile("/nonexistent".into()),
+                min_interval: Duration::from_secs(1),
+            }),
+            ..config(name)
+        };
+        let db = Volume::build_on(&shared, spec(), reloading("db"), Box::new(|_| {}), &metrics)
+            .expect("the identity is in use");
+        let other_spec =
+            VolumeSpec::new(vec![parse_secret_arg("k=secret/other#k").unwrap()]).unwrap();
+        let other = Volume::build_on(
+            &shared,
+            other_spec,
+            config("other"),
+            Box::new(|_| {}),
+            &metrics,
+        )
+        .expect("the identity is in use");
+        let (db_path, other_path) = (
+            SecretPath::parse("secret/db").unwrap(),
+            SecretPath::parse("secret/other").unwrap(),
+        );
+        db.cache.get(&db_path).await.unwrap();
+        other.cache.get(&other_path).await.unwrap();
+
+        source.put("secret/other", &[("k", "v2")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        other.cache.get(&other_path).await.unwrap();
+        let reloader = db.reloader.as_ref().expect("db reloads");
+        assert!(!reloader.is_pending(), "a secret db does not show changed");
+
+        source.put("secret/db", &[("password", "v2")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        other.cache.get(&db_path).await.unwrap();
+        assert!(
+            reloader.is_pending(),
+            "db's secret changed, whoever read it"
+        );
     }
 }

@@ -1212,7 +1212,11 @@ fn helm_chart_lints_renders_and_passes_strict_validation() {
         assert_eq!(plugin_pod["hostPID"] == true, reload, "{what}: hostPID");
         assert_eq!(inv.has("allow-reload-signals"), reload, "{what}");
         let share = values["shareIdentities"] == true;
-        assert_eq!(inv.has("share-identities"), share, "{what}: --share-identities");
+        assert_eq!(
+            inv.has("share-identities"),
+            share,
+            "{what}: --share-identities"
+        );
         let keeper = values["keeper"]["enabled"] != false;
         if keeper {
             let (_, keeper_pod, _) = workload_running(&objs, "keeper");
