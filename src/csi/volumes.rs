@@ -7,7 +7,7 @@
 //! Vault types; identities are made from a source-neutral `Login` by a `Connect` function
 //! (`VaultServers::connector` in production, `MockSource` in the contract tier).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -473,9 +473,8 @@ impl<S: Identity> VolumeManager<S> {
                 CsiError::InvalidArgument(format!("volumeAttributes.vaultServer: {e}"))
             })
         };
-        let key = login
-            .identity_key(params.cache_ttl)
-            .filter(|_| self.config.share_identities)
+        let key = self
+            .identity_key(&login, params)
             .filter(|_| token_is_of(&login));
         let Some(key) = key else {
             let volume = Volume::build(
@@ -517,6 +516,13 @@ impl<S: Identity> VolumeManager<S> {
         )
         .expect("a new shared identity is open");
         Ok((volume, Joined::First(key_name)))
+    }
+
+    /// The key of the shared identity a volume of `params` joins, with `--share-identities`.
+    fn identity_key(&self, login: &Login, params: &Params) -> Option<IdentityKey> {
+        login
+            .identity_key(params.cache_ttl)
+            .filter(|_| self.config.share_identities)
     }
 
     /// Keeps the Vault session and leased values of `volume` in the store under the names of
@@ -661,8 +667,18 @@ impl<S: Identity> VolumeManager<S> {
         self.next_slot
             .fetch_max(highest.0.saturating_add(1), Ordering::AcqRel);
         let mut recovered = 0;
+        // Shared identities some recorded volume had: a stashed session none of the recovered
+        // volumes took is no one's.
+        let mut had_identities = HashSet::new();
         for record in records {
             let target = PathBuf::from(&record.target_path);
+            if let Some(key) = record
+                .params(&self.config)
+                .ok()
+                .and_then(|params| self.identity_key(&login_of(&params), &params))
+            {
+                had_identities.insert(key);
+            }
             if target.parent().is_none_or(|p| !p.exists()) {
                 tracing::info!(target = %target.display(), "pod is gone; forgetting its volume");
                 let _ = match taken {
@@ -687,6 +703,17 @@ impl<S: Identity> VolumeManager<S> {
                         store.forget(&session_key(record.slot));
                     }
                     tracing::warn!(target = %target.display(), error = %e, "could not recover a volume; kubelet's next republish will retry")
+                }
+            }
+        }
+        if let Some(store) = &self.sessions {
+            let identities = self.identities.lock();
+            for key in had_identities {
+                let taken = identities
+                    .get(&key)
+                    .is_some_and(|shared| shared.strong_count() > 0);
+                if !taken {
+                    store.forget(&key.stable_name());
                 }
             }
         }
