@@ -63,6 +63,9 @@ pub struct Volume<S> {
     spec: Arc<VolumeSpec>,
     reloader: Option<Arc<Reloader>>,
     ttl: Duration,
+    /// The volume's name in metric labels, and the metrics.
+    name: String,
+    metrics: Arc<Metrics>,
 }
 
 /// What the volumes of one identity share (`vaultfs csi --share-identities`): the identity,
@@ -73,16 +76,22 @@ pub struct Volume<S> {
 pub struct SharedIdentity<S> {
     source: Arc<S>,
     cache: Arc<SecretCache<S>>,
-    /// Volumes using it; `None` once the last one left.
+    /// Volumes using it (and holds taken while volumes are recovered); `None` once the last
+    /// one left.
     users: parking_lot::Mutex<Option<usize>>,
     /// The identity's background work (token renewal), run once for all its volumes.
     serving: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Its session was taken over from a predecessor daemon (leases read under it live on).
     resumed: std::sync::atomic::AtomicBool,
+    /// Set once the last volume left and everything it held is revoked: a volume of the same
+    /// identity waits for it before making a new one, so the two never write the keeper's
+    /// records of the identity at once.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl<S: Identity> SharedIdentity<S> {
-    /// An identity over `source`, with a cache of `config`; no volume uses it yet.
+    /// An identity over `source`, with a cache of `config` (its bounds are per volume: the
+    /// shared cache holds as much as all its volumes' caches would); no volume uses it yet.
     pub fn new(source: Arc<S>, config: CacheConfig, metrics: &Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             cache: Arc::new(SecretCache::new(source.clone(), config, metrics.clone())),
@@ -90,6 +99,7 @@ impl<S: Identity> SharedIdentity<S> {
             users: parking_lot::Mutex::new(Some(0)),
             serving: parking_lot::Mutex::default(),
             resumed: Default::default(),
+            closed: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -103,15 +113,25 @@ impl<S: Identity> SharedIdentity<S> {
         self.users.lock().unwrap_or(0)
     }
 
-    /// Counts one more volume; `false` once the last one left (make a new one).
-    fn join(&self) -> bool {
-        match self.users.lock().as_mut() {
-            Some(users) => {
-                *users += 1;
-                true
-            }
-            None => false,
-        }
+    /// Whether its last volume left (it may still be revoking what it held).
+    pub fn is_closing(&self) -> bool {
+        self.users.lock().is_none()
+    }
+
+    /// Waits until a closing identity has revoked everything it held.
+    pub async fn closed(&self) {
+        let _ = self.closed.subscribe().wait_for(|closed| *closed).await;
+    }
+
+    /// Counts one more volume (or hold); `false` once the last one left (make a new one).
+    pub fn join(&self) -> bool {
+        let mut users = self.users.lock();
+        let Some(n) = users.as_mut() else {
+            return false;
+        };
+        *n += 1;
+        self.cache.scale_bounds(*n);
+        true
     }
 
     /// Counts one volume less; `true` for the last, which closes it for good.
@@ -120,20 +140,45 @@ impl<S: Identity> SharedIdentity<S> {
         match users.as_mut() {
             Some(n) if *n > 1 => {
                 *n -= 1;
+                self.cache.scale_bounds(*n);
                 false
             }
             _ => {
                 *users = None;
+                if let Some(serving) = self.serving.lock().take() {
+                    serving.abort();
+                }
                 true
             }
         }
     }
 
-    /// Starts the identity's background work once, for every volume that will join.
-    fn serve(&self, paths: Vec<SecretPath>) {
+    /// Lets go of a hold `join` took without a volume (recovery keeps one until every recorded
+    /// volume is back): when nothing else uses the identity, it is closed.
+    pub async fn release(&self) {
+        if self.leave() {
+            self.close().await;
+        }
+    }
+
+    /// Revokes what the identity holds once its last user left: the shared leases while the
+    /// token still works, then the token; wipes the shared cache.
+    async fn close(&self) {
+        self.cache.revoke_leases().await;
+        self.source.revoke().await;
+        self.cache.clear();
+        self.closed.send_replace(true);
+    }
+
+    /// Starts the identity's background work once, for every volume that will join; a later
+    /// volume's paths are learnt by a task of that volume.
+    fn serve(&self, paths: Vec<SecretPath>, tasks: &mut tokio::task::JoinSet<()>) {
         let mut serving = self.serving.lock();
-        if serving.is_none() {
-            *serving = Some(tokio::spawn(self.source.clone().serve(paths)));
+        match *serving {
+            None => *serving = Some(tokio::spawn(self.source.clone().serve(paths))),
+            Some(_) => {
+                tasks.spawn(self.source.clone().learn(paths));
+            }
         }
     }
 }
@@ -225,6 +270,7 @@ impl<S: Identity> Volume<S> {
             let subscription = shared.cache.subscribe(hook());
             (shared, subscription)
         });
+        let name = config.name.clone();
         let fs = Arc::new(VaultFs::new(
             spec.clone(),
             cache.clone(),
@@ -247,6 +293,8 @@ impl<S: Identity> Volume<S> {
             spec,
             reloader,
             ttl,
+            name,
+            metrics: metrics.clone(),
         }
     }
 
@@ -317,7 +365,7 @@ impl<S: Identity> Volume<S> {
             .filter_map(|e| e.secret().map(|(p, _)| p.clone()))
             .collect();
         match &self.shared {
-            Some((shared, _)) => shared.serve(paths),
+            Some((shared, _)) => shared.serve(paths, &mut tasks),
             None => {
                 tasks.spawn(self.source.clone().serve(paths));
             }
@@ -336,26 +384,36 @@ impl<S: Identity> Volume<S> {
     /// Gives up a volume that never served: revokes the token a login may have obtained
     /// (a shared identity's only when this was its last volume).
     pub async fn abandon(self) {
-        if self.leave() {
-            self.source.revoke().await;
+        match self.leave() {
+            Left::Alone => self.source.revoke().await,
+            Left::Last(shared) => shared.close().await,
+            Left::Others => {}
         }
     }
 
-    /// Stops telling this volume of swaps and leaves its shared identity, if any: `true` when
-    /// the identity is this volume's alone now (its session is to be revoked).
-    fn leave(&self) -> bool {
+    /// Stops telling this volume of swaps and leaves its shared identity, if any.
+    fn leave(&self) -> Left<'_, S> {
         self.cache.unsubscribe(self.subscription);
-        self.shared.as_ref().is_none_or(|(shared, subscription)| {
-            shared.cache.unsubscribe(*subscription);
-            let last = shared.leave();
-            if last {
-                if let Some(serving) = shared.serving.lock().take() {
-                    serving.abort();
-                }
-            }
-            last
-        })
+        let Some((shared, subscription)) = &self.shared else {
+            return Left::Alone;
+        };
+        shared.cache.unsubscribe(*subscription);
+        if shared.leave() {
+            Left::Last(shared)
+        } else {
+            Left::Others
+        }
     }
+}
+
+/// What a volume leaving its identity leaves behind.
+enum Left<'a, S> {
+    /// Its own identity: its session is to be revoked.
+    Alone,
+    /// A shared identity it was the last user of: to be closed.
+    Last(&'a Arc<SharedIdentity<S>>),
+    /// A shared identity other volumes still use.
+    Others,
 }
 
 /// The watch of a volume with a reload signal, the one case where vaultfs asks Vault about
@@ -387,6 +445,11 @@ impl<S: Identity> Serving<S> {
         self.mounted.as_ref().and_then(|m| m.mount_id())
     }
 
+    /// Whether the volume shares its identity with others (`--share-identities`).
+    pub fn is_shared(&self) -> bool {
+        self.volume.shared.is_some()
+    }
+
     /// Hands a fresh login credential to the volume (a CSI republish's token).
     pub fn set_credential(&self, credential: Token) {
         self.volume.source.set_credential(credential);
@@ -400,21 +463,17 @@ impl<S: Identity> Serving<S> {
         let unmounted = self.mounted.take().map_or(Ok(()), |m| m.unmount());
         let volume = &self.volume;
         // A shared identity and its cache stay while other volumes use them; the volume's own
-        // leased values go with it.
-        let last = volume.leave();
+        // leased values go with it, while the token still works.
+        let left = volume.leave();
         volume.cache.revoke_leases().await;
-        let shared = volume.shared.as_ref().map(|(shared, _)| &shared.cache);
-        if last {
-            if let Some(shared) = shared {
-                shared.revoke_leases().await;
-            }
-            volume.source.revoke().await;
+        match left {
+            Left::Alone => volume.source.revoke().await,
+            Left::Last(shared) => shared.close().await,
+            // Its own series go (the identity's Vault series are labelled by its first volume).
+            Left::Others => volume.metrics.forget_volume(&volume.name),
         }
         volume.fs.forget_reported();
         volume.cache.clear();
-        if let Some(shared) = shared.filter(|_| last) {
-            shared.clear();
-        }
         unmounted
     }
 
@@ -422,6 +481,12 @@ impl<S: Identity> Serving<S> {
     /// the mount stays (dead once the process exits) for the next daemon to serve again.
     pub fn leave_for_restart(mut self) {
         self.tasks.abort_all();
+        // Nor does a shared identity renew or replace its token while the successor starts.
+        if let Some((shared, _)) = &self.volume.shared {
+            if let Some(serving) = shared.serving.lock().take() {
+                serving.abort();
+            }
+        }
         if let Some(mounted) = self.mounted.take() {
             std::mem::forget(mounted);
         }

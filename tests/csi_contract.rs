@@ -757,28 +757,70 @@ async fn a_template_with_a_syntax_error_is_refused_at_publish_naming_entry_line_
     p.stop().await;
 }
 
+/// A service-account token as kubelet hands it over: a JWT whose subject is the account.
+fn service_account_jwt(namespace: &str, account: &str) -> String {
+    use base64::Engine;
+    let claims = format!(r#"{{"sub":"system:serviceaccount:{namespace}:{account}"}}"#);
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims);
+    format!("eyJhbGciOiJSUzI1NiJ9.{payload}.signature")
+}
+
+/// The publish of pod `namespace/name` (service account `account`) as kubelet sends it, with
+/// its target.
+fn pod_of(
+    p: &Plugin,
+    name: &str,
+    namespace: &str,
+    account: &str,
+    volume_id: &str,
+) -> (PathBuf, pb::NodePublishVolumeRequest) {
+    let target = p.target(name);
+    let mut req = request(&target, &service_account_jwt(namespace, account));
+    req.volume_id = volume_id.into();
+    let context = &mut req.volume_context;
+    context.insert("csi.storage.k8s.io/pod.name".into(), name.into());
+    context.insert("csi.storage.k8s.io/pod.namespace".into(), namespace.into());
+    context.insert(
+        "csi.storage.k8s.io/serviceAccount.name".into(),
+        account.into(),
+    );
+    (target, req)
+}
+
+#[tokio::test]
+async fn with_shared_identities_a_refused_login_fails_the_pods_that_joined_while_it_ran() {
+    let mut p = Plugin::start_sharing().await;
+    {
+        let mut logins = p.logins.lock();
+        logins.refusal = Some(SourceError::LoginRefused(
+            "service account name not authorized".into(),
+        ));
+        logins.latency = Duration::from_millis(500);
+    }
+    let (_, req_a) = pod_of(&p, "pod-a", "team-a", "app", "csi-a");
+    let (_, req_b) = pod_of(&p, "pod-b", "team-a", "app", "csi-b");
+    let mut node = p.node.clone();
+    let first = tokio::spawn(async move { node.node_publish_volume(req_a).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let joined = p.publish(req_b).await.unwrap_err();
+    let first = first.await.unwrap().unwrap_err();
+    for status in [first, joined] {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("not authorized"), "{status:?}");
+    }
+    assert_eq!(p.made.lock().len(), 1, "pod-b joined pod-a's identity");
+    assert_eq!(p.identity(0).0.logins, 1, "and logged in no second time");
+    assert!(p.fake.mounted().is_empty());
+    assert_eq!(p.manager.len(), 0);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn with_shared_identities_pods_of_one_service_account_share_one_login_and_the_last_revokes() {
     let mut p = Plugin::start_sharing().await;
-    // A service-account token as kubelet hands it over: a JWT whose subject is the account.
-    let jwt = |namespace: &str, account: &str| {
-        use base64::Engine;
-        let claims = format!(r#"{{"sub":"system:serviceaccount:{namespace}:{account}"}}"#);
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims);
-        format!("eyJhbGciOiJSUzI1NiJ9.{payload}.signature")
-    };
+    let jwt = service_account_jwt;
     let pod = |name: &str, namespace: &str, account: &str, volume_id: &str| {
-        let target = p.target(name);
-        let mut req = request(&target, &jwt(namespace, account));
-        req.volume_id = volume_id.into();
-        let context = &mut req.volume_context;
-        context.insert("csi.storage.k8s.io/pod.name".into(), name.into());
-        context.insert("csi.storage.k8s.io/pod.namespace".into(), namespace.into());
-        context.insert(
-            "csi.storage.k8s.io/serviceAccount.name".into(),
-            account.into(),
-        );
-        (target, req)
+        pod_of(&p, name, namespace, account, volume_id)
     };
     let (a, req_a) = pod("pod-a", "team-a", "app", "csi-a");
     let (b, req_b) = pod("pod-b", "team-a", "app", "csi-b");

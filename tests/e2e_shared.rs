@@ -40,8 +40,8 @@ fn requests_to(bao: &Bao, path: &str) -> usize {
         .count()
 }
 
-/// Publishes `pod`'s volume `secrets` through `daemon`, logging in as `role`; panics with the
-/// daemon's output when refused.
+/// Publishes `pod`'s volume `secrets` through `daemon`, logging in as `role`, with cacheTTL
+/// 1 h; panics with the daemon's output when refused.
 fn publish(
     node: &CsiNode,
     daemon: &CsiDaemon,
@@ -50,7 +50,20 @@ fn publish(
     role: &str,
     secrets: &str,
 ) -> PathBuf {
-    let (request, target) = jwt_publish(node, pod, key, role, secrets, &[("cacheTTL", "1h")]);
+    publish_with(node, daemon, key, pod, role, secrets, &[("cacheTTL", "1h")])
+}
+
+/// [`publish`] with these attributes.
+fn publish_with(
+    node: &CsiNode,
+    daemon: &CsiDaemon,
+    key: &SigningKey,
+    pod: &Pod,
+    role: &str,
+    secrets: &str,
+    attributes: &[(&str, &str)],
+) -> PathBuf {
+    let (request, target) = jwt_publish(node, pod, key, role, secrets, attributes);
     if let Err(s) = daemon.client().publish(request) {
         panic!(
             "publish of {}'s volume failed with {}; daemon output:\n{}",
@@ -234,9 +247,18 @@ path "sys/leases/revoke" { capabilities = ["update"] }"#,
     let own = format!("- {{name: user, path: {CREDS_PATH}, key: username}}\n");
     let shared = format!("- {{name: user, path: {CREDS_PATH}, key: username, share: true}}\n");
 
+    // Strict: every open asks the daemon, so a credential issued anew would be seen.
     let publish_reading = |name: &str, secrets: &str| {
         let pod = Pod::new("ns", name, "app");
-        let target = publish(&node, &daemon, &key, &pod, "app", secrets);
+        let target = publish_with(
+            &node,
+            &daemon,
+            &key,
+            &pod,
+            "app",
+            secrets,
+            &[("cacheTTL", "1h"), ("consistency", "strict")],
+        );
         let user = read_string(target.join("user"));
         (pod, target, user)
     };
@@ -294,7 +316,12 @@ path "sys/leases/revoke" { capabilities = ["update"] }"#,
     daemon.kill();
     daemon = start();
     for (_, target, user) in singles.iter().chain(&sharers) {
-        assert_eq!(&read_string(target.join("user")), user, "after kill -9");
+        assert_eq!(
+            &read_string(target.join("user")),
+            user,
+            "after kill -9; daemon output:\n{}",
+            node.all_logs()
+        );
     }
     assert_eq!(logins(&bao), 1, "no login after kill -9");
     assert_eq!(

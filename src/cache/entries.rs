@@ -77,7 +77,7 @@ impl<S: SecretSource> SecretCache<S> {
         }
         let entry = Arc::new(Entry::default());
         entries.lru.push(path.clone(), entry.clone());
-        while entries.lru.len() > self.config.max_entries.get() {
+        while entries.lru.len() > self.max_entries() {
             if !self.evict_lru(&mut entries) {
                 break;
             }
@@ -167,9 +167,9 @@ impl<S: SecretSource> SecretCache<S> {
                 // least recently used first. Evicting a value an open file still holds frees
                 // nothing, so that stops the eviction unless the cached bytes alone are over.
                 while entries.lru.len() > 1 {
-                    let cached_over = entries.bytes > self.config.max_bytes;
+                    let cached_over = entries.bytes > self.max_bytes();
                     let held = self.held_bytes();
-                    if !cached_over && held <= self.config.max_bytes {
+                    if !cached_over && held <= self.max_bytes() {
                         break;
                     }
                     if !cached_over && Self::lru_is_pinned(&entries) {

@@ -29,7 +29,11 @@ impl<S: SecretSource> SecretCache<S> {
     /// only the volume's own leased values; `share` names the paths whose leased values the
     /// volume shares with the identity's other volumes.
     pub fn layered(shared: &Arc<Self>, share: HashSet<SecretPath>) -> Self {
-        shared.shared_leased.lock().extend(share.iter().cloned());
+        {
+            // Under the table's lock: `hand_over` decides under it too.
+            let _entries = shared.entries.lock();
+            shared.shared_leased.lock().extend(share.iter().cloned());
+        }
         let mut own = Self::new(
             shared.source.clone(),
             shared.config.clone(),
@@ -46,7 +50,13 @@ impl<S: SecretSource> SecretCache<S> {
     /// the leased ones this volume keeps for itself.
     pub(super) fn answered_by_shared(&self, path: &SecretPath) -> Option<&Arc<Self>> {
         let layer = self.layer.as_ref()?;
-        let own = !layer.share.contains(path) && layer.shared.leased.lock().contains(path);
+        if layer.share.contains(path) {
+            return Some(&layer.shared);
+        }
+        // Leased: known to the shared cache, or to this one (a value taken over from a
+        // predecessor daemon, which the new shared cache has never seen).
+        let own = self.leased.lock().contains(path);
+        let own = own || layer.shared.leased.lock().contains(path);
         (!own).then_some(&layer.shared)
     }
 
@@ -81,11 +91,11 @@ impl<S: SecretSource> SecretCache<S> {
         path: &SecretPath,
         content: &Arc<Content>,
     ) -> Option<(Fetched, HeldLease, SystemTime)> {
-        if self.shared_leased.lock().contains(path) {
-            return None;
-        }
         let handed = {
             let mut entries = self.entries.lock();
+            if self.shared_leased.lock().contains(path) {
+                return None;
+            }
             let entry = entries.lru.peek(path)?.clone();
             let mut state = entry.state.lock();
             let current = state.current.as_ref()?;
@@ -233,5 +243,32 @@ mod tests {
             "the first read is kept by one volume, not wasted"
         );
         assert_eq!(shared.usage().1, 0);
+    }
+
+    /// Real time: leases handed to a successor travel on the node's clock.
+    #[tokio::test]
+    async fn a_volumes_own_lease_taken_over_by_a_successor_is_served_not_read_again() {
+        let source = Arc::new(MockSource::new());
+        source.put_unversioned("database/creds/app", &[("password", "gen")]);
+        source.set_lease(
+            Some(Duration::from_secs(60)),
+            Some(Duration::from_secs(600)),
+        );
+        let p = path("database/creds/app");
+        let (_, own) = layers(&source, &[]);
+        let handed = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let record = handed.clone();
+        own[0].on_leases_change(Arc::new(move |leases| *record.lock() = leases));
+        let before = lease_of(&own[0].get(&p).await.unwrap());
+
+        // The successor's shared cache has never seen the path.
+        let (shared, successor) = layers(&source, &[]);
+        let reads = source.reads();
+        assert_eq!(successor[0].adopt_leases(handed.lock().clone()), 1);
+        let after = successor[0].get(&p).await.unwrap();
+        assert_eq!(lease_of(&after), before, "the same credential");
+        assert_eq!(source.reads(), reads, "nothing read again");
+        assert!(successor[0].remaining(&p, &after) > Duration::ZERO);
+        assert_eq!(shared.usage(), (0, 0));
     }
 }

@@ -137,6 +137,8 @@ pub struct SecretCache<S> {
     shared_leased: Mutex<HashSet<SecretPath>>,
     /// Of a volume's cache over its identity's shared cache (`layered`).
     layer: Option<Layer<S>>,
+    /// The entry and byte bounds are `config`'s times this (a shared cache: its volumes).
+    scale: AtomicUsize,
 }
 
 impl<S: SecretSource> SecretCache<S> {
@@ -163,6 +165,7 @@ impl<S: SecretSource> SecretCache<S> {
             leased: Mutex::default(),
             shared_leased: Mutex::default(),
             layer: None,
+            scale: AtomicUsize::new(1),
         }
     }
 
@@ -285,6 +288,22 @@ impl<S: SecretSource> SecretCache<S> {
             current
         }?;
         Some(self.remaining(path, &current))
+    }
+
+    /// Holds `volumes` volumes' worth: the entry and byte bounds become `volumes` times the
+    /// configured ones (a shared cache, as its volumes' own caches would together).
+    pub fn scale_bounds(&self, volumes: usize) {
+        self.scale.store(volumes.max(1), Ordering::Release);
+    }
+
+    fn max_entries(&self) -> usize {
+        let scale = self.scale.load(Ordering::Acquire);
+        self.config.max_entries.get().saturating_mul(scale)
+    }
+
+    fn max_bytes(&self) -> usize {
+        let scale = self.scale.load(Ordering::Acquire);
+        self.config.max_bytes.saturating_mul(scale)
     }
 
     /// Bytes of every version alive: cached, and older versions still open.

@@ -75,6 +75,9 @@ pub struct VolumeManager<S> {
     sessions: Option<Arc<dyn SessionStore>>,
     /// The shared identities volumes may join (`--share-identities`), by key.
     identities: Mutex<HashMap<IdentityKey, Weak<SharedIdentity<S>>>>,
+    /// While `recover` runs: a hold on each shared identity a recovered volume made, so that
+    /// one volume failing to come back does not revoke a session the others still need.
+    recovering: Mutex<Option<Vec<Arc<SharedIdentity<S>>>>>,
 }
 
 /// What the volume of `params` logs in with.
@@ -187,6 +190,7 @@ impl<S: Identity> VolumeManager<S> {
             target_locks: Mutex::new(HashMap::new()),
             sessions: None,
             identities: Mutex::new(HashMap::new()),
+            recovering: Mutex::new(None),
         }
     }
 
@@ -269,7 +273,11 @@ impl<S: Identity> VolumeManager<S> {
                 )));
             }
             Some(volume) => {
-                volume.serving.set_credential(params.token.clone());
+                // A shared identity's login credential is any of its pods' tokens: only one of
+                // the service account kubelet reports may become it.
+                if !volume.serving.is_shared() || token_is_of(&login_of(&params)) {
+                    volume.serving.set_credential(params.token.clone());
+                }
                 Some(volume.slot)
             }
             None => None,
@@ -291,24 +299,29 @@ impl<S: Identity> VolumeManager<S> {
         self.mounter.publishable(params.consistency)?;
         let room = self.reserve_room()?;
         let slot = self.new_slot()?;
-        let (volume, joined) = self.assemble(&params, slot)?;
+        let (volume, joined) = self.assemble(&params, slot).await?;
         self.keep_sessions(&volume, &Stash::of(slot, &joined));
         if joined == Joined::Shared {
-            // Its identity is logged in (or logging in) for the volumes that share it.
+            // Its identity is logged in (or logging in) for the volumes that share it: the
+            // freshest token becomes its login credential, and a refused login of the identity
+            // fails this publish too.
             tracing::info!(volume = %params.label, "joined the shared identity of its service account");
-            let mounted = self.mount(&params, slot, &volume);
-            return self.install(params, slot, volume, mounted, room).await;
+            volume.source().set_credential(params.token.clone());
         }
         // A pod must not wait long on an unreachable Vault: give the login a short bound
         // and mount anyway when it runs out (the first read logs in).
         let wait = self.config.vault_timeout.min(PUBLISH_LOGIN_WAIT);
-        let login = tokio::time::timeout(wait, volume.source().login())
-            .await
-            .unwrap_or_else(|_| {
-                Err(SourceError::Unavailable(format!(
-                    "no answer within {wait:?}"
-                )))
-            });
+        let login = async {
+            match joined {
+                Joined::Shared => volume.source().ready().await,
+                Joined::Alone | Joined::First(_) => volume.source().login().await,
+            }
+        };
+        let login = tokio::time::timeout(wait, login).await.unwrap_or_else(|_| {
+            Err(SourceError::Unavailable(format!(
+                "no answer within {wait:?}"
+            )))
+        });
         match login {
             Ok(()) => {}
             Err(SourceError::Unavailable(reason)) => tracing::warn!(
@@ -396,7 +409,7 @@ impl<S: Identity> VolumeManager<S> {
             Slot::SINGLE => self.new_slot()?,
             slot => slot,
         };
-        let (volume, joined) = self.assemble(&params, slot)?;
+        let (volume, joined) = self.assemble(&params, slot).await?;
         let stash = Stash::of(slot, &joined);
         if let Some(store) = self.sessions.clone() {
             let (session, identity, own) = (
@@ -404,9 +417,21 @@ impl<S: Identity> VolumeManager<S> {
                 stash.identity.clone(),
                 stash.own.clone(),
             );
+            let first = matches!(joined, Joined::First(_));
+            let shared = joined != Joined::Alone;
             let (session, own_leases, shared_leases) = tokio::task::spawn_blocking(move || {
+                let mut session = session.as_ref().and_then(|key| store.take(key));
+                if shared {
+                    // A volume of a shared identity may have had a session of its own (the
+                    // previous daemon ran without --share-identities): the first volume's
+                    // becomes the identity's; the others' are let go (they expire).
+                    let own_session = store.take(&own);
+                    if first && session.is_none() {
+                        session = own_session;
+                    }
+                }
                 (
-                    session.and_then(|key| store.take(&key)),
+                    session,
                     store.take_leases(&own),
                     identity
                         .map(|key| store.take_leases(&key))
@@ -442,8 +467,14 @@ impl<S: Identity> VolumeManager<S> {
     /// pod's token), cache and files, wired to its connection's kernel notifications. With
     /// `--share-identities`, a volume whose identity another volume has already joins that
     /// identity and its cache (`Joined::Shared`: no login of its own).
-    fn assemble(&self, params: &Params, slot: Slot) -> Result<(Volume<S>, Joined), CsiError> {
+    async fn assemble(&self, params: &Params, slot: Slot) -> Result<(Volume<S>, Joined), CsiError> {
         let login = login_of(params);
+        let key = self
+            .identity_key(&login, params)
+            .filter(|_| token_is_of(&login));
+        if let Some(key) = &key {
+            self.wait_closing(key).await;
+        }
         let config = || VolumeConfig {
             name: params.label.clone(),
             pod: params.pod.clone(),
@@ -473,9 +504,6 @@ impl<S: Identity> VolumeManager<S> {
                 CsiError::InvalidArgument(format!("volumeAttributes.vaultServer: {e}"))
             })
         };
-        let key = self
-            .identity_key(&login, params)
-            .filter(|_| token_is_of(&login));
         let Some(key) = key else {
             let volume = Volume::build(
                 connect(login)?,
@@ -507,6 +535,11 @@ impl<S: Identity> VolumeManager<S> {
         let shared = SharedIdentity::new(connect(login)?, config.cache.clone(), &self.metrics);
         let key_name = key.stable_name();
         identities.insert(key, Arc::downgrade(&shared));
+        if let Some(holds) = self.recovering.lock().as_mut() {
+            if shared.join() {
+                holds.push(shared.clone());
+            }
+        }
         let volume = Volume::build_on(
             &shared,
             params.spec.clone(),
@@ -516,6 +549,23 @@ impl<S: Identity> VolumeManager<S> {
         )
         .expect("a new shared identity is open");
         Ok((volume, Joined::First(key_name)))
+    }
+
+    /// Waits (bounded) until an identity of `key` whose last volume left has revoked what it
+    /// held, so that a new identity of the same key starts after it (the keeper's records of
+    /// the identity are written by one of them at a time).
+    async fn wait_closing(&self, key: &IdentityKey) {
+        let closing = self
+            .identities
+            .lock()
+            .get(key)
+            .and_then(Weak::upgrade)
+            .filter(|shared| shared.is_closing());
+        if let Some(shared) = closing {
+            // Revoking leases and the token each take at most `vault_timeout`.
+            let bound = self.config.vault_timeout * 2 + Duration::from_secs(1);
+            let _ = tokio::time::timeout(bound, shared.closed()).await;
+        }
     }
 
     /// The key of the shared identity a volume of `params` joins, with `--share-identities`.
@@ -667,15 +717,17 @@ impl<S: Identity> VolumeManager<S> {
         self.next_slot
             .fetch_max(highest.0.saturating_add(1), Ordering::AcqRel);
         let mut recovered = 0;
+        *self.recovering.lock() = Some(Vec::new());
         // Shared identities some recorded volume had: a stashed session none of the recovered
         // volumes took is no one's.
         let mut had_identities = HashSet::new();
         for record in records {
             let target = PathBuf::from(&record.target_path);
+            // Whether sharing is on now or not: a predecessor may have had it.
             if let Some(key) = record
                 .params(&self.config)
                 .ok()
-                .and_then(|params| self.identity_key(&login_of(&params), &params))
+                .and_then(|params| login_of(&params).identity_key(params.cache_ttl))
             {
                 had_identities.insert(key);
             }
@@ -705,6 +757,10 @@ impl<S: Identity> VolumeManager<S> {
                     tracing::warn!(target = %target.display(), error = %e, "could not recover a volume; kubelet's next republish will retry")
                 }
             }
+        }
+        let holds = self.recovering.lock().take().unwrap_or_default();
+        for shared in holds {
+            shared.release().await;
         }
         if let Some(store) = &self.sessions {
             let identities = self.identities.lock();

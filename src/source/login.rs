@@ -53,8 +53,10 @@ pub struct IdentityKey {
 }
 
 impl IdentityKey {
-    /// A name for this identity that every daemon computes alike (FNV-1a of its parts, not
-    /// the process's random hasher): what its session is stashed under for a successor.
+    /// A name for this identity that every daemon computes alike (not the process's random
+    /// hasher): what its session is stashed under for a successor. SHA-256 of its parts, each
+    /// length-prefixed: parts a pod writes (role, auth mount) cannot make two identities'
+    /// names collide.
     pub fn stable_name(&self) -> String {
         let ttl_ms = self.cache_ttl.as_millis().to_string();
         let parts = [
@@ -66,13 +68,17 @@ impl IdentityKey {
             &self.service_account.name,
             &ttl_ms,
         ];
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
         for part in parts {
-            for b in part.bytes().chain([0]) {
-                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-            }
+            hash.update(&(part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
         }
-        format!("identity-{hash:016x}")
+        // 128 bits of it: the name and its leases record's fit the keeper's 64-byte names.
+        let hex: String = hash.finish().as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("identity-{hex}")
     }
 }
 
@@ -154,9 +160,20 @@ mod tests {
         let name = base.stable_name();
         assert_eq!(name, key(login("team-a", "app")).unwrap().stable_name());
         assert_ne!(name, key(login("team-b", "app")).unwrap().stable_name());
-        assert!(name.starts_with("identity-") && name.len() == "identity-".len() + 16);
+        assert!(name.starts_with("identity-") && name.len() == "identity-".len() + 32);
+        assert!(
+            name.len() + ".leases".len() <= crate::keeper::MAX_NAME_BYTES,
+            "the keeper takes the name and its leases record's"
+        );
+        let mut shifted = login("team-a", "app");
+        shifted.auth_mount.push_str(&shifted.role.split_off(1));
+        assert_ne!(
+            name,
+            key(shifted).unwrap().stable_name(),
+            "parts are length-prefixed: moving bytes between them makes another name"
+        );
         assert_eq!(
-            name, "identity-ea78c3afa587a96b",
+            name, "identity-40f4fb18eb95bd2c9f7a144cb1116c5a",
             "the same in every daemon and every version: a successor finds the session by it"
         );
         let mut undescribed = login("team-a", "app");

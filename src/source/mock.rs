@@ -267,6 +267,19 @@ impl Identity for MockSource {
         self.state.lock().credentials += 1;
     }
 
+    /// Like a login in flight: answers after the latency with the refusal, if logins are
+    /// refused; counts no login.
+    async fn ready(&self) -> Result<(), SourceError> {
+        let latency = self.state.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        match self.state.lock().login_error.clone() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
     async fn serve(self: std::sync::Arc<Self>, _paths: Vec<crate::spec::SecretPath>) {
         self.state.lock().serving = true;
         std::future::pending::<()>().await;

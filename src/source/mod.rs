@@ -254,6 +254,20 @@ pub trait Identity: SecretSource {
     /// the first read how to read `paths` (reading no secret). Runs until aborted.
     fn serve(self: Arc<Self>, paths: Vec<SecretPath>) -> impl Future<Output = ()> + Send;
 
+    /// Learns ahead of the first read how to read `paths` (what `serve` does first), for a
+    /// volume that joins an identity already serving. Reads no secret.
+    fn learn(self: Arc<Self>, paths: Vec<SecretPath>) -> impl Future<Output = ()> + Send {
+        let _ = paths;
+        async {}
+    }
+
+    /// A session to use now: the current one, the one a login in flight brings, or a new
+    /// login; the last login's refusal while it is recent. For a volume joining a shared
+    /// identity, so that its publish fails when the identity's login is refused.
+    fn ready(&self) -> impl Future<Output = Result<(), SourceError>> + Send {
+        async { Ok(()) }
+    }
+
     /// Gives up what this identity obtained (its token); later calls fail.
     fn revoke(&self) -> impl Future<Output = ()> + Send;
 

@@ -172,12 +172,21 @@ impl Identity for VaultSource {
     /// Renews the token, and learns which secret engine serves each path ahead of the first
     /// read so that a cold read costs one round trip (errors are left for the first read).
     async fn serve(self: Arc<Self>, paths: Vec<SecretPath>) {
-        let detect = async {
-            for path in paths {
-                let _ = self.engine(&path).await;
-            }
-        };
-        tokio::join!(self.tokens.run_renewer(&self.client), detect);
+        tokio::join!(
+            self.tokens.run_renewer(&self.client),
+            self.clone().learn(paths)
+        );
+    }
+
+    /// Finds which secret engine serves each of `paths` (errors are left for the first read).
+    async fn learn(self: Arc<Self>, paths: Vec<SecretPath>) {
+        for path in paths {
+            let _ = self.engine(&path).await;
+        }
+    }
+
+    async fn ready(&self) -> Result<(), SourceError> {
+        self.tokens.ready(&self.client).await
     }
 
     fn on_session_change(&self, sink: SessionSink) {

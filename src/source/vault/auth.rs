@@ -184,6 +184,12 @@ impl Tokens {
         Ok(())
     }
 
+    /// A token to use now (the current one, the login in flight's, or a new login), or the
+    /// recent login's refusal.
+    pub(super) async fn ready(&self, client: &Client) -> Result<(), SourceError> {
+        self.token(client).await.map(|_| ())
+    }
+
     /// Tells `sink` every change of the session from now on, and the current one at once.
     pub(super) fn on_session_change(&self, sink: SessionSink) {
         *self.sink.lock() = Some(sink);
