@@ -43,7 +43,7 @@ impl EntryDocument {
                 ..entry(&self.name, path, self.key.clone())?
             }),
             (None, Some(_)) if self.share => Err(bad(
-                "`share` belongs to `path` entries: the leased secrets a template reads are the volume's own",
+                "`share` belongs to `path` entries (a template reads a leased secret shared when a `path` entry of the same secret says `share: true`)",
             )),
             (None, Some(text)) if self.key.is_none() => template_entry(&self.name, text),
             (None, Some(_)) => Err(bad(
