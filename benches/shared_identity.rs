@@ -11,9 +11,10 @@
 //! reported). OpenBao's file audit log counts the logins (`auth/jwt/login`) and the other
 //! Vault requests, for the publishes and for each TTL of the reading. Next to that: the
 //! daemon's resident memory, publish p50/p99, a cold read (the first read of a secret through
-//! a volume) against a direct GET of the same secret on a kept-alive connection, in A the
-//! read of a secret that is cold for a second volume but already in the identity's shared
-//! cache, and a warm `open + read + close` against the same file on tmpfs.
+//! a volume) against a direct GET of the same secret on a kept-alive connection (with the root
+//! token, as `benches/e2e.rs` does, and with a token of the volumes' role, the kind the daemon
+//! sends), in A the read of a secret that is cold for a second volume but already in the
+//! identity's shared cache, and a warm `open + read + close` against the same file on tmpfs.
 //!
 //! Run as root with `cargo bench --bench shared_identity`; `cargo test --all-targets` runs a
 //! small smoke version (3 volumes, 2 secrets, one TTL of 1 s) when `VAULTFS_BENCH_SMOKE=1` is
@@ -33,7 +34,7 @@ use serde_json::{json, Value};
 
 use common::csi::{describe, publish_request, CsiDaemon, CsiNode, Pod};
 use common::jwt::SigningKey;
-use common::k8s::enable_jwt_auth;
+use common::k8s::{enable_jwt_auth, login};
 use common::{audit_time, rss_kib, Bao, DirectVault};
 
 /// Bytes of every secret value (as in `benches/e2e.rs`).
@@ -248,6 +249,16 @@ fn read_loop(
     })
 }
 
+/// One timed step of the cold reads.
+enum Cold {
+    /// The first read of a secret through the first cold-read volume.
+    First,
+    /// The first read of the same secret through the second one.
+    Second,
+    /// A direct GET of the secret: with the root token (0) or a token of the role (1).
+    Get(usize),
+}
+
 /// The figures of one scenario.
 struct Outcome {
     rss_rest: u64,
@@ -264,7 +275,8 @@ struct Outcome {
     /// The first read of each cold secret through the second cold-read volume, after the
     /// first volume read it.
     cold_second: Vec<Duration>,
-    get: Vec<Duration>,
+    /// Direct GETs of the same secrets: with the root token, with a token of the role.
+    get: [Vec<Duration>; 2],
     warm: Vec<Duration>,
     tmpfs: Vec<Duration>,
 }
@@ -278,6 +290,8 @@ struct Scenario<'a> {
     /// flag off and a service account per volume.
     share: bool,
     tmpfs_file: &'a Path,
+    /// A token of [`ROLE`], from a login of this process.
+    role_token: &'a str,
 }
 
 impl Scenario<'_> {
@@ -397,38 +411,44 @@ impl Scenario<'_> {
             timed_read(&target.join(&names[0]), expected, &mut buf);
             (pod, target)
         });
-        let mut direct = DirectVault::connect(self.bao.port());
-        direct.get(&self.bao.data_path(&kv_path(&names[0])));
-        let (mut cold, mut cold_second, mut get) = (Vec::new(), Vec::new(), Vec::new());
+        // Direct GETs with the root token (the baseline of `benches/e2e.rs`) and with a token of
+        // the volumes' role (the kind of token the daemon sends, whose policies OpenBao checks).
+        let mut direct = [
+            DirectVault::connect(self.bao.port()),
+            DirectVault::connect_as(self.bao.port(), self.role_token),
+        ];
+        for d in &mut direct {
+            d.get(&self.bao.data_path(&kv_path(&names[0])));
+        }
+        let (mut cold, mut cold_second) = (Vec::new(), Vec::new());
+        let mut get: [Vec<Duration>; 2] = Default::default();
         for (i, name) in cold_names.iter().enumerate() {
             let value = value_of(name);
-            let mut first = |buf: &mut [u8]| {
-                cold.push(timed_read(&cold_volumes[0].1.join(name), &value, buf));
-            };
-            let mut second = |buf: &mut [u8]| {
-                cold_second.push(timed_read(&cold_volumes[1].1.join(name), &value, buf));
-            };
-            let mut direct_get = || {
-                let start = Instant::now();
-                let n = direct.get(&self.bao.data_path(&kv_path(name)));
-                get.push(start.elapsed());
-                assert!(n > VALUE_SIZE, "direct GET of {name}: {n} bytes");
-            };
-            match i % 3 {
-                0 => {
-                    first(&mut buf);
-                    direct_get();
-                    second(&mut buf);
-                }
-                1 => {
-                    direct_get();
-                    first(&mut buf);
-                    second(&mut buf);
-                }
-                _ => {
-                    first(&mut buf);
-                    second(&mut buf);
-                    direct_get();
+            // The first volume's read, the two GETs in rotating order; the second volume's
+            // read right after the first's or last.
+            let mut order = vec![Cold::First, Cold::Get(0), Cold::Get(1)];
+            order.rotate_left(i % 3);
+            let at = order
+                .iter()
+                .position(|c| matches!(c, Cold::First))
+                .expect("first");
+            order.insert(if i % 2 == 0 { at + 1 } else { 3 }, Cold::Second);
+            for op in order {
+                match op {
+                    Cold::First => {
+                        cold.push(timed_read(&cold_volumes[0].1.join(name), &value, &mut buf))
+                    }
+                    Cold::Second => cold_second.push(timed_read(
+                        &cold_volumes[1].1.join(name),
+                        &value,
+                        &mut buf,
+                    )),
+                    Cold::Get(k) => {
+                        let start = Instant::now();
+                        let n = direct[k].get(&self.bao.data_path(&kv_path(name)));
+                        get[k].push(start.elapsed());
+                        assert!(n > VALUE_SIZE, "direct GET of {name}: {n} bytes");
+                    }
                 }
             }
         }
@@ -523,6 +543,13 @@ path "secret/metadata/shared/*" { capabilities = ["read"] }"#,
             bao.kv_put(&kv_path(&name), &[("value", &value_of(&name))]);
         }
     }
+    let direct_pod = Pod::new(NAMESPACE, "direct", SHARED_SA);
+    let (status, answer) = login(&bao, "jwt", ROLE, &direct_pod.signed_token(&key).0);
+    assert_eq!(status, 200, "login as {ROLE}: {answer}");
+    let role_token = answer["auth"]["client_token"]
+        .as_str()
+        .expect("a client token")
+        .to_string();
     let shm = tempfile::Builder::new()
         .prefix("vaultfs-shared-")
         .tempdir_in("/dev/shm")
@@ -536,6 +563,7 @@ path "secret/metadata/shared/*" { capabilities = ["read"] }"#,
         key: &key,
         share,
         tmpfs_file: &tmpfs_file,
+        role_token: &role_token,
     };
     let a = scenario(true).run("a");
     let b = scenario(false).run("b");
@@ -641,14 +669,22 @@ fn report(sizes: &Sizes, a: &Outcome, b: &Outcome) {
     both("second volume's first read p50", &|o| {
         format!("{:.0} µs", us(p50(&o.cold_second)))
     });
-    both("direct GET p50 (kept-alive)", &|o| {
-        format!("{:.0} µs", us(p50(&o.get)))
+    both("direct GET p50, root token", &|o| {
+        format!("{:.0} µs", us(p50(&o.get[0])))
     });
-    both("cold / GET", &|o| {
-        format!("{:.2}x", us(p50(&o.cold)) / us(p50(&o.get)))
+    both("direct GET p50, a token of the role", &|o| {
+        format!("{:.0} µs", us(p50(&o.get[1])))
     });
-    both("second volume's first read / GET", &|o| {
-        format!("{:.2}x", us(p50(&o.cold_second)) / us(p50(&o.get)))
+    both("cold / GET (root token | role's token)", &|o| {
+        let cold = us(p50(&o.cold));
+        format!(
+            "{:.2}x | {:.2}x",
+            cold / us(p50(&o.get[0])),
+            cold / us(p50(&o.get[1]))
+        )
+    });
+    both("second volume's first read / GET (role's)", &|o| {
+        format!("{:.2}x", us(p50(&o.cold_second)) / us(p50(&o.get[1])))
     });
     both("logins while the two cold volumes published", &|o| {
         o.cold_phase_logins.to_string()

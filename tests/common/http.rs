@@ -206,22 +206,31 @@ pub(super) fn http_request(
     })
 }
 
-/// A minimal HTTP/1.1 client of OpenBao on one kept-alive connection, with the root token: the
-/// cheapest way to ask Vault, the baseline the benchmarks measure cold reads against.
+/// A minimal HTTP/1.1 client of OpenBao on one kept-alive connection: the cheapest way to ask
+/// Vault, the baseline the benchmarks measure cold reads against.
 pub struct DirectVault {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     port: u16,
+    token: String,
 }
 
 impl DirectVault {
+    /// A connection to OpenBao on `port` sending the root token.
     pub fn connect(port: u16) -> Self {
+        Self::connect_as(port, ROOT_TOKEN)
+    }
+
+    /// A connection to OpenBao on `port` sending `token` (a token issued by a login, say,
+    /// whose policies OpenBao evaluates on every request, as for a daemon's own token).
+    pub fn connect_as(port: u16, token: &str) -> Self {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to OpenBao");
         stream.set_nodelay(true).expect("nodelay");
         Self {
             writer: stream.try_clone().expect("clone stream"),
             reader: BufReader::new(stream),
             port,
+            token: token.to_string(),
         }
     }
 
@@ -229,8 +238,8 @@ impl DirectVault {
     pub fn get(&mut self, path: &str) -> usize {
         write!(
             self.writer,
-            "GET /v1/{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Vault-Token: {ROOT_TOKEN}\r\n\r\n",
-            self.port
+            "GET /v1/{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Vault-Token: {}\r\n\r\n",
+            self.port, self.token
         )
         .expect("send request");
         let mut line = String::new();
