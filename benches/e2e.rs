@@ -15,12 +15,11 @@
 pub mod common;
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{lazy_unmount, sys_mount, Bao, Mount, ROOT_TOKEN};
+use common::{lazy_unmount, sys_mount, Bao, DirectVault, Mount};
 
 const VALUE_SIZE: usize = 4096;
 
@@ -109,68 +108,6 @@ struct Row {
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();
     xs[xs.len() / 2]
-}
-
-/// A minimal HTTP/1.1 client on one kept-alive connection: the cheapest way to ask Vault.
-struct DirectVault {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-    port: u16,
-}
-
-impl DirectVault {
-    fn connect(port: u16) -> Self {
-        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to OpenBao");
-        stream.set_nodelay(true).expect("nodelay");
-        Self {
-            writer: stream.try_clone().expect("clone stream"),
-            reader: BufReader::new(stream),
-            port,
-        }
-    }
-
-    /// GETs `/v1/{path}` and returns the body length.
-    fn get(&mut self, path: &str) -> usize {
-        write!(
-            self.writer,
-            "GET /v1/{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Vault-Token: {ROOT_TOKEN}\r\n\r\n",
-            self.port
-        )
-        .expect("send request");
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("status line");
-        assert!(line.contains(" 200 "), "GET {path}: {line}");
-        let (mut length, mut chunked) = (0, false);
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).expect("header");
-            if line == "\r\n" {
-                break;
-            }
-            let header = line.to_ascii_lowercase();
-            if let Some(v) = header.strip_prefix("content-length:") {
-                length = v.trim().parse().expect("content-length");
-            }
-            chunked |= header.starts_with("transfer-encoding:") && header.contains("chunked");
-        }
-        if !chunked {
-            let mut body = vec![0u8; length];
-            self.reader.read_exact(&mut body).expect("body");
-            return length;
-        }
-        let mut total = 0;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).expect("chunk size");
-            let size = usize::from_str_radix(line.trim(), 16).expect("chunk size");
-            let mut chunk = vec![0u8; size + 2]; // data and its CRLF
-            self.reader.read_exact(&mut chunk).expect("chunk");
-            total += size;
-            if size == 0 {
-                return total;
-            }
-        }
-    }
 }
 
 fn proc_status(pid: u32, field: &str) -> String {

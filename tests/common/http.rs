@@ -1,13 +1,14 @@
 //! Minimal blocking HTTP/1.1 clients: a daemon's `/metrics` and `/healthz`, the OpenBao API,
 //! and free loopback ports to serve them on.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::bao::ROOT_TOKEN;
 use super::poll::poll;
 
 /// The body of `GET path` from a plain HTTP server on `addr` (a daemon's `/metrics`).
@@ -203,4 +204,76 @@ pub(super) fn http_request(
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
+}
+
+/// A minimal HTTP/1.1 client of OpenBao on one kept-alive connection: the cheapest way to ask
+/// Vault, the baseline the benchmarks measure cold reads against.
+pub struct DirectVault {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    port: u16,
+    token: String,
+}
+
+impl DirectVault {
+    /// A connection to OpenBao on `port` sending the root token.
+    pub fn connect(port: u16) -> Self {
+        Self::connect_as(port, ROOT_TOKEN)
+    }
+
+    /// A connection to OpenBao on `port` sending `token` (a token issued by a login, say,
+    /// whose policies OpenBao evaluates on every request, as for a daemon's own token).
+    pub fn connect_as(port: u16, token: &str) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to OpenBao");
+        stream.set_nodelay(true).expect("nodelay");
+        Self {
+            writer: stream.try_clone().expect("clone stream"),
+            reader: BufReader::new(stream),
+            port,
+            token: token.to_string(),
+        }
+    }
+
+    /// GETs `/v1/{path}` and returns the body length.
+    pub fn get(&mut self, path: &str) -> usize {
+        write!(
+            self.writer,
+            "GET /v1/{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Vault-Token: {}\r\n\r\n",
+            self.port, self.token
+        )
+        .expect("send request");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("status line");
+        assert!(line.contains(" 200 "), "GET {path}: {line}");
+        let (mut length, mut chunked) = (0, false);
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("header");
+            if line == "\r\n" {
+                break;
+            }
+            let header = line.to_ascii_lowercase();
+            if let Some(v) = header.strip_prefix("content-length:") {
+                length = v.trim().parse().expect("content-length");
+            }
+            chunked |= header.starts_with("transfer-encoding:") && header.contains("chunked");
+        }
+        if !chunked {
+            let mut body = vec![0u8; length];
+            self.reader.read_exact(&mut body).expect("body");
+            return length;
+        }
+        let mut total = 0;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("chunk size");
+            let size = usize::from_str_radix(line.trim(), 16).expect("chunk size");
+            let mut chunk = vec![0u8; size + 2]; // data and its CRLF
+            self.reader.read_exact(&mut chunk).expect("chunk");
+            total += size;
+            if size == 0 {
+                return total;
+            }
+        }
+    }
 }
