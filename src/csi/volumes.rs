@@ -3,7 +3,9 @@
 //! `Mounter`), a republish (the fresh token swapped in), unpublish (torn down), and the
 //! volumes an earlier daemon recorded served again after a restart (`recover`, adopting them
 //! into the connections taken over when there are some). Both paths build a volume the same
-//! way (`assemble`) and install it the same way (`install`). Plain Rust: no gRPC types and no
+//! way (`assemble`, which with `--share-identities` joins a volume to the shared identity of
+//! its key; `identities` says which identity that is and where its session is kept) and
+//! install it the same way (`install`). Plain Rust: no gRPC types and no
 //! Vault types; identities are made from a source-neutral `Login` by a `Connect` function
 //! (`VaultServers::connector` in production, `MockSource` in the contract tier).
 
@@ -24,8 +26,12 @@ use crate::metrics::Metrics;
 use crate::mount::{MountConfig, MountError, Mounted, Mounter, TakenOver};
 use crate::reload::{ReloadConfig, Target};
 use crate::slot::Slot;
-use crate::source::{Connect, Identity, IdentityKey, Login, SessionStore, SourceError};
+use crate::source::{Connect, Identity, IdentityKey, SessionStore, SourceError};
 use crate::volume::{Serving, SharedIdentity, Volume, VolumeConfig};
+
+mod identities;
+
+use identities::{login_of, session_key, token_is_of, Joined, Stash};
 
 /// Longest a publish waits for the pod's Vault login before mounting anyway.
 const PUBLISH_LOGIN_WAIT: Duration = Duration::from_secs(2);
@@ -78,96 +84,6 @@ pub struct VolumeManager<S> {
     /// While `recover` runs: a hold on each shared identity a recovered volume made, so that
     /// one volume failing to come back does not revoke a session the others still need.
     recovering: Mutex<Option<Vec<Arc<SharedIdentity<S>>>>>,
-}
-
-/// What the volume of `params` logs in with.
-fn login_of(params: &Params) -> Login {
-    Login {
-        server: params.server.clone(),
-        auth_mount: params.auth_mount.clone(),
-        role: params.role.clone(),
-        audience: params.audience.clone(),
-        credential: params.token.clone(),
-        pod: params.pod.clone(),
-        service_account: params.service_account.clone(),
-        volume: params.label.clone(),
-    }
-}
-
-/// How a volume came by its identity.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Joined {
-    /// Its own (no sharing): it logs in for itself.
-    Alone,
-    /// The first volume of a shared identity: it logs in for all of them, and keeps the
-    /// identity's session under this name (`IdentityKey::stable_name`) for the next daemon.
-    First(String),
-    /// A later volume of a shared identity: no login of its own.
-    Shared,
-}
-
-/// Whether the login's token is one of the service account kubelet reports for its pod (the
-/// JWT's `sub` is `system:serviceaccount:<namespace>:<name>`), so that a volume joins only the
-/// identity its own token would log in as. The signature is not checked: kubelet gave the
-/// token, and Vault checks it at the login the identity's first volume made. A token that says
-/// nothing, or another account, shares nothing (logged): its volume logs in for itself.
-fn token_is_of(login: &Login) -> bool {
-    use base64::Engine;
-    let Some(account) = &login.service_account else {
-        return false;
-    };
-    let expected = format!(
-        "system:serviceaccount:{}:{}",
-        account.namespace, account.name
-    );
-    let subject = login
-        .credential
-        .expose()
-        .split('.')
-        .nth(1)
-        .and_then(|payload| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(payload.trim_end_matches('='))
-                .ok()
-        })
-        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
-        .and_then(|claims| claims.get("sub")?.as_str().map(str::to_string));
-    let matches = subject.as_deref() == Some(expected.as_str());
-    if !matches {
-        tracing::warn!(volume = %login.volume, expected = %expected, "the pod's token is not of the service account kubelet reports; its volume shares no identity");
-    }
-    matches
-}
-
-/// The name a volume's session is stashed under: by slot, which no other volume gets.
-fn session_key(slot: Slot) -> String {
-    format!("volume-{slot}")
-}
-
-/// The names volume `slot`'s Vault session and leased values are kept under, for the next
-/// daemon: its own leased values by slot, always; the session by slot when the volume has it
-/// alone; a shared identity's session and shared leased values once, by its first volume,
-/// under the identity's name.
-struct Stash {
-    own: String,
-    session: Option<String>,
-    identity: Option<String>,
-}
-
-impl Stash {
-    fn of(slot: Slot, joined: &Joined) -> Self {
-        let own = session_key(slot);
-        let (session, identity) = match joined {
-            Joined::Alone => (Some(own.clone()), None),
-            Joined::First(name) => (Some(name.clone()), Some(name.clone())),
-            Joined::Shared => (None, None),
-        };
-        Self {
-            own,
-            session,
-            identity,
-        }
-    }
 }
 
 impl<S: Identity> VolumeManager<S> {
@@ -549,45 +465,6 @@ impl<S: Identity> VolumeManager<S> {
         )
         .expect("a new shared identity is open");
         Ok((volume, Joined::First(key_name)))
-    }
-
-    /// Waits (bounded) until an identity of `key` whose last volume left has revoked what it
-    /// held, so that a new identity of the same key starts after it (the keeper's records of
-    /// the identity are written by one of them at a time).
-    async fn wait_closing(&self, key: &IdentityKey) {
-        let closing = self
-            .identities
-            .lock()
-            .get(key)
-            .and_then(Weak::upgrade)
-            .filter(|shared| shared.is_closing());
-        if let Some(shared) = closing {
-            // Revoking leases and the token each take at most `vault_timeout`.
-            let bound = self.config.vault_timeout * 2 + Duration::from_secs(1);
-            let _ = tokio::time::timeout(bound, shared.closed()).await;
-        }
-    }
-
-    /// The key of the shared identity a volume of `params` joins, with `--share-identities`.
-    fn identity_key(&self, login: &Login, params: &Params) -> Option<IdentityKey> {
-        login
-            .identity_key(params.cache_ttl)
-            .filter(|_| self.config.share_identities)
-    }
-
-    /// Keeps the Vault session and leased values of `volume` in the store under the names of
-    /// `stash`, for the next daemon, as they change.
-    fn keep_sessions(&self, volume: &Volume<S>, stash: &Stash) {
-        let Some(store) = &self.sessions else {
-            return;
-        };
-        volume.on_leases_change(store.lease_sink(&stash.own));
-        if let Some(name) = &stash.session {
-            volume.source().on_session_change(store.sink(name));
-        }
-        if let Some(name) = &stash.identity {
-            volume.on_shared_leases_change(store.lease_sink(name));
-        }
     }
 
     /// Serves `volume`, `mounted` at its target, once its record is written; gives up
