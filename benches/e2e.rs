@@ -6,6 +6,8 @@
 //! - cold read (cache miss: the first `open + read 4 KiB + close` of a secret, whose LOOKUP
 //!   fetches it) on each mount vs a direct HTTP GET of the same KV v2 secret over a kept-alive
 //!   connection, one of each per secret, in rotating order;
+//! - each daemon's CPU time and context switches per cold read (all its threads, over the
+//!   cold reads);
 //! - each daemon's resident memory and thread count.
 //!
 //! Run as root with `cargo bench --bench e2e` (needs /dev/fuse and `bao`). Prints ratios;
@@ -34,7 +36,7 @@ struct Sizes {
 const FULL: Sizes = Sizes {
     warm_rounds: 9,
     warm_iterations: 2_000,
-    cold_secrets: 150,
+    cold_secrets: 300,
 };
 
 const SMOKE: Sizes = Sizes {
@@ -117,6 +119,27 @@ fn proc_status(pid: u32, field: &str) -> String {
         .find(|l| l.starts_with(field))
         .map(|l| l[field.len()..].trim().to_string())
         .unwrap_or_else(|| "?".into())
+}
+
+/// CPU time and context switches of all of `pid`'s threads so far (`/proc/<pid>/task/*`).
+fn cpu_and_switches(pid: u32) -> (Duration, u64) {
+    let (mut cpu, mut switches) = (Duration::ZERO, 0);
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads");
+    for task in tasks.flatten() {
+        let schedstat = fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let on_cpu_ns = schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok());
+        cpu += Duration::from_nanos(on_cpu_ns.unwrap_or(0));
+        let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        switches += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    (cpu, switches)
 }
 
 fn main() {
@@ -210,6 +233,7 @@ fn main() {
     let mut get = DirectVault::connect(bao.port());
     get.get("secret/data/bench/warm"); // open the connection's first request
     let mut cold: [Vec<Duration>; 3] = Default::default();
+    let cold_start = mounts.each_ref().map(|m| cpu_and_switches(m.pid()));
     for i in 0..sizes.cold_secrets {
         for k in 0..3 {
             let which = (k + i) % 3;
@@ -225,6 +249,7 @@ fn main() {
             cold[which].push(start.elapsed());
         }
     }
+    let cold_end = mounts.each_ref().map(|m| cpu_and_switches(m.pid()));
     let rss_loaded = mounts.each_ref().map(|m| proc_status(m.pid(), "VmRSS:"));
     let threads = mounts.each_ref().map(|m| proc_status(m.pid(), "Threads:"));
     drop(binds);
@@ -267,6 +292,15 @@ fn main() {
         "  (ratios against the direct GET; p50 of {} secrets; target ≤ 1.2x)",
         sizes.cold_secrets
     );
+    for (i, mode) in ["cached", "strict"].iter().enumerate() {
+        let n = sizes.cold_secrets as u32;
+        let cpu = (cold_end[i].0 - cold_start[i].0) / n;
+        let switches = (cold_end[i].1 - cold_start[i].1) as f64 / f64::from(n);
+        println!(
+            "{mode} daemon per cold read: {:.0} µs CPU, {switches:.1} context switches",
+            us(cpu)
+        );
+    }
     for (i, mode) in ["cached", "strict"].iter().enumerate() {
         println!(
             "{mode} daemon: RSS idle {}, after {} secrets read {}; threads {}",

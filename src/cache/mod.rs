@@ -219,6 +219,12 @@ impl<S: SecretSource> SecretCache<S> {
             }
             return Ok(stale);
         }
+        // A miss yields once before anything else: a caller that polls once to take what is
+        // answered from memory (the FUSE thread answers hits itself) then hands the whole
+        // exchange to one runtime task, whose worker sends the request itself, instead of
+        // starting it on the caller's thread, which wakes one worker for the HTTP connection
+        // and another for the rest.
+        tokio::task::yield_now().await;
         let result = self.refresh(path, &entry).await;
         if entry.state.lock().lease.is_some() {
             self.ensure_lease_keeper();
@@ -403,6 +409,35 @@ mod tests {
         tokio::time::advance(Duration::from_secs(20)).await;
         assert_eq!(cache.due_in(&p), Some(Duration::ZERO), "due now");
         assert_eq!(source.reads(), 1, "due_in never asks Vault");
+    }
+
+    #[test]
+    fn a_hit_is_ready_at_the_first_poll_and_a_miss_asks_vault_only_when_polled_again() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        // Polled once outside the runtime's tasks, as the FUSE thread does.
+        fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+            f.poll(&mut Context::from_waker(Waker::noop()))
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build a runtime");
+        let _in_runtime = runtime.enter();
+        let source = Arc::new(MockSource::new());
+        source.put("secret/a", &[("k", "v1")]);
+        let cache = cache(&source, CacheConfig::default());
+        let p = path("secret/a");
+        let mut miss = Box::pin(cache.get(&p));
+        assert!(poll_once(miss.as_mut()).is_pending());
+        assert_eq!(source.reads(), 0, "the first poll of a miss starts nothing");
+        let content = runtime.block_on(miss).unwrap();
+        assert_eq!((value(&content, "k"), source.reads()), ("v1".into(), 1));
+        match poll_once(std::pin::pin!(cache.get(&p))) {
+            Poll::Ready(Ok(c)) => assert!(Arc::ptr_eq(&c, &content)),
+            _ => panic!("a hit is answered at the first poll"),
+        }
+        assert_eq!(source.reads(), 1);
     }
 
     #[tokio::test(start_paused = true)]
