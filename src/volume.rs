@@ -319,11 +319,31 @@ impl<S: Identity> Volume<S> {
     /// `own`, the volume's, and `shared`, those its shared identity's volumes share. Returns
     /// how many were taken.
     pub fn adopt_leases(&self, own: Vec<HandedLease>, shared: Vec<HandedLease>) -> usize {
+        let own = self.known(own);
         let shared = match &self.shared {
             Some((identity, _)) => identity.cache.adopt_leases(shared),
             None => 0,
         };
         self.cache.adopt_leases(own) + shared
+    }
+
+    /// The handed values this volume's spec shows, a certificate's with its request (a record
+    /// holds only the path's text).
+    fn known(&self, handed: Vec<HandedLease>) -> Vec<HandedLease> {
+        handed
+            .into_iter()
+            .filter_map(|mut lease| {
+                if lease.path.as_str().contains('#') {
+                    lease.path = self
+                        .spec
+                        .entries()
+                        .iter()
+                        .find_map(|e| e.secret().map(|(p, _)| p).filter(|p| **p == lease.path))?
+                        .clone();
+                }
+                Some(lease)
+            })
+            .collect()
     }
 
     /// Tells `sink` the volume's own leased values whenever they or their leases change.
@@ -363,6 +383,8 @@ impl<S: Identity> Volume<S> {
             .entries()
             .iter()
             .filter_map(|e| e.secret().map(|(p, _)| p.clone()))
+            // A certificate is issued, not read: no engine to learn.
+            .filter(|p| p.certificate_request().is_none())
             .collect();
         match &self.shared {
             Some((shared, _)) => shared.serve(paths, &mut tasks),

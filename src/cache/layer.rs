@@ -74,7 +74,9 @@ impl<S: SecretSource> SecretCache<S> {
             return Ok(content);
         }
         if let Some((fetched, held, changed_at)) = shared.hand_over(path, &content) {
-            let own = self.store_with(path, &self.entry(path), fetched, Some(held), changed_at);
+            let entry = self.entry(path);
+            let own = self.store_with(path, &entry, fetched, Some(held), changed_at);
+            entry.state.lock().read_at = Some(tokio::time::Instant::now());
             self.ensure_lease_keeper();
             self.lease_added.notify_one();
             return Ok(own);

@@ -24,6 +24,8 @@ pub(super) struct HeldLease {
     next: Option<Instant>,
     /// Consecutive failed attempts (for the back-off).
     failures: u32,
+    /// A certificate's: its expiry without a successor was reported.
+    expired: bool,
 }
 
 impl HeldLease {
@@ -41,6 +43,7 @@ impl HeldLease {
             granted,
             lease,
             failures: 0,
+            expired: false,
         }
     }
 
@@ -78,6 +81,7 @@ impl HeldLease {
             next: handed.next_at.map(NodeTime::instant),
             lease,
             failures: 0,
+            expired: false,
         }
     }
 }
@@ -202,25 +206,61 @@ impl<S: SecretSource> SecretCache<S> {
                     SourceError::NotFound | SourceError::Invalid(_) | SourceError::PermissionDenied,
                 )) => {}
                 Ok(Err(err)) => {
-                    return self.retry_lease_later(entry, &lease, ends, &err.to_string())
+                    return self.retry_lease_later(path, entry, &lease, ends, &err.to_string())
                 }
-                Err(_) => return self.retry_lease_later(entry, &lease, ends, "no answer"),
+                Err(_) => return self.retry_lease_later(path, entry, &lease, ends, "no answer"),
             }
+        }
+        let certificate = path.certificate_request().is_some();
+        if certificate && self.idle_for_a_lifetime(entry, &lease) {
+            // Nobody read it for a whole lifetime: it runs out, and the next read after that
+            // issues a new one (idle costs Vault nothing).
+            if let Some(held) = entry
+                .state
+                .lock()
+                .lease
+                .as_mut()
+                .filter(|h| h.lease == lease)
+            {
+                held.next = None;
+            }
+            self.leases_changed();
+            tracing::debug!(path = %path, "certificate not read for a whole lifetime; not renewed");
+            return;
         }
         match tokio::time::timeout(timeout, self.source.read(path)).await {
             Ok(Ok(fetched)) => {
-                tracing::info!(path = %path, "lease cannot be extended further; new credentials read");
+                if certificate {
+                    tracing::info!(path = %path, "certificate renewed: a new one issued and swapped in");
+                } else {
+                    tracing::info!(path = %path, "lease cannot be extended further; new credentials read");
+                }
                 self.store(path, entry, fetched);
             }
-            Ok(Err(err)) => self.retry_lease_later(entry, &lease, ends, &err.to_string()),
-            Err(_) => self.retry_lease_later(entry, &lease, ends, "no answer"),
+            Ok(Err(err)) => self.retry_lease_later(path, entry, &lease, ends, &err.to_string()),
+            Err(_) => self.retry_lease_later(path, entry, &lease, ends, "no answer"),
         }
+    }
+
+    /// Whether nobody got the value of `entry` within the last lifetime of `lease`.
+    fn idle_for_a_lifetime(&self, entry: &Entry, lease: &Lease) -> bool {
+        let state = entry.state.lock();
+        state
+            .read_at
+            .is_none_or(|at| at.elapsed() >= lease.duration)
     }
 
     /// Schedules another attempt with a doubling back-off, never later than the lease's end
     /// (the last attempt then reads new credentials). Once the lease has ended (Vault was
     /// unavailable at its end), the back-off alone paces the attempts to read new credentials.
-    fn retry_lease_later(&self, entry: &Entry, lease: &Lease, ends: Instant, reason: &str) {
+    fn retry_lease_later(
+        &self,
+        path: &SecretPath,
+        entry: &Entry,
+        lease: &Lease,
+        ends: Instant,
+        reason: &str,
+    ) {
         tracing::warn!(reason, "could not renew a lease; retrying");
         if let Some(held) = entry
             .state
@@ -236,6 +276,11 @@ impl<S: SecretSource> SecretCache<S> {
                 self.config.max_retry_backoff,
             );
             let now = Instant::now();
+            if path.certificate_request().is_some() && now + wait >= ends && !held.expired {
+                held.expired = true;
+                self.metrics.certificates_expired.inc();
+                tracing::warn!(path = %path, reason, "a certificate expires before a new one could be issued: its files fail until Vault issues one");
+            }
             let next = if now < ends {
                 (now + wait).min(ends)
             } else {
@@ -299,6 +344,8 @@ impl<S: SecretSource> SecretCache<S> {
                 Some(held),
                 handed.changed_at,
             );
+            // Its readers may hold it from before the restart: counted as read now.
+            entry.state.lock().read_at = Some(Instant::now());
             adopted += 1;
         }
         if adopted > 0 {

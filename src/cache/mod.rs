@@ -206,6 +206,7 @@ impl<S: SecretSource> SecretCache<S> {
         let entry = self.entry(path);
         if let Some(content) = self.fresh(&entry) {
             self.metrics.cache_hits.inc();
+            entry.state.lock().read_at = Some(tokio::time::Instant::now());
             return Ok(content);
         }
         if let Some(stale) = self.stale_during_outage(&entry) {
@@ -226,6 +227,9 @@ impl<S: SecretSource> SecretCache<S> {
         // and another for the rest.
         tokio::task::yield_now().await;
         let result = self.refresh(path, &entry).await;
+        if result.is_ok() {
+            entry.state.lock().read_at = Some(tokio::time::Instant::now());
+        }
         if entry.state.lock().lease.is_some() {
             self.ensure_lease_keeper();
             // A new lease may be due before the keeper's next wake-up.

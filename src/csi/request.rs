@@ -14,7 +14,7 @@ use crate::fs::Consistency;
 use crate::reload::{PodUid, ProcessName, Signal};
 use crate::secret::Token;
 use crate::source::ServiceAccount;
-use crate::spec::{parse_spec_document, VolumeSpec};
+use crate::spec::{parse_spec_document_for, PodNames, VolumeSpec};
 
 /// Keys kubelet adds to the volume context (with `podInfoOnMount` and `tokenRequests`).
 pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
@@ -224,7 +224,13 @@ impl Params {
                 "volumeAttributes.secrets is missing: a YAML or JSON list of {name, path, key?}",
             )
         })?;
-        let spec = parse_spec_document(secrets)
+        // Certificate names may use the pod's names, as kubelet reports them.
+        let pod_names = PodNames {
+            name: attr(POD_NAME).unwrap_or_default().to_string(),
+            namespace: attr(POD_NAMESPACE).unwrap_or_default().to_string(),
+            service_account: attr(SERVICE_ACCOUNT).unwrap_or_default().to_string(),
+        };
+        let spec = parse_spec_document_for(secrets, Some(&pod_names))
             .and_then(VolumeSpec::new)
             .map_err(|e| invalid(format!("volumeAttributes.secrets: {e}")))?;
         if spec.entries().len() > config.max_entries {

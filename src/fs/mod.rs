@@ -20,7 +20,7 @@ use crate::audit::{self, Caller};
 use crate::cache::{SecretCache, SwapHook};
 use crate::logging::FailureLimiter;
 use crate::source::SecretSource;
-use crate::spec::{InodeNo, Node, NodeKind, Shows, VolumeSpec};
+use crate::spec::{CertPart, InodeNo, Node, NodeKind, SecretPath, Shows, VolumeSpec};
 
 pub use error::FsError;
 pub use shown::ReadSlice;
@@ -151,7 +151,22 @@ pub struct VaultFs<S> {
     created: SystemTime,
     /// Aggregates repeated refusals in the audit trail (per entry, uid and errno).
     refusals: FailureLimiter<(usize, u32, &'static str)>,
+    /// Strict mode: the certificate each process is reading the files of (`pairs`).
+    pairs: Mutex<HashMap<(u32, SecretPath), PairRound>>,
 }
+
+/// A process reading a certificate entry's files one open after the other: the version it
+/// got first and the files it opened since. It keeps that version until it opens one of the
+/// files again (a new round), so its key and certificate are always one pair.
+struct PairRound {
+    content: Shown,
+    opened: u8,
+    started: std::time::Instant,
+}
+
+/// Longest a round of opens keeps its version (the old pair stays valid far longer: it is
+/// replaced two thirds into its lifetime).
+const PAIR_ROUND_MAX: Duration = Duration::from_secs(10);
 
 impl<S: SecretSource> VaultFs<S> {
     /// The filesystem of `spec`, reading through `cache` (built with `swap_hook`, so that
@@ -173,6 +188,7 @@ impl<S: SecretSource> VaultFs<S> {
             refusals: FailureLimiter::default(),
             next_fh: AtomicU64::new(epoch),
             created,
+            pairs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -200,7 +216,7 @@ impl<S: SecretSource> VaultFs<S> {
     /// What entry `entry` reads according to the spec (a template: what it read last time).
     fn spec_paths(&self, entry: usize) -> String {
         match &self.spec.entries()[entry].shows {
-            Shows::Secret { path, .. } => path.to_string(),
+            Shows::Secret { path, .. } | Shows::Certificate { path, .. } => path.to_string(),
             Shows::Template(t) => match t.uses() {
                 uses if uses.is_empty() => "-".to_string(),
                 uses => join_paths(uses.iter()),
@@ -306,6 +322,12 @@ impl<S: SecretSource> VaultFs<S> {
                 return Err(err);
             }
         };
+        let shown = match &self.spec.entries()[entry].shows {
+            Shows::Certificate { path, part } if self.config.consistency == Consistency::Strict => {
+                self.paired(caller.pid, path, *part, shown)
+            }
+            _ => shown,
+        };
         let paths = self.shown_paths(entry, &shown);
         let version = shown.version();
         let event = audit::Event::Open { version: &version };
@@ -313,6 +335,31 @@ impl<S: SecretSource> VaultFs<S> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Handle { ino, shown });
         Ok(fh)
+    }
+
+    /// The version of certificate `path` process `pid` gets when it opens its file `part`:
+    /// within a round of opens of the entry's files (each file once), the version the round
+    /// started with; `current` otherwise, starting a round.
+    fn paired(&self, pid: u32, path: &SecretPath, part: CertPart, current: Shown) -> Shown {
+        let bit = 1u8 << (part as u8);
+        let mut pairs = self.pairs.lock();
+        let key = (pid, path.clone());
+        if let Some(round) = pairs.get_mut(&key) {
+            if round.opened & bit == 0 && round.started.elapsed() < PAIR_ROUND_MAX {
+                round.opened |= bit;
+                return round.content.clone();
+            }
+        }
+        pairs.retain(|_, round| round.started.elapsed() < PAIR_ROUND_MAX);
+        pairs.insert(
+            key,
+            PairRound {
+                content: current.clone(),
+                opened: bit,
+                started: std::time::Instant::now(),
+            },
+        );
+        current
     }
 
     /// An open on a connection that does not open files (cached mode: answered `ENOSYS`, after
@@ -415,7 +462,9 @@ impl<S: SecretSource> VaultFs<S> {
                 continue;
             };
             let paths = match &self.spec.entries()[entry].shows {
-                Shows::Secret { path, .. } => vec![path.clone()],
+                Shows::Secret { path, .. } | Shows::Certificate { path, .. } => {
+                    vec![path.clone()]
+                }
                 Shows::Template(t) => t.uses(),
             };
             // Due when any secret the file shows is due (or not cached, or not known yet).
@@ -454,11 +503,14 @@ impl<S: SecretSource> VaultFs<S> {
     /// over the current versions of the secrets it reads.
     async fn shown(&self, entry: usize) -> Result<Shown, FsError> {
         match &self.spec.entries()[entry].shows {
-            Shows::Secret { path, key } => {
+            Shows::Secret { .. } | Shows::Certificate { .. } => {
+                let (path, key) = self.spec.entries()[entry]
+                    .secret()
+                    .expect("a secret or certificate entry");
                 let content = self.cache.get(path).await?;
-                if content.fetched.data.render(key.as_deref()).is_none() {
+                if content.fetched.data.render(key).is_none() {
                     // Logged (rate-limited, naming the file) where the request is answered.
-                    return Err(FsError::MissingField(key.clone().unwrap_or_default()));
+                    return Err(FsError::MissingField(key.unwrap_or_default().to_string()));
                 }
                 Ok(Shown::Secret(content))
             }

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub vault_tokens_taken_over: Counter,
     /// Leased values (with their leases) taken over from a predecessor instead of read anew.
     pub vault_leases_taken_over: Counter,
+    /// Certificates whose renewal kept failing until they expired.
+    pub certificates_expired: Counter,
     /// Volumes' Vault sessions the keeper holds for this daemon's successor.
     pub stashed_sessions: Gauge,
     /// Requests the kernel queued again after a takeover (FUSE_NOTIFY_RESEND): they were in
@@ -253,6 +255,12 @@ impl Metrics {
             "Vault tokens taken over from the previous daemon (through the keeper) instead of logging in again",
             vault_tokens_taken_over.clone(),
         );
+        let certificates_expired = Counter::default();
+        registry.register(
+            "certificates_expired",
+            "Certificates (pki entries) that expired before a new one could be issued (Vault refused or was unavailable at every attempt)",
+            certificates_expired.clone(),
+        );
         let vault_leases_taken_over = Counter::default();
         registry.register(
             "vault_leases_taken_over",
@@ -332,6 +340,7 @@ impl Metrics {
             takeovers,
             vault_tokens_taken_over,
             vault_leases_taken_over,
+            certificates_expired,
             stashed_sessions,
             resent_requests,
             takeover_unserved_seconds,

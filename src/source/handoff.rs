@@ -154,7 +154,8 @@ fn display<S: Serializer>(path: &SecretPath, s: S) -> Result<S::Ok, S::Error> {
 
 fn secret_path<'de, D: Deserializer<'de>>(d: D) -> Result<SecretPath, D::Error> {
     let text = String::deserialize(d)?;
-    SecretPath::parse(&text).map_err(serde::de::Error::custom)
+    // A certificate's path comes back without its request; the volume's spec supplies it.
+    SecretPath::recorded(&text).map_err(serde::de::Error::custom)
 }
 
 /// The value as the JSON object Vault returned (parsed from its rendering, then wiped).

@@ -68,17 +68,7 @@ impl IdentityKey {
             &self.service_account.name,
             &ttl_ms,
         ];
-        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-        for part in parts {
-            hash.update(&(part.len() as u64).to_be_bytes());
-            hash.update(part.as_bytes());
-        }
-        // 128 bits of it: the name and its leases record's fit the keeper's 64-byte names.
-        let hex: String = hash.finish().as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("identity-{hex}")
+        format!("identity-{}", crate::spec::stable_digest(&parts))
     }
 }
 

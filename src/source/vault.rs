@@ -25,6 +25,7 @@ mod engine;
 mod exchange;
 mod health;
 mod http;
+mod pki;
 mod servers;
 
 #[cfg(test)]
@@ -208,6 +209,13 @@ impl Identity for VaultSource {
 
 impl SecretSource for VaultSource {
     async fn read(&self, path: &SecretPath) -> Result<Fetched, SourceError> {
+        if let Some(request) = path.certificate_request() {
+            let body = pki::issue_body(request);
+            let answer = self
+                .authed(RequestKind::Issue, Method::POST, &request.path, Some(body))
+                .await?;
+            return pki::issued(answer, request);
+        }
         let (engine, prefix) = self.engine(path).await?;
         let rest = &path.as_str()[prefix.len()..];
         match engine {
@@ -248,6 +256,9 @@ impl SecretSource for VaultSource {
     }
 
     async fn current_version(&self, path: &SecretPath) -> Result<Option<Version>, SourceError> {
+        if path.certificate_request().is_some() {
+            return Ok(None);
+        }
         let (engine, prefix) = self.engine(path).await?;
         if engine != Engine::KvV2 {
             return Ok(None);
@@ -313,6 +324,23 @@ impl SecretSource for VaultSource {
     }
 
     async fn revoke_lease(&self, lease: &Lease) -> Result<(), SourceError> {
+        match pki::revocation(lease) {
+            None => {}
+            // A certificate kept until it expires (the entry does not ask for revocation).
+            Some(None) => return Ok(()),
+            Some(Some((path, serial))) => {
+                let body = json!({ "serial_number": serial });
+                return self
+                    .authed(
+                        RequestKind::RevokeCertificate,
+                        Method::POST,
+                        &path,
+                        Some(body),
+                    )
+                    .await
+                    .map(|_| ());
+            }
+        }
         let body = json!({"lease_id": lease.id});
         self.authed(
             RequestKind::RevokeLease,

@@ -3,6 +3,9 @@
 //! Errors echo what they refuse escaped and cut short, so a message cannot be disguised.
 
 use std::fmt;
+use std::sync::Arc;
+
+use super::certificate::CertificateRequest;
 
 use crate::logging::is_control_or_format;
 
@@ -18,8 +21,38 @@ use crate::logging::is_control_or_format;
 /// and format characters (text that displays differently from what is sent) and any other
 /// non-ASCII character. `.` and `..` segments are refused (a proxy or server may resolve them
 /// to another path), and so are empty segments (`//`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SecretPath(String);
+///
+/// A certificate entry's path (`SecretPath::certificate`) is its issue endpoint followed by
+/// `#` and a digest of its request, which no path a user writes can hold, and carries the
+/// request; paths are equal, ordered and hashed by their text alone.
+#[derive(Clone, Debug)]
+pub struct SecretPath(String, Option<Arc<CertificateRequest>>);
+
+impl PartialEq for SecretPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for SecretPath {}
+
+impl std::hash::Hash for SecretPath {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialOrd for SecretPath {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SecretPath {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
 
 /// The characters a Vault path segment may hold besides ASCII letters and digits; see
 /// [`SecretPath`] for why.
@@ -71,11 +104,54 @@ impl SecretPath {
             }
             offset += segment.len() + 1;
         }
-        Ok(Self(p.to_string()))
+        Ok(Self(p.to_string(), None))
+    }
+
+    /// The path a certificate `request` is cached, handed over and logged under.
+    pub fn certificate(request: CertificateRequest) -> Self {
+        let ttl = request
+            .ttl
+            .map(|t| t.as_secs().to_string())
+            .unwrap_or_default();
+        let bits = request.key_bits.map(|b| b.to_string()).unwrap_or_default();
+        let ips: Vec<String> = request.ip_sans.iter().map(|ip| ip.to_string()).collect();
+        let digest = super::stable_digest(&[
+            &request.path,
+            &request.common_name,
+            &request.alt_names.join(","),
+            &ips.join(","),
+            &ttl,
+            request.key_type.as_deref().unwrap_or(""),
+            &bits,
+            if request.revoke { "revoke" } else { "" },
+        ]);
+        Self(
+            format!("{}#{}", request.path, &digest[..16]),
+            Some(Arc::new(request)),
+        )
+    }
+
+    /// A path as a handed-over record holds it: a user's path, or a certificate's (without
+    /// its request, which the volume's spec supplies).
+    pub fn recorded(text: &str) -> Result<Self, String> {
+        match text.split_once('#') {
+            Some((path, digest))
+                if !digest.is_empty() && digest.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                let path = Self::parse(path)?;
+                Ok(Self(format!("{}#{digest}", path.0), None))
+            }
+            _ => Self::parse(text),
+        }
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The certificate this path stands for, if it is a certificate's.
+    pub fn certificate_request(&self) -> Option<&Arc<CertificateRequest>> {
+        self.1.as_ref()
     }
 }
 

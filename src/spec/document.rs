@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::certificate::PkiDocument;
 use super::checks::check_key;
-use super::{SecretEntry, SecretPath, Shows, SpecError};
+use super::{CertPart, PodNames, SecretEntry, SecretPath, Shows, SpecError};
 use crate::template::Template;
 
 #[derive(Deserialize)]
@@ -29,9 +30,40 @@ struct EntryDocument {
     template: Option<String>,
     #[serde(default)]
     share: bool,
+    #[serde(default)]
+    pki: Option<PkiDocument>,
 }
 
 impl EntryDocument {
+    /// The entry's files: one, or a certificate's four (`NAME/tls.crt`...).
+    fn into_entries(self, pod: Option<&PodNames>) -> Result<Vec<SecretEntry>, SpecError> {
+        let name = self.name.clone();
+        let bad = |reason: String| SpecError::Entry {
+            name: name.clone(),
+            reason,
+        };
+        let Some(pki) = self.pki else {
+            return self.into_entry().map(|e| vec![e]);
+        };
+        if self.path.is_some() || self.template.is_some() || self.key.is_some() || self.share {
+            return Err(bad(
+                "a `pki` entry is a certificate alone: leave out `path`, `key`, `template` and `share`".into(),
+            ));
+        }
+        let path = SecretPath::certificate(pki.request(pod).map_err(bad)?);
+        Ok(CertPart::ALL
+            .iter()
+            .map(|&part| SecretEntry {
+                name: format!("{}/{}", self.name, part.file_name()),
+                shows: Shows::Certificate {
+                    path: path.clone(),
+                    part,
+                },
+                share: false,
+            })
+            .collect())
+    }
+
     fn into_entry(self) -> Result<SecretEntry, SpecError> {
         let bad = |reason: &str| SpecError::Entry {
             name: self.name.clone(),
@@ -53,7 +85,7 @@ impl EntryDocument {
                 "give either `path` (one secret) or `template` (a file rendered from secrets), not both",
             )),
             (None, None) => Err(bad(
-                "missing `path` (a Vault path, e.g. secret/app/db) or `template`",
+                "missing `path` (a Vault path, e.g. secret/app/db), `template` or `pki` (a certificate)",
             )),
         }
     }
@@ -101,6 +133,14 @@ const MAX_DOCUMENT_DEPTH: usize = 8;
 /// anchors, aliases and merge keys are refused (an alias bomb cannot expand), nesting is
 /// capped and a stream may hold one document only.
 pub fn parse_spec_document(text: &str) -> Result<Vec<SecretEntry>, SpecError> {
+    parse_spec_document_for(text, None)
+}
+
+/// [`parse_spec_document`] for a pod's volume: certificate names may use the pod's names.
+pub fn parse_spec_document_for(
+    text: &str,
+    pod: Option<&PodNames>,
+) -> Result<Vec<SecretEntry>, SpecError> {
     if text.len() > MAX_SPEC_BYTES {
         return Err(SpecError::Document(format!(
             "the spec is {} bytes, over the limit of {MAX_SPEC_BYTES} bytes (64 KiB)",
@@ -121,7 +161,11 @@ pub fn parse_spec_document(text: &str) -> Result<Vec<SecretEntry>, SpecError> {
     };
     let docs = serde_saphyr::from_str_with_options::<Document>(text, options)
         .map_err(|e| SpecError::Document(document_error(&e)))?;
-    docs.0.into_iter().map(EntryDocument::into_entry).collect()
+    let mut entries = Vec::new();
+    for entry in docs.0 {
+        entries.extend(entry.into_entries(pod)?);
+    }
+    Ok(entries)
 }
 
 /// Words a YAML error for a user: budget breaches say which construct is not allowed.

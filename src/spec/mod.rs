@@ -3,6 +3,7 @@
 //! in `checks`, the directory layout with inode numbers that are a pure function of the spec
 //! in `layout`. No I/O, no Vault, no FUSE.
 
+mod certificate;
 mod checks;
 mod document;
 mod layout;
@@ -13,8 +14,11 @@ use thiserror::Error;
 
 use crate::template::Template;
 
+pub use certificate::{CertPart, CertificateRequest, PodNames};
 pub use checks::{SecretPath, MAX_KEY_BYTES, PATH_CHARS_ALLOWED, PATH_PUNCTUATION_ALLOWED};
-pub use document::{parse_secret_arg, parse_spec_document, template_entry, MAX_SPEC_BYTES};
+pub use document::{
+    parse_secret_arg, parse_spec_document, parse_spec_document_for, template_entry, MAX_SPEC_BYTES,
+};
 pub use layout::{Node, NodeKind, VolumeSpec};
 
 /// Inode number of a node in a volume's layout. The root is always 1.
@@ -47,6 +51,9 @@ pub enum Shows {
     },
     /// A template rendered over the secrets it reads.
     Template(Arc<Template>),
+    /// One file of a certificate issued by Vault's PKI engine: `path` carries the request
+    /// (`SecretPath::certificate`), the four files of an entry share it.
+    Certificate { path: SecretPath, part: CertPart },
 }
 
 impl PartialEq for Shows {
@@ -60,6 +67,13 @@ impl PartialEq for Shows {
                 },
             ) => path == other_path && key == other_key,
             (Shows::Template(a), Shows::Template(b)) => a.source() == b.source(),
+            (
+                Shows::Certificate { path, part },
+                Shows::Certificate {
+                    path: other_path,
+                    part: other_part,
+                },
+            ) => path == other_path && part == other_part,
             _ => false,
         }
     }
@@ -69,9 +83,11 @@ impl Eq for Shows {}
 
 impl SecretEntry {
     /// The Vault path and key of a plain entry (`None` for a template).
+    /// A certificate's file is its issue's field named like the file (`tls.key`...).
     pub fn secret(&self) -> Option<(&SecretPath, Option<&str>)> {
         match &self.shows {
             Shows::Secret { path, key } => Some((path, key.as_deref())),
+            Shows::Certificate { path, part } => Some((path, Some(part.file_name()))),
             Shows::Template(_) => None,
         }
     }
@@ -79,10 +95,25 @@ impl SecretEntry {
     /// Whether the file shows (or, for a template, last read) the secret at `path`.
     pub fn reads(&self, path: &SecretPath) -> bool {
         match &self.shows {
-            Shows::Secret { path: p, .. } => p == path,
+            Shows::Secret { path: p, .. } | Shows::Certificate { path: p, .. } => p == path,
             Shows::Template(t) => t.reads(path),
         }
     }
+}
+
+/// A name every daemon computes alike for `parts` (not the process's random hasher): hex of
+/// 128 bits of a SHA-256 over the parts, each length-prefixed, so that no two lists of parts
+/// share one by moving bytes from one part to the next.
+pub fn stable_digest(parts: &[&str]) -> String {
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        hash.update(&(part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.finish().as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -341,6 +341,10 @@ pub(super) enum RequestKind {
     Revoke,
     RenewLease,
     RevokeLease,
+    /// A certificate from a PKI engine (`<mount>/issue/<role>`).
+    Issue,
+    /// `<mount>/revoke` of a certificate's serial.
+    RevokeCertificate,
 }
 
 impl RequestKind {
@@ -356,6 +360,8 @@ impl RequestKind {
             Self::Revoke => "revoke",
             Self::RenewLease => "renew_lease",
             Self::RevokeLease => "revoke_lease",
+            Self::Issue => "issue",
+            Self::RevokeCertificate => "revoke_certificate",
         }
     }
 }
