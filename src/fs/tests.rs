@@ -408,3 +408,78 @@ async fn a_template_recovers_once_a_secret_it_no_longer_reads_is_gone() {
     tokio::time::advance(Duration::from_secs(31)).await;
     assert_eq!(text(&w, "pointer").await, "t-1");
 }
+
+/// A certificate entry over the mock: the four files of `tls`, with the issue's fields put
+/// at the certificate's path.
+fn certificate_world() -> (World, crate::spec::SecretPath) {
+    let entries = crate::spec::parse_spec_document(
+        "- {name: tls, pki: {path: pki/issue/web, commonName: web.example.com}}\n",
+    )
+    .unwrap();
+    let path = entries[0].secret().unwrap().0.clone();
+    let w = world_of(entries, Consistency::Strict);
+    (w, path)
+}
+
+fn put_pair(w: &World, path: &crate::spec::SecretPath, n: u32) {
+    let (key, crt) = (format!("key-{n}"), format!("crt-{n}"));
+    w.source.put_unversioned(
+        path.as_str(),
+        &[
+            ("tls.key", key.as_str()),
+            ("tls.crt", crt.as_str()),
+            ("ca.crt", "ca"),
+            ("bundle.pem", "bundle"),
+        ],
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_strict_mode_a_process_reading_key_then_certificate_gets_one_pair_across_a_renewal() {
+    let (w, path) = certificate_world();
+    put_pair(&w, &path, 1);
+    let dir =
+        w.fs.lookup(InodeNo::ROOT, "tls", Caller::default())
+            .await
+            .unwrap()
+            .ino;
+    let file = |name: &'static str| {
+        let fs = &w.fs;
+        async move { fs.lookup(dir, name, Caller::default()).await.unwrap().ino }
+    };
+    let (key, crt) = (file("tls.key").await, file("tls.crt").await);
+    let reader = Caller {
+        pid: 4242,
+        ..Caller::default()
+    };
+    let open_read = |ino: InodeNo, caller: Caller| {
+        let fs = &w.fs;
+        async move {
+            let fh = fs.open(ino, false, caller).await.unwrap();
+            let bytes = read_all(fs, ino, fh).await;
+            fs.release(fh);
+            String::from_utf8(bytes).unwrap()
+        }
+    };
+    assert_eq!(open_read(key, reader).await, "key-1");
+    // Renewed between the two opens.
+    put_pair(&w, &path, 2);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let other = Caller {
+        pid: 7,
+        ..Caller::default()
+    };
+    assert_eq!(
+        open_read(crt, other).await,
+        "crt-2",
+        "another process: the new pair"
+    );
+    assert_eq!(
+        open_read(crt, reader).await,
+        "crt-1",
+        "the reader finishes its pair"
+    );
+    // Its next round starts with the new pair.
+    assert_eq!(open_read(key, reader).await, "key-2");
+    assert_eq!(open_read(crt, reader).await, "crt-2");
+}

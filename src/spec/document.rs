@@ -252,6 +252,7 @@ fn entry(name: &str, path: &str, key: Option<String>) -> Result<SecretEntry, Spe
 #[cfg(test)]
 mod tests {
     use super::super::VolumeSpec;
+    use super::PodNames;
     use super::*;
 
     #[test]
@@ -327,6 +328,58 @@ mod tests {
         .to_string();
         assert!(err.contains("`share` belongs to `path` entries"), "{err}");
         assert!(err.starts_with("secret entry \"t\": "), "{err}");
+    }
+
+    #[test]
+    fn a_pki_entry_is_a_directory_of_four_files_of_one_certificate() {
+        let text = "secrets:\n- name: tls\n  pki: {path: pki/issue/web, commonName: '{{ pod.name }}.example.com'}\n";
+        let pod = PodNames {
+            name: "web-0".into(),
+            ..PodNames::default()
+        };
+        let entries = parse_spec_document_for(text, Some(&pod)).unwrap();
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["tls/tls.crt", "tls/tls.key", "tls/ca.crt", "tls/bundle.pem"]
+        );
+        let path = entries[0].secret().unwrap().0.clone();
+        assert!(entries.iter().all(|e| *e.secret().unwrap().0 == path));
+        assert!(path.as_str().starts_with("pki/issue/web#"));
+        let request = path.certificate_request().unwrap();
+        assert_eq!(request.common_name, "web-0.example.com");
+        assert_eq!(SecretPath::recorded(path.as_str()).unwrap(), path);
+        assert!(
+            SecretPath::parse(path.as_str()).is_err(),
+            "no user path is one"
+        );
+        VolumeSpec::new(entries).unwrap();
+
+        let other = PodNames {
+            name: "web-1".into(),
+            ..PodNames::default()
+        };
+        let theirs = parse_spec_document_for(text, Some(&other)).unwrap();
+        assert_ne!(
+            *theirs[0].secret().unwrap().0,
+            path,
+            "another request, another path"
+        );
+
+        let err = parse_spec_document(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("secret entry \"tls\": pki.commonName"),
+            "{err}"
+        );
+        let err = parse_spec_document(
+            "- {name: tls, path: secret/a, pki: {path: pki/issue/web, commonName: a.example.com}}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("a `pki` entry is a certificate alone"),
+            "{err}"
+        );
     }
 
     #[test]
