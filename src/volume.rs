@@ -320,6 +320,11 @@ impl<S: Identity> Volume<S> {
     /// how many were taken.
     pub fn adopt_leases(&self, own: Vec<HandedLease>, shared: Vec<HandedLease>) -> usize {
         let own = self.known(own);
+        // Certificates are never shared: one in the shared record was on its way to a volume.
+        let shared = shared
+            .into_iter()
+            .filter(|lease| !lease.path.as_str().contains('#'))
+            .collect();
         let shared = match &self.shared {
             Some((identity, _)) => identity.cache.adopt_leases(shared),
             None => 0,

@@ -19,9 +19,10 @@ pub(super) struct HeldLease {
     granted: Instant,
     period: Duration,
     /// When the keeper next renews it (or rotates the value, or retries); `None` for a lease too
-    /// short to renew at a sane pace (`pacing::Plan::Lapse`): the value is served until the
-    /// lease ends and the next access after that reads new credentials.
-    next: Option<Instant>,
+    /// short to renew at a sane pace (`pacing::Plan::Lapse`), or a certificate nobody read for
+    /// a lifetime: the value is served until the lease ends and the next access after that
+    /// reads new credentials (a read of such a certificate renews it at once).
+    pub(super) next: Option<Instant>,
     /// Consecutive failed attempts (for the back-off).
     failures: u32,
     /// A certificate's: its expiry without a successor was reported.
@@ -261,7 +262,11 @@ impl<S: SecretSource> SecretCache<S> {
         ends: Instant,
         reason: &str,
     ) {
-        tracing::warn!(reason, "could not renew a lease; retrying");
+        if path.certificate_request().is_some() {
+            tracing::warn!(path = %path, reason, "could not issue a new certificate; retrying");
+        } else {
+            tracing::warn!(reason, "could not renew a lease; retrying");
+        }
         if let Some(held) = entry
             .state
             .lock()
@@ -276,7 +281,7 @@ impl<S: SecretSource> SecretCache<S> {
                 self.config.max_retry_backoff,
             );
             let now = Instant::now();
-            if path.certificate_request().is_some() && now + wait >= ends && !held.expired {
+            if path.certificate_request().is_some() && now >= ends && !held.expired {
                 held.expired = true;
                 self.metrics.certificates_expired.inc();
                 tracing::warn!(path = %path, reason, "a certificate expires before a new one could be issued: its files fail until Vault issues one");

@@ -206,7 +206,7 @@ impl<S: SecretSource> SecretCache<S> {
         let entry = self.entry(path);
         if let Some(content) = self.fresh(&entry) {
             self.metrics.cache_hits.inc();
-            entry.state.lock().read_at = Some(tokio::time::Instant::now());
+            self.mark_read(path, &entry);
             return Ok(content);
         }
         if let Some(stale) = self.stale_during_outage(&entry) {
@@ -228,7 +228,7 @@ impl<S: SecretSource> SecretCache<S> {
         tokio::task::yield_now().await;
         let result = self.refresh(path, &entry).await;
         if result.is_ok() {
-            entry.state.lock().read_at = Some(tokio::time::Instant::now());
+            self.mark_read(path, &entry);
         }
         if entry.state.lock().lease.is_some() {
             self.ensure_lease_keeper();
@@ -236,6 +236,27 @@ impl<S: SecretSource> SecretCache<S> {
             self.lease_added.notify_one();
         }
         result
+    }
+
+    /// Notes that a reader got the value of `path`; a certificate whose renewal was let go (not
+    /// read for a lifetime) is renewed again from now on.
+    fn mark_read(self: &Arc<Self>, path: &SecretPath, entry: &Entry) {
+        let mut state = entry.state.lock();
+        state.read_at = Some(tokio::time::Instant::now());
+        if path.certificate_request().is_none() {
+            return;
+        }
+        let Some(held) = state
+            .lease
+            .as_mut()
+            .filter(|h| h.next.is_none() && h.alive())
+        else {
+            return;
+        };
+        held.next = Some(tokio::time::Instant::now());
+        drop(state);
+        self.ensure_lease_keeper();
+        self.lease_added.notify_one();
     }
 
     /// Drops every cached secret (unmount). Content still held by open handles is zeroized

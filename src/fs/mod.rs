@@ -151,8 +151,8 @@ pub struct VaultFs<S> {
     created: SystemTime,
     /// Aggregates repeated refusals in the audit trail (per entry, uid and errno).
     refusals: FailureLimiter<(usize, u32, &'static str)>,
-    /// Strict mode: the certificate each process is reading the files of (`pairs`).
-    pairs: Mutex<HashMap<(u32, SecretPath), PairRound>>,
+    /// Strict mode: the certificate each process is reading the files of (`paired`).
+    pairs: Mutex<HashMap<(Process, SecretPath), PairRound>>,
 }
 
 /// A process reading a certificate entry's files one open after the other: the version it
@@ -162,11 +162,47 @@ struct PairRound {
     content: Shown,
     opened: u8,
     started: std::time::Instant,
+    lasts: Duration,
 }
 
-/// Longest a round of opens keeps its version (the old pair stays valid far longer: it is
-/// replaced two thirds into its lifetime).
+/// Longest a round of opens keeps its version.
 const PAIR_ROUND_MAX: Duration = Duration::from_secs(10);
+
+/// Most rounds kept at once (beyond it, all are dropped: each is a few seconds long).
+const MAX_PAIR_ROUNDS: usize = 4096;
+
+/// A process as the rounds know it: its id (the thread group) and start time, so that neither
+/// its threads nor a later process given the same id are another's round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Process {
+    pid: u32,
+    started: u64,
+}
+
+/// The process of the thread `tid` a FUSE request names, from `/proc`; `None` for 0 (a caller
+/// in a pid namespace this daemon does not see) or a thread that is gone.
+fn process_of(tid: u32) -> Option<Process> {
+    if tid == 0 {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    let pid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22, counted after the command name's closing parenthesis (field 2).
+    let started = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    Some(Process { pid, started })
+}
 
 impl<S: SecretSource> VaultFs<S> {
     /// The filesystem of `spec`, reading through `cache` (built with `swap_hook`, so that
@@ -324,7 +360,11 @@ impl<S: SecretSource> VaultFs<S> {
         };
         let shown = match &self.spec.entries()[entry].shows {
             Shows::Certificate { path, part } if self.config.consistency == Consistency::Strict => {
-                self.paired(caller.pid, path, *part, shown)
+                match process_of(caller.pid) {
+                    Some(process) => self.paired(process, path, *part, shown),
+                    // A pid this daemon cannot see (another pid namespace): no pairing.
+                    None => shown,
+                }
             }
             _ => shown,
         };
@@ -337,26 +377,35 @@ impl<S: SecretSource> VaultFs<S> {
         Ok(fh)
     }
 
-    /// The version of certificate `path` process `pid` gets when it opens its file `part`:
-    /// within a round of opens of the entry's files (each file once), the version the round
-    /// started with; `current` otherwise, starting a round.
-    fn paired(&self, pid: u32, path: &SecretPath, part: CertPart, current: Shown) -> Shown {
+    /// The version of certificate `path` `process` gets when it opens its file `part`: within
+    /// a round of opens of the entry's files (each file once, within a third of the
+    /// certificate's lifetime and `PAIR_ROUND_MAX`, so never past its expiry), the version the
+    /// round started with; `current` otherwise, starting a round.
+    fn paired(&self, process: Process, path: &SecretPath, part: CertPart, current: Shown) -> Shown {
         let bit = 1u8 << (part as u8);
         let mut pairs = self.pairs.lock();
-        let key = (pid, path.clone());
+        let key = (process, path.clone());
         if let Some(round) = pairs.get_mut(&key) {
-            if round.opened & bit == 0 && round.started.elapsed() < PAIR_ROUND_MAX {
+            if round.opened & bit == 0 && round.started.elapsed() < round.lasts {
                 round.opened |= bit;
                 return round.content.clone();
             }
         }
-        pairs.retain(|_, round| round.started.elapsed() < PAIR_ROUND_MAX);
+        pairs.retain(|_, round| round.started.elapsed() < round.lasts);
+        if pairs.len() >= MAX_PAIR_ROUNDS {
+            pairs.clear();
+        }
+        let lifetime = match &current {
+            Shown::Secret(content) => content.fetched.lease.as_ref().map(|l| l.duration),
+            Shown::Rendered(_) => None,
+        };
         pairs.insert(
             key,
             PairRound {
                 content: current.clone(),
                 opened: bit,
                 started: std::time::Instant::now(),
+                lasts: lifetime.map_or(Duration::ZERO, |l| (l / 3).min(PAIR_ROUND_MAX)),
             },
         );
         current
@@ -414,6 +463,7 @@ impl<S: SecretSource> VaultFs<S> {
     /// renderings, so that they are zeroized with the cache's at unmount.
     pub fn forget_reported(&self) {
         self.reported.lock().clear();
+        self.pairs.lock().clear();
         self.templates.clear();
     }
 
@@ -462,10 +512,16 @@ impl<S: SecretSource> VaultFs<S> {
                 continue;
             };
             let paths = match &self.spec.entries()[entry].shows {
-                Shows::Secret { path, .. } | Shows::Certificate { path, .. } => {
-                    vec![path.clone()]
-                }
+                Shows::Secret { path, .. } => vec![path.clone()],
                 Shows::Template(t) => t.uses(),
+                // Never issued by the watch: a certificate's renewals are the lease keeper's,
+                // and its swaps already reach the reloader.
+                Shows::Certificate { path, .. } => {
+                    if let Some(left) = self.cache.due_in(path).filter(|l| !l.is_zero()) {
+                        soonest = Some(soonest.map_or(left, |s| s.min(left)));
+                    }
+                    continue;
+                }
             };
             // Due when any secret the file shows is due (or not cached, or not known yet).
             let due_in = paths

@@ -437,6 +437,10 @@ fn put_pair(w: &World, path: &crate::spec::SecretPath, n: u32) {
 #[tokio::test(start_paused = true)]
 async fn in_strict_mode_a_process_reading_key_then_certificate_gets_one_pair_across_a_renewal() {
     let (w, path) = certificate_world();
+    // Held like a certificate: a 15 s lease that cannot be extended, so a new value is read
+    // two thirds in (at 10 s); a round of opens lasts at most a third of it (5 s).
+    w.source
+        .set_lease(Some(Duration::from_secs(15)), Some(Duration::from_secs(15)));
     put_pair(&w, &path, 1);
     let dir =
         w.fs.lookup(InodeNo::ROOT, "tls", Caller::default())
@@ -448,8 +452,13 @@ async fn in_strict_mode_a_process_reading_key_then_certificate_gets_one_pair_acr
         async move { fs.lookup(dir, name, Caller::default()).await.unwrap().ino }
     };
     let (key, crt) = (file("tls.key").await, file("tls.crt").await);
+    // Real processes: rounds are per process, found in /proc.
     let reader = Caller {
-        pid: 4242,
+        pid: std::process::id(),
+        ..Caller::default()
+    };
+    let other = Caller {
+        pid: 1,
         ..Caller::default()
     };
     let open_read = |ino: InodeNo, caller: Caller| {
@@ -461,14 +470,12 @@ async fn in_strict_mode_a_process_reading_key_then_certificate_gets_one_pair_acr
             String::from_utf8(bytes).unwrap()
         }
     };
+    tokio::time::advance(Duration::from_secs(8)).await;
     assert_eq!(open_read(key, reader).await, "key-1");
-    // Renewed between the two opens.
     put_pair(&w, &path, 2);
-    tokio::time::advance(Duration::from_secs(31)).await;
-    let other = Caller {
-        pid: 7,
-        ..Caller::default()
-    };
+    // The renewal, between the reader's two opens.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    tokio::task::yield_now().await;
     assert_eq!(
         open_read(crt, other).await,
         "crt-2",

@@ -19,8 +19,7 @@ pub struct PodNames {
     pub service_account: String,
 }
 
-/// One certificate as a volume asks for it. Its `Display` (in logs, metrics, errors) is the
-/// issue path and the common name: neither is secret.
+/// One certificate as a volume asks for it (names only, nothing secret).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CertificateRequest {
     /// `<mount>/issue/<role>`.
@@ -99,9 +98,12 @@ impl PkiDocument {
             .ok_or("pki.path is missing: the issue endpoint, e.g. pki/issue/web")?;
         let parsed = SecretPath::parse(&path).map_err(|e| format!("pki.path: {e}"))?;
         let segments: Vec<&str> = parsed.as_str().split('/').collect();
-        if segments.len() < 3 || segments[segments.len() - 2] != "issue" {
+        if segments.len() < 3
+            || segments[segments.len() - 2] != "issue"
+            || segments.contains(&"issuer")
+        {
             return Err(format!(
-                "pki.path {:?} is not an issue endpoint: expected <mount>/issue/<role>, e.g. pki/issue/web",
+                "pki.path {:?} is not an issue endpoint: expected <mount>/issue/<role>, e.g. pki/issue/web (issuer-specific endpoints are not supported: set the role's issuer_ref)",
                 parsed.as_str()
             ));
         }
@@ -153,10 +155,10 @@ impl PkiDocument {
         };
         if let Some(bits) = self.key_bits {
             let allowed: &[u32] = match key_type.as_deref() {
-                Some("rsa") => &[2048, 3072, 4096, 8192],
+                Some("rsa") => &[2048, 3072, 4096],
                 Some("ec") => &[224, 256, 384, 521],
                 Some(_) => &[0],
-                None => &[224, 256, 384, 521, 2048, 3072, 4096, 8192],
+                None => &[224, 256, 384, 521, 2048, 3072, 4096],
             };
             if !allowed.contains(&bits) {
                 return Err(format!(
@@ -195,7 +197,7 @@ fn name(field: &str, text: &str, pod: Option<&PodNames>) -> Result<String, Strin
                 "{field}: {text:?} uses {{{{ {placeholder} }}}}, which only a CSI volume has (the pod's names)"
             ));
         };
-        out.push_str(match placeholder {
+        let value = match placeholder {
             "pod.name" => &pod.name,
             "pod.namespace" => &pod.namespace,
             "pod.serviceAccount" => &pod.service_account,
@@ -205,7 +207,13 @@ fn name(field: &str, text: &str, pod: Option<&PodNames>) -> Result<String, Strin
                     PLACEHOLDERS.map(|p| format!("{{{{ {p} }}}}")).join(", ")
                 ))
             }
-        });
+        };
+        if value.is_empty() {
+            return Err(format!(
+                "{field}: {text:?} uses {{{{ {placeholder} }}}}, but kubelet did not say it (the CSIDriver needs podInfoOnMount: true)"
+            ));
+        }
+        out.push_str(value);
         rest = &after[close + 2..];
     }
     out.push_str(rest);
