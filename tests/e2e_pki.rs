@@ -32,6 +32,7 @@ use common::pki::*;
 use common::*;
 use serde_json::{json, Value};
 use tempfile::TempDir;
+use tonic::Code;
 
 /// The entry's directory in the volume.
 const ENTRY: &str = "tls";
@@ -683,9 +684,13 @@ fn an_idle_certificate_is_not_renewed_and_is_issued_anew_after_expiry() {
     while now_secs() < quiet_until {
         thread::sleep(Duration::from_millis(200));
     }
-    assert_issues(&bao, &pki, 1, "an entry nobody read was renewed", &|| {
-        m.logs()
-    });
+    assert_issues(
+        &bao,
+        &pki,
+        1,
+        "a certificate nobody read since its issue was renewed",
+        &|| m.logs(),
+    );
 
     let tls = m.tls();
     assert_issues(&bao, &pki, 2, "the read after expiry", &|| m.logs());
@@ -833,9 +838,10 @@ fn malformed_pki_entries_are_refused_at_mount_with_the_field_named() {
 // CSI
 // ---------------------------------------------------------------------------------------------
 
-/// Under CSI, `{{ pod.name }}` in commonName and altNames becomes the pod's name; a republish
-/// and a `kill -9` restart of the plugin with the keeper alive issue nothing more and serve the
-/// same certificate.
+/// Under CSI, a malformed entry is refused at publish with the field named; `{{ pod.name }}` in
+/// commonName and altNames becomes the pod's name; a republish and a `kill -9` restart of the
+/// plugin with the keeper alive issue nothing more and serve the same certificate, and the
+/// unpublish revokes nothing (no `revoke: true`).
 #[test]
 #[ignore = "needs root, /dev/fuse and bao (VAULTFS_TEST_BAO)"]
 fn csi_names_come_from_the_pod_and_restarts_issue_nothing() {
@@ -870,6 +876,27 @@ fn csi_names_come_from_the_pod_and_restarts_issue_nothing() {
         }
         target.join(ENTRY)
     };
+    // A malformed entry is refused at publish, with the field named, and nothing mounted.
+    let malformed = entry_yaml(&pki, &[("altNames", "[\"{{ pod.name }}.example.com\"]")]);
+    let other = Pod::new("ns", "web-1", "app");
+    let (request, target) = jwt_publish(&node, &other, &key, "app", &malformed, &attributes);
+    let refused = daemon
+        .client()
+        .publish(request)
+        .expect_err("an entry without commonName must be refused");
+    assert_eq!(
+        refused.code(),
+        Code::InvalidArgument,
+        "{}",
+        describe(&refused)
+    );
+    assert!(
+        refused.message().contains("commonName"),
+        "the refusal does not name the field: {}",
+        describe(&refused)
+    );
+    assert!(!is_mounted(&target), "a refused volume was mounted");
+
     let dir = publish(&daemon, "publish");
     assert_issues(&bao, &pki, 0, "after the publish", &|| node.all_logs());
     let tls = Tls::read(&dir);
