@@ -581,11 +581,96 @@ fn read_pairs(dir: &Path, readers: usize, seconds: u64) -> Vec<PairReport> {
         .collect()
 }
 
+/// A reader process (`python3`) that opens `tls.key`, tells it has (creates `argv[3]`), waits
+/// until `argv[4]` exists, then opens `tls.crt`, then both once more, and prints the four
+/// reads as JSON (`key1`, `crt1`, `key2`, `crt2`).
+const STRADDLING_READER: &str = r#"
+import json, os, sys, time
+key_path, crt_path, ready_path, go_path = sys.argv[1:5]
+out = {}
+with open(key_path) as f:
+    out["key1"] = f.read()
+open(ready_path, "w").close()
+while not os.path.exists(go_path):
+    time.sleep(0.01)
+with open(crt_path) as f:
+    out["crt1"] = f.read()
+with open(key_path) as f:
+    out["key2"] = f.read()
+with open(crt_path) as f:
+    out["crt2"] = f.read()
+json.dump(out, sys.stdout)
+"#;
+
+/// Seconds after the first issue of a 30 s certificate at which the straddling reader opens
+/// `tls.key`: shortly before the renewal is due (20 s), so that its opens of the key and the
+/// certificate are a few seconds apart.
+const STRADDLE_FROM: f64 = 17.0;
+
+/// A started [`STRADDLING_READER`] that has read `tls.key` once.
+struct Straddler {
+    child: std::process::Child,
+    dir: TempDir,
+}
+
+impl Straddler {
+    /// Starts the reader on the entry `entry_dir` and waits until it has read `tls.key`.
+    fn start(entry_dir: &Path) -> Straddler {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = Command::new(python());
+        cmd.arg("-c")
+            .arg(STRADDLING_READER)
+            .arg(entry_dir.join("tls.key"))
+            .arg(entry_dir.join("tls.crt"))
+            .arg(dir.path().join("ready"))
+            .arg(dir.path().join("go"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let child = cmd.spawn().expect("spawn the straddling reader");
+        let ready = dir.path().join("ready");
+        wait_until(
+            "the straddling reader to read tls.key",
+            Duration::from_secs(30),
+            || {
+                if ready.exists() {
+                    Ok(())
+                } else {
+                    Err("not yet")
+                }
+            },
+        );
+        Straddler { child, dir }
+    }
+
+    /// Lets it read on; returns its four reads (key1, crt1, key2, crt2).
+    fn finish(self) -> [String; 4] {
+        fs::write(self.dir.path().join("go"), "").expect("write the go file");
+        let child = self.child;
+        let out = within(
+            "the straddling reader",
+            Duration::from_secs(60),
+            move || child.wait_with_output(),
+        )
+        .expect("wait for the straddling reader");
+        assert!(
+            out.status.success(),
+            "the straddling reader failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("its JSON report");
+        ["key1", "crt1", "key2", "crt2"].map(|k| v[k].as_str().expect("a read").to_string())
+    }
+}
+
 /// A certificate with `ttl: 30s`, read all along by strict readers that open `tls.key` and
 /// `tls.crt` one after the other: a new certificate is issued two thirds into the first one's
 /// lifetime (between 15 and 28 s after it), no reader ever gets a key and a certificate that
 /// do not belong together, every reader gets the new pair within the cache TTL (plus 3 s) of
 /// its issue and never the old one after that, and no certificate is served past its expiry.
+/// A reader that opened `tls.key` before the renewal and opens `tls.crt` after it (its first
+/// open of that file) gets the old certificate, its key's; its next opens get the new pair.
 #[test]
 #[ignore = "needs root, /dev/fuse, bao (VAULTFS_TEST_BAO) and python3"]
 fn a_certificate_in_use_is_renewed_at_two_thirds_and_strict_readers_never_mix_pairs() {
@@ -603,8 +688,33 @@ fn a_certificate_in_use_is_renewed_at_two_thirds_and_strict_readers_never_mix_pa
     assert_eq!(issued.len(), 1, "one issue at the first read");
 
     // Read until well past the renewal point (~20 s) and short of the renewed certificate's
-    // own (~40 s).
-    let reports = read_pairs(&m.dir(), 4, 30);
+    // own (~40 s), in other processes. Meanwhile a straddling reader opens tls.key shortly
+    // before the renewal is due and, once the renewed certificate is served to a new open,
+    // tls.crt.
+    let entry_dir = m.dir();
+    let pair_readers = thread::spawn(move || read_pairs(&entry_dir, 4, 30));
+    while now_secs() < issued[0] + STRADDLE_FROM {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let straddler = Straddler::start(&m.dir());
+    let old_serial = first.serial();
+    let crt = m.dir().join("tls.crt");
+    let renewed = poll(
+        Duration::from_secs(35),
+        Duration::from_millis(100),
+        || match read(&crt).map(|b| cert_serial(&String::from_utf8_lossy(&b))) {
+            Ok(serial) if serial != old_serial => Ok(()),
+            other => Err(other.map(|_| "the first certificate")),
+        },
+    );
+    let [key1, crt1, key2, crt2] = straddler.finish();
+    let reports = pair_readers.join().expect("the pair readers");
+    if let Err(last) = renewed {
+        panic!(
+            "no renewed certificate served within 35 s ({last:?}); vaultfs log:\n{}",
+            m.logs()
+        );
+    }
     let issued = pki.issue_times(&bao);
     assert!(
         issued.len() >= 2,
@@ -617,7 +727,26 @@ fn a_certificate_in_use_is_renewed_at_two_thirds_and_strict_readers_never_mix_pa
         "renewed {renewal:.1} s after the issue of a 30 s certificate (two thirds: 20 s)"
     );
 
-    let old_serial = first.serial();
+    if key_matches_cert(&key1, &first.crt) {
+        assert!(
+            key_matches_cert(&key1, &crt1) && cert_serial(&crt1) == old_serial,
+            "a process that opened tls.key before the renewal and tls.crt after it (its first \
+             open of tls.crt, {:.1} s after the renewal was issued) did not get the \
+             certificate of its key",
+            now_secs() - issued[1]
+        );
+    } else {
+        // Renewed within the bounds but before the straddling reader's first open.
+        eprintln!(
+            "renewed {renewal:.1} s in, before the straddling reader opened tls.key at \
+             {STRADDLE_FROM} s: its first pair is not checked"
+        );
+    }
+    assert!(
+        key_matches_cert(&key2, &crt2) && cert_serial(&crt2) != old_serial,
+        "the straddling reader's second opens did not get the renewed pair"
+    );
+
     let old_expiry = cert_not_after(&first.crt) as f64;
     for (i, report) in reports.iter().enumerate() {
         let who = format!("reader {i}");
