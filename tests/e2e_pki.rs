@@ -707,6 +707,7 @@ fn a_certificate_in_use_is_renewed_at_two_thirds_and_strict_readers_never_mix_pa
             other => Err(other.map(|_| "the first certificate")),
         },
     );
+    let straddled_at = now_secs();
     let [key1, crt1, key2, crt2] = straddler.finish();
     let reports = pair_readers.join().expect("the pair readers");
     if let Err(last) = renewed {
@@ -733,7 +734,7 @@ fn a_certificate_in_use_is_renewed_at_two_thirds_and_strict_readers_never_mix_pa
             "a process that opened tls.key before the renewal and tls.crt after it (its first \
              open of tls.crt, {:.1} s after the renewal was issued) did not get the \
              certificate of its key",
-            now_secs() - issued[1]
+            straddled_at - issued[1]
         );
     } else {
         // Renewed within the bounds but before the straddling reader's first open.
