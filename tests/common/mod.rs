@@ -5,8 +5,9 @@
 //! * [`backend`], [`semantics`]: the consistency semantics written once over a
 //!   [`backend::Backend`] and run over both `MockSource` behind a real FUSE mount in the test
 //!   process (`tests/fuse_mock.rs`) and OpenBao behind the binary;
-//! * [`csi`], [`kubelet`], [`k8s`], [`jwt`], [`pg`], [`reader`]: the CSI node plugin and kubelet, the
-//!   Kubernetes API and service-account tokens, PostgreSQL, reader processes;
+//! * [`csi`], [`kubelet`], [`k8s`], [`jwt`], [`pg`], [`pki`], [`reader`]: the CSI node plugin
+//!   and kubelet, the Kubernetes API and service-account tokens, PostgreSQL, a Vault PKI
+//!   certificate authority and `openssl` checks of PEM files, reader processes;
 //! * [`files`], [`probe`], [`poll`]: bounded filesystem calls through a mount, timed sampling
 //!   of reads, deadlines;
 //! * [`mounts`], [`procfs`], [`process`], [`http`]: the mount table, `/proc`, child processes
@@ -32,6 +33,7 @@ pub mod k8s;
 pub mod kubelet;
 pub mod mounts;
 pub mod pg;
+pub mod pki;
 pub mod poll;
 pub mod probe;
 pub mod process;

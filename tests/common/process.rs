@@ -82,7 +82,7 @@ pub(super) fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitSta
 
 /// Makes the child receive `sig` when the thread that spawned it exits, so a test process that
 /// dies abruptly does not leave servers or daemons behind.
-pub(super) fn die_with_parent(cmd: &mut Command, sig: i32) {
+pub fn die_with_parent(cmd: &mut Command, sig: i32) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(move || {
