@@ -114,23 +114,10 @@ fn creds_reads(bao: &Bao) -> usize {
 
 /// The lease ids OpenBao holds for `database/creds/app` (issued, not yet revoked or expired).
 fn live_leases(bao: &Bao) -> Vec<String> {
-    let resp = bao.api("LIST", &format!("sys/leases/lookup/{CREDS_PATH}/"), None);
-    match resp.status {
-        404 => Vec::new(),
-        200 => resp.json()["data"]["keys"]
-            .as_array()
-            .map(|keys| {
-                keys.iter()
-                    .filter_map(|k| k.as_str())
-                    .map(|k| format!("{CREDS_PATH}/{k}"))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        s => panic!(
-            "listing the leases of {CREDS_PATH} failed with {s}: {}",
-            resp.body
-        ),
-    }
+    bao.list(&format!("sys/leases/lookup/{CREDS_PATH}/"))
+        .iter()
+        .map(|k| format!("{CREDS_PATH}/{k}"))
+        .collect()
 }
 
 #[test]

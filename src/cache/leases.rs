@@ -87,6 +87,20 @@ impl HeldLease {
     }
 }
 
+/// Changes the held lease of `entry` with `change`, if it is still `lease` (a value read
+/// meanwhile holds another).
+fn held_as(entry: &Entry, lease: &Lease, change: impl FnOnce(&mut HeldLease)) {
+    if let Some(held) = entry
+        .state
+        .lock()
+        .lease
+        .as_mut()
+        .filter(|h| &h.lease == lease)
+    {
+        change(held);
+    }
+}
+
 impl<S: SecretSource> SecretCache<S> {
     /// Starts the task that renews this cache's leases, unless it runs already.
     pub(super) fn ensure_lease_keeper(self: &Arc<Self>) {
@@ -185,18 +199,12 @@ impl<S: SecretSource> SecretCache<S> {
                 // TTL: stop renewing and rotate now, while the old credentials still work.
                 Ok(Ok(period)) => {
                     if let pacing::Plan::RenewIn(after) = pacing::plan(period, original, true) {
-                        if let Some(held) = entry
-                            .state
-                            .lock()
-                            .lease
-                            .as_mut()
-                            .filter(|h| h.lease == lease)
-                        {
+                        held_as(entry, &lease, |held| {
                             held.granted = Instant::now();
                             held.period = period;
                             held.next = Some(held.granted + after);
                             held.failures = 0;
-                        }
+                        });
                         self.leases_changed();
                         tracing::debug!(path = %path, ?period, "lease renewed");
                         return;
@@ -216,15 +224,7 @@ impl<S: SecretSource> SecretCache<S> {
         if certificate && self.idle_for_a_lifetime(entry, &lease) {
             // Nobody read it for a whole lifetime: it runs out, and the next read after that
             // issues a new one (idle costs Vault nothing).
-            if let Some(held) = entry
-                .state
-                .lock()
-                .lease
-                .as_mut()
-                .filter(|h| h.lease == lease)
-            {
-                held.next = None;
-            }
+            held_as(entry, &lease, |held| held.next = None);
             self.leases_changed();
             tracing::debug!(path = %path, "certificate not read for a whole lifetime; not renewed");
             return;
@@ -267,13 +267,7 @@ impl<S: SecretSource> SecretCache<S> {
         } else {
             tracing::warn!(reason, "could not renew a lease; retrying");
         }
-        if let Some(held) = entry
-            .state
-            .lock()
-            .lease
-            .as_mut()
-            .filter(|h| &h.lease == lease)
-        {
+        held_as(entry, lease, |held| {
             held.failures = held.failures.saturating_add(1);
             let wait = pacing::retry_in(
                 self.config.retry_backoff,
@@ -284,7 +278,7 @@ impl<S: SecretSource> SecretCache<S> {
             if path.certificate_request().is_some() && now >= ends && !held.expired {
                 held.expired = true;
                 self.metrics.certificates_expired.inc();
-                tracing::warn!(path = %path, reason, "a certificate expires before a new one could be issued: its files fail until Vault issues one");
+                tracing::warn!(path = %path, reason, "a certificate expired before a new one could be issued: its files fail until Vault issues one");
             }
             let next = if now < ends {
                 (now + wait).min(ends)
@@ -294,7 +288,7 @@ impl<S: SecretSource> SecretCache<S> {
             held.next = Some(next);
             // At the end of the lease a renewal is pointless: rotate instead.
             held.lease.renewable &= next < ends;
-        }
+        });
     }
 
     /// From now on, tells `sink` the leased values this cache holds whenever they or their

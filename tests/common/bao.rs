@@ -278,6 +278,25 @@ impl Bao {
         .unwrap_or_else(|e| panic!("{method} /v1/{path}: {e}"))
     }
 
+    /// The keys a `LIST` of `path` returns with the root token (none when nothing is there:
+    /// 404); panics on any other failure.
+    pub fn list(&self, path: &str) -> Vec<String> {
+        let resp = self.api("LIST", path, None);
+        match resp.status {
+            404 => Vec::new(),
+            200 => resp.json()["data"]["keys"]
+                .as_array()
+                .map(|keys| {
+                    keys.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            s => panic!("LIST {path} failed with {s}: {}", resp.body),
+        }
+    }
+
     /// Sends one API request with the root token and panics unless it succeeds.
     pub fn api_ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let resp = self.api(method, path, body);

@@ -123,23 +123,10 @@ impl Pki {
     /// Serials revoked by the issuing CA (`LIST <mount>/certs/revoked`), normalised with
     /// [`normalize_serial`].
     pub fn revoked_serials(&self, bao: &Bao) -> Vec<String> {
-        let resp = bao.api("LIST", &format!("{}/certs/revoked", self.mount), None);
-        match resp.status {
-            404 => Vec::new(),
-            200 => resp.json()["data"]["keys"]
-                .as_array()
-                .map(|keys| {
-                    keys.iter()
-                        .filter_map(Value::as_str)
-                        .map(normalize_serial)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            s => panic!(
-                "listing the revoked certificates failed with {s}: {}",
-                resp.body
-            ),
-        }
+        bao.list(&format!("{}/certs/revoked", self.mount))
+            .iter()
+            .map(|serial| normalize_serial(serial))
+            .collect()
     }
 
     /// Issues a certificate directly through the API with `token` (`body` as for

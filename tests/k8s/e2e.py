@@ -8,7 +8,9 @@ Phases, each on a fresh install of its manifests through a generated overlay (ov
                          restarts under reading pods (each followed by a new pod), uninstall;
   deploy/reload-signals  a template entry and a reload signal, uninstall;
   Helm chart             rendered by scripts/helm-offline.py with shareIdentities: one publish
-                         and read, pods of one service account sharing one login, uninstall.
+                         and read, pods of one service account sharing one login, a pki
+                         certificate issued once and kept across a plugin pod deletion,
+                         uninstall.
 Prints PASS/FAIL lines and the measured figures; writes "PASSED FAILED" to K8S_E2E_RESULTS.
 """
 
@@ -20,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import checks_basic  # noqa: E402
+import checks_pki  # noqa: E402
 import checks_reload  # noqa: E402
 import checks_restart  # noqa: E402
 import checks_shared  # noqa: E402
@@ -110,6 +113,7 @@ def phase_helm(r, bao):
         install(r, ov, "Helm chart")
         r.guard("Helm chart install: publish and read from a pod", checks_reload.helm_read, r)
         r.guard("shared identity", checks_shared.shared_identity, r, bao)
+        r.guard("certificate", checks_pki.certificate, r, bao)
     finally:
         uninstall(r, ov, "Helm chart")
 
