@@ -5,7 +5,8 @@
 //! engines `Engines` (`engine`); this file composes them into the secret reads. The server is
 //! `http` (address, URLs, TLS, caps) with `exchange` (one request's answer, body limit,
 //! clean-up) and `health` (whether it answers, shared by every identity on it); `servers`
-//! makes a volume's identity from a source-neutral `Login`.
+//! makes a volume's identity from a source-neutral `Login`; `pki` issues certificates (a
+//! certificate entry's path is read by issuing one).
 
 use std::path::PathBuf;
 use std::sync::Arc;
