@@ -103,11 +103,6 @@ impl<S: Identity> SharedIdentity<S> {
         })
     }
 
-    /// The shared identity (to log in ahead of mounting, say).
-    pub fn source(&self) -> &Arc<S> {
-        &self.source
-    }
-
     /// How many volumes use it now.
     pub fn users(&self) -> usize {
         self.users.lock().unwrap_or(0)
@@ -616,12 +611,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_volume_keeps_its_own_leases_and_revokes_them_when_it_goes() {
-        let source = Arc::new(MockSource::new());
-        source.put_unversioned("database/creds/app", &[("password", "gen")]);
-        source.set_lease(
-            Some(Duration::from_secs(60)),
-            Some(Duration::from_secs(600)),
-        );
+        let source = MockSource::dynamic("database/creds/app");
         let metrics = Arc::new(Metrics::new());
         let shared = SharedIdentity::new(source.clone(), CacheConfig::default(), &metrics);
         let spec =

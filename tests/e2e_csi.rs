@@ -155,26 +155,6 @@ fn jwt_request(
     publish_request(pod, volume, target, &attributes, jwt, exp)
 }
 
-/// Publishes `request` (a publish with `what`) expecting it refused with `code`, and nothing
-/// mounted at its target; returns the refusal.
-fn expect_refused(
-    client: &CsiClient,
-    request: pb::NodePublishVolumeRequest,
-    code: Code,
-    what: &str,
-) -> tonic::Status {
-    let target = std::path::PathBuf::from(&request.target_path);
-    let err = client
-        .publish(request)
-        .expect_err(&format!("a publish with {what} succeeded"));
-    assert_eq!(err.code(), code, "{what}: {}", describe(&err));
-    assert!(
-        !is_mounted(&target),
-        "{what}: something is mounted at the target of a refused publish"
-    );
-    err
-}
-
 /// [`expect_refused`] with `PermissionDenied`, the message saying the login as `role` was
 /// refused.
 fn expect_login_refused(

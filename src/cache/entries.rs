@@ -52,8 +52,8 @@ pub(super) struct EntryState {
     pub(super) failed_before_recovery: u64,
     /// The lease of the current value (dynamic secrets).
     pub(super) lease: Option<HeldLease>,
-    /// When a reader last got a value of this path (a certificate nobody read for a whole
-    /// lifetime is not renewed).
+    /// A certificate's: when a reader last got a value of this path (one nobody read for a
+    /// whole lifetime is not renewed).
     pub(super) read_at: Option<Instant>,
     pub(super) weight: usize,
 }

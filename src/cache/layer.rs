@@ -76,7 +76,7 @@ impl<S: SecretSource> SecretCache<S> {
         if let Some((fetched, held, changed_at)) = shared.hand_over(path, &content) {
             let entry = self.entry(path);
             let own = self.store_with(path, &entry, fetched, Some(held), changed_at);
-            entry.state.lock().read_at = Some(tokio::time::Instant::now());
+            self.mark_read(path, &entry);
             self.ensure_lease_keeper();
             self.lease_added.notify_one();
             return Ok(own);
@@ -184,12 +184,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn leased_values_are_per_volume_unless_shared() {
-        let source = Arc::new(MockSource::new());
-        source.put_unversioned("database/creds/app", &[("password", "gen")]);
-        source.set_lease(
-            Some(Duration::from_secs(60)),
-            Some(Duration::from_secs(600)),
-        );
+        let source = MockSource::dynamic("database/creds/app");
         let p = path("database/creds/app");
 
         let (shared, own) = layers(&source, &[]);
@@ -223,12 +218,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn volumes_reading_a_new_leased_path_at_once_each_get_their_own() {
-        let source = Arc::new(MockSource::new());
-        source.put_unversioned("database/creds/app", &[("password", "gen")]);
-        source.set_lease(
-            Some(Duration::from_secs(60)),
-            Some(Duration::from_secs(600)),
-        );
+        let source = MockSource::dynamic("database/creds/app");
         source.set_latency(Duration::from_millis(100));
         let (shared, own) = layers(&source, &[]);
         let p = path("database/creds/app");
@@ -250,12 +240,7 @@ mod tests {
     /// Real time: leases handed to a successor travel on the node's clock.
     #[tokio::test]
     async fn a_volumes_own_lease_taken_over_by_a_successor_is_served_not_read_again() {
-        let source = Arc::new(MockSource::new());
-        source.put_unversioned("database/creds/app", &[("password", "gen")]);
-        source.set_lease(
-            Some(Duration::from_secs(60)),
-            Some(Duration::from_secs(600)),
-        );
+        let source = MockSource::dynamic("database/creds/app");
         let p = path("database/creds/app");
         let (_, own) = layers(&source, &[]);
         let handed = Arc::new(parking_lot::Mutex::new(Vec::new()));

@@ -101,6 +101,14 @@ fn held_as(entry: &Entry, lease: &Lease, change: impl FnOnce(&mut HeldLease)) {
     }
 }
 
+/// Whether nobody got the value of `entry` within the last lifetime of `lease`.
+fn idle_for_a_lifetime(entry: &Entry, lease: &Lease) -> bool {
+    let state = entry.state.lock();
+    state
+        .read_at
+        .is_none_or(|at| at.elapsed() >= lease.duration)
+}
+
 impl<S: SecretSource> SecretCache<S> {
     /// Starts the task that renews this cache's leases, unless it runs already.
     pub(super) fn ensure_lease_keeper(self: &Arc<Self>) {
@@ -221,7 +229,7 @@ impl<S: SecretSource> SecretCache<S> {
             }
         }
         let certificate = path.certificate_request().is_some();
-        if certificate && self.idle_for_a_lifetime(entry, &lease) {
+        if certificate && idle_for_a_lifetime(entry, &lease) {
             // Nobody read it for a whole lifetime: it runs out, and the next read after that
             // issues a new one (idle costs Vault nothing).
             held_as(entry, &lease, |held| held.next = None);
@@ -241,14 +249,6 @@ impl<S: SecretSource> SecretCache<S> {
             Ok(Err(err)) => self.retry_lease_later(path, entry, &lease, ends, &err.to_string()),
             Err(_) => self.retry_lease_later(path, entry, &lease, ends, "no answer"),
         }
-    }
-
-    /// Whether nobody got the value of `entry` within the last lifetime of `lease`.
-    fn idle_for_a_lifetime(&self, entry: &Entry, lease: &Lease) -> bool {
-        let state = entry.state.lock();
-        state
-            .read_at
-            .is_none_or(|at| at.elapsed() >= lease.duration)
     }
 
     /// Schedules another attempt with a doubling back-off, never later than the lease's end

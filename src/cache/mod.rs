@@ -238,14 +238,15 @@ impl<S: SecretSource> SecretCache<S> {
         result
     }
 
-    /// Notes that a reader got the value of `path`; a certificate whose renewal was let go (not
-    /// read for a lifetime) is renewed again from now on.
+    /// Notes that a reader got the value of `path`, if it is a certificate's (only their
+    /// renewal depends on reads; other paths' hits take no extra lock); a certificate whose
+    /// renewal was let go (not read for a lifetime) is renewed again from now on.
     fn mark_read(self: &Arc<Self>, path: &SecretPath, entry: &Entry) {
-        let mut state = entry.state.lock();
-        state.read_at = Some(tokio::time::Instant::now());
         if path.certificate_request().is_none() {
             return;
         }
+        let mut state = entry.state.lock();
+        state.read_at = Some(tokio::time::Instant::now());
         let Some(held) = state
             .lease
             .as_mut()

@@ -600,11 +600,12 @@ impl<S: Identity> VolumeManager<S> {
         let mut had_identities = HashSet::new();
         for record in records {
             let target = PathBuf::from(&record.target_path);
+            let params = record.params(&self.config);
             // Whether sharing is on now or not: a predecessor may have had it.
-            if let Some(key) = record
-                .params(&self.config)
+            if let Some(key) = params
+                .as_ref()
                 .ok()
-                .and_then(|params| login_of(&params).identity_key(params.cache_ttl))
+                .and_then(|params| login_of(params).identity_key(params.cache_ttl))
             {
                 had_identities.insert(key);
             }
@@ -620,7 +621,7 @@ impl<S: Identity> VolumeManager<S> {
                 }
                 continue;
             }
-            let result = match record.params(&self.config) {
+            let result = match params {
                 Ok(params) => self.recover_locked(params, record.slot, taken).await,
                 Err(e) => Err(e),
             };

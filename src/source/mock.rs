@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -101,6 +102,18 @@ impl MockSource {
         if std::mem::take(&mut state.server_down) {
             self.recoveries.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// A source whose `path` is a dynamic secret: every read issues new credentials under a
+    /// renewable 60 s lease (at most 600 s in all).
+    pub fn dynamic(path: &str) -> Arc<Self> {
+        let source = Arc::new(Self::new());
+        source.put_unversioned(path, &[("password", "gen")]);
+        source.set_lease(
+            Some(Duration::from_secs(60)),
+            Some(Duration::from_secs(600)),
+        );
+        source
     }
 
     /// Every read reports a fresh lease of this length (dynamic-secret-like); renewals are

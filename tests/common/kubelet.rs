@@ -323,3 +323,23 @@ pub fn mount_capability(volume_mount_group: &str) -> pb::VolumeCapability {
 pub fn describe(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
+
+/// Publishes `request` (a publish with `what`) expecting it refused with `code`, and nothing
+/// mounted at its target; returns the refusal.
+pub fn expect_refused(
+    client: &CsiClient,
+    request: pb::NodePublishVolumeRequest,
+    code: tonic::Code,
+    what: &str,
+) -> tonic::Status {
+    let target = PathBuf::from(&request.target_path);
+    let err = client
+        .publish(request)
+        .expect_err(&format!("a publish with {what} succeeded"));
+    assert_eq!(err.code(), code, "{what}: {}", describe(&err));
+    assert!(
+        !super::mounts::is_mounted(&target),
+        "{what}: something is mounted at the target of a refused publish"
+    );
+    err
+}
